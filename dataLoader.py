@@ -1,0 +1,314 @@
+"""From a list file to training examples: read, resample, crop, augment.
+
+Stages, each usable alone:
+  parse_train_list  -> (speaker, relative path) pairs, with the line of any malformed entry named
+  read_audio        -> mono float32 at the target rate, reading only the frames asked for
+  random_crop       -> a fixed-length window, wrap-padded when the file is short
+  SignalBank        -> MUSAN/RIR files decoded and resampled once, kept in a memory-mapped cache
+  Augmenter         -> clean / reverb / noise / babble / music / babble+music at drawn SNRs
+  TrainDataset      -> (waveform, label) with randomness seeded by (seed, epoch, index)
+Features are not computed here: the model computes them.
+"""
+
+import functools
+import glob
+import hashlib
+import json
+import math
+import os
+
+import numpy as np
+import soundfile
+import torch
+import torchaudio
+from scipy.signal import fftconvolve
+
+from model import crop_samples
+
+SNR_RANGES = {'noise': (0.0, 15.0), 'speech': (13.0, 20.0), 'music': (5.0, 15.0)}
+NOISE_COUNTS = {'noise': (1, 1), 'speech': (3, 8), 'music': (1, 1)}
+AUGMENTATIONS = ('clean', 'reverb', 'noise', 'babble', 'music', 'babble+music')
+
+
+def parse_train_list(path):
+    """Lines `<speaker> <relative path>`; returns the pairs, or raises naming the bad line."""
+    entries = []
+    with open(path) as f:
+        for number, line in enumerate(f, start=1):
+            fields = line.split()
+            if not fields:
+                continue
+            if len(fields) != 2:
+                raise ValueError(f"{path}:{number}: expected '<speaker> <relative path>', got {line.strip()!r}")
+            entries.append((fields[0], fields[1]))
+    if not entries:
+        raise ValueError(f"{path}: the training list is empty")
+    return entries
+
+
+def speaker_labels(entries):
+    """Speaker name -> class index, in sorted order of the names (as the original assigns them)."""
+    return {name: i for i, name in enumerate(sorted({speaker for speaker, _ in entries}))}
+
+
+@functools.lru_cache(maxsize=None)
+def resampler(orig_rate, new_rate):
+    """One resampler per rate pair, built on first use and kept (its filter is the costly part)."""
+    return torchaudio.transforms.Resample(orig_rate, new_rate)
+
+
+def resample(audio, orig_rate, new_rate):
+    if orig_rate == new_rate:
+        return audio
+    with torch.no_grad():
+        return resampler(orig_rate, new_rate)(torch.from_numpy(np.ascontiguousarray(audio))).numpy()
+
+
+def read_audio(path, sampling_rate, start=0.0, seconds=None):
+    """Mono float32 audio of `path` at `sampling_rate`, from `start` seconds for `seconds` (None: to the
+    end). Only the frames needed are decoded; channels are averaged."""
+    with soundfile.SoundFile(path) as f:
+        native_rate = f.samplerate
+        first = int(start * native_rate)
+        count = -1 if seconds is None else int(math.ceil(seconds * native_rate)) + 1
+        f.seek(min(first, f.frames))
+        audio = f.read(count, dtype='float32', always_2d=True)
+    audio = audio.mean(axis=1) if audio.shape[1] > 1 else audio[:, 0]
+    audio = resample(audio, native_rate, sampling_rate)
+    if seconds is not None:
+        audio = audio[:int(round(seconds * sampling_rate))]
+    return audio
+
+
+def audio_duration(path):
+    info = soundfile.info(path)
+    return info.frames / info.samplerate
+
+
+def wrap_pad(audio, length):
+    """Repeat `audio` cyclically until it is `length` samples long (unchanged when already longer)."""
+    if len(audio) == 0:
+        raise ValueError("cannot pad an empty signal")
+    if len(audio) >= length:
+        return audio
+    return np.pad(audio, (0, length - len(audio)), mode='wrap')
+
+
+def random_crop(audio, length, rng):
+    """A random `length`-sample window of `audio`, which is wrap-padded first when too short."""
+    audio = wrap_pad(audio, length)
+    start = int(rng.integers(0, len(audio) - length + 1))
+    return audio[start:start + length]
+
+
+def read_random_crop(path, length, sampling_rate, rng):
+    """`random_crop` of a file, decoding only about `length` samples of it."""
+    duration = audio_duration(path)
+    seconds = length / sampling_rate
+    if duration <= seconds:
+        return wrap_pad(read_audio(path, sampling_rate), length)
+    start = rng.uniform(0.0, duration - seconds)
+    return wrap_pad(read_audio(path, sampling_rate, start, seconds), length)
+
+
+def default_cache_dir():
+    return os.path.join(os.environ.get('XDG_CACHE_HOME', os.path.expanduser('~/.cache')), 'ecapa-toolkit')
+
+
+class SignalBank:
+    """Many short files (noise, music, babble speech, impulse responses), decoded and resampled once into
+    one float32 memory-mapped file under `cache_dir`. The file is named by a hash of the paths, their sizes
+    and modification times and the rate, so a changed set is decoded again. Worker processes share the
+    pages instead of each holding a copy."""
+
+    def __init__(self, files, sampling_rate, cache_dir):
+        if not files:
+            raise ValueError("a signal bank needs at least one file")
+        self.files = sorted(files)
+        key = hashlib.sha1(json.dumps(
+            [sampling_rate] + [(p, os.path.getsize(p), os.path.getmtime(p)) for p in self.files]
+        ).encode()).hexdigest()[:16]
+        base = os.path.join(cache_dir, f'bank-{key}')
+        if not os.path.exists(base + '.json'):
+            self._build(base, sampling_rate)
+        with open(base + '.json') as f:
+            self.offsets = json.load(f)['offsets']
+        self.path = base + '.f32'
+        self.samples = np.memmap(self.path, dtype=np.float32, mode='r')
+
+    def __getstate__(self):
+        # Sent to a worker process as the file name; the worker maps the same pages.
+        return {k: v for k, v in self.__dict__.items() if k != 'samples'}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self.samples = np.memmap(self.path, dtype=np.float32, mode='r')
+
+    def _build(self, base, sampling_rate):
+        os.makedirs(os.path.dirname(base), exist_ok=True)
+        offsets = [0]
+        tmp = f'{base}.{os.getpid()}.tmp'
+        with open(tmp + '.f32', 'wb') as out:
+            for path in self.files:
+                audio = read_audio(path, sampling_rate)
+                out.write(audio.astype(np.float32).tobytes())
+                offsets.append(offsets[-1] + len(audio))
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp + '.f32', base + '.f32')
+        with open(tmp + '.json', 'w') as f:
+            json.dump({'offsets': offsets, 'files': self.files}, f)
+        os.replace(tmp + '.json', base + '.json')
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, i):
+        return np.asarray(self.samples[self.offsets[i]:self.offsets[i + 1]])
+
+
+def mix_at_snr(speech, noise, snr_db):
+    """`noise` scaled so that 10 log10(P_speech / P_noise) = `snr_db`; a silent noise adds nothing."""
+    speech_power = np.mean(speech.astype(np.float64) ** 2)
+    noise_power = np.mean(noise.astype(np.float64) ** 2)
+    if noise_power == 0.0:
+        return np.zeros_like(noise)
+    return (noise * np.sqrt(speech_power / (noise_power * 10 ** (snr_db / 10)))).astype(np.float32)
+
+
+def reverberate(audio, rir):
+    """Convolve with the energy-normalised impulse response, keeping the result aligned with the dry
+    signal (shifted back by the direct-path delay, the position of the largest tap)."""
+    rir = rir / np.sqrt(np.sum(rir.astype(np.float64) ** 2))
+    delay = int(np.argmax(np.abs(rir)))
+    wet = fftconvolve(audio, rir.astype(np.float32), mode='full')
+    return wet[delay:delay + len(audio)].astype(np.float32)
+
+
+def musan_files(musan_path):
+    """MUSAN split layout `<category>/<subset>/<stem>/*.wav` -> {category: [files]}."""
+    files = {}
+    for path in sorted(glob.glob(os.path.join(musan_path, '*', '*', '*', '*.wav'))):
+        files.setdefault(os.path.relpath(path, musan_path).split(os.sep)[0], []).append(path)
+    return files
+
+
+def rir_files(rir_path):
+    """RIRS_NOISES layout `<room type>/<room>/*.wav` below `rir_path`."""
+    return sorted(glob.glob(os.path.join(rir_path, '*', '*', '*.wav')))
+
+
+class Augmenter:
+    """Picks one of `AUGMENTATIONS` uniformly and applies it. `musan_path`/`rir_path` may be None; the
+    kinds that would need them are then not drawn."""
+
+    def __init__(self, musan_path, rir_path, sampling_rate, cache_dir):
+        self.noise_banks = {}
+        if musan_path:
+            found = musan_files(musan_path)
+            missing = [c for c in NOISE_COUNTS if c not in found]
+            if missing:
+                raise FileNotFoundError(
+                    f"--musan_path {musan_path}: no <category>/<subset>/<stem>/*.wav files for {missing}")
+            self.noise_banks = {c: SignalBank(found[c], sampling_rate, cache_dir) for c in NOISE_COUNTS}
+        self.rir_bank = None
+        if rir_path:
+            files = rir_files(rir_path)
+            if not files:
+                raise FileNotFoundError(f"--rir_path {rir_path}: no <room type>/<room>/*.wav files")
+            self.rir_bank = SignalBank(files, sampling_rate, cache_dir)
+        self.kinds = [k for k in AUGMENTATIONS if self._available(k)]
+
+    def _available(self, kind):
+        if kind == 'reverb':
+            return self.rir_bank is not None
+        return kind == 'clean' or bool(self.noise_banks)
+
+    def reverb(self, audio, rng):
+        return reverberate(audio, self.rir_bank[int(rng.integers(len(self.rir_bank)))])
+
+    def add_noise(self, audio, category, rng):
+        """Add `category` noise; returns the mixture and the SNR drawn for each added file."""
+        bank = self.noise_banks[category]
+        low, high = NOISE_COUNTS[category]
+        count = min(int(rng.integers(low, high + 1)), len(bank))
+        noise = np.zeros_like(audio)
+        snrs = []
+        for i in rng.choice(len(bank), size=count, replace=False):
+            snr = float(rng.uniform(*SNR_RANGES[category]))
+            noise += mix_at_snr(audio, random_crop(bank[int(i)], len(audio), rng), snr)
+            snrs.append(snr)
+        return audio + noise, snrs
+
+    def apply(self, audio, kind, rng):
+        if kind == 'clean':
+            return audio
+        if kind == 'reverb':
+            return self.reverb(audio, rng)
+        if kind == 'babble+music':
+            return self.add_noise(self.add_noise(audio, 'speech', rng)[0], 'music', rng)[0]
+        return self.add_noise(audio, {'babble': 'speech'}.get(kind, kind), rng)[0]
+
+    def __call__(self, audio, rng):
+        return self.apply(audio, self.kinds[int(rng.integers(len(self.kinds)))], rng)
+
+
+class TrainDataset(torch.utils.data.Dataset):
+    """One augmented random crop per item. Items are `(index, epoch)` pairs from `EpochSampler`; all
+    randomness of an item comes from a generator seeded by (seed, epoch, index), so an epoch is the same
+    whatever the number of workers and whether or not the run was resumed."""
+
+    def __init__(self, entries, train_path, num_frames, sampling_rate, augmenter, seed):
+        labels = speaker_labels(entries)
+        self.paths = [os.path.join(train_path, rel) for _, rel in entries]
+        self.labels = [labels[speaker] for speaker, _ in entries]
+        self.length = crop_samples(num_frames, sampling_rate)
+        self.sampling_rate = sampling_rate
+        self.augmenter = augmenter
+        self.seed = seed
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, item):
+        index, epoch = item
+        rng = np.random.default_rng((self.seed, epoch, index))
+        audio = read_random_crop(self.paths[index], self.length, self.sampling_rate, rng)
+        if self.augmenter is not None:
+            audio = self.augmenter(audio, rng)
+        return torch.from_numpy(np.ascontiguousarray(audio, dtype=np.float32)), self.labels[index]
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """A permutation of the dataset that is a pure function of (seed, epoch); yields (index, epoch)."""
+
+    def __init__(self, size, seed):
+        self.size = size
+        self.seed = seed
+        self.epoch = 1
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def __len__(self):
+        return self.size
+
+    def __iter__(self):
+        order = np.random.default_rng((self.seed, self.epoch)).permutation(self.size)
+        return iter([(int(i), self.epoch) for i in order])
+
+
+class EvalDataset(torch.utils.data.Dataset):
+    """Whole utterances for embedding: (relative path, mono float32 waveform at `sampling_rate`)."""
+
+    def __init__(self, relative_paths, eval_path, sampling_rate):
+        self.relative_paths = relative_paths
+        self.eval_path = eval_path
+        self.sampling_rate = sampling_rate
+
+    def __len__(self):
+        return len(self.relative_paths)
+
+    def __getitem__(self, i):
+        path = os.path.join(self.eval_path, self.relative_paths[i])
+        return self.relative_paths[i], torch.from_numpy(read_audio(path, self.sampling_rate))

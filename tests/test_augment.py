@@ -1,0 +1,200 @@
+import os
+import pickle
+
+import numpy as np
+import pytest
+import soundfile
+
+from dataLoader import (NOISE_COUNTS, SNR_RANGES, Augmenter, SignalBank, TrainDataset, parse_train_list,
+                        random_crop, read_audio, read_random_crop, reverberate)
+from model import crop_samples
+
+RATE = 16000
+
+
+def snr_db(clean, mixed):
+    return 10 * np.log10(np.mean(clean.astype(np.float64) ** 2) / np.mean((mixed - clean).astype(np.float64) ** 2))
+
+
+def tone(freq, seconds, rate=RATE, amplitude=0.3):
+    return (amplitude * np.sin(2 * np.pi * freq * np.arange(int(seconds * rate)) / rate)).astype(np.float32)
+
+
+@pytest.fixture
+def banks(tmp_path):
+    """A MUSAN-style tree (white noise, tones as music, tones at distinct pitches as babble) and RIRs."""
+    rng = np.random.default_rng(0)
+    musan = tmp_path / 'musan'
+    for k in range(3):
+        for category, audio in (('noise', 0.1 * rng.standard_normal(5 * RATE).astype(np.float32)),
+                                ('music', tone(220 * (k + 1), 5)),):
+            path = musan / category / 'sub' / f'{category}{k}' / '00000.wav'
+            path.parent.mkdir(parents=True)
+            soundfile.write(path, audio, RATE, subtype='FLOAT')
+    for k in range(10):
+        path = musan / 'speech' / 'sub' / f'speech{k}' / '00000.wav'
+        path.parent.mkdir(parents=True)
+        soundfile.write(path, tone(1000 + 137 * k, 5), RATE, subtype='FLOAT')
+    rirs = tmp_path / 'rirs'
+    for k in range(2):
+        rir = np.zeros(4000, dtype=np.float32)
+        rir[40 + k] = 1.0
+        rir[41 + k:] = 0.2 * rng.standard_normal(4000 - 41 - k) * np.exp(-np.arange(4000 - 41 - k) / 600)
+        path = rirs / 'smallroom' / f'Room{k}' / 'rir.wav'
+        path.parent.mkdir(parents=True)
+        soundfile.write(path, rir, RATE, subtype='FLOAT')
+    return str(musan), str(rirs)
+
+
+def speech_like(seconds=2.0, seed=1):
+    rng = np.random.default_rng(seed)
+    return (tone(150, seconds) * (1 + 0.5 * np.sin(np.arange(int(seconds * RATE)) / 800))
+            + 0.01 * rng.standard_normal(int(seconds * RATE))).astype(np.float32)
+
+
+def test_crop_length_matches_frames_and_window():
+    assert crop_samples(200, 16000) == 200 * 160 + 240
+    assert crop_samples(200, 8000) == 200 * 80 + 120
+
+
+def test_random_crop_is_a_window_of_the_signal():
+    rng = np.random.default_rng(0)
+    audio = np.arange(1000, dtype=np.float32)
+    for _ in range(20):
+        crop = random_crop(audio, 300, rng)
+        assert len(crop) == 300
+        assert np.array_equal(crop, np.arange(crop[0], crop[0] + 300))
+
+
+def test_short_signals_are_wrap_padded():
+    audio = np.arange(100, dtype=np.float32)
+    crop = random_crop(audio, 250, np.random.default_rng(0))
+    assert np.array_equal(crop, np.concatenate([audio, audio, audio[:50]]))
+
+
+def test_file_crop_reads_a_contiguous_window(tmp_path):
+    audio = (np.random.default_rng(0).standard_normal(3 * RATE) * 0.1).astype(np.float32)
+    path = str(tmp_path / 'a.wav')
+    soundfile.write(path, audio, RATE, subtype='FLOAT')
+    rng = np.random.default_rng(1)
+    starts = set()
+    for _ in range(10):
+        crop = read_random_crop(path, 8000, RATE, rng)
+        start = int(np.flatnonzero(audio == crop[0])[0])
+        assert np.array_equal(crop, audio[start:start + 8000])
+        starts.add(start)
+    assert len(starts) > 5
+    short = read_random_crop(path, 4 * RATE, RATE, rng)
+    assert len(short) == 4 * RATE and np.array_equal(short[3 * RATE:], audio[:RATE])
+
+
+@pytest.mark.parametrize('native_rate', [8000, 44100])
+def test_resampling_keeps_pitch_and_duration(tmp_path, native_rate):
+    path = str(tmp_path / 'tone.wav')
+    soundfile.write(path, tone(440, 1.5, native_rate), native_rate)
+    audio = read_audio(path, RATE)
+    assert abs(len(audio) - 1.5 * RATE) <= 1
+    spectrum = np.abs(np.fft.rfft(audio))
+    assert np.fft.rfftfreq(len(audio), 1 / RATE)[np.argmax(spectrum)] == pytest.approx(440, abs=1)
+
+
+def test_stereo_is_averaged_to_mono(tmp_path):
+    left, right = tone(300, 1.0), tone(500, 1.0, amplitude=0.1)
+    path = str(tmp_path / 'stereo.wav')
+    soundfile.write(path, np.stack([left, right], axis=1), RATE, subtype='FLOAT')
+    np.testing.assert_allclose(read_audio(path, RATE), (left + right) / 2, atol=1e-6)
+
+
+def test_noise_and_music_are_added_at_the_drawn_snr(banks, cache_dir):
+    augmenter = Augmenter(*banks, RATE, cache_dir)
+    speech = speech_like()
+    for category in ('noise', 'music'):
+        for seed in range(10):
+            mixed, snrs = augmenter.add_noise(speech, category, np.random.default_rng(seed))
+            assert len(snrs) == 1 and SNR_RANGES[category][0] <= snrs[0] <= SNR_RANGES[category][1]
+            assert snr_db(speech, mixed) == pytest.approx(snrs[0], abs=0.5)
+
+
+def test_babble_mixes_several_speakers_each_at_its_snr(banks, cache_dir):
+    augmenter = Augmenter(*banks, RATE, cache_dir)
+    speech = speech_like()
+    counts = set()
+    for seed in range(10):
+        mixed, snrs = augmenter.add_noise(speech, 'speech', np.random.default_rng(seed))
+        low, high = NOISE_COUNTS['speech']
+        assert low <= len(snrs) <= high
+        assert all(13 <= s <= 20 for s in snrs)
+        counts.add(len(snrs))
+        # The babble files are tones at distinct pitches, so their powers add up.
+        expected_noise_power = sum(np.mean(speech.astype(np.float64) ** 2) * 10 ** (-s / 10) for s in snrs)
+        expected = 10 * np.log10(np.mean(speech.astype(np.float64) ** 2) / expected_noise_power)
+        assert snr_db(speech, mixed) == pytest.approx(expected, abs=0.5)
+    assert len(counts) > 1
+
+
+def test_reverb_with_a_delayed_impulse_is_the_dry_signal():
+    audio = speech_like()
+    rir = np.zeros(500, dtype=np.float32)
+    rir[123] = 0.5
+    np.testing.assert_allclose(reverberate(audio, rir), audio, atol=1e-6)
+
+
+def test_reverb_is_aligned_and_energy_normalised(banks, cache_dir):
+    augmenter = Augmenter(*banks, RATE, cache_dir)
+    audio = (0.1 * np.random.default_rng(5).standard_normal(2 * RATE)).astype(np.float32)
+    wet = augmenter.reverb(audio, np.random.default_rng(0))
+    assert len(wet) == len(audio) and not np.allclose(wet, audio)
+    lags = range(-60, 61)
+    correlation = [np.dot(np.roll(wet, -lag), audio) for lag in lags]
+    assert list(lags)[int(np.argmax(correlation))] == 0
+    # Unit-energy RIR with a dominant direct path: the level stays within a few dB.
+    assert abs(10 * np.log10(np.mean(wet ** 2) / np.mean(audio ** 2))) < 3
+
+
+def test_every_augmentation_kind_changes_the_signal(banks, cache_dir):
+    augmenter = Augmenter(*banks, RATE, cache_dir)
+    assert augmenter.kinds == ['clean', 'reverb', 'noise', 'babble', 'music', 'babble+music']
+    audio = speech_like()
+    for kind in augmenter.kinds:
+        out = augmenter.apply(audio, kind, np.random.default_rng(0))
+        assert out.shape == audio.shape and out.dtype == np.float32 and np.all(np.isfinite(out))
+        assert np.array_equal(out, audio) == (kind == 'clean')
+
+
+def test_banks_decode_once_and_match_the_files(banks, cache_dir, monkeypatch):
+    musan, _ = banks
+    files = sorted(os.path.join(d, f) for d, _, fs in os.walk(os.path.join(musan, 'music')) for f in fs)
+    bank = SignalBank(files, 8000, cache_dir)
+    for i, path in enumerate(files):
+        np.testing.assert_array_equal(bank[i], read_audio(path, 8000))
+    monkeypatch.setattr(SignalBank, '_build', lambda *a: pytest.fail('decoded again'))
+    again = SignalBank(files, 8000, cache_dir)
+    np.testing.assert_array_equal(again[1], bank[1])
+    # Workers receive the file name, not a copy of the samples.
+    shipped = pickle.dumps(bank)
+    assert len(shipped) < bank.samples.nbytes / 10
+    np.testing.assert_array_equal(pickle.loads(shipped)[2], bank[2])
+
+
+def test_missing_musan_categories_are_reported(tmp_path, cache_dir):
+    (tmp_path / 'noise' / 'a' / 'b').mkdir(parents=True)
+    soundfile.write(tmp_path / 'noise' / 'a' / 'b' / 'x.wav', tone(100, 0.5), RATE)
+    with pytest.raises(FileNotFoundError, match='speech'):
+        Augmenter(str(tmp_path), None, RATE, cache_dir)
+
+
+def test_training_items_are_reproducible_per_epoch(tiny_corpus, cache_dir):
+    entries = parse_train_list(tiny_corpus['train_list'])
+    augmenter = Augmenter(tiny_corpus['musan_path'], tiny_corpus['rir_path'], RATE, cache_dir)
+    dataset = TrainDataset(entries, tiny_corpus['train_path'], 100, RATE, augmenter, seed=3)
+    first, label = dataset[(4, 1)]
+    assert first.shape == (crop_samples(100, RATE),) and label == dataset.labels[4]
+    assert np.array_equal(first, dataset[(4, 1)][0])
+    assert not np.array_equal(first, dataset[(4, 2)][0])
+
+
+def test_malformed_train_list_line_is_named(tmp_path):
+    path = tmp_path / 'list.txt'
+    path.write_text('id1 id1/a/1.wav\nid2\n')
+    with pytest.raises(ValueError, match=r'list.txt:2'):
+        parse_train_list(str(path))

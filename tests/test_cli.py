@@ -1,0 +1,192 @@
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import soundfile
+import torch
+
+import trainECAPAModel
+from conftest import ROOT
+from loss import AAMsoftmax
+from model import ECAPA_TDNN
+from tools import atomic_write, load_model, read_trials, score
+
+
+def tiny_args(corpus, save_path, cache_dir, *extra):
+    args = ['--train_list', corpus['train_list'], '--train_path', corpus['train_path'],
+            '--eval_list', corpus['eval_list'], '--eval_path', corpus['eval_path'],
+            '--musan_path', corpus['musan_path'], '--rir_path', corpus['rir_path'],
+            '--save_path', str(save_path), '--cache_dir', cache_dir,
+            '--C', '32', '--num_frames', '40', '--batch_size', '8', '--n_cpu', '0', '--seed', '5']
+    return args + list(extra)
+
+
+def test_training_writes_checkpoints_scores_and_resume_state(tiny_corpus, tmp_path, cache_dir):
+    trainECAPAModel.main(tiny_args(tiny_corpus, tmp_path, cache_dir, '--max_epoch', '2'))
+    lines = (tmp_path / 'score.txt').read_text().splitlines()
+    assert len(lines) == 2
+    pattern = (r'^(\d) epoch, LR ([\d.]+), LOSS [\d.]+, ACC [\d.]+%, EER ([\d.]+)%, minDCF\(0.05\) [\d.]+, '
+               r'minDCF\(0.01\) [\d.]+, bestEER ([\d.]+)%$')
+    matches = [re.match(pattern, line) for line in lines]
+    assert all(matches), lines
+    assert [m.group(1) for m in matches] == ['1', '2']
+    assert float(matches[1].group(2)) == pytest.approx(0.001 * 0.97)
+    assert float(matches[1].group(4)) == min(float(m.group(3)) for m in matches)
+    state = torch.load(tmp_path / 'model' / 'model_0002.model', weights_only=True)
+    assert {k.split('.')[0] for k in state} == {'speaker_encoder', 'speaker_loss'}
+    assert state['speaker_loss.weight'].shape == (6, 192)
+    assert (tmp_path / 'model' / 'resume.pt').exists()
+
+
+def test_resumed_run_equals_an_uninterrupted_one(tiny_corpus, tmp_path, cache_dir):
+    straight, interrupted = tmp_path / 'straight', tmp_path / 'interrupted'
+    trainECAPAModel.main(tiny_args(tiny_corpus, straight, cache_dir, '--max_epoch', '2'))
+    trainECAPAModel.main(tiny_args(tiny_corpus, interrupted, cache_dir, '--max_epoch', '1'))
+    trainECAPAModel.main(tiny_args(tiny_corpus, interrupted, cache_dir, '--max_epoch', '2'))
+    a = torch.load(straight / 'model' / 'model_0002.model', weights_only=True)
+    b = torch.load(interrupted / 'model' / 'model_0002.model', weights_only=True)
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
+    assert (straight / 'score.txt').read_text() == (interrupted / 'score.txt').read_text()
+
+
+def test_eval_scores_a_saved_model_and_writes_a_score_file(tiny_corpus, tmp_path, cache_dir, capsys):
+    trainECAPAModel.main(tiny_args(tiny_corpus, tmp_path, cache_dir, '--max_epoch', '1'))
+    checkpoint = str(tmp_path / 'model' / 'model_0001.model')
+    metrics = trainECAPAModel.main(['--eval', '--initial_model', checkpoint, '--eval_list', tiny_corpus['eval_list'],
+                                    '--eval_path', tiny_corpus['eval_path'], '--save_path', str(tmp_path),
+                                    '--n_cpu', '0'])
+    printed = capsys.readouterr().out
+    assert f"EER {metrics['eer']:2.2f}%" in printed and 'minDCF(0.01)' in printed
+    labels, enroll, test = read_trials(tiny_corpus['eval_list'])
+    rows = [line.split() for line in (tmp_path / 'scores' / 'trials.txt').read_text().splitlines()]
+    assert len(rows) == len(labels)
+    assert [(int(r[1]), r[2], r[3]) for r in rows] == list(zip(labels, enroll, test))
+    # The scores are those of the notebook helper on the same files.
+    encoder = load_model(checkpoint)
+    first = score(encoder, os.path.join(tiny_corpus['eval_path'], enroll[0]),
+                  os.path.join(tiny_corpus['eval_path'], test[0]))
+    assert float(rows[0][0]) == pytest.approx(first, abs=1e-5)
+
+
+def test_eval_with_as_norm_reports_both(tiny_corpus, tmp_path, cache_dir):
+    trainECAPAModel.main(tiny_args(tiny_corpus, tmp_path, cache_dir, '--max_epoch', '1'))
+    argv = ['--eval', '--initial_model', str(tmp_path / 'model' / 'model_0001.model'),
+            '--eval_list', tiny_corpus['eval_list'], '--eval_path', tiny_corpus['eval_path'], '--n_cpu', '0']
+    raw = trainECAPAModel.main(argv + ['--save_path', str(tmp_path / 'raw')])
+    normalised = trainECAPAModel.main(argv + [
+        '--snorm', '--cohort_top_k', '3', '--train_list', tiny_corpus['train_list'],
+        '--train_path', tiny_corpus['train_path'], '--save_path', str(tmp_path / 'snorm')])
+    assert 'snorm' not in raw and normalised['eer'] == raw['eer']
+    assert 0 <= normalised['snorm']['eer'] <= 100
+    raw_scores, snorm_scores = ([float(line.split()[0]) for line in (tmp_path / d / 'scores' / 'trials.txt').open()]
+                                for d in ('raw', 'snorm'))
+    assert len(snorm_scores) == len(raw_scores) and snorm_scores != raw_scores
+
+
+def test_original_readme_snippet_loads_our_checkpoint(tmp_path):
+    """The embedding snippet of the original README, run as written, on a checkpoint in our format."""
+    speaker_model = trainECAPAModel.SpeakerModel(ECAPA_TDNN(1024, 16000), AAMsoftmax(5994, 0.2, 30))
+    torch.save(speaker_model.state_dict(), tmp_path / 'pretrained_model.model')
+    soundfile.write(tmp_path / 'a.wav', np.random.default_rng(0).standard_normal(8000) * 0.1, 8000)
+    snippet = '''
+import model
+import torch
+import torch, sys, os, tqdm, numpy, soundfile, time, pickle
+import torchaudio.transforms as T
+import torch.nn.functional as F
+
+use_cuda = torch.cuda.is_available() and True
+device = torch.device("cuda" if use_cuda else "cpu")
+
+speaker_encoder = model.ECAPA_TDNN(1024, 16000).to(device)
+
+loaded_state = torch.load('/path/pretrained_model.model')
+self_state = speaker_encoder.state_dict()
+new_state_dict = {name.replace("speaker_encoder.", ""): param for name, param in loaded_state.items()}
+new_state_dict.pop('speaker_loss.weight')
+
+speaker_encoder.load_state_dict(new_state_dict)
+sampling_rate = 16000
+audio_path = 'your audio path'
+audio, sr  = soundfile.read(os.path.join(audio_path))
+
+audio = torch.FloatTensor(audio)
+resampler = T.Resample(sr, sampling_rate, dtype=audio.dtype)
+audio = resampler(audio)
+
+with torch.no_grad():
+    speaker_encoder.eval()
+    embedding = speaker_encoder(audio.unsqueeze(0).to(device), False) # audio = [B, sampling_rate * second]
+    embedding = F.normalize(embedding, p=2, dim=1) # embedding = [B, 192]
+print(embedding.shape)
+'''.replace('/path/pretrained_model.model', str(tmp_path / 'pretrained_model.model')).replace(
+        'your audio path', str(tmp_path / 'a.wav'))
+    namespace = {}
+    exec(compile(snippet, 'README snippet', 'exec'), namespace)
+    assert namespace['embedding'].shape == (1, 192)
+    torch.testing.assert_close(namespace['embedding'].norm(dim=1), torch.ones(1))
+
+
+def test_demo_defaults_yield_to_given_flags(tmp_path):
+    args = trainECAPAModel.parse_args(['--demo', '--max_epoch', '2', '--C', '256', '--save_path', str(tmp_path)])
+    assert (args.max_epoch, args.C, args.save_path) == (2, 256, str(tmp_path))
+    assert args.batch_size == trainECAPAModel.DEMO_DEFAULTS['batch_size']
+    assert args.train_list == os.path.join(str(tmp_path), 'corpus', 'voxceleb', 'train_list.txt')
+    assert trainECAPAModel.parse_args(['--demo', '--model', 'tdnn']).C == trainECAPAModel.DEMO_WIDTHS['tdnn']
+    assert trainECAPAModel.parse_args(['--demo', '--model', 'resnet34']).C == 16
+
+
+@pytest.mark.parametrize('argv,message', [
+    (['--eval', '--eval_list', 'x', '--eval_path', '.'], '--eval needs --initial_model'),
+    (['--train_list', 'missing.txt', '--train_path', '.', '--eval_list', 'x', '--eval_path', '.'],
+     '--train_list missing.txt: no such file'),
+    (['--max_epoch', '0', '--demo'], '--max_epoch must be at least 1'),
+    (['--demo', '--lr_decay', '1.5'], '--lr_decay in (0, 1]'),
+    (['--demo', '--mode', 'siamese'], "invalid choice: 'siamese'"),
+])
+def test_nonsense_flag_combinations_are_argparse_errors(argv, message):
+    result = subprocess.run([sys.executable, os.path.join(ROOT, 'trainECAPAModel.py')] + argv,
+                            capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 2
+    assert message in result.stderr
+
+
+def test_n_class_smaller_than_the_speakers_is_an_error(tiny_corpus, tmp_path, cache_dir):
+    with pytest.raises(SystemExit, match='--n_class 3 is smaller than the 6 speakers'):
+        trainECAPAModel.main(tiny_args(tiny_corpus, tmp_path, cache_dir, '--max_epoch', '1', '--n_class', '3'))
+
+
+def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
+    path = tmp_path / 'model_0001.model'
+    path.write_bytes(b'old')
+
+    def failing(f):
+        f.write(b'partial')
+        raise OSError('disk full')
+
+    with pytest.raises(OSError):
+        atomic_write(str(path), failing)
+    assert path.read_bytes() == b'old'
+    assert os.listdir(tmp_path) == ['model_0001.model']
+
+
+def test_eval_list_with_missing_files_fails_before_training(tiny_corpus, tmp_path, cache_dir):
+    trials = tmp_path / 'trials.txt'
+    trials.write_text(open(tiny_corpus['eval_list']).read() + '1 id20000/session0/00000.wav id99999/gone.wav\n')
+    argv = tiny_args(tiny_corpus, tmp_path / 'run', cache_dir, '--max_epoch', '1')
+    argv[argv.index('--eval_list') + 1] = str(trials)
+    with pytest.raises(SystemExit, match=r'trials.txt: 1 files not under .*id99999/gone.wav'):
+        trainECAPAModel.main(argv)
+    assert not (tmp_path / 'run' / 'model').exists()
+
+
+def test_malformed_trial_line_is_named(tmp_path):
+    path = tmp_path / 'veri_test2.txt'
+    path.write_text('1 a.wav b.wav\nyes a.wav c.wav\n')
+    with pytest.raises(ValueError, match=r'veri_test2.txt:2'):
+        read_trials(str(path))

@@ -1,0 +1,103 @@
+import numpy as np
+import pytest
+
+from tools import compute_eer, compute_min_dcf
+
+
+def reference_rates(scores, labels):
+    """P_miss and P_fa at every candidate threshold, one threshold at a time (accept score >= t)."""
+    scores, labels = np.asarray(scores, float), np.asarray(labels)
+    thresholds = np.concatenate((np.unique(scores), [np.inf]))
+    p_miss = np.array([np.mean(scores[labels == 1] < t) for t in thresholds])
+    p_fa = np.array([np.mean(scores[labels == 0] >= t) for t in thresholds])
+    return p_miss, p_fa
+
+
+def reference_eer(scores, labels):
+    p_miss, p_fa = reference_rates(scores, labels)
+    for i in range(len(p_miss)):
+        if p_miss[i] >= p_fa[i]:
+            if i == 0 or p_miss[i] == p_fa[i]:
+                return 100 * p_miss[i]
+            d0, d1 = p_miss[i - 1] - p_fa[i - 1], p_miss[i] - p_fa[i]
+            a = d0 / (d0 - d1)
+            return 100 * (p_miss[i - 1] + a * (p_miss[i] - p_miss[i - 1]))
+
+
+def reference_min_dcf(scores, labels, p_target, c_miss=1, c_fa=1):
+    p_miss, p_fa = reference_rates(scores, labels)
+    costs = [c_miss * m * p_target + c_fa * f * (1 - p_target) for m, f in zip(p_miss, p_fa)]
+    return min(costs) / min(c_miss * p_target, c_fa * (1 - p_target))
+
+
+def test_perfect_separation():
+    scores, labels = [0.9, 0.8, 0.1, 0.2], [1, 1, 0, 0]
+    assert compute_eer(scores, labels) == 0.0
+    assert compute_min_dcf(scores, labels, 0.05) == 0.0
+
+
+def test_fully_inverted_scores():
+    scores, labels = [0.1, 0.2, 0.9, 0.8], [1, 1, 0, 0]
+    assert compute_eer(scores, labels) == pytest.approx(100.0)
+    # The best threshold is then reject-all (cost p) or accept-all (cost 1 - p): normalised, 1.
+    assert compute_min_dcf(scores, labels, 0.05) == pytest.approx(1.0)
+    assert compute_min_dcf(scores, labels, 0.01) == pytest.approx(1.0)
+
+
+def test_two_trials():
+    assert compute_eer([0.7, 0.3], [1, 0]) == 0.0
+    assert compute_eer([0.3, 0.7], [1, 0]) == pytest.approx(100.0)
+    # One target, one non-target with the same score: either both accepted or both rejected.
+    assert compute_eer([0.5, 0.5], [1, 0]) == pytest.approx(50.0)
+    assert compute_min_dcf([0.5, 0.5], [1, 0], 0.05) == pytest.approx(1.0)
+
+
+def test_ties_are_one_operating_point():
+    # Targets 0.9, 0.5; non-targets 0.5, 0.1. At t = 0.5 both tied trials are accepted together:
+    # points (P_miss, P_fa): (0, 1), (0, .5), (.5, 0), (1, 0) after 0.1, 0.5, 0.9 and beyond.
+    scores, labels = [0.9, 0.5, 0.5, 0.1], [1, 1, 0, 0]
+    # P_miss - P_fa goes from -0.5 at (0, .5) to +0.5 at (.5, 0): crossing halfway, at 0.25.
+    assert compute_eer(scores, labels) == pytest.approx(25.0)
+    # Reordering the tied trials changes nothing.
+    assert compute_eer([0.9, 0.5, 0.5, 0.1], [1, 0, 1, 0]) == pytest.approx(25.0)
+    # minDCF(0.05): costs 0.95, 0.475, 0.025, 0.05 -> 0.025 / 0.05 = 0.5.
+    assert compute_min_dcf(scores, labels, 0.05) == pytest.approx(0.5)
+
+
+def test_interpolation_hand_computed():
+    # 1 target at 0.6 among 7 non-targets: accepting >= 0.6 gives (P_miss, P_fa) = (0, 2/7), the next
+    # threshold, 0.65, gives (1, 2/7). P_miss - P_fa goes from -2/7 to 5/7: it crosses zero 2/7 of the way,
+    # where P_miss = 2/7.
+    scores = [0.6, 0.1, 0.2, 0.3, 0.4, 0.5, 0.65, 0.7]
+    labels = [1, 0, 0, 0, 0, 0, 0, 0]
+    assert compute_eer(scores, labels) == pytest.approx(100 * 2 / 7)
+
+
+def test_costs_are_weighted():
+    scores, labels = [0.9, 0.5, 0.5, 0.1], [1, 1, 0, 0]
+    assert compute_min_dcf(scores, labels, 0.05, c_miss=10, c_fa=1) == pytest.approx(
+        reference_min_dcf(scores, labels, 0.05, 10, 1))
+
+
+@pytest.mark.parametrize('seed', range(6))
+def test_matches_per_threshold_reference_on_random_data(seed):
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(2, 300))
+    labels = rng.integers(0, 2, n)
+    labels[:2] = [0, 1]
+    if seed % 2:  # very unbalanced: few targets
+        labels = (rng.random(n) < 0.03).astype(int)
+        labels[:2] = [0, 1]
+    scores = np.round(rng.normal(labels, 1.0), 1)  # rounding makes many ties
+    assert compute_eer(scores, labels) == pytest.approx(reference_eer(scores, labels))
+    for p in (0.01, 0.05):
+        assert compute_min_dcf(scores, labels, p) == pytest.approx(reference_min_dcf(scores, labels, p))
+
+
+def test_bad_input_is_an_error():
+    with pytest.raises(ValueError, match='target'):
+        compute_eer([0.1, 0.2], [1, 1])
+    with pytest.raises(ValueError, match='NaN'):
+        compute_eer([0.1, float('nan')], [1, 0])
+    with pytest.raises(ValueError, match='labels'):
+        compute_eer([0.1, 0.2], [2, 0])

@@ -1,0 +1,89 @@
+import pytest
+import torch
+import torchaudio
+
+from model import ECAPA_TDNN, build_encoder, crop_samples, frame_geometry
+
+
+def reference_ecapa_keys(C):
+    """(name, shape) of every entry of TaoRuijie/ECAPA-TDNN's state_dict, from its published structure:
+    pre-emphasis + MelSpectrogram(n_fft 512, 80 mels) in `torchfbank`, conv1, three Res2Net blocks of
+    scale 8 with SE (bottleneck 128), layer4 to 1536 channels, attention 4608 -> 256 -> 1536, bn5, fc6, bn6."""
+    def bn(name, n):
+        return [(f'{name}.weight', (n,)), (f'{name}.bias', (n,)), (f'{name}.running_mean', (n,)),
+                (f'{name}.running_var', (n,)), (f'{name}.num_batches_tracked', ())]
+
+    def conv(name, out, inp, k):
+        return [(f'{name}.weight', (out, inp, k)), (f'{name}.bias', (out,))]
+
+    width = C // 8
+    keys = [('torchfbank.0.flipped_filter', (1, 1, 2)), ('torchfbank.1.spectrogram.window', (400,)),
+            ('torchfbank.1.mel_scale.fb', (257, 80))]
+    keys += conv('conv1', C, 80, 5) + bn('bn1', C)
+    for layer in ('layer1', 'layer2', 'layer3'):
+        keys += conv(f'{layer}.conv1', C, C, 1) + bn(f'{layer}.bn1', C)
+        for i in range(7):
+            keys += conv(f'{layer}.convs.{i}', width, width, 3)
+        for i in range(7):
+            keys += bn(f'{layer}.bns.{i}', width)
+        keys += conv(f'{layer}.conv3', C, C, 1) + bn(f'{layer}.bn3', C)
+        keys += conv(f'{layer}.se.se.1', 128, C, 1) + conv(f'{layer}.se.se.3', C, 128, 1)
+    keys += conv('layer4', 1536, 3 * C, 1)
+    keys += conv('attention.0', 256, 4608, 1) + bn('attention.2', 256) + conv('attention.4', 1536, 256, 1)
+    keys += bn('bn5', 3072) + [('fc6.weight', (192, 3072)), ('fc6.bias', (192,))] + bn('bn6', 192)
+    return keys
+
+
+@pytest.mark.parametrize('C', [512, 1024])
+def test_ecapa_state_dict_matches_the_reference(C):
+    state = ECAPA_TDNN(C, 16000).state_dict()
+    assert sorted((k, tuple(v.shape)) for k, v in state.items()) == sorted(reference_ecapa_keys(C))
+
+
+def test_ecapa_front_end_is_the_reference_mel_spectrogram():
+    reference = torchaudio.transforms.MelSpectrogram(
+        sample_rate=16000, n_fft=512, win_length=400, hop_length=160, f_min=20, f_max=7600,
+        window_fn=torch.hamming_window, n_mels=80)
+    ours = ECAPA_TDNN(64, 16000).torchfbank[1]
+    x = torch.randn(2, 16000)
+    torch.testing.assert_close(ours(x), reference(x))
+
+
+@pytest.mark.parametrize('name,expected_millions', [
+    ('ecapa-tdnn', 15.44), ('resnet34', 6.63), ('resnet293', 28.62), ('tdnn', 4.6)])
+def test_parameter_counts(name, expected_millions):
+    count = sum(p.numel() for p in build_encoder(name).parameters())
+    assert count / 1e6 == pytest.approx(expected_millions, rel=0.02)
+
+
+def test_eight_kilohertz_front_end_keeps_25_and_10_ms():
+    assert frame_geometry(8000) == (200, 80, 256)
+    mel = ECAPA_TDNN(64, 8000).torchfbank[1]
+    assert mel.mel_scale.f_max < 4000 and mel.win_length == 200 and mel.hop_length == 80
+
+
+@pytest.mark.parametrize('rate', [8000, 16000])
+@pytest.mark.parametrize('name,C', [('ecapa-tdnn', 64), ('resnet18', 8), ('tdnn', 64)])
+def test_encoder_shapes_gradients_and_determinism(name, C, rate):
+    torch.manual_seed(0)
+    encoder = build_encoder(name, C, rate, embedding_dim=48)
+    x = torch.randn(3, crop_samples(80, rate))
+    out = encoder(x, aug=True)
+    assert out.shape == (3, 48)
+    out.square().sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in encoder.parameters())
+    encoder.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(encoder(x), encoder(x), rtol=0, atol=0)
+    assert encoder.sampling_rate == rate
+
+
+def test_width_reaches_the_network():
+    assert ECAPA_TDNN(256).conv1.out_channels == 256
+    assert build_encoder('resnet34', 16).conv1.out_channels == 16
+    assert build_encoder('tdnn', 128).frame_layers[0][0].out_channels == 128
+
+
+def test_unknown_model_is_an_error():
+    with pytest.raises(ValueError, match='unknown model'):
+        build_encoder('vgg')

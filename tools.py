@@ -1,0 +1,297 @@
+"""From embeddings to numbers: the evaluation protocol, scoring, AS-Norm, metrics, checkpoint I/O and the
+notebook helpers (load a checkpoint, embed a file, score two files).
+
+Evaluation protocol (as the original ECAPA-TDNN code scores VoxCeleb): each utterance gets a full-length
+embedding f and the embeddings c_1..c_5 of five evenly spaced 3 s crops, all L2-normalised; a trial scores
+(f_e . f_t + mean_ij c_ei . c_tj) / 2. Since mean_ij c_ei . c_tj = mean_i c_ei . mean_j c_tj, each utterance
+is stored as one vector v = [f, mean_i c_i] / sqrt(2), and a trial's score is the dot product v_e . v_t.
+"""
+
+import json
+import math
+import os
+import tempfile
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import tqdm
+
+from dataLoader import EvalDataset, read_audio, resample, wrap_pad
+from model import build_encoder, crop_samples
+
+EVAL_CROPS = 5
+EVAL_CROP_FRAMES = 300
+
+
+# ---------------------------------------------------------------- metrics
+
+def _operating_points(scores, labels):
+    """Miss and false-alarm rates when accepting scores >= t, for t at every distinct score and beyond
+    the largest (reject all). The first point accepts all trials: (P_miss, P_fa) = (0, 1)."""
+    scores = np.asarray(scores, dtype=np.float64)
+    labels = np.asarray(labels)
+    if scores.shape != labels.shape or scores.ndim != 1:
+        raise ValueError(f"scores {scores.shape} and labels {labels.shape} must be 1-D and equally long")
+    if not np.all(np.isfinite(scores)):
+        raise ValueError("scores contain NaN or infinite values")
+    if not np.all((labels == 0) | (labels == 1)):
+        raise ValueError("labels must be 0 (non-target) or 1 (target)")
+    labels = labels.astype(np.int64)
+    n_target = int(labels.sum())
+    n_nontarget = len(labels) - n_target
+    if n_target == 0 or n_nontarget == 0:
+        raise ValueError("need at least one target and one non-target trial")
+    order = np.argsort(scores, kind='mergesort')
+    sorted_scores, sorted_labels = scores[order], labels[order]
+    targets_below = np.concatenate(([0], np.cumsum(sorted_labels)))
+    nontargets_below = np.arange(len(labels) + 1) - targets_below
+    boundaries = np.flatnonzero(np.r_[True, sorted_scores[1:] != sorted_scores[:-1], True])
+    p_miss = targets_below[boundaries] / n_target
+    p_fa = (n_nontarget - nontargets_below[boundaries]) / n_nontarget
+    return p_miss, p_fa
+
+
+def compute_eer(scores, labels):
+    """Equal error rate in percent: where P_miss - P_fa changes sign, interpolated linearly between the
+    two operating points on either side."""
+    p_miss, p_fa = _operating_points(scores, labels)
+    diff = p_miss - p_fa
+    after = int(np.flatnonzero(diff >= 0)[0])
+    if diff[after] == 0:
+        return 100.0 * p_miss[after]
+    before = after - 1
+    alpha = -diff[before] / (diff[after] - diff[before])
+    return 100.0 * (p_miss[before] + alpha * (p_miss[after] - p_miss[before]))
+
+
+def compute_min_dcf(scores, labels, p_target, c_miss=1, c_fa=1):
+    """Minimum over all thresholds (accept-all and reject-all included) of
+    c_miss * P_miss * p_target + c_fa * P_fa * (1 - p_target), divided by min(c_miss * p_target,
+    c_fa * (1 - p_target))."""
+    p_miss, p_fa = _operating_points(scores, labels)
+    cost = c_miss * p_miss * p_target + c_fa * p_fa * (1 - p_target)
+    return float(cost.min() / min(c_miss * p_target, c_fa * (1 - p_target)))
+
+
+def verification_metrics(scores, labels):
+    return {'eer': compute_eer(scores, labels),
+            'min_dcf_0.05': compute_min_dcf(scores, labels, 0.05),
+            'min_dcf_0.01': compute_min_dcf(scores, labels, 0.01)}
+
+
+# ---------------------------------------------------------------- trial lists and scoring
+
+def read_trials(path):
+    """Lines `<label> <enroll> <test>`; returns (labels int array, enroll list, test list)."""
+    labels, enroll, test = [], [], []
+    with open(path) as f:
+        for number, line in enumerate(f, start=1):
+            fields = line.split()
+            if not fields:
+                continue
+            if len(fields) != 3 or fields[0] not in ('0', '1'):
+                raise ValueError(f"{path}:{number}: expected '<0|1> <enroll> <test>', got {line.strip()!r}")
+            labels.append(int(fields[0]))
+            enroll.append(fields[1])
+            test.append(fields[2])
+    if not labels:
+        raise ValueError(f"{path}: the trial list is empty")
+    return np.array(labels), enroll, test
+
+
+def evenly_spaced_crops(waveform, length, count=EVAL_CROPS):
+    """`count` windows of `length` samples at evenly spaced starts (wrap-padded when too short)."""
+    waveform = torch.from_numpy(wrap_pad(waveform.numpy(), length))
+    starts = np.linspace(0, len(waveform) - length, num=count).astype(np.int64)
+    return torch.stack([waveform[s:s + length] for s in starts])
+
+
+@torch.no_grad()
+def _embed_equal_length(encoder, waveforms, device, max_samples):
+    """Normalised embeddings of equally long waveforms [N, T]; inputs longer than `max_samples` are cut
+    into equal chunks whose normalised embeddings are averaged."""
+    length = waveforms.shape[1]
+    chunks = max(1, math.ceil(length / max_samples))
+    piece = length // chunks
+    batch = waveforms[:, :piece * chunks].reshape(len(waveforms) * chunks, piece)
+    embeddings = F.normalize(encoder(batch.to(device), False).float(), dim=1)
+    return F.normalize(embeddings.view(len(waveforms), chunks, -1).mean(dim=1), dim=1).cpu()
+
+
+@torch.no_grad()
+def utterance_vectors(encoder, waveforms, device, max_seconds=60.0):
+    """The protocol vectors v = [f, mean crops] / sqrt(2) of a list of 1-D waveforms, as [N, 2D]."""
+    rate = encoder.sampling_rate
+    crop_length = crop_samples(EVAL_CROP_FRAMES, rate)
+    max_samples = int(max_seconds * rate)
+    crops = torch.cat([evenly_spaced_crops(w, crop_length) for w in waveforms])
+    crop_embeddings = F.normalize(encoder(crops.to(device), False).float(), dim=1).cpu()
+    crop_mean = crop_embeddings.view(len(waveforms), EVAL_CROPS, -1).mean(dim=1)
+    full = torch.empty_like(crop_mean)
+    by_length = {}
+    for i, w in enumerate(waveforms):
+        by_length.setdefault(len(w), []).append(i)
+    for indices in by_length.values():
+        full[indices] = _embed_equal_length(encoder, torch.stack([waveforms[i] for i in indices]), device,
+                                            max_samples)
+    return torch.cat((full, crop_mean), dim=1) / math.sqrt(2)
+
+
+def transpose(items):
+    """[(name, waveform), ...] -> ([names], [waveforms]): a batch of unequal lengths, kept as lists."""
+    return tuple(list(column) for column in zip(*items))
+
+
+def embed_files(encoder, relative_paths, root, device, n_cpu=0, batch_size=16, progress=True):
+    """Protocol vectors for every file, read by `n_cpu` loader workers; returns {relative path: vector}."""
+    encoder.eval()
+    dataset = EvalDataset(relative_paths, root, encoder.sampling_rate)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=n_cpu,
+                                         collate_fn=transpose)
+    vectors = {}
+    with tqdm.tqdm(total=len(dataset), desc='embedding', unit='utt', disable=not progress) as bar:
+        for names, waveforms in loader:
+            for name, vector in zip(names, utterance_vectors(encoder, waveforms, device)):
+                vectors[name] = vector
+            bar.update(len(names))
+    return vectors
+
+
+def score_trials(vectors, enroll, test):
+    """Raw scores v_e . v_t for each trial."""
+    e = torch.stack([vectors[name] for name in enroll])
+    t = torch.stack([vectors[name] for name in test])
+    return (e * t).sum(dim=1).numpy()
+
+
+def as_norm(embeddings, trials, cohort, top_k):
+    """Adaptive symmetric score normalisation. `embeddings` [N, D], `trials` int [T, 2] rows of
+    (enroll, test), `cohort` [M, D]. For each side x of a trial with raw score s = e . t, take the
+    `top_k` largest scores of x against the cohort, their mean mu_x and population std sigma_x, and
+    return 0.5 * ((s - mu_e) / sigma_e + (s - mu_t) / sigma_t) for every trial. The statistics are computed
+    once per utterance that occurs in a trial, in chunks of 4096 rows (float32 products, float64 statistics)."""
+    embeddings = torch.as_tensor(np.asarray(embeddings), dtype=torch.float32)
+    cohort = torch.as_tensor(np.asarray(cohort), dtype=torch.float32)
+    trials = torch.as_tensor(np.asarray(trials), dtype=torch.long)
+    top_k = min(top_k, len(cohort))
+    used, inverse = torch.unique(trials.flatten(), return_inverse=True)
+    mean = torch.empty(len(used), dtype=torch.float64)
+    std = torch.empty(len(used), dtype=torch.float64)
+    for start in range(0, len(used), 4096):
+        rows = embeddings[used[start:start + 4096]]
+        top = torch.topk(rows @ cohort.T, top_k, dim=1).values.double()
+        mean[start:start + 4096] = top.mean(dim=1)
+        std[start:start + 4096] = top.std(dim=1, unbiased=False)
+    inverse = inverse.view(-1, 2)
+    raw = (embeddings[trials[:, 0]].double() * embeddings[trials[:, 1]].double()).sum(dim=1)
+    mean_e, mean_t = mean[inverse[:, 0]], mean[inverse[:, 1]]
+    std_e, std_t = std[inverse[:, 0]], std[inverse[:, 1]]
+    return (0.5 * ((raw - mean_e) / std_e + (raw - mean_t) / std_t)).numpy()
+
+
+def speaker_cohort(vectors, entries):
+    """Speaker-mean vectors [speakers, D] of the training utterances in `vectors`."""
+    by_speaker = {}
+    for speaker, rel in entries:
+        by_speaker.setdefault(speaker, []).append(vectors[rel])
+    return torch.stack([torch.stack(v).mean(dim=0) for _, v in sorted(by_speaker.items())])
+
+
+# ---------------------------------------------------------------- checkpoints
+
+def atomic_write(path, write):
+    """Call `write(file object)` on a temporary file beside `path`, fsync it, then rename it over `path`,
+    so that `path` holds either the old or the new content, never a partial one."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix='.' + os.path.basename(path) + '.')
+    try:
+        with os.fdopen(fd, 'wb') as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    dir_fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def atomic_torch_save(obj, path):
+    atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def atomic_json_save(obj, path):
+    atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2).encode()))
+
+
+def encoder_config_path(checkpoint_path):
+    """The JSON file beside a checkpoint that records how to rebuild its encoder."""
+    return os.path.splitext(checkpoint_path)[0] + '.json'
+
+
+def save_checkpoint(state_dict, encoder_config, path):
+    """Write the weights (`speaker_encoder.*`, `speaker_loss.*`) and, beside them, the encoder config."""
+    atomic_torch_save(state_dict, path)
+    atomic_json_save(encoder_config, encoder_config_path(path))
+
+
+def load_state_dict_file(path):
+    try:
+        state = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as error:
+        raise ValueError(f"{path}: not a readable PyTorch checkpoint ({error})") from error
+    if not isinstance(state, dict):
+        raise ValueError(f"{path}: expected a state_dict, found {type(state).__name__}")
+    return state
+
+
+def encoder_weights(state):
+    """The encoder's entries of a checkpoint: the `speaker_encoder.*` ones with that prefix removed, or the
+    whole state_dict when it is an encoder's alone. A `module.` prefix left by DataParallel is removed."""
+    state = {(k[len('module.'):] if k.startswith('module.') else k): v for k, v in state.items()}
+    prefix = 'speaker_encoder.'
+    if not any(k.startswith(prefix) for k in state):
+        return state
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+# ---------------------------------------------------------------- notebook helpers
+
+def load_model(path, model=None, C=None, sampling_rate=None, device='cpu'):
+    """An encoder in eval mode from a checkpoint. The architecture comes from the JSON written beside the
+    checkpoint; for a checkpoint without one (e.g. the original ECAPA-TDNN code's), give `model`, `C` and
+    `sampling_rate` (default ECAPA-TDNN, 1024, 16000)."""
+    config = {'model': 'ecapa-tdnn', 'C': 1024, 'sampling_rate': 16000, 'embedding_dim': None}
+    if os.path.exists(encoder_config_path(path)):
+        with open(encoder_config_path(path)) as f:
+            config.update(json.load(f))
+    config.update({k: v for k, v in (('model', model), ('C', C), ('sampling_rate', sampling_rate)) if v})
+    encoder = build_encoder(config['model'], config['C'], config['sampling_rate'], config['embedding_dim'])
+    encoder.load_state_dict(encoder_weights(load_state_dict_file(path)))
+    return encoder.to(device).eval()
+
+
+def embed(encoder, audio, sampling_rate=None):
+    """The protocol vector of a file path, or of a 1-D waveform at `sampling_rate` (resampled to the
+    encoder's rate)."""
+    device = next(encoder.parameters()).device
+    if isinstance(audio, (str, os.PathLike)):
+        waveform = read_audio(audio, encoder.sampling_rate)
+    else:
+        if sampling_rate is None:
+            raise ValueError("give the sampling_rate of a waveform")
+        waveform = resample(np.asarray(audio, dtype=np.float32), sampling_rate, encoder.sampling_rate)
+    encoder.eval()
+    return utterance_vectors(encoder, [torch.from_numpy(np.ascontiguousarray(waveform))], device)[0]
+
+
+def score(encoder, audio_1, audio_2, sampling_rate=None):
+    """The protocol score of two files (or two waveforms at `sampling_rate`): about 1 for one speaker."""
+    return float(embed(encoder, audio_1, sampling_rate) @ embed(encoder, audio_2, sampling_rate))

@@ -1,0 +1,393 @@
+"""Train a speaker encoder and score trial lists: the one entry point.
+
+  python trainECAPAModel.py --demo                          # generated corpus, train + evaluate
+  python trainECAPAModel.py --train_list ... --train_path ... --eval_list ... --eval_path ...
+  python trainECAPAModel.py --eval --initial_model M --eval_list L --eval_path P [--snorm ...]
+
+Re-running a training command continues from `save_path/model/resume.pt`, the state after the last
+finished epoch.
+"""
+
+import argparse
+import math
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn as nn
+import tqdm
+
+import demo
+from dataLoader import Augmenter, EpochSampler, TrainDataset, default_cache_dir, parse_train_list, speaker_labels
+from loss import build_objective
+from model import MODELS, build_encoder
+from tools import (as_norm, atomic_torch_save, embed_files, encoder_weights, load_model, load_state_dict_file,
+                   read_trials, save_checkpoint, score_trials, speaker_cohort, verification_metrics)
+
+DEMO_DEFAULTS = {'save_path': 'exps/demo', 'max_epoch': 7, 'batch_size': 32, 'num_frames': 150,
+                 'test_step': 1, 'lr': 0.002, 'n_cpu': 1}
+DEMO_WIDTHS = {'ecapa-tdnn': 128, 'tdnn': 256}  # --C for the demo; ResNets take 16 base channels
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(
+        description='Train a speaker encoder (AAM-softmax) and score speaker-verification trials.',
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    data = parser.add_argument_group('data')
+    data.add_argument('--train_list', help='training list, lines "<speaker> <relative path>"')
+    data.add_argument('--train_path', help='folder the training list paths are relative to')
+    data.add_argument('--eval_list', help='trial list, lines "<0|1> <enroll> <test>"')
+    data.add_argument('--eval_path', help='folder the trial list paths are relative to')
+    data.add_argument('--musan_path', help='MUSAN split into 5 s chunks (noise|speech|music/<subset>/<stem>/*.wav); '
+                                           'omit to train without additive noise')
+    data.add_argument('--rir_path', help='impulse responses (<room type>/<room>/*.wav, e.g. '
+                                         'RIRS_NOISES/simulated_rirs); omit to train without reverberation')
+    data.add_argument('--num_frames', type=int, default=200, help='training crop in 10 ms frames (200 = 2 s)')
+    data.add_argument('--sampling_rate', type=int, default=16000, help='all audio is resampled to this rate')
+    data.add_argument('--cache_dir', default=default_cache_dir(),
+                      help='where decoded noise and impulse-response banks are kept')
+
+    model = parser.add_argument_group('model')
+    model.add_argument('--model', default='ecapa-tdnn', choices=sorted(MODELS),
+                       help='encoder architecture (with --eval, the one recorded beside the checkpoint when '
+                            'this flag is not given)')
+    model.add_argument('--C', type=int, default=None,
+                       help='encoder width: channels of ECAPA-TDNN (default 1024), base channels of ResNet '
+                            '(32), frame-layer channels of TDNN (512)')
+    model.add_argument('--embedding_dim', type=int, default=None,
+                       help='embedding size (default 192 for ECAPA-TDNN, 256 ResNet, 512 TDNN)')
+
+    objective = parser.add_argument_group('loss')
+    objective.add_argument('--mode', default='classifier', choices=['classifier'], help='training method')
+    objective.add_argument('--loss', default='aamsoftmax', choices=['aamsoftmax'], help='objective')
+    objective.add_argument('--m', type=float, default=0.2, help='additive angular margin (radians)')
+    objective.add_argument('--s', type=float, default=30, help='logit scale')
+    objective.add_argument('--n_class', type=int, default=None,
+                           help='number of classes (default: the speakers in the training list)')
+
+    training = parser.add_argument_group('training')
+    training.add_argument('--max_epoch', type=int, default=80, help='train up to this epoch')
+    training.add_argument('--batch_size', type=int, default=400, help='utterances per step')
+    training.add_argument('--lr', type=float, default=0.001, help='initial learning rate (Adam)')
+    training.add_argument('--lr_decay', type=float, default=0.97,
+                          help='learning rate factor applied every test_step epochs')
+    training.add_argument('--test_step', type=int, default=1, help='evaluate and save every this many epochs')
+    training.add_argument('--seed', type=int, default=10, help='seed of every random choice')
+    training.add_argument('--initial_model', default='',
+                          help='start from these weights (this toolkit\'s or the original code\'s checkpoints)')
+
+    evaluation = parser.add_argument_group('evaluation')
+    evaluation.add_argument('--eval', action='store_true', help='only score --eval_list with --initial_model')
+    evaluation.add_argument('--snorm', action='store_true',
+                            help='also report AS-Norm scores, with a cohort of speaker means from --train_list')
+    evaluation.add_argument('--cohort_top_k', type=int, default=300, help='AS-Norm: top cohort scores used')
+    evaluation.add_argument('--cohort_size', type=int, default=20000,
+                            help='AS-Norm: training utterances embedded for the cohort, spread over the '
+                                 'speakers (0: all)')
+
+    system = parser.add_argument_group('system')
+    system.add_argument('--save_path', default='exps/exp1', help='checkpoints, score.txt and score files')
+    system.add_argument('--n_cpu', type=int, default=min(8, os.cpu_count() or 1), help='data loader workers')
+    system.add_argument('--device', default=None, help='torch device (default: cuda when available, else cpu)')
+    system.add_argument('--demo', action='store_true',
+                        help=f'generate a small corpus under save_path and train on it; flags given beside '
+                             f'it override the demo defaults {DEMO_DEFAULTS} and --C {DEMO_WIDTHS} (16 for '
+                             f'ResNets)')
+    return parser
+
+
+def explicit_flags(argv):
+    """The destinations of the flags actually given on the command line."""
+    parser = build_parser()
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(parser.parse_args(argv)))
+
+
+def parse_args(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    given = explicit_flags(argv)
+    args.given = sorted(given)
+    if args.demo:
+        for name, value in DEMO_DEFAULTS.items():
+            if name not in given:
+                setattr(args, name, value)
+        if 'C' not in given:
+            args.C = DEMO_WIDTHS.get(args.model, 16)
+        paths = demo.corpus_paths(os.path.join(args.save_path, 'corpus'))
+        for name, value in paths.items():
+            if name not in given:
+                setattr(args, name, value)
+    validate(args, parser)
+    return args
+
+
+def validate(args, parser):
+    def need(*names, why):
+        missing = [f'--{n}' for n in names if not getattr(args, n)]
+        if missing:
+            parser.error(f"{why} needs {' '.join(missing)}")
+
+    for name in ('num_frames', 'batch_size', 'max_epoch', 'test_step', 'sampling_rate', 'cohort_top_k'):
+        if getattr(args, name) < 1:
+            parser.error(f'--{name} must be at least 1, got {getattr(args, name)}')
+    for name in ('C', 'embedding_dim', 'n_class'):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            parser.error(f'--{name} must be at least 1, got {getattr(args, name)}')
+    if args.cohort_size < 0 or args.n_cpu < 0:
+        parser.error('--cohort_size and --n_cpu cannot be negative')
+    if not (args.lr > 0 and 0 < args.lr_decay <= 1):
+        parser.error('--lr must be positive and --lr_decay in (0, 1]')
+    if not (0 <= args.m < math.pi / 2 and args.s > 0):
+        parser.error('--m must be in [0, pi/2) and --s positive')
+    if args.eval:
+        need('initial_model', 'eval_list', 'eval_path', why='--eval')
+    else:
+        need('train_list', 'train_path', 'eval_list', 'eval_path', why='training')
+    if args.snorm:
+        need('train_list', 'train_path', why='--snorm (the cohort comes from the training list)')
+    for name in ('train_list', 'eval_list', 'initial_model'):
+        path = getattr(args, name)
+        if path and not os.path.isfile(path) and not (args.demo and name != 'initial_model'):
+            parser.error(f'--{name} {path}: no such file')
+    for name in ('train_path', 'eval_path', 'musan_path', 'rir_path'):
+        path = getattr(args, name)
+        if path and not os.path.isdir(path) and not args.demo:
+            parser.error(f'--{name} {path}: no such folder')
+    _, default_width, default_dim = MODELS[args.model]
+    args.C = args.C or default_width
+    args.embedding_dim = args.embedding_dim or default_dim
+    if args.device is None:
+        args.device = 'cuda' if torch.cuda.is_available() else 'cpu'
+    elif args.device.startswith('cuda') and not torch.cuda.is_available():
+        parser.error(f'--device {args.device}: CUDA is not available here')
+
+
+class SpeakerModel(nn.Module):
+    """The encoder and its training head; its state_dict has the original's `speaker_encoder.*` and
+    `speaker_loss.*` keys."""
+
+    def __init__(self, encoder, head):
+        super().__init__()
+        self.speaker_encoder = encoder
+        self.speaker_loss = head
+
+
+def learning_rate(args, epoch):
+    """The original StepLR schedule as a function of the epoch: lr * lr_decay ** ((epoch - 1) // test_step)."""
+    return args.lr * args.lr_decay ** ((epoch - 1) // args.test_step)
+
+
+def encoder_config(args):
+    return {'model': args.model, 'C': args.C, 'embedding_dim': args.embedding_dim,
+            'sampling_rate': args.sampling_rate}
+
+
+def load_initial_weights(model, path):
+    """Load a checkpoint's encoder weights strictly and its head weights when they fit."""
+    state = load_state_dict_file(path)
+    try:
+        model.speaker_encoder.load_state_dict(encoder_weights(state))
+    except RuntimeError as error:
+        raise ValueError(f"{path}: does not fit this {type(model.speaker_encoder).__name__}:\n{error}") from error
+    head = {k[len('speaker_loss.'):]: v for k, v in state.items() if k.startswith('speaker_loss.')}
+    current = model.speaker_loss.state_dict()
+    if head.keys() == current.keys() and all(head[k].shape == current[k].shape for k in head):
+        model.speaker_loss.load_state_dict(head)
+        return 'encoder and head'
+    return 'encoder (head shapes differ, head initialised afresh)'
+
+
+def train_one_epoch(model, optimizer, loader, epoch, lr, device):
+    model.train()
+    for group in optimizer.param_groups:
+        group['lr'] = lr
+    loss_sum = torch.zeros((), device=device)
+    correct_sum = torch.zeros((), device=device)
+    seen = 0
+    start = time.time()
+    bar = tqdm.tqdm(loader, desc=f'epoch {epoch}', unit='batch', file=sys.stdout, dynamic_ncols=True,
+                    mininterval=1 if sys.stdout.isatty() else 30)
+    for step, (waveforms, labels) in enumerate(bar, start=1):
+        waveforms = waveforms.to(device, non_blocking=True)
+        labels = labels.to(device, non_blocking=True)
+        loss, accuracy = model.speaker_loss(model.speaker_encoder(waveforms, aug=True), labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        loss_sum += loss.detach() * len(labels)
+        correct_sum += accuracy.detach() * len(labels)
+        seen += len(labels)
+        if step % 10 == 0 or step == len(loader):
+            bar.set_postfix(lr=f'{lr:.6f}', loss=f'{loss_sum.item() / seen:.4f}', refresh=False,
+                            acc=f'{correct_sum.item() / seen:.2f}%', utt_s=f'{seen / (time.time() - start):.1f}')
+    if seen == 0:
+        raise RuntimeError('the training loader produced no batch: --batch_size is larger than the training list')
+    return loss_sum.item() / seen, correct_sum.item() / seen
+
+
+def cohort_entries(entries, size, seed):
+    """Up to `size` training utterances (all when 0), taken round-robin over speakers in a seeded order."""
+    if size == 0 or size >= len(entries):
+        return entries
+    rng = np.random.default_rng(seed)
+    by_speaker = {}
+    for i in rng.permutation(len(entries)):
+        by_speaker.setdefault(entries[i][0], []).append(entries[i])
+    chosen, depth = [], 0
+    while len(chosen) < size:
+        chosen.extend(utts[depth] for utts in by_speaker.values() if depth < len(utts))
+        depth += 1
+    return chosen[:size]
+
+
+def read_eval_list(args):
+    """The trials of --eval_list, after checking that every file they name is under --eval_path."""
+    labels, enroll, test = read_trials(args.eval_list)
+    missing = [p for p in dict.fromkeys(enroll + test) if not os.path.isfile(os.path.join(args.eval_path, p))]
+    if missing:
+        raise SystemExit(f"{args.eval_list}: {len(missing)} files not under {args.eval_path}, e.g. {missing[:3]}")
+    return labels, enroll, test
+
+
+def evaluate(encoder, args, device):
+    """Score `args.eval_list`; returns (metrics, scores, labels, enroll, test), with AS-Norm metrics under
+    'snorm' when --snorm is set."""
+    labels, enroll, test = read_eval_list(args)
+    files = sorted(set(enroll) | set(test))
+    vectors = embed_files(encoder, files, args.eval_path, device, args.n_cpu)
+    scores = score_trials(vectors, enroll, test)
+    metrics = verification_metrics(scores, labels)
+    if args.snorm:
+        entries = cohort_entries(parse_train_list(args.train_list), args.cohort_size, args.seed)
+        cohort_vectors = embed_files(encoder, [rel for _, rel in entries], args.train_path, device, args.n_cpu)
+        cohort = speaker_cohort(cohort_vectors, entries)
+        index = {name: i for i, name in enumerate(files)}
+        trials = np.array([(index[e], index[t]) for e, t in zip(enroll, test)])
+        scores = as_norm(torch.stack([vectors[f] for f in files]), trials, cohort, args.cohort_top_k)
+        metrics['snorm'] = verification_metrics(scores, labels)
+    return metrics, scores, labels, enroll, test
+
+
+def format_metrics(metrics):
+    text = (f"EER {metrics['eer']:2.2f}%, minDCF(0.05) {metrics['min_dcf_0.05']:.4f}, "
+            f"minDCF(0.01) {metrics['min_dcf_0.01']:.4f}")
+    if 'snorm' in metrics:
+        text += ', AS-Norm ' + format_metrics(metrics['snorm'])
+    return text
+
+
+def write_score_file(path, scores, labels, enroll, test):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, 'w') as f:
+        f.writelines(f'{s:.6f} {label} {e} {t}\n' for s, label, e, t in zip(scores, labels, enroll, test))
+
+
+def run_eval(args):
+    device = torch.device(args.device)
+    overrides = {name: getattr(args, name) for name in ('model', 'C', 'sampling_rate') if name in args.given}
+    try:
+        encoder = load_model(args.initial_model, device=device, **overrides)
+    except (RuntimeError, ValueError) as error:
+        raise SystemExit(f"{args.initial_model}: cannot be loaded as {overrides or 'recorded'}:\n{error}")
+    args.sampling_rate = encoder.sampling_rate
+    print(f'Model {args.initial_model} loaded: {type(encoder).__name__} at {encoder.sampling_rate} Hz')
+    metrics, scores, labels, enroll, test = evaluate(encoder, args, device)
+    score_path = os.path.join(args.save_path, 'scores', os.path.basename(args.eval_list))
+    write_score_file(score_path, scores, labels, enroll, test)
+    print(f'{args.eval_list}: {len(labels)} trials, {format_metrics(metrics)}')
+    print(f'scores (score label enroll test): {score_path}')
+    return metrics
+
+
+def run_training(args):
+    device = torch.device(args.device)
+    torch.manual_seed(args.seed)
+    entries = parse_train_list(args.train_list)
+    speakers = len(speaker_labels(entries))
+    if args.n_class is None:
+        args.n_class = speakers
+    elif args.n_class < speakers:
+        raise SystemExit(f'--n_class {args.n_class} is smaller than the {speakers} speakers in {args.train_list}')
+    missing = [rel for _, rel in entries if not os.path.isfile(os.path.join(args.train_path, rel))]
+    if missing:
+        raise SystemExit(f'{args.train_list}: {len(missing)} files not under {args.train_path}, e.g. {missing[:3]}')
+    read_eval_list(args)
+
+    encoder = build_encoder(args.model, args.C, args.sampling_rate, args.embedding_dim)
+    model = SpeakerModel(encoder, build_objective(args, encoder.embedding_dim)).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=2e-5)
+    print(f'{args.model}: {sum(p.numel() for p in encoder.parameters()) / 1e6:.2f} M parameters, '
+          f'{len(entries)} utterances of {speakers} speakers, {args.n_class} classes, device {device}')
+
+    model_dir = os.path.join(args.save_path, 'model')
+    resume_path = os.path.join(model_dir, 'resume.pt')
+    eers = []
+    first_epoch = 1
+    if os.path.exists(resume_path):
+        resume = torch.load(resume_path, map_location='cpu', weights_only=False)
+        try:
+            model.load_state_dict(resume['model'])
+            optimizer.load_state_dict(resume['optimizer'])
+        except (RuntimeError, ValueError) as error:
+            raise SystemExit(f'{resume_path} was written by a run with other model or loss flags; continue it with '
+                             f'those flags or choose another --save_path:\n{error}')
+        torch.set_rng_state(resume['rng'])
+        if device.type == 'cuda' and resume.get('cuda_rng') is not None:
+            torch.cuda.set_rng_state_all(resume['cuda_rng'])
+        eers = resume['eers']
+        first_epoch = resume['epoch'] + 1
+        print(f'Resuming from {resume_path} after epoch {resume["epoch"]}')
+    elif args.initial_model:
+        try:
+            loaded = load_initial_weights(model, args.initial_model)
+        except ValueError as error:
+            raise SystemExit(str(error))
+        print(f'Model {args.initial_model} loaded ({loaded})')
+
+    augmenter = Augmenter(args.musan_path, args.rir_path, args.sampling_rate, args.cache_dir)
+    dataset = TrainDataset(entries, args.train_path, args.num_frames, args.sampling_rate, augmenter, args.seed)
+    sampler = EpochSampler(len(dataset), args.seed)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=args.batch_size, sampler=sampler, num_workers=args.n_cpu, drop_last=True,
+        pin_memory=device.type == 'cuda', persistent_workers=args.n_cpu > 0)
+
+    score_path = os.path.join(args.save_path, 'score.txt')
+    for epoch in range(first_epoch, args.max_epoch + 1):
+        lr = learning_rate(args, epoch)
+        sampler.set_epoch(epoch)
+        loss, accuracy = train_one_epoch(model, optimizer, loader, epoch, lr, device)
+        if epoch % args.test_step == 0 or epoch == args.max_epoch:
+            checkpoint = os.path.join(model_dir, f'model_{epoch:04d}.model')
+            save_checkpoint(model.state_dict(), encoder_config(args), checkpoint)
+            metrics = evaluate(model.speaker_encoder, args, device)[0]
+            eers.append(metrics['eer'])
+            line = (f'{epoch} epoch, LR {lr:f}, LOSS {loss:f}, ACC {accuracy:2.2f}%, {format_metrics(metrics)}, '
+                    f'bestEER {min(eers):2.2f}%')
+            print(time.strftime('%Y-%m-%d %H:%M:%S'), line)
+            with open(score_path, 'a') as f:
+                f.write(line + '\n')
+        atomic_torch_save({
+            'epoch': epoch, 'model': model.state_dict(), 'optimizer': optimizer.state_dict(),
+            'rng': torch.get_rng_state(),
+            'cuda_rng': torch.cuda.get_rng_state_all() if device.type == 'cuda' else None,
+            'eers': eers,
+        }, resume_path)
+    print(f'score.txt: {score_path}\ncheckpoints: {model_dir}')
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.demo:
+        print(f'Demo corpus: {os.path.join(args.save_path, "corpus")}')
+        demo.make_corpus(os.path.join(args.save_path, 'corpus'))
+    if args.eval:
+        return run_eval(args)
+    return run_training(args)
+
+
+if __name__ == '__main__':
+    main()
