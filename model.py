@@ -75,6 +75,31 @@ def log_mel_frontend(sampling_rate, n_mels=80):
     )
 
 
+class ConvMelSpectrogram(nn.Module):
+    """The same power mel spectrogram as a torchaudio `MelSpectrogram` (centred reflect-padded frames, its
+    window and filterbank), computed as one strided convolution with windowed cosine and sine kernels.
+    Tracing and ONNX export handle this; they do not handle the complex STFT inside torchaudio's."""
+
+    def __init__(self, mel):
+        super().__init__()
+        spectrogram = mel.spectrogram
+        self.n_fft, self.hop_length = spectrogram.n_fft, spectrogram.hop_length
+        window = spectrogram.window
+        left = (self.n_fft - len(window)) // 2
+        window = F.pad(window, (left, self.n_fft - len(window) - left))
+        bins = torch.arange(self.n_fft // 2 + 1, dtype=torch.float64)
+        angle = 2 * math.pi * torch.arange(self.n_fft, dtype=torch.float64)[None, :] * bins[:, None] / self.n_fft
+        kernels = torch.cat((torch.cos(angle), -torch.sin(angle))) * window.double()
+        self.register_buffer('kernels', kernels.float().unsqueeze(1))
+        self.register_buffer('fb', mel.mel_scale.fb.clone())
+
+    def forward(self, x):
+        x = F.pad(x.unsqueeze(1), (self.n_fft // 2, self.n_fft // 2), mode='reflect')
+        real, imag = F.conv1d(x, self.kernels, stride=self.hop_length).chunk(2, dim=1)
+        power = real ** 2 + imag ** 2
+        return torch.matmul(power.transpose(1, 2), self.fb).transpose(1, 2)
+
+
 class Encoder(nn.Module):
     """Base class: `features()` turns a waveform into mean-normalised log-mel frames [B, n_mels, frames]."""
 
@@ -181,10 +206,9 @@ class ECAPA_TDNN(Encoder):
         x3 = self.layer3(x + x1 + x2)
         x = self.relu(self.layer4(torch.cat((x1, x2, x3), dim=1)))
 
-        t = x.size(-1)
         mean = torch.mean(x, dim=2, keepdim=True)
         std = torch.sqrt(torch.var(x, dim=2, keepdim=True).clamp(min=1e-4))
-        w = self.attention(torch.cat((x, mean.expand(-1, -1, t), std.expand(-1, -1, t)), dim=1))
+        w = self.attention(torch.cat((x, mean.expand_as(x), std.expand_as(x)), dim=1))
         mu = torch.sum(x * w, dim=2)
         sg = torch.sqrt((torch.sum((x ** 2) * w, dim=2) - mu ** 2).clamp(min=1e-4))
         x = self.bn5(torch.cat((mu, sg), 1))

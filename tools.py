@@ -7,10 +7,12 @@ embedding f and the embeddings c_1..c_5 of five evenly spaced 3 s crops, all L2-
 is stored as one vector v = [f, mean_i c_i] / sqrt(2), and a trial's score is the dot product v_e . v_t.
 """
 
+import copy
 import json
 import math
 import os
 import tempfile
+import warnings
 
 import numpy as np
 import torch
@@ -18,7 +20,7 @@ import torch.nn.functional as F
 import tqdm
 
 from dataLoader import EvalDataset, read_audio, resample, wrap_pad
-from model import build_encoder, crop_samples
+from model import ConvMelSpectrogram, build_encoder, crop_samples
 
 EVAL_CROPS = 5
 EVAL_CROP_FRAMES = 300
@@ -295,3 +297,45 @@ def embed(encoder, audio, sampling_rate=None):
 def score(encoder, audio_1, audio_2, sampling_rate=None):
     """The protocol score of two files (or two waveforms at `sampling_rate`): about 1 for one speaker."""
     return float(embed(encoder, audio_1, sampling_rate) @ embed(encoder, audio_2, sampling_rate))
+
+
+# ---------------------------------------------------------------- export
+
+class ExportableEncoder(torch.nn.Module):
+    """An eval-mode copy of an encoder with waveform [B, T] in and embedding out (no augmentation), its
+    mel front-end computed by convolution so that tracing and ONNX export can follow it."""
+
+    def __init__(self, encoder):
+        super().__init__()
+        self.encoder = copy.deepcopy(encoder).cpu().eval()
+        self.encoder.torchfbank[1] = ConvMelSpectrogram(self.encoder.torchfbank[1])
+
+    def forward(self, waveform):
+        return self.encoder(waveform, False)
+
+
+def _export_example(encoder):
+    return 0.1 * torch.randn(2, 2 * encoder.sampling_rate, generator=torch.Generator().manual_seed(0))
+
+
+def export_torchscript(encoder, path):
+    """A traced TorchScript module, loadable with `torch.jit.load` without this code; any batch and length."""
+    module = ExportableEncoder(encoder)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.filterwarnings('ignore', category=FutureWarning, message='.*torch.jit')
+        traced = torch.jit.trace(module, _export_example(encoder))
+        atomic_write(path, lambda f: torch.jit.save(traced, f))
+
+
+def export_onnx(encoder, path):
+    """An ONNX graph (opset 17) with input `waveform` [batch, samples] and output `embedding`."""
+    module = ExportableEncoder(encoder)
+    directory = os.path.dirname(os.path.abspath(path))
+    with tempfile.TemporaryDirectory(dir=directory) as tmp:
+        tmp_path = os.path.join(tmp, 'model.onnx')
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.filterwarnings('ignore', message='.*[Cc]onstant folding')
+            torch.onnx.export(module, (_export_example(encoder),), tmp_path, input_names=['waveform'],
+                              output_names=['embedding'], opset_version=17, dynamo=False,
+                              dynamic_axes={'waveform': {0: 'batch', 1: 'samples'}, 'embedding': {0: 'batch'}})
+        os.replace(tmp_path, path)

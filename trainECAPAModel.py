@@ -23,8 +23,9 @@ import demo
 from dataLoader import Augmenter, EpochSampler, TrainDataset, default_cache_dir, parse_train_list, speaker_labels
 from loss import build_objective
 from model import MODELS, build_encoder
-from tools import (as_norm, atomic_torch_save, embed_files, encoder_weights, load_model, load_state_dict_file,
-                   read_trials, save_checkpoint, score_trials, speaker_cohort, verification_metrics)
+from tools import (as_norm, atomic_torch_save, embed_files, encoder_weights, export_onnx, export_torchscript,
+                   load_model, load_state_dict_file, read_trials, save_checkpoint, score_trials, speaker_cohort,
+                   verification_metrics)
 
 DEMO_DEFAULTS = {'save_path': 'exps/demo', 'max_epoch': 7, 'batch_size': 32, 'num_frames': 150,
                  'test_step': 1, 'lr': 0.002, 'n_cpu': 1}
@@ -80,6 +81,9 @@ def build_parser():
 
     evaluation = parser.add_argument_group('evaluation')
     evaluation.add_argument('--eval', action='store_true', help='only score --eval_list with --initial_model')
+    evaluation.add_argument('--export', metavar='FILE',
+                            help='write --initial_model\'s encoder as TorchScript (FILE.pt) or ONNX (FILE.onnx) '
+                                 'and exit')
     evaluation.add_argument('--snorm', action='store_true',
                             help='also report AS-Norm scores, with a cohort of speaker means from --train_list')
     evaluation.add_argument('--cohort_top_k', type=int, default=300, help='AS-Norm: top cohort scores used')
@@ -143,7 +147,13 @@ def validate(args, parser):
         parser.error('--lr must be positive and --lr_decay in (0, 1]')
     if not (0 <= args.m < math.pi / 2 and args.s > 0):
         parser.error('--m must be in [0, pi/2) and --s positive')
-    if args.eval:
+    if args.export:
+        need('initial_model', why='--export')
+        if os.path.splitext(args.export)[1] not in ('.pt', '.onnx'):
+            parser.error(f'--export {args.export}: name a .pt (TorchScript) or .onnx file')
+        if args.eval or args.demo:
+            parser.error('--export only converts --initial_model; run --eval or --demo separately')
+    elif args.eval:
         need('initial_model', 'eval_list', 'eval_path', why='--eval')
     else:
         need('train_list', 'train_path', 'eval_list', 'eval_path', why='training')
@@ -286,13 +296,25 @@ def write_score_file(path, scores, labels, enroll, test):
         f.writelines(f'{s:.6f} {label} {e} {t}\n' for s, label, e, t in zip(scores, labels, enroll, test))
 
 
-def run_eval(args):
-    device = torch.device(args.device)
+def load_initial_encoder(args, device):
+    """The encoder of --initial_model, built as recorded beside it unless --model/--C/--sampling_rate say."""
     overrides = {name: getattr(args, name) for name in ('model', 'C', 'sampling_rate') if name in args.given}
     try:
-        encoder = load_model(args.initial_model, device=device, **overrides)
+        return load_model(args.initial_model, device=device, **overrides)
     except (RuntimeError, ValueError) as error:
         raise SystemExit(f"{args.initial_model}: cannot be loaded as {overrides or 'recorded'}:\n{error}")
+
+
+def run_export(args):
+    encoder = load_initial_encoder(args, 'cpu')
+    (export_onnx if args.export.endswith('.onnx') else export_torchscript)(encoder, args.export)
+    print(f'{args.export}: {type(encoder).__name__} at {encoder.sampling_rate} Hz, waveform [batch, samples] in, '
+          f'embedding [batch, {encoder.embedding_dim}] out')
+
+
+def run_eval(args):
+    device = torch.device(args.device)
+    encoder = load_initial_encoder(args, device)
     args.sampling_rate = encoder.sampling_rate
     print(f'Model {args.initial_model} loaded: {type(encoder).__name__} at {encoder.sampling_rate} Hz')
     metrics, scores, labels, enroll, test = evaluate(encoder, args, device)
@@ -384,6 +406,8 @@ def main(argv=None):
     if args.demo:
         print(f'Demo corpus: {os.path.join(args.save_path, "corpus")}')
         demo.make_corpus(os.path.join(args.save_path, 'corpus'))
+    if args.export:
+        return run_export(args)
     if args.eval:
         return run_eval(args)
     return run_training(args)

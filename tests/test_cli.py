@@ -190,3 +190,13 @@ def test_malformed_trial_line_is_named(tmp_path):
     path.write_text('1 a.wav b.wav\nyes a.wav c.wav\n')
     with pytest.raises(ValueError, match=r'veri_test2.txt:2'):
         read_trials(str(path))
+
+
+@pytest.mark.parametrize('model,width', [('tdnn', '32'), ('resnet18', '4')])
+def test_other_encoders_train_and_evaluate(tiny_corpus, tmp_path, cache_dir, model, width):
+    argv = tiny_args(tiny_corpus, tmp_path, cache_dir, '--max_epoch', '1', '--model', model)
+    argv[argv.index('--C') + 1] = width
+    trainECAPAModel.main(argv)
+    assert re.match(r'^1 epoch, .* EER [\d.]+%', (tmp_path / 'score.txt').read_text())
+    encoder = load_model(str(tmp_path / 'model' / 'model_0001.model'))
+    assert encoder.sampling_rate == 16000 and type(encoder).__name__ == {'tdnn': 'TDNN'}.get(model, 'ResNet')
