@@ -8,6 +8,7 @@ is stored as one vector v = [f, mean_i c_i] / sqrt(2), and a trial's score is th
 """
 
 import copy
+import hashlib
 import json
 import math
 import os
@@ -85,21 +86,53 @@ def verification_metrics(scores, labels):
 # ---------------------------------------------------------------- trial lists and scoring
 
 def read_trials(path):
-    """Lines `<label> <enroll> <test>`; returns (labels int array, enroll list, test list)."""
+    """Lines `<0|1> <enroll> <test>`, or `<enroll> <test>` throughout for a list without labels (the
+    official test-phase format). Returns (labels int array, or None without labels; enroll; test)."""
     labels, enroll, test = [], [], []
+    width = None
     with open(path) as f:
         for number, line in enumerate(f, start=1):
             fields = line.split()
             if not fields:
                 continue
-            if len(fields) != 3 or fields[0] not in ('0', '1'):
-                raise ValueError(f"{path}:{number}: expected '<0|1> <enroll> <test>', got {line.strip()!r}")
-            labels.append(int(fields[0]))
-            enroll.append(fields[1])
-            test.append(fields[2])
-    if not labels:
+            width = width or len(fields)
+            if len(fields) != width or width not in (2, 3) or (width == 3 and fields[0] not in ('0', '1')):
+                raise ValueError(f"{path}:{number}: expected '<0|1> <enroll> <test>' or '<enroll> <test>' on every "
+                                 f"line, got {line.strip()!r}")
+            if width == 3:
+                labels.append(int(fields[0]))
+            enroll.append(fields[-2])
+            test.append(fields[-1])
+    if not enroll:
         raise ValueError(f"{path}: the trial list is empty")
-    return np.array(labels), enroll, test
+    return (np.array(labels) if width == 3 else None), enroll, test
+
+
+def write_score_file(path, enroll, test, scores, labels=None):
+    """One `enroll test score [label]` line per trial, written atomically."""
+    rows = (f'{e} {t} {s:.6f}' + ('' if labels is None else f' {label}') + '\n'
+            for e, t, s, label in zip(enroll, test, scores, labels if labels is not None else [None] * len(scores)))
+    atomic_write(path, lambda f: f.write(''.join(rows).encode()))
+
+
+def read_score_file(path):
+    """(scores, labels) of a score file with `enroll test score label` lines."""
+    scores, labels = [], []
+    with open(path) as f:
+        for number, line in enumerate(f, start=1):
+            fields = line.split()
+            if not fields:
+                continue
+            try:
+                if len(fields) != 4 or fields[3] not in ('0', '1'):
+                    raise ValueError
+                scores.append(float(fields[2]))
+                labels.append(int(fields[3]))
+            except ValueError:
+                raise ValueError(f"{path}:{number}: expected '<enroll> <test> <score> <0|1>', got {line.strip()!r}")
+    if not scores:
+        raise ValueError(f"{path}: no scores")
+    return np.array(scores), np.array(labels)
 
 
 def evenly_spaced_crops(waveform, length, count=EVAL_CROPS):
@@ -167,37 +200,90 @@ def score_trials(vectors, enroll, test):
     return (e * t).sum(dim=1).numpy()
 
 
+def cohort_statistics(rows, cohort, top_k, row_chunk=1024, cohort_chunk=65536):
+    """Mean and population standard deviation (float64) of the `top_k` largest scores of each row against
+    the cohort, from products of at most `row_chunk` x `cohort_chunk`, merging partial top-k lists, so
+    memory stays bounded for any cohort size."""
+    rows = torch.as_tensor(rows, dtype=torch.float32)
+    cohort = torch.as_tensor(cohort, dtype=torch.float32)
+    top_k = min(top_k, len(cohort))
+    mean = np.empty(len(rows))
+    std = np.empty(len(rows))
+    for start in range(0, len(rows), row_chunk):
+        block = rows[start:start + row_chunk]
+        best = None
+        for c in range(0, len(cohort), cohort_chunk):
+            scores = (block @ cohort[c:c + cohort_chunk].T).numpy()
+            if best is not None:
+                scores = np.concatenate((best, scores), axis=1)
+            k = min(top_k, scores.shape[1])
+            best = np.partition(scores, scores.shape[1] - k, axis=1)[:, -k:]
+        best = best.astype(np.float64)
+        mean[start:start + row_chunk] = best.mean(axis=1)
+        std[start:start + row_chunk] = best.std(axis=1)
+    return torch.from_numpy(mean), torch.from_numpy(std)
+
+
 def as_norm(embeddings, trials, cohort, top_k):
     """Adaptive symmetric score normalisation. `embeddings` [N, D], `trials` int [T, 2] rows of
     (enroll, test), `cohort` [M, D]. For each side x of a trial with raw score s = e . t, take the
     `top_k` largest scores of x against the cohort, their mean mu_x and population std sigma_x, and
     return 0.5 * ((s - mu_e) / sigma_e + (s - mu_t) / sigma_t) for every trial. The statistics are computed
-    once per utterance that occurs in a trial, in chunks of 4096 rows (float32 products, float64 statistics)."""
+    once per utterance that occurs in a trial (float32 products, float64 statistics), then looked up."""
     embeddings = torch.as_tensor(np.asarray(embeddings), dtype=torch.float32)
-    cohort = torch.as_tensor(np.asarray(cohort), dtype=torch.float32)
     trials = torch.as_tensor(np.asarray(trials), dtype=torch.long)
-    top_k = min(top_k, len(cohort))
     used, inverse = torch.unique(trials.flatten(), return_inverse=True)
-    mean = torch.empty(len(used), dtype=torch.float64)
-    std = torch.empty(len(used), dtype=torch.float64)
-    for start in range(0, len(used), 4096):
-        rows = embeddings[used[start:start + 4096]]
-        top = torch.topk(rows @ cohort.T, top_k, dim=1).values.double()
-        mean[start:start + 4096] = top.mean(dim=1)
-        std[start:start + 4096] = top.std(dim=1, unbiased=False)
+    mean, std = cohort_statistics(embeddings[used], np.asarray(cohort), top_k)
     inverse = inverse.view(-1, 2)
-    raw = (embeddings[trials[:, 0]].double() * embeddings[trials[:, 1]].double()).sum(dim=1)
-    mean_e, mean_t = mean[inverse[:, 0]], mean[inverse[:, 1]]
-    std_e, std_t = std[inverse[:, 0]], std[inverse[:, 1]]
-    return (0.5 * ((raw - mean_e) / std_e + (raw - mean_t) / std_t)).numpy()
+    normalised = np.empty(len(trials))
+    for start in range(0, len(trials), 65536):
+        pairs, sides = trials[start:start + 65536], inverse[start:start + 65536]
+        raw = (embeddings[pairs[:, 0]] * embeddings[pairs[:, 1]]).sum(dim=1, dtype=torch.float64)
+        z_e = (raw - mean[sides[:, 0]]) / std[sides[:, 0]]
+        z_t = (raw - mean[sides[:, 1]]) / std[sides[:, 1]]
+        normalised[start:start + 65536] = (0.5 * (z_e + z_t)).numpy()
+    return normalised
 
 
-def speaker_cohort(vectors, entries):
-    """Speaker-mean vectors [speakers, D] of the training utterances in `vectors`."""
+def build_cohort(vectors, entries, kind):
+    """The AS-Norm cohort from training utterances' vectors: their speaker means (`kind` 'speaker') or the
+    vectors themselves ('utterance'), as [M, D]."""
+    if kind == 'utterance':
+        return torch.stack([vectors[rel] for _, rel in entries])
     by_speaker = {}
     for speaker, rel in entries:
         by_speaker.setdefault(speaker, []).append(vectors[rel])
     return torch.stack([torch.stack(v).mean(dim=0) for _, v in sorted(by_speaker.items())])
+
+
+def file_digest(path):
+    """A short SHA-1 of a file's bytes: the identity of a checkpoint."""
+    digest = hashlib.sha1()
+    with open(path, 'rb') as f:
+        for block in iter(lambda: f.read(1 << 20), b''):
+            digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+def cached_embed_files(encoder, relative_paths, root, device, cache_path, identity, **kwargs):
+    """`embed_files`, reusing the vectors stored in `cache_path` when it was written for the same
+    `identity` (the checkpoint) and `root`, and storing the ones it computes there."""
+    cache = {'identity': identity, 'root': os.path.abspath(root), 'paths': [], 'vectors': None}
+    if os.path.exists(cache_path):
+        stored = torch.load(cache_path, map_location='cpu', weights_only=True)
+        if stored['identity'] == identity and stored['root'] == cache['root']:
+            cache = stored
+    index = {p: i for i, p in enumerate(cache['paths'])}
+    missing = [p for p in dict.fromkeys(relative_paths) if p not in index]
+    if missing:
+        computed = embed_files(encoder, missing, root, device, **kwargs)
+        new = torch.stack([computed[p] for p in missing])
+        cache['vectors'] = new if cache['vectors'] is None else torch.cat((cache['vectors'], new))
+        for p in missing:
+            index[p] = len(cache['paths'])
+            cache['paths'].append(p)
+        atomic_torch_save(cache, cache_path)
+    return {p: cache['vectors'][index[p]] for p in relative_paths}
 
 
 # ---------------------------------------------------------------- checkpoints

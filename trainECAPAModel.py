@@ -9,6 +9,7 @@ finished epoch.
 """
 
 import argparse
+import hashlib
 import math
 import os
 import sys
@@ -17,15 +18,16 @@ import time
 import numpy as np
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 import tqdm
 
 import demo
 from dataLoader import Augmenter, EpochSampler, TrainDataset, default_cache_dir, parse_train_list, speaker_labels
 from loss import build_objective
 from model import MODELS, build_encoder
-from tools import (as_norm, atomic_torch_save, embed_files, encoder_weights, export_onnx, export_torchscript,
-                   load_model, load_state_dict_file, read_trials, save_checkpoint, score_trials, speaker_cohort,
-                   verification_metrics)
+from tools import (as_norm, atomic_torch_save, build_cohort, cached_embed_files, embed_files, encoder_weights,
+                   export_onnx, export_torchscript, file_digest, load_model, load_state_dict_file, read_score_file,
+                   read_trials, save_checkpoint, score_trials, verification_metrics, write_score_file)
 
 DEMO_DEFAULTS = {'save_path': 'exps/demo', 'max_epoch': 7, 'batch_size': 32, 'num_frames': 150,
                  'test_step': 1, 'lr': 0.002, 'n_cpu': 1}
@@ -39,7 +41,9 @@ def build_parser():
     data = parser.add_argument_group('data')
     data.add_argument('--train_list', help='training list, lines "<speaker> <relative path>"')
     data.add_argument('--train_path', help='folder the training list paths are relative to')
-    data.add_argument('--eval_list', help='trial list, lines "<0|1> <enroll> <test>"')
+    data.add_argument('--eval_list', nargs='+',
+                      help='trial lists, lines "<0|1> <enroll> <test>" (or "<enroll> <test>": scored without '
+                           'metrics); e.g. veri_test2.txt list_test_all2.txt list_test_hard2.txt')
     data.add_argument('--eval_path', help='folder the trial list paths are relative to')
     data.add_argument('--musan_path', help='MUSAN split into 5 s chunks (noise|speech|music/<subset>/<stem>/*.wav); '
                                            'omit to train without additive noise')
@@ -87,9 +91,17 @@ def build_parser():
     evaluation.add_argument('--snorm', action='store_true',
                             help='also report AS-Norm scores, with a cohort of speaker means from --train_list')
     evaluation.add_argument('--cohort_top_k', type=int, default=300, help='AS-Norm: top cohort scores used')
+    evaluation.add_argument('--cohort', default='speaker', choices=['speaker', 'utterance'],
+                            help='AS-Norm cohort: speaker means or single utterances of the training list')
     evaluation.add_argument('--cohort_size', type=int, default=20000,
                             help='AS-Norm: training utterances embedded for the cohort, spread over the '
                                  'speakers (0: all)')
+    evaluation.add_argument('--extract', metavar='LIST_OR_DIR',
+                            help='embed every file of a folder, or of a list (last field of each line, relative '
+                                 'to --eval_path or the list\'s folder), with --initial_model; needs --out')
+    evaluation.add_argument('--out', help='--extract: file to write {paths, embeddings, vectors} to (torch.save)')
+    evaluation.add_argument('--score_file', nargs='+', metavar='FILE',
+                            help='only compute EER and minDCF of existing "enroll test score label" files')
 
     system = parser.add_argument_group('system')
     system.add_argument('--save_path', default='exps/exp1', help='checkpoints, score.txt and score files')
@@ -124,7 +136,7 @@ def parse_args(argv=None):
         paths = demo.corpus_paths(os.path.join(args.save_path, 'corpus'))
         for name, value in paths.items():
             if name not in given:
-                setattr(args, name, value)
+                setattr(args, name, [value] if name == 'eval_list' else value)
     validate(args, parser)
     return args
 
@@ -147,12 +159,20 @@ def validate(args, parser):
         parser.error('--lr must be positive and --lr_decay in (0, 1]')
     if not (0 <= args.m < math.pi / 2 and args.s > 0):
         parser.error('--m must be in [0, pi/2) and --s positive')
+    actions = [f'--{name}' for name in ('score_file', 'export', 'extract', 'eval') if getattr(args, name)]
+    if len(actions) > 1 or (actions and args.demo and actions != ['--eval']):
+        parser.error(f"{' and '.join(actions + (['--demo'] if args.demo else []))} are separate commands; "
+                     f"give one at a time")
+    if args.score_file:
+        return
     if args.export:
         need('initial_model', why='--export')
         if os.path.splitext(args.export)[1] not in ('.pt', '.onnx'):
             parser.error(f'--export {args.export}: name a .pt (TorchScript) or .onnx file')
-        if args.eval or args.demo:
-            parser.error('--export only converts --initial_model; run --eval or --demo separately')
+    elif args.extract:
+        need('initial_model', 'out', why='--extract')
+        if not os.path.exists(args.extract):
+            parser.error(f'--extract {args.extract}: no such file or folder')
     elif args.eval:
         need('initial_model', 'eval_list', 'eval_path', why='--eval')
     else:
@@ -160,9 +180,10 @@ def validate(args, parser):
     if args.snorm:
         need('train_list', 'train_path', why='--snorm (the cohort comes from the training list)')
     for name in ('train_list', 'eval_list', 'initial_model'):
-        path = getattr(args, name)
-        if path and not os.path.isfile(path) and not (args.demo and name != 'initial_model'):
-            parser.error(f'--{name} {path}: no such file')
+        paths = getattr(args, name) or []
+        for path in ([paths] if isinstance(paths, str) else paths):
+            if path and not os.path.isfile(path) and not (args.demo and name != 'initial_model'):
+                parser.error(f'--{name} {path}: no such file')
     for name in ('train_path', 'eval_path', 'musan_path', 'rir_path'):
         path = getattr(args, name)
         if path and not os.path.isdir(path) and not args.demo:
@@ -254,46 +275,68 @@ def cohort_entries(entries, size, seed):
     return chosen[:size]
 
 
-def read_eval_list(args):
-    """The trials of --eval_list, after checking that every file they name is under --eval_path."""
-    labels, enroll, test = read_trials(args.eval_list)
-    missing = [p for p in dict.fromkeys(enroll + test) if not os.path.isfile(os.path.join(args.eval_path, p))]
+def read_eval_lists(args):
+    """{list path: (labels or None, enroll, test)} for every --eval_list, after checking that every file
+    they name is under --eval_path."""
+    lists = {path: read_trials(path) for path in args.eval_list}
+    files = dict.fromkeys(f for _, enroll, test in lists.values() for f in enroll + test)
+    missing = [p for p in files if not os.path.isfile(os.path.join(args.eval_path, p))]
     if missing:
-        raise SystemExit(f"{args.eval_list}: {len(missing)} files not under {args.eval_path}, e.g. {missing[:3]}")
-    return labels, enroll, test
+        raise SystemExit(f"{' '.join(args.eval_list)}: {len(missing)} files not under {args.eval_path}, "
+                         f"e.g. {missing[:3]}")
+    return lists
 
 
-def evaluate(encoder, args, device):
-    """Score `args.eval_list`; returns (metrics, scores, labels, enroll, test), with AS-Norm metrics under
-    'snorm' when --snorm is set."""
-    labels, enroll, test = read_eval_list(args)
-    files = sorted(set(enroll) | set(test))
-    vectors = embed_files(encoder, files, args.eval_path, device, args.n_cpu)
-    scores = score_trials(vectors, enroll, test)
-    metrics = verification_metrics(scores, labels)
+def evaluate(encoder, args, device, identity=None):
+    """Score every --eval_list, embedding each utterance once (cached under save_path/embeddings when the
+    checkpoint `identity` is given). Returns {list path: result} with the trials, 'scores', 'metrics' (None
+    for a list without labels) and, with --snorm, 'snorm_scores' and 'snorm_metrics'."""
+    lists = read_eval_lists(args)
+    files = sorted({f for _, enroll, test in lists.values() for f in enroll + test})
+    vectors = embed_for(encoder, files, args.eval_path, args, device, identity)
+    results = {path: {'labels': labels, 'enroll': enroll, 'test': test,
+                      'scores': score_trials(vectors, enroll, test)}
+               for path, (labels, enroll, test) in lists.items()}
     if args.snorm:
         entries = cohort_entries(parse_train_list(args.train_list), args.cohort_size, args.seed)
-        cohort_vectors = embed_files(encoder, [rel for _, rel in entries], args.train_path, device, args.n_cpu)
-        cohort = speaker_cohort(cohort_vectors, entries)
+        cohort_vectors = embed_for(encoder, [rel for _, rel in entries], args.train_path, args, device, identity)
+        cohort = build_cohort(cohort_vectors, entries, args.cohort)
         index = {name: i for i, name in enumerate(files)}
-        trials = np.array([(index[e], index[t]) for e, t in zip(enroll, test)])
-        scores = as_norm(torch.stack([vectors[f] for f in files]), trials, cohort, args.cohort_top_k)
-        metrics['snorm'] = verification_metrics(scores, labels)
-    return metrics, scores, labels, enroll, test
+        trials = np.array([(index[e], index[t]) for r in results.values() for e, t in zip(r['enroll'], r['test'])])
+        normalised = as_norm(torch.stack([vectors[f] for f in files]), trials, cohort, args.cohort_top_k)
+        start = 0
+        for result in results.values():
+            result['snorm_scores'] = normalised[start:start + len(result['scores'])]
+            start += len(result['scores'])
+    for result in results.values():
+        labelled = result['labels'] is not None
+        result['metrics'] = verification_metrics(result['scores'], result['labels']) if labelled else None
+        if args.snorm:
+            result['snorm_metrics'] = (verification_metrics(result['snorm_scores'], result['labels'])
+                                       if labelled else None)
+    return results
+
+
+def embed_for(encoder, files, root, args, device, identity):
+    if identity is None:
+        return embed_files(encoder, files, root, device, n_cpu=args.n_cpu)
+    key = hashlib.sha1(f'{identity} {os.path.abspath(root)}'.encode()).hexdigest()[:16]
+    cache = os.path.join(args.save_path, 'embeddings', f'{key}.pt')
+    return cached_embed_files(encoder, files, root, device, cache, identity, n_cpu=args.n_cpu)
 
 
 def format_metrics(metrics):
-    text = (f"EER {metrics['eer']:2.2f}%, minDCF(0.05) {metrics['min_dcf_0.05']:.4f}, "
+    return (f"EER {metrics['eer']:2.2f}%, minDCF(0.05) {metrics['min_dcf_0.05']:.4f}, "
             f"minDCF(0.01) {metrics['min_dcf_0.01']:.4f}")
-    if 'snorm' in metrics:
-        text += ', AS-Norm ' + format_metrics(metrics['snorm'])
+
+
+def format_result(result):
+    if result['metrics'] is None:
+        return f"{len(result['scores'])} trials scored (no labels)"
+    text = format_metrics(result['metrics'])
+    if result.get('snorm_metrics'):
+        text += ', AS-Norm ' + format_metrics(result['snorm_metrics'])
     return text
-
-
-def write_score_file(path, scores, labels, enroll, test):
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, 'w') as f:
-        f.writelines(f'{s:.6f} {label} {e} {t}\n' for s, label, e, t in zip(scores, labels, enroll, test))
 
 
 def load_initial_encoder(args, device):
@@ -315,14 +358,57 @@ def run_export(args):
 def run_eval(args):
     device = torch.device(args.device)
     encoder = load_initial_encoder(args, device)
-    args.sampling_rate = encoder.sampling_rate
     print(f'Model {args.initial_model} loaded: {type(encoder).__name__} at {encoder.sampling_rate} Hz')
-    metrics, scores, labels, enroll, test = evaluate(encoder, args, device)
-    score_path = os.path.join(args.save_path, 'scores', os.path.basename(args.eval_list))
-    write_score_file(score_path, scores, labels, enroll, test)
-    print(f'{args.eval_list}: {len(labels)} trials, {format_metrics(metrics)}')
-    print(f'scores (score label enroll test): {score_path}')
-    return metrics
+    results = evaluate(encoder, args, device, identity=file_digest(args.initial_model))
+    for path, result in results.items():
+        name = os.path.basename(path)
+        score_path = os.path.join(args.save_path, 'scores', name)
+        write_score_file(score_path, result['enroll'], result['test'], result['scores'], result['labels'])
+        if args.snorm:
+            write_score_file(score_path + '.asnorm', result['enroll'], result['test'], result['snorm_scores'],
+                             result['labels'])
+        print(f'{path}: {len(result["scores"])} trials, {format_result(result)}\n'
+              f'  scores (enroll test score [label]): {score_path}' + (' and .asnorm' if args.snorm else ''))
+    return results
+
+
+def audio_files_under(folder):
+    return sorted(os.path.relpath(os.path.join(d, f), folder) for d, _, names in os.walk(folder)
+                  for f in names if f.lower().endswith(('.wav', '.flac')))
+
+
+def run_extract(args):
+    """Embed every file of a folder or a list (one path per line, its last field, relative to --eval_path or
+    else to the list's folder) and save {'paths', 'embeddings', 'vectors', 'model'} to --out."""
+    device = torch.device(args.device)
+    encoder = load_initial_encoder(args, device)
+    if os.path.isdir(args.extract):
+        root, paths = args.extract, audio_files_under(args.extract)
+    else:
+        root = args.eval_path or os.path.dirname(os.path.abspath(args.extract))
+        with open(args.extract) as f:
+            paths = list(dict.fromkeys(line.split()[-1] for line in f if line.strip()))
+    missing = [p for p in paths if not os.path.isfile(os.path.join(root, p))]
+    if missing or not paths:
+        raise SystemExit(f'{args.extract}: {len(missing)} of {len(paths)} files not under {root}, e.g. {missing[:3]}')
+    vectors = embed_files(encoder, paths, root, device, n_cpu=args.n_cpu)
+    stacked = torch.stack([vectors[p] for p in paths])
+    atomic_torch_save({'paths': paths, 'embeddings': F.normalize(stacked[:, :encoder.embedding_dim], dim=1),
+                       'vectors': stacked, 'model': args.initial_model, 'sampling_rate': encoder.sampling_rate},
+                      args.out)
+    print(f'{args.out}: {len(paths)} embeddings of {encoder.embedding_dim} dimensions')
+
+
+def run_score_files(args):
+    results = {}
+    for path in args.score_file:
+        try:
+            scores, labels = read_score_file(path)
+        except (OSError, ValueError) as error:
+            raise SystemExit(str(error))
+        results[path] = verification_metrics(scores, labels)
+        print(f'{path}: {len(scores)} trials, {format_metrics(results[path])}')
+    return results
 
 
 def run_training(args):
@@ -337,7 +423,8 @@ def run_training(args):
     missing = [rel for _, rel in entries if not os.path.isfile(os.path.join(args.train_path, rel))]
     if missing:
         raise SystemExit(f'{args.train_list}: {len(missing)} files not under {args.train_path}, e.g. {missing[:3]}')
-    read_eval_list(args)
+    if all(labels is None for labels, _, _ in read_eval_lists(args).values()):
+        raise SystemExit('training needs an --eval_list with labels to report EER')
 
     encoder = build_encoder(args.model, args.C, args.sampling_rate, args.embedding_dim)
     model = SpeakerModel(encoder, build_objective(args, encoder.embedding_dim)).to(device)
@@ -385,10 +472,11 @@ def run_training(args):
         if epoch % args.test_step == 0 or epoch == args.max_epoch:
             checkpoint = os.path.join(model_dir, f'model_{epoch:04d}.model')
             save_checkpoint(model.state_dict(), encoder_config(args), checkpoint)
-            metrics = evaluate(model.speaker_encoder, args, device)[0]
-            eers.append(metrics['eer'])
-            line = (f'{epoch} epoch, LR {lr:f}, LOSS {loss:f}, ACC {accuracy:2.2f}%, {format_metrics(metrics)}, '
-                    f'bestEER {min(eers):2.2f}%')
+            results = evaluate(model.speaker_encoder, args, device)
+            eers.append(next(r['metrics']['eer'] for r in results.values() if r['metrics']))
+            line = f'{epoch} epoch, LR {lr:f}, LOSS {loss:f}, ACC {accuracy:2.2f}%, ' + ', '.join(
+                (f'{os.path.basename(path)} ' if len(results) > 1 else '') + format_result(result)
+                for path, result in results.items()) + f', bestEER {min(eers):2.2f}%'
             print(time.strftime('%Y-%m-%d %H:%M:%S'), line)
             with open(score_path, 'a') as f:
                 f.write(line + '\n')
@@ -406,8 +494,12 @@ def main(argv=None):
     if args.demo:
         print(f'Demo corpus: {os.path.join(args.save_path, "corpus")}')
         demo.make_corpus(os.path.join(args.save_path, 'corpus'))
+    if args.score_file:
+        return run_score_files(args)
     if args.export:
         return run_export(args)
+    if args.extract:
+        return run_extract(args)
     if args.eval:
         return run_eval(args)
     return run_training(args)

@@ -57,35 +57,43 @@ def test_resumed_run_equals_an_uninterrupted_one(tiny_corpus, tmp_path, cache_di
 def test_eval_scores_a_saved_model_and_writes_a_score_file(tiny_corpus, tmp_path, cache_dir, capsys):
     trainECAPAModel.main(tiny_args(tiny_corpus, tmp_path, cache_dir, '--max_epoch', '1'))
     checkpoint = str(tmp_path / 'model' / 'model_0001.model')
-    metrics = trainECAPAModel.main(['--eval', '--initial_model', checkpoint, '--eval_list', tiny_corpus['eval_list'],
+    results = trainECAPAModel.main(['--eval', '--initial_model', checkpoint, '--eval_list', tiny_corpus['eval_list'],
                                     '--eval_path', tiny_corpus['eval_path'], '--save_path', str(tmp_path),
                                     '--n_cpu', '0'])
+    metrics = results[tiny_corpus['eval_list']]['metrics']
     printed = capsys.readouterr().out
     assert f"EER {metrics['eer']:2.2f}%" in printed and 'minDCF(0.01)' in printed
     labels, enroll, test = read_trials(tiny_corpus['eval_list'])
-    rows = [line.split() for line in (tmp_path / 'scores' / 'trials.txt').read_text().splitlines()]
+    score_file = tmp_path / 'scores' / 'trials.txt'
+    rows = [line.split() for line in score_file.read_text().splitlines()]
     assert len(rows) == len(labels)
-    assert [(int(r[1]), r[2], r[3]) for r in rows] == list(zip(labels, enroll, test))
+    assert [(r[0], r[1], int(r[3])) for r in rows] == list(zip(enroll, test, labels))
     # The scores are those of the notebook helper on the same files.
     encoder = load_model(checkpoint)
     first = score(encoder, os.path.join(tiny_corpus['eval_path'], enroll[0]),
                   os.path.join(tiny_corpus['eval_path'], test[0]))
-    assert float(rows[0][0]) == pytest.approx(first, abs=1e-5)
+    assert float(rows[0][2]) == pytest.approx(first, abs=1e-5)
+    # --score_file recomputes the metrics from that file alone.
+    again = trainECAPAModel.main(['--score_file', str(score_file)])[str(score_file)]
+    assert again == pytest.approx(metrics, abs=1e-3)
 
 
 def test_eval_with_as_norm_reports_both(tiny_corpus, tmp_path, cache_dir):
     trainECAPAModel.main(tiny_args(tiny_corpus, tmp_path, cache_dir, '--max_epoch', '1'))
     argv = ['--eval', '--initial_model', str(tmp_path / 'model' / 'model_0001.model'),
             '--eval_list', tiny_corpus['eval_list'], '--eval_path', tiny_corpus['eval_path'], '--n_cpu', '0']
-    raw = trainECAPAModel.main(argv + ['--save_path', str(tmp_path / 'raw')])
+    raw = trainECAPAModel.main(argv + ['--save_path', str(tmp_path / 'raw')])[tiny_corpus['eval_list']]
     normalised = trainECAPAModel.main(argv + [
         '--snorm', '--cohort_top_k', '3', '--train_list', tiny_corpus['train_list'],
-        '--train_path', tiny_corpus['train_path'], '--save_path', str(tmp_path / 'snorm')])
-    assert 'snorm' not in raw and normalised['eer'] == raw['eer']
-    assert 0 <= normalised['snorm']['eer'] <= 100
-    raw_scores, snorm_scores = ([float(line.split()[0]) for line in (tmp_path / d / 'scores' / 'trials.txt').open()]
-                                for d in ('raw', 'snorm'))
-    assert len(snorm_scores) == len(raw_scores) and snorm_scores != raw_scores
+        '--train_path', tiny_corpus['train_path'], '--save_path', str(tmp_path / 'snorm')])[tiny_corpus['eval_list']]
+    assert 'snorm_metrics' not in raw and normalised['metrics'] == raw['metrics']
+    assert 0 <= normalised['snorm_metrics']['eer'] <= 100
+    scores = tmp_path / 'snorm' / 'scores'
+    raw_scores, snorm_scores = ([float(line.split()[2]) for line in (scores / name).open()]
+                                for name in ('trials.txt', 'trials.txt.asnorm'))
+    np.testing.assert_allclose(raw_scores, raw['scores'], atol=1e-6)
+    np.testing.assert_allclose(snorm_scores, normalised['snorm_scores'], atol=1e-6)
+    assert not np.allclose(snorm_scores, raw_scores)
 
 
 def test_original_readme_snippet_loads_our_checkpoint(tmp_path):
