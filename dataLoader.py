@@ -298,6 +298,82 @@ class EpochSampler(torch.utils.data.Sampler):
         return iter([(int(i), self.epoch) for i in order])
 
 
+class PairDataset(TrainDataset):
+    """Two views of one speaker per item: items are (index_a, index_b, epoch) from `SpeakerPairSampler`,
+    each view cropped and augmented with its own generator; returns (view a, view b, label)."""
+
+    def __getitem__(self, item):
+        index_a, index_b, epoch = item
+        views = []
+        for view, index in enumerate((index_a, index_b)):
+            rng = np.random.default_rng((self.seed, epoch, index, view))
+            audio = read_random_crop(self.paths[index], self.length, self.sampling_rate, rng)
+            if self.augmenter is not None:
+                audio = self.augmenter(audio, rng)
+            views.append(torch.from_numpy(np.ascontiguousarray(audio, dtype=np.float32)))
+        return views[0], views[1], self.labels[index_a]
+
+
+class SpeakerPairSampler(torch.utils.data.Sampler):
+    """Batches of `batch_size` pairs from `batch_size` distinct speakers, as a pure function of (seed, epoch).
+
+    Each epoch, every speaker's utterances are shuffled and paired off two by two (an odd one out is paired
+    with another utterance of its speaker, a single utterance with itself), so every utterance is used once.
+    Batches then draw distinct speakers with probability proportional to their remaining pairs, until fewer
+    than `batch_size` speakers have pairs left; those leftover pairs are the only ones an epoch skips.
+    Yields lists of (index_a, index_b, epoch)."""
+
+    def __init__(self, labels, batch_size, seed):
+        self.by_speaker = {}
+        for index, label in enumerate(labels):
+            self.by_speaker.setdefault(label, []).append(index)
+        if len(self.by_speaker) < batch_size:
+            raise ValueError(f'a batch of {batch_size} distinct speakers needs at least that many speakers; '
+                             f'the list has {len(self.by_speaker)}')
+        self.batch_size = batch_size
+        self.seed = seed
+        self.epoch = 1
+        self.planned = (None, [])
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def pairs(self, rng):
+        pairs = {}
+        for speaker, indices in self.by_speaker.items():
+            order = [int(i) for i in rng.permutation(indices)]
+            if len(order) % 2:
+                order.append(order[0] if len(order) == 1 else int(rng.choice(order[:-1])))
+            pairs[speaker] = [(order[i], order[i + 1]) for i in range(0, len(order), 2)]
+        return pairs
+
+    def batches(self):
+        if self.planned[0] != self.epoch:
+            self.planned = (self.epoch, self.plan())
+        return self.planned[1]
+
+    def plan(self):
+        rng = np.random.default_rng((self.seed, self.epoch))
+        pairs = self.pairs(rng)
+        speakers = sorted(pairs)
+        remaining = np.array([len(pairs[s]) for s in speakers], dtype=np.float64)
+        batches = []
+        while np.count_nonzero(remaining) >= self.batch_size:
+            chosen = rng.choice(len(speakers), size=self.batch_size, replace=False, p=remaining / remaining.sum())
+            batch = []
+            for k in chosen:
+                remaining[k] -= 1
+                batch.append(pairs[speakers[k]][int(remaining[k])] + (self.epoch,))
+            batches.append(batch)
+        return batches
+
+    def __iter__(self):
+        return iter(self.batches())
+
+    def __len__(self):
+        return len(self.batches())
+
+
 class EvalDataset(torch.utils.data.Dataset):
     """Whole utterances for embedding: (relative path, mono float32 waveform at `sampling_rate`)."""
 

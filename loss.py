@@ -37,8 +37,125 @@ class AAMsoftmax(nn.Module):
         return loss, accuracy
 
 
+class InfoNCE(nn.Module):
+    """Symmetric InfoNCE over a batch of pairs: u_i and v_i are two views of speaker i, every v_j (j != i) a
+    negative for u_i and vice versa. Logits are scale * cos(u_i, v_j), the scale exp(t) with a learnable t
+    initialised to log(1 / 0.07) and clamped to at most 100 (or a fixed `scale`). With `margin` > 0
+    (AAM-InfoNCE) each positive cosine cos(theta) becomes cos(theta + margin) before scaling.
+    `forward(u, v)` returns (loss, logits [B, B] with the margin applied)."""
+
+    MAX_SCALE = 100.0
+
+    def __init__(self, margin=0.0, scale=None):
+        super().__init__()
+        self.margin = margin
+        self.fixed_scale = scale
+        if scale is None:
+            self.log_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+
+    def scale(self):
+        if self.fixed_scale is not None:
+            return torch.tensor(float(self.fixed_scale))
+        return self.log_scale.clamp(max=math.log(self.MAX_SCALE)).exp()
+
+    def forward(self, u, v):
+        cosine = F.normalize(u.float()) @ F.normalize(v.float()).T
+        if self.margin > 0:
+            diagonal = torch.eye(len(cosine), dtype=torch.bool, device=cosine.device)
+            cosine = torch.where(diagonal, additive_angular_margin(cosine, self.margin), cosine)
+        logits = self.scale().to(cosine.device) * cosine
+        targets = torch.arange(len(logits), device=logits.device)
+        loss = (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
+        return loss, logits
+
+
+def sample_hard_negatives(logits, labels, argmax=False):
+    """For each row i of `logits` [B, B] (anchor i against candidate j), a candidate of another speaker,
+    drawn with probability softmax_j(logits[i, j]) over the other speakers' candidates (or the most
+    similar one with `argmax`). Draws use torch's global generator."""
+    other_speaker = labels[:, None] != labels[None, :]
+    if not bool(other_speaker.any(dim=1).all()):
+        raise ValueError('hard-negative sampling needs at least two speakers in the batch')
+    masked = logits.detach().masked_fill(~other_speaker, float('-inf'))
+    if argmax:
+        return masked.argmax(dim=1)
+    return torch.multinomial(torch.softmax(masked, dim=1), 1).squeeze(1)
+
+
+class PairMatchingHead(nn.Module):
+    """Scores whether (anchor, candidate) embeddings come from one speaker: the anchor attends over the two
+    embeddings of its own pair only (multi-head attention, sequence of length 2), a residual and ReLU, then a
+    2-way linear classifier. Returns logits [N, 2] (class 1: same speaker)."""
+
+    def __init__(self, embedding_dim, heads=4):
+        super().__init__()
+        self.attention = nn.MultiheadAttention(embedding_dim, heads, batch_first=True)
+        self.classifier = nn.Linear(embedding_dim, 2)
+
+    def forward(self, anchor, candidate):
+        query = anchor.unsqueeze(1)
+        pair = torch.stack((anchor, candidate), dim=1)
+        attended, _ = self.attention(query, pair, pair, need_weights=False)
+        return self.classifier(F.relu(anchor + attended.squeeze(1)))
+
+
+class JointObjective(nn.Module):
+    """Training objective of the contrastive modes, on two views u, v of B distinct speakers:
+
+      classifier_weight * AAM-softmax(u)          (joint supervision; its weight is `self.weight`)
+    + contrastive_weight * InfoNCE or AAM-InfoNCE(u, v)
+    + matching_weight * cross-entropy of the pair-matching head on (u_i, v_i) positives and, for each
+      anchor in both directions, one hard negative (mode blip only).
+
+    A term with weight 0 is left out and its parameters are not created. `forward(u, v, labels)` returns
+    (loss, accuracy): the classifier's accuracy when it exists, else how often u_i's nearest v is v_i."""
+
+    def __init__(self, n_class, embedding_dim, m, s, classifier_weight, contrastive_weight, loss, fixed_scale,
+                 matching_weight=0.0, hard_negative='softmax'):
+        super().__init__()
+        self.classifier_weight = classifier_weight
+        self.contrastive_weight = contrastive_weight
+        self.matching_weight = matching_weight
+        self.hard_negative = hard_negative
+        if classifier_weight > 0:
+            self.classifier = AAMsoftmax(n_class, m, s, embedding_dim)
+        if contrastive_weight > 0 or matching_weight > 0:
+            margin = m if loss == 'aam_infonce' else 0.0
+            self.contrastive = InfoNCE(margin, s if fixed_scale else None)
+        if matching_weight > 0:
+            self.matching = PairMatchingHead(embedding_dim)
+
+    def forward(self, u, v, labels):
+        total = u.new_zeros((), dtype=torch.float32)
+        accuracy = None
+        if self.classifier_weight > 0:
+            loss, accuracy = self.classifier(u, labels)
+            total = total + self.classifier_weight * loss
+        if self.contrastive_weight > 0 or self.matching_weight > 0:
+            loss, logits = self.contrastive(u, v)
+            if self.contrastive_weight > 0:
+                total = total + self.contrastive_weight * loss
+            if accuracy is None:
+                targets = torch.arange(len(logits), device=logits.device)
+                accuracy = (logits.argmax(dim=1) == targets).float().mean() * 100
+            if self.matching_weight > 0:
+                total = total + self.matching_weight * self.matching_loss(u, v, logits, labels)
+        return total, accuracy
+
+    def matching_loss(self, u, v, logits, labels):
+        argmax = self.hard_negative == 'argmax'
+        negative_v = sample_hard_negatives(logits, labels, argmax)      # for each u_i, a v of another speaker
+        negative_u = sample_hard_negatives(logits.T, labels, argmax)    # for each v_i, a u of another speaker
+        anchors = torch.cat((u, u, u[negative_u]))
+        candidates = torch.cat((v, v[negative_v], v))
+        targets = torch.cat((torch.ones(len(u)), torch.zeros(2 * len(u)))).long().to(u.device)
+        return F.cross_entropy(self.matching(anchors.float(), candidates.float()), targets)
+
+
 def build_objective(args, embedding_dim):
-    """The training head for `args.mode`/`args.loss`; only the classifier mode exists so far."""
+    """The training head for `args.mode` and `args.loss`."""
     if args.mode == 'classifier':
         return AAMsoftmax(args.n_class, args.m, args.s, embedding_dim)
-    raise ValueError(f"--mode {args.mode} is not implemented")
+    return JointObjective(args.n_class, embedding_dim, args.m, args.s, args.classifier_weight,
+                          args.contrastive_weight, args.loss, args.fixed_contrastive_scale,
+                          args.matching_weight if args.mode == 'blip' else 0.0, args.hard_negative)

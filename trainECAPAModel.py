@@ -22,8 +22,9 @@ import torch.nn.functional as F
 import tqdm
 
 import demo
-from dataLoader import Augmenter, EpochSampler, TrainDataset, default_cache_dir, parse_train_list, speaker_labels
-from loss import build_objective
+from dataLoader import (Augmenter, EpochSampler, PairDataset, SpeakerPairSampler, TrainDataset, default_cache_dir,
+                        parse_train_list, speaker_labels)
+from loss import AAMsoftmax, build_objective
 from model import MODELS, build_encoder
 from tools import (as_norm, atomic_torch_save, build_cohort, cached_embed_files, embed_files, encoder_weights,
                    export_onnx, export_torchscript, file_digest, load_model, load_state_dict_file, read_score_file,
@@ -36,7 +37,7 @@ DEMO_WIDTHS = {'ecapa-tdnn': 128, 'tdnn': 256}  # --C for the demo; ResNets take
 
 def build_parser():
     parser = argparse.ArgumentParser(
-        description='Train a speaker encoder (AAM-softmax) and score speaker-verification trials.',
+        description='Train a speaker encoder (AAM-softmax or contrastive) and score speaker-verification trials.',
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     data = parser.add_argument_group('data')
     data.add_argument('--train_list', help='training list, lines "<speaker> <relative path>"')
@@ -65,12 +66,28 @@ def build_parser():
                        help='embedding size (default 192 for ECAPA-TDNN, 256 ResNet, 512 TDNN)')
 
     objective = parser.add_argument_group('loss')
-    objective.add_argument('--mode', default='classifier', choices=['classifier'], help='training method')
-    objective.add_argument('--loss', default='aamsoftmax', choices=['aamsoftmax'], help='objective')
+    objective.add_argument('--mode', default='classifier', choices=['classifier', 'clip', 'blip'],
+                           help='classifier: AAM-softmax on single crops; clip: InfoNCE between two views of '
+                                'distinct speakers; blip: clip plus a pair-matching head trained on hard negatives')
+    objective.add_argument('--loss', choices=['aamsoftmax', 'infonce', 'aam_infonce'],
+                           help='aamsoftmax (mode classifier, the default there) or the contrastive term of '
+                                'clip/blip: infonce (default) or aam_infonce (margin --m on the positives)')
     objective.add_argument('--m', type=float, default=0.2, help='additive angular margin (radians)')
     objective.add_argument('--s', type=float, default=30, help='logit scale')
     objective.add_argument('--n_class', type=int, default=None,
                            help='number of classes (default: the speakers in the training list)')
+    objective.add_argument('--classifier_weight', type=float, default=0.8,
+                           help='clip/blip: weight of the AAM-softmax term on view 1 (0: no classifier)')
+    objective.add_argument('--contrastive_weight', type=float, default=0.2,
+                           help='clip/blip: weight of the InfoNCE / AAM-InfoNCE term')
+    objective.add_argument('--matching_weight', type=float, default=0.2,
+                           help='blip: weight of the pair-matching cross-entropy')
+    objective.add_argument('--hard_negative', default='softmax', choices=['softmax', 'argmax'],
+                           help='blip: draw each negative with probability softmax(similarity), or take the '
+                                'most similar')
+    objective.add_argument('--fixed_contrastive_scale', action='store_true',
+                           help='clip/blip: scale the contrastive logits by --s instead of a learned '
+                                'temperature')
 
     training = parser.add_argument_group('training')
     training.add_argument('--max_epoch', type=int, default=80, help='train up to this epoch')
@@ -159,6 +176,26 @@ def validate(args, parser):
         parser.error('--lr must be positive and --lr_decay in (0, 1]')
     if not (0 <= args.m < math.pi / 2 and args.s > 0):
         parser.error('--m must be in [0, pi/2) and --s positive')
+    contrastive = args.mode in ('clip', 'blip')
+    args.loss = args.loss or ('infonce' if contrastive else 'aamsoftmax')
+    if contrastive != (args.loss != 'aamsoftmax'):
+        parser.error(f'--mode {args.mode} trains with ' + ('--loss infonce or aam_infonce' if contrastive else
+                                                            '--loss aamsoftmax') + f', not --loss {args.loss}')
+    weights = {'classifier_weight': args.classifier_weight, 'contrastive_weight': args.contrastive_weight,
+               'matching_weight': args.matching_weight}
+    if any(w < 0 for w in weights.values()):
+        parser.error('loss weights cannot be negative')
+    if contrastive:
+        active = [n for n in weights if weights[n] > 0 and (n != 'matching_weight' or args.mode == 'blip')]
+        if not active:
+            parser.error(f'--mode {args.mode}: every loss weight is 0, nothing would be trained')
+        if args.mode == 'blip' and args.matching_weight == 0:
+            parser.error('--mode blip with --matching_weight 0 is --mode clip')
+    else:
+        changed = [f'--{n}' for n in ('classifier_weight', 'contrastive_weight', 'matching_weight', 'hard_negative',
+                                      'fixed_contrastive_scale') if n in args.given]
+        if changed:
+            parser.error(f"{' '.join(changed)} only apply to --mode clip or blip")
     actions = [f'--{name}' for name in ('score_file', 'export', 'extract', 'eval') if getattr(args, name)]
     if len(actions) > 1 or (actions and args.demo and actions != ['--eval']):
         parser.error(f"{' and '.join(actions + (['--demo'] if args.demo else []))} are separate commands; "
@@ -217,47 +254,70 @@ def encoder_config(args):
             'sampling_rate': args.sampling_rate}
 
 
+def classifier_of(model):
+    """The AAM-softmax head of a model (the whole head in classifier mode), or None."""
+    head = model.speaker_loss
+    return head if isinstance(head, AAMsoftmax) else getattr(head, 'classifier', None)
+
+
+def checkpoint_state(model):
+    """What model_XXXX.model holds: `speaker_encoder.*` and, when there is a classifier, its weights as
+    `speaker_loss.weight`, the keys the original code's checkpoints have. Other heads (temperature, matching
+    head) live in resume.pt only."""
+    state = {k: v for k, v in model.state_dict().items() if k.startswith('speaker_encoder.')}
+    if classifier_of(model) is not None:
+        state['speaker_loss.weight'] = classifier_of(model).weight.detach()
+    return state
+
+
 def load_initial_weights(model, path):
-    """Load a checkpoint's encoder weights strictly and its head weights when they fit."""
+    """Load a checkpoint's encoder weights strictly and its classifier weights when they fit."""
     state = load_state_dict_file(path)
     try:
         model.speaker_encoder.load_state_dict(encoder_weights(state))
     except RuntimeError as error:
         raise ValueError(f"{path}: does not fit this {type(model.speaker_encoder).__name__}:\n{error}") from error
-    head = {k[len('speaker_loss.'):]: v for k, v in state.items() if k.startswith('speaker_loss.')}
-    current = model.speaker_loss.state_dict()
-    if head.keys() == current.keys() and all(head[k].shape == current[k].shape for k in head):
-        model.speaker_loss.load_state_dict(head)
-        return 'encoder and head'
-    return 'encoder (head shapes differ, head initialised afresh)'
+    classifier, weight = classifier_of(model), state.get('speaker_loss.weight')
+    if classifier is not None and weight is not None and weight.shape == classifier.weight.shape:
+        with torch.no_grad():
+            classifier.weight.copy_(weight)
+        return 'encoder and classifier'
+    return 'encoder; classifier initialised afresh (none in the checkpoint, or another shape)'
 
 
 def train_one_epoch(model, optimizer, loader, epoch, lr, device):
+    """One pass over `loader` (batches of (waveforms, labels), or (view a, view b, labels) in the pair
+    modes); returns the example-weighted mean loss and accuracy. The bar's utt/s counts crops."""
     model.train()
     for group in optimizer.param_groups:
         group['lr'] = lr
     loss_sum = torch.zeros((), device=device)
     correct_sum = torch.zeros((), device=device)
-    seen = 0
+    examples = crops = 0
     start = time.time()
     bar = tqdm.tqdm(loader, desc=f'epoch {epoch}', unit='batch', file=sys.stdout, dynamic_ncols=True,
                     mininterval=1 if sys.stdout.isatty() else 30)
-    for step, (waveforms, labels) in enumerate(bar, start=1):
-        waveforms = waveforms.to(device, non_blocking=True)
-        labels = labels.to(device, non_blocking=True)
-        loss, accuracy = model.speaker_loss(model.speaker_encoder(waveforms, aug=True), labels)
+    for step, batch in enumerate(bar, start=1):
+        labels = batch[-1].to(device, non_blocking=True)
+        waveforms = torch.cat(batch[:-1]).to(device, non_blocking=True)
+        embeddings = model.speaker_encoder(waveforms, aug=True)
+        if len(batch) == 2:
+            loss, accuracy = model.speaker_loss(embeddings, labels)
+        else:
+            loss, accuracy = model.speaker_loss(*embeddings.chunk(2), labels)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         loss_sum += loss.detach() * len(labels)
         correct_sum += accuracy.detach() * len(labels)
-        seen += len(labels)
+        examples += len(labels)
+        crops += len(waveforms)
         if step % 10 == 0 or step == len(loader):
-            bar.set_postfix(lr=f'{lr:.6f}', loss=f'{loss_sum.item() / seen:.4f}', refresh=False,
-                            acc=f'{correct_sum.item() / seen:.2f}%', utt_s=f'{seen / (time.time() - start):.1f}')
-    if seen == 0:
+            bar.set_postfix(lr=f'{lr:.6f}', loss=f'{loss_sum.item() / examples:.4f}', refresh=False,
+                            acc=f'{correct_sum.item() / examples:.2f}%', utt_s=f'{crops / (time.time() - start):.1f}')
+    if examples == 0:
         raise RuntimeError('the training loader produced no batch: --batch_size is larger than the training list')
-    return loss_sum.item() / seen, correct_sum.item() / seen
+    return loss_sum.item() / examples, correct_sum.item() / examples
 
 
 def cohort_entries(entries, size, seed):
@@ -458,11 +518,20 @@ def run_training(args):
         print(f'Model {args.initial_model} loaded ({loaded})')
 
     augmenter = Augmenter(args.musan_path, args.rir_path, args.sampling_rate, args.cache_dir)
-    dataset = TrainDataset(entries, args.train_path, args.num_frames, args.sampling_rate, augmenter, args.seed)
-    sampler = EpochSampler(len(dataset), args.seed)
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_size=args.batch_size, sampler=sampler, num_workers=args.n_cpu, drop_last=True,
-        pin_memory=device.type == 'cuda', persistent_workers=args.n_cpu > 0)
+    loader_options = {'num_workers': args.n_cpu, 'pin_memory': device.type == 'cuda',
+                      'persistent_workers': args.n_cpu > 0}
+    if args.mode == 'classifier':
+        dataset = TrainDataset(entries, args.train_path, args.num_frames, args.sampling_rate, augmenter, args.seed)
+        sampler = EpochSampler(len(dataset), args.seed)
+        loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, drop_last=True,
+                                             **loader_options)
+    else:
+        dataset = PairDataset(entries, args.train_path, args.num_frames, args.sampling_rate, augmenter, args.seed)
+        try:
+            sampler = SpeakerPairSampler(dataset.labels, args.batch_size, args.seed)
+        except ValueError as error:
+            raise SystemExit(f'{args.train_list}: {error} (lower --batch_size)')
+        loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, **loader_options)
 
     score_path = os.path.join(args.save_path, 'score.txt')
     for epoch in range(first_epoch, args.max_epoch + 1):
@@ -471,7 +540,7 @@ def run_training(args):
         loss, accuracy = train_one_epoch(model, optimizer, loader, epoch, lr, device)
         if epoch % args.test_step == 0 or epoch == args.max_epoch:
             checkpoint = os.path.join(model_dir, f'model_{epoch:04d}.model')
-            save_checkpoint(model.state_dict(), encoder_config(args), checkpoint)
+            save_checkpoint(checkpoint_state(model), encoder_config(args), checkpoint)
             results = evaluate(model.speaker_encoder, args, device)
             eers.append(next(r['metrics']['eer'] for r in results.values() if r['metrics']))
             line = f'{epoch} epoch, LR {lr:f}, LOSS {loss:f}, ACC {accuracy:2.2f}%, ' + ', '.join(
@@ -491,9 +560,10 @@ def run_training(args):
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.demo:
-        print(f'Demo corpus: {os.path.join(args.save_path, "corpus")}')
-        demo.make_corpus(os.path.join(args.save_path, 'corpus'))
+    corpus = os.path.join(args.save_path, 'corpus')
+    if args.demo and any(name not in args.given for name in demo.corpus_paths(corpus)):
+        print(f'Demo corpus: {corpus}')
+        demo.make_corpus(corpus)
     if args.score_file:
         return run_score_files(args)
     if args.export:

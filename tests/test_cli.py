@@ -208,3 +208,45 @@ def test_other_encoders_train_and_evaluate(tiny_corpus, tmp_path, cache_dir, mod
     assert re.match(r'^1 epoch, .* EER [\d.]+%', (tmp_path / 'score.txt').read_text())
     encoder = load_model(str(tmp_path / 'model' / 'model_0001.model'))
     assert encoder.sampling_rate == 16000 and type(encoder).__name__ == {'tdnn': 'TDNN'}.get(model, 'ResNet')
+
+
+@pytest.mark.parametrize('mode,loss', [('clip', 'infonce'), ('blip', 'aam_infonce')])
+def test_contrastive_modes_train_evaluate_and_resume_exactly(tiny_corpus, tmp_path, cache_dir, mode, loss):
+    def run(save_path, epochs):
+        argv = tiny_args(tiny_corpus, save_path, cache_dir, '--max_epoch', epochs, '--mode', mode, '--loss', loss)
+        argv[argv.index('--batch_size') + 1] = '4'
+        trainECAPAModel.main(argv)
+
+    run(tmp_path / 'straight', '2')
+    run(tmp_path / 'interrupted', '1')
+    run(tmp_path / 'interrupted', '2')
+    lines = (tmp_path / 'straight' / 'score.txt').read_text().splitlines()
+    assert len(lines) == 2 and all(re.match(r'^\d epoch, .* EER [\d.]+%', line) for line in lines)
+    assert (tmp_path / 'interrupted' / 'score.txt').read_text() == '\n'.join(lines) + '\n'
+    a = torch.load(tmp_path / 'straight' / 'model' / 'model_0002.model', weights_only=True)
+    b = torch.load(tmp_path / 'interrupted' / 'model' / 'model_0002.model', weights_only=True)
+    # What the original README snippet needs: the encoder and `speaker_loss.weight`, nothing else.
+    assert {k for k in a if not k.startswith('speaker_encoder.')} == {'speaker_loss.weight'}
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
+    resume = torch.load(tmp_path / 'straight' / 'model' / 'resume.pt', weights_only=False)
+    heads = {k.split('.')[1] for k in resume['model'] if k.startswith('speaker_loss.')}
+    assert heads == ({'classifier', 'contrastive', 'matching'} if mode == 'blip' else {'classifier', 'contrastive'})
+
+
+@pytest.mark.parametrize('argv,message', [
+    (['--mode', 'clip', '--loss', 'aamsoftmax'], '--mode clip trains with --loss infonce or aam_infonce'),
+    (['--mode', 'classifier', '--loss', 'infonce'], '--mode classifier trains with --loss aamsoftmax'),
+    (['--classifier_weight', '0.5'], '--classifier_weight only apply to --mode clip or blip'),
+    (['--mode', 'blip', '--matching_weight', '0'], '--mode blip with --matching_weight 0 is --mode clip'),
+    (['--mode', 'clip', '--classifier_weight', '0', '--contrastive_weight', '0'], 'every loss weight is 0'),
+])
+def test_contrastive_flag_errors(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        trainECAPAModel.parse_args(['--demo'] + argv)
+    assert message in capsys.readouterr().err
+
+
+def test_batch_of_more_speakers_than_the_list_has_is_an_error(tiny_corpus, tmp_path, cache_dir):
+    with pytest.raises(SystemExit, match='at least that many speakers'):
+        trainECAPAModel.main(tiny_args(tiny_corpus, tmp_path, cache_dir, '--max_epoch', '1', '--mode', 'clip'))
