@@ -270,13 +270,16 @@ class TrainDataset(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.paths)
 
-    def __getitem__(self, item):
-        index, epoch = item
-        rng = np.random.default_rng((self.seed, epoch, index))
+    def crop(self, index, rng):
+        """An augmented random crop of utterance `index`, drawn with `rng`, as a float32 tensor."""
         audio = read_random_crop(self.paths[index], self.length, self.sampling_rate, rng)
         if self.augmenter is not None:
             audio = self.augmenter(audio, rng)
-        return torch.from_numpy(np.ascontiguousarray(audio, dtype=np.float32)), self.labels[index]
+        return torch.from_numpy(np.ascontiguousarray(audio, dtype=np.float32))
+
+    def __getitem__(self, item):
+        index, epoch = item
+        return self.crop(index, np.random.default_rng((self.seed, epoch, index))), self.labels[index]
 
 
 class EpochSampler(torch.utils.data.Sampler):
@@ -304,14 +307,9 @@ class PairDataset(TrainDataset):
 
     def __getitem__(self, item):
         index_a, index_b, epoch = item
-        views = []
-        for view, index in enumerate((index_a, index_b)):
-            rng = np.random.default_rng((self.seed, epoch, index, view))
-            audio = read_random_crop(self.paths[index], self.length, self.sampling_rate, rng)
-            if self.augmenter is not None:
-                audio = self.augmenter(audio, rng)
-            views.append(torch.from_numpy(np.ascontiguousarray(audio, dtype=np.float32)))
-        return views[0], views[1], self.labels[index_a]
+        view_a = self.crop(index_a, np.random.default_rng((self.seed, epoch, index_a, 0)))
+        view_b = self.crop(index_b, np.random.default_rng((self.seed, epoch, index_b, 1)))
+        return view_a, view_b, self.labels[index_a]
 
 
 class SpeakerPairSampler(torch.utils.data.Sampler):

@@ -106,7 +106,6 @@ def main():
     rows.append({'task': f'AS-Norm, utterance cohort of {n_cohort} x {n_eval} embeddings, {len(trials)} trials',
                  'seconds': ours, 'original_seconds': theirs * len(trials) / subset, 'original_measured_on': subset,
                  'peak_rss_gib': peak_rss_gib()})
-    del cohort
 
     print(f'torch {torch.__version__}, {torch.get_num_threads()} threads')
     print(f'{"task":<86} {"ours s":>8} {"original s":>11} {"speed-up":>9} {"peak GiB":>9}')
