@@ -110,9 +110,9 @@ def read_trials(path):
 
 def write_score_file(path, enroll, test, scores, labels=None):
     """One `enroll test score [label]` line per trial, written atomically."""
-    rows = (f'{e} {t} {s:.6f}' + ('' if labels is None else f' {label}') + '\n'
-            for e, t, s, label in zip(enroll, test, scores, labels if labels is not None else [None] * len(scores)))
-    atomic_write(path, lambda f: f.write(''.join(rows).encode()))
+    suffixes = [''] * len(scores) if labels is None else [f' {label}' for label in labels]
+    text = ''.join(f'{e} {t} {s:.6f}{suffix}\n' for e, t, s, suffix in zip(enroll, test, scores, suffixes))
+    atomic_write(path, lambda f: f.write(text.encode()))
 
 
 def read_score_file(path):
@@ -230,10 +230,10 @@ def as_norm(embeddings, trials, cohort, top_k):
     `top_k` largest scores of x against the cohort, their mean mu_x and population std sigma_x, and
     return 0.5 * ((s - mu_e) / sigma_e + (s - mu_t) / sigma_t) for every trial. The statistics are computed
     once per utterance that occurs in a trial (float32 products, float64 statistics), then looked up."""
-    embeddings = torch.as_tensor(np.asarray(embeddings), dtype=torch.float32)
-    trials = torch.as_tensor(np.asarray(trials), dtype=torch.long)
+    embeddings = torch.as_tensor(embeddings, dtype=torch.float32)
+    trials = torch.as_tensor(trials, dtype=torch.long)
     used, inverse = torch.unique(trials.flatten(), return_inverse=True)
-    mean, std = cohort_statistics(embeddings[used], np.asarray(cohort), top_k)
+    mean, std = cohort_statistics(embeddings[used], cohort, top_k)
     inverse = inverse.view(-1, 2)
     normalised = np.empty(len(trials))
     for start in range(0, len(trials), 65536):
@@ -265,10 +265,12 @@ def file_digest(path):
     return digest.hexdigest()[:16]
 
 
-def cached_embed_files(encoder, relative_paths, root, device, cache_path, identity, **kwargs):
-    """`embed_files`, reusing the vectors stored in `cache_path` when it was written for the same
-    `identity` (the checkpoint) and `root`, and storing the ones it computes there."""
+def cached_embed_files(encoder, relative_paths, root, device, cache_dir, identity, **kwargs):
+    """`embed_files`, reusing the vectors stored under `cache_dir` for this `identity` (the checkpoint) and
+    `root`, in a file named by both, and storing there the ones it computes."""
     cache = {'identity': identity, 'root': os.path.abspath(root), 'paths': [], 'vectors': None}
+    key = hashlib.sha1(f"{identity} {cache['root']}".encode()).hexdigest()[:16]
+    cache_path = os.path.join(cache_dir, f'{key}.pt')
     if os.path.exists(cache_path):
         stored = torch.load(cache_path, map_location='cpu', weights_only=True)
         if stored['identity'] == identity and stored['root'] == cache['root']:

@@ -9,7 +9,6 @@ finished epoch.
 """
 
 import argparse
-import hashlib
 import math
 import os
 import sys
@@ -335,23 +334,27 @@ def cohort_entries(entries, size, seed):
     return chosen[:size]
 
 
+def require_files(relative_paths, root, source):
+    """Stop with a message naming `source` unless every path exists under `root`."""
+    missing = [p for p in dict.fromkeys(relative_paths) if not os.path.isfile(os.path.join(root, p))]
+    if missing:
+        raise SystemExit(f'{source}: {len(missing)} files not under {root}, e.g. {missing[:3]}')
+
+
 def read_eval_lists(args):
     """{list path: (labels or None, enroll, test)} for every --eval_list, after checking that every file
     they name is under --eval_path."""
     lists = {path: read_trials(path) for path in args.eval_list}
-    files = dict.fromkeys(f for _, enroll, test in lists.values() for f in enroll + test)
-    missing = [p for p in files if not os.path.isfile(os.path.join(args.eval_path, p))]
-    if missing:
-        raise SystemExit(f"{' '.join(args.eval_list)}: {len(missing)} files not under {args.eval_path}, "
-                         f"e.g. {missing[:3]}")
+    require_files([f for _, enroll, test in lists.values() for f in enroll + test], args.eval_path,
+                  ' '.join(args.eval_list))
     return lists
 
 
-def evaluate(encoder, args, device, identity=None):
-    """Score every --eval_list, embedding each utterance once (cached under save_path/embeddings when the
-    checkpoint `identity` is given). Returns {list path: result} with the trials, 'scores', 'metrics' (None
-    for a list without labels) and, with --snorm, 'snorm_scores' and 'snorm_metrics'."""
-    lists = read_eval_lists(args)
+def evaluate(encoder, args, device, lists, identity=None):
+    """Score the trial `lists` (from `read_eval_lists`), embedding each utterance once (cached under
+    save_path/embeddings when the checkpoint `identity` is given). Returns {list path: result} with the
+    trials, 'scores', 'metrics' (None for a list without labels) and, with --snorm, 'snorm_scores' and
+    'snorm_metrics'."""
     files = sorted({f for _, enroll, test in lists.values() for f in enroll + test})
     vectors = embed_for(encoder, files, args.eval_path, args, device, identity)
     results = {path: {'labels': labels, 'enroll': enroll, 'test': test,
@@ -380,9 +383,8 @@ def evaluate(encoder, args, device, identity=None):
 def embed_for(encoder, files, root, args, device, identity):
     if identity is None:
         return embed_files(encoder, files, root, device, n_cpu=args.n_cpu)
-    key = hashlib.sha1(f'{identity} {os.path.abspath(root)}'.encode()).hexdigest()[:16]
-    cache = os.path.join(args.save_path, 'embeddings', f'{key}.pt')
-    return cached_embed_files(encoder, files, root, device, cache, identity, n_cpu=args.n_cpu)
+    return cached_embed_files(encoder, files, root, device, os.path.join(args.save_path, 'embeddings'), identity,
+                              n_cpu=args.n_cpu)
 
 
 def format_metrics(metrics):
@@ -419,7 +421,7 @@ def run_eval(args):
     device = torch.device(args.device)
     encoder = load_initial_encoder(args, device)
     print(f'Model {args.initial_model} loaded: {type(encoder).__name__} at {encoder.sampling_rate} Hz')
-    results = evaluate(encoder, args, device, identity=file_digest(args.initial_model))
+    results = evaluate(encoder, args, device, read_eval_lists(args), identity=file_digest(args.initial_model))
     for path, result in results.items():
         name = os.path.basename(path)
         score_path = os.path.join(args.save_path, 'scores', name)
@@ -448,9 +450,9 @@ def run_extract(args):
         root = args.eval_path or os.path.dirname(os.path.abspath(args.extract))
         with open(args.extract) as f:
             paths = list(dict.fromkeys(line.split()[-1] for line in f if line.strip()))
-    missing = [p for p in paths if not os.path.isfile(os.path.join(root, p))]
-    if missing or not paths:
-        raise SystemExit(f'{args.extract}: {len(missing)} of {len(paths)} files not under {root}, e.g. {missing[:3]}')
+    if not paths:
+        raise SystemExit(f'{args.extract}: no audio files to embed')
+    require_files(paths, root, args.extract)
     vectors = embed_files(encoder, paths, root, device, n_cpu=args.n_cpu)
     stacked = torch.stack([vectors[p] for p in paths])
     atomic_torch_save({'paths': paths, 'embeddings': F.normalize(stacked[:, :encoder.embedding_dim], dim=1),
@@ -480,10 +482,9 @@ def run_training(args):
         args.n_class = speakers
     elif args.n_class < speakers:
         raise SystemExit(f'--n_class {args.n_class} is smaller than the {speakers} speakers in {args.train_list}')
-    missing = [rel for _, rel in entries if not os.path.isfile(os.path.join(args.train_path, rel))]
-    if missing:
-        raise SystemExit(f'{args.train_list}: {len(missing)} files not under {args.train_path}, e.g. {missing[:3]}')
-    if all(labels is None for labels, _, _ in read_eval_lists(args).values()):
+    require_files([rel for _, rel in entries], args.train_path, args.train_list)
+    eval_lists = read_eval_lists(args)
+    if all(labels is None for labels, _, _ in eval_lists.values()):
         raise SystemExit('training needs an --eval_list with labels to report EER')
 
     encoder = build_encoder(args.model, args.C, args.sampling_rate, args.embedding_dim)
@@ -541,7 +542,7 @@ def run_training(args):
         if epoch % args.test_step == 0 or epoch == args.max_epoch:
             checkpoint = os.path.join(model_dir, f'model_{epoch:04d}.model')
             save_checkpoint(checkpoint_state(model), encoder_config(args), checkpoint)
-            results = evaluate(model.speaker_encoder, args, device)
+            results = evaluate(model.speaker_encoder, args, device, eval_lists)
             eers.append(next(r['metrics']['eer'] for r in results.values() if r['metrics']))
             line = f'{epoch} epoch, LR {lr:f}, LOSS {loss:f}, ACC {accuracy:2.2f}%, ' + ', '.join(
                 (f'{os.path.basename(path)} ' if len(results) > 1 else '') + format_result(result)
