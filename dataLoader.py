@@ -6,6 +6,7 @@ Stages, each usable alone:
   random_crop       -> a fixed-length window, wrap-padded when the file is short
   SignalBank        -> MUSAN/RIR files decoded and resampled once, kept in a memory-mapped cache
   Augmenter         -> clean / reverb / noise / babble / music / babble+music at drawn SNRs
+  DeviceAugmenter   -> the same draws applied to a whole batch on the GPU (--gpu_augment)
   TrainDataset      -> (waveform, label) with randomness seeded by (seed, epoch, index)
 Features are not computed here: the model computes them.
 """
@@ -251,6 +252,93 @@ class Augmenter:
 
     def __call__(self, audio, rng):
         return self.apply(audio, self.kinds[int(rng.integers(len(self.kinds)))], rng)
+
+
+NOISE_CATEGORIES = {'noise': ('noise',), 'babble': ('speech',), 'music': ('music',), 'babble+music': ('speech', 'music')}
+
+
+class DeviceAugmenter:
+    """`Augmenter`'s kinds, probabilities, SNR ranges and noise counts applied to a whole batch on the
+    batch's device (--gpu_augment), from copies of its noise and impulse-response banks held there.
+    Draws come from a numpy generator on the host; the mixing, cropping and FFT reverberation run as a few
+    batched tensor operations, so CPU workers only read and crop. `__call__(audio [B, T], rng)` returns the
+    augmented batch; `augment` also returns what was drawn (kinds and each row's SNRs)."""
+
+    def __init__(self, augmenter, device):
+        self.kinds = augmenter.kinds
+        self.device = torch.device(device)
+        self.banks = {category: self._upload(bank) for category, bank in augmenter.noise_banks.items()}
+        self.rirs = None
+        if augmenter.rir_bank is not None:
+            rirs = [augmenter.rir_bank[i].astype(np.float64) for i in range(len(augmenter.rir_bank))]
+            stacked = np.zeros((len(rirs), max(len(r) for r in rirs)), dtype=np.float32)
+            for i, rir in enumerate(rirs):
+                stacked[i, :len(rir)] = rir / np.sqrt(np.sum(rir ** 2))
+            self.rirs = torch.from_numpy(stacked).to(self.device)
+            self.rir_delays = torch.from_numpy(np.abs(stacked).argmax(axis=1)).to(self.device)
+
+    def _upload(self, bank):
+        offsets = np.asarray(bank.offsets, dtype=np.int64)
+        return {'samples': torch.from_numpy(np.array(bank.samples[:offsets[-1]])).to(self.device),
+                'offsets': offsets[:-1], 'lengths': np.diff(offsets)}
+
+    def __call__(self, audio, rng):
+        return self.augment(audio, rng)[0]
+
+    def augment(self, audio, rng):
+        kinds = [self.kinds[i] for i in rng.integers(len(self.kinds), size=len(audio))]
+        snrs = [[] for _ in kinds]
+        audio = audio.float()
+        rows = [i for i, kind in enumerate(kinds) if kind == 'reverb']
+        if rows:
+            audio = audio.index_copy(0, self._rows(rows), self.reverberate(audio[rows], rng))
+        for category in NOISE_COUNTS:
+            rows = [i for i, kind in enumerate(kinds) if category in NOISE_CATEGORIES.get(kind, ())]
+            if rows:
+                mixed, drawn = self.add_noise(audio[rows], category, rng)
+                audio = audio.index_copy(0, self._rows(rows), mixed)
+                for row, row_snrs in zip(rows, drawn):
+                    snrs[row].extend(row_snrs)
+        return audio, {'kinds': kinds, 'snrs': snrs}
+
+    def _rows(self, rows):
+        return torch.tensor(rows, device=self.device)
+
+    def reverberate(self, audio, rng):
+        """Each row convolved (FFT) with a random normalised RIR, aligned at its largest tap as `reverberate`."""
+        chosen = self._rows(rng.integers(len(self.rirs), size=len(audio)).tolist())
+        rirs, delays = self.rirs[chosen], self.rir_delays[chosen]
+        size = audio.shape[1] + rirs.shape[1] - 1
+        wet = torch.fft.irfft(torch.fft.rfft(audio, n=size) * torch.fft.rfft(rirs, n=size), n=size)
+        positions = delays[:, None] + torch.arange(audio.shape[1], device=self.device)[None, :]
+        return wet.gather(1, positions)
+
+    def add_noise(self, audio, category, rng):
+        """Each row plus `category` noise: NOISE_COUNTS files drawn without replacement, each a random
+        (wrap-padded) crop scaled to its own SNR from SNR_RANGES against the row's power."""
+        bank = self.banks[category]
+        files = len(bank['lengths'])
+        low, high = NOISE_COUNTS[category]
+        counts = np.minimum(rng.integers(low, high + 1, size=len(audio)), files)
+        chosen = [rng.choice(files, size=count, replace=False) for count in counts]
+        drawn = [rng.uniform(*SNR_RANGES[category], size=count) for count in counts]
+        length = audio.shape[1]
+        steps = torch.arange(length, device=self.device)[None, :]
+        speech_power = audio.pow(2).mean(dim=1)
+        noise = torch.zeros_like(audio)
+        for slot in range(int(counts.max())):
+            rows = np.flatnonzero(counts > slot)
+            picked = np.array([chosen[r][slot] for r in rows])
+            index = torch.from_numpy(rows).to(self.device)
+            lengths = bank['lengths'][picked]
+            starts = np.array([rng.integers(0, max(n, length) - length + 1) for n in lengths])
+            offsets, lengths, starts, snr = (torch.from_numpy(a).to(self.device) for a in (
+                bank['offsets'][picked], lengths, starts, np.array([drawn[r][slot] for r in rows])))
+            crops = bank['samples'][offsets[:, None] + (starts[:, None] + steps) % lengths[:, None]]
+            noise_power = crops.pow(2).mean(dim=1)
+            scale = torch.sqrt(speech_power[index] / (noise_power * 10 ** (snr.float() / 10)))
+            noise[index] += crops * torch.where(noise_power > 0, scale, torch.zeros_like(scale))[:, None]
+        return audio + noise, [list(map(float, d)) for d in drawn]
 
 
 class TrainDataset(torch.utils.data.Dataset):

@@ -30,7 +30,7 @@ class AAMsoftmax(nn.Module):
 
     def forward(self, x, label):
         cosine = F.linear(F.normalize(x.float()), F.normalize(self.weight.float()))
-        target = F.one_hot(label, cosine.size(1)).bool()
+        target = label[:, None] == torch.arange(cosine.size(1), device=label.device)[None, :]
         logits = self.s * torch.where(target, additive_angular_margin(cosine, self.m), cosine)
         loss = F.cross_entropy(logits, label)
         accuracy = (cosine.argmax(dim=1) == label).float().mean() * 100
@@ -54,8 +54,9 @@ class InfoNCE(nn.Module):
             self.log_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
 
     def scale(self):
+        """The logit scale: a float when fixed, else exp of the clamped learnable log-scale (a tensor)."""
         if self.fixed_scale is not None:
-            return torch.tensor(float(self.fixed_scale))
+            return float(self.fixed_scale)
         return self.log_scale.clamp(max=math.log(self.MAX_SCALE)).exp()
 
     def forward(self, u, v):
@@ -63,7 +64,7 @@ class InfoNCE(nn.Module):
         if self.margin > 0:
             diagonal = torch.eye(len(cosine), dtype=torch.bool, device=cosine.device)
             cosine = torch.where(diagonal, additive_angular_margin(cosine, self.margin), cosine)
-        logits = self.scale().to(cosine.device) * cosine
+        logits = self.scale() * cosine
         targets = torch.arange(len(logits), device=logits.device)
         loss = (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
         return loss, logits
@@ -74,8 +75,7 @@ def sample_hard_negatives(logits, labels, argmax=False):
     drawn with probability softmax_j(logits[i, j]) over the other speakers' candidates (or the most
     similar one with `argmax`). Draws use torch's global generator."""
     other_speaker = labels[:, None] != labels[None, :]
-    if not bool(other_speaker.any(dim=1).all()):
-        raise ValueError('hard-negative sampling needs at least two speakers in the batch')
+    torch._assert_async(other_speaker.any(dim=1).all(), 'hard-negative sampling needs another speaker per anchor')
     masked = logits.detach().masked_fill(~other_speaker, float('-inf'))
     if argmax:
         return masked.argmax(dim=1)

@@ -52,7 +52,9 @@ class FbankAug(nn.Module):
     def mask_along_axis(x, dim, width_range):
         batch, size = x.shape[0], x.shape[dim]
         mask_len = torch.randint(width_range[0], width_range[1], (batch, 1), device=x.device)
-        mask_pos = torch.randint(0, max(1, size - int(mask_len.max())), (batch, 1), device=x.device)
+        # Uniform over [0, max(1, size - longest mask)), drawn without reading the lengths back to the host.
+        upper = (size - mask_len.max()).clamp(min=1)
+        mask_pos = (torch.rand((batch, 1), device=x.device) * upper).long()
         arange = torch.arange(size, device=x.device).view(1, -1)
         mask = (mask_pos <= arange) & (arange < mask_pos + mask_len)
         mask = mask.unsqueeze(2) if dim == 1 else mask.unsqueeze(1)

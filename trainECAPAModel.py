@@ -21,8 +21,8 @@ import torch.nn.functional as F
 import tqdm
 
 import demo
-from dataLoader import (Augmenter, EpochSampler, PairDataset, SpeakerPairSampler, TrainDataset, default_cache_dir,
-                        parse_train_list, speaker_labels)
+from dataLoader import (Augmenter, DeviceAugmenter, EpochSampler, PairDataset, SpeakerPairSampler, TrainDataset,
+                        default_cache_dir, parse_train_list, speaker_labels)
 from loss import AAMsoftmax, build_objective
 from model import MODELS, build_encoder
 from tools import (as_norm, atomic_torch_save, build_cohort, cached_embed_files, embed_files, encoder_weights,
@@ -32,6 +32,10 @@ from tools import (as_norm, atomic_torch_save, build_cohort, cached_embed_files,
 DEMO_DEFAULTS = {'save_path': 'exps/demo', 'max_epoch': 7, 'batch_size': 32, 'num_frames': 150,
                  'test_step': 1, 'lr': 0.002, 'n_cpu': 1}
 DEMO_WIDTHS = {'ecapa-tdnn': 128, 'tdnn': 256}  # --C for the demo; ResNets take 16 base channels
+
+
+def available_cores():
+    return len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1
 
 
 def build_parser():
@@ -98,6 +102,15 @@ def build_parser():
     training.add_argument('--seed', type=int, default=10, help='seed of every random choice')
     training.add_argument('--initial_model', default='',
                           help='start from these weights (this toolkit\'s or the original code\'s checkpoints)')
+    training.add_argument('--amp', choices=['bf16', 'fp16', 'off'],
+                          help='mixed precision of the encoder\'s forward pass (default: bf16 on CUDA, off on CPU); '
+                               'features and losses stay float32; fp16 adds dynamic loss scaling')
+    training.add_argument('--compile', action='store_true', help='torch.compile the encoder for training steps')
+    training.add_argument('--grad_clip', type=float, default=0.0,
+                          help='clip the gradients\' global L2 norm to this value (0: no clipping)')
+    training.add_argument('--gpu_augment', action='store_true',
+                          help='add noise and reverberation on --device, batch by batch, instead of in the loader '
+                               'workers (same kinds, SNRs and probabilities)')
 
     evaluation = parser.add_argument_group('evaluation')
     evaluation.add_argument('--eval', action='store_true', help='only score --eval_list with --initial_model')
@@ -121,7 +134,7 @@ def build_parser():
 
     system = parser.add_argument_group('system')
     system.add_argument('--save_path', default='exps/exp1', help='checkpoints, score.txt and score files')
-    system.add_argument('--n_cpu', type=int, default=min(8, os.cpu_count() or 1), help='data loader workers')
+    system.add_argument('--n_cpu', type=int, default=available_cores(), help='data loader workers')
     system.add_argument('--device', default=None, help='torch device (default: cuda when available, else cpu)')
     system.add_argument('--demo', action='store_true',
                         help=f'generate a small corpus under save_path and train on it; flags given beside '
@@ -169,8 +182,11 @@ def validate(args, parser):
     for name in ('C', 'embedding_dim', 'n_class'):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f'--{name} must be at least 1, got {getattr(args, name)}')
-    if args.cohort_size < 0 or args.n_cpu < 0:
-        parser.error('--cohort_size and --n_cpu cannot be negative')
+    for name in ('cohort_size', 'n_cpu', 'grad_clip'):
+        if getattr(args, name) < 0:
+            parser.error(f'--{name} cannot be negative, got {getattr(args, name)}')
+    if args.gpu_augment and not (args.musan_path or args.rir_path):
+        parser.error('--gpu_augment needs --musan_path or --rir_path: there is nothing to augment with')
     if not (args.lr > 0 and 0 < args.lr_decay <= 1):
         parser.error('--lr must be positive and --lr_decay in (0, 1]')
     if not (0 <= args.m < math.pi / 2 and args.s > 0):
@@ -231,6 +247,7 @@ def validate(args, parser):
         args.device = 'cuda' if torch.cuda.is_available() else 'cpu'
     elif args.device.startswith('cuda') and not torch.cuda.is_available():
         parser.error(f'--device {args.device}: CUDA is not available here')
+    args.amp = args.amp or ('bf16' if args.device.startswith('cuda') else 'off')
 
 
 class SpeakerModel(nn.Module):
@@ -284,33 +301,65 @@ def load_initial_weights(model, path):
     return 'encoder; classifier initialised afresh (none in the checkpoint, or another shape)'
 
 
-def train_one_epoch(model, optimizer, loader, epoch, lr, device):
+class TrainingStep:
+    """One optimiser step on a batch: optional augmentation on the device, the encoder's forward pass under
+    autocast (`amp` 'bf16', 'fp16' with dynamic loss scaling, or 'off'), optionally compiled, the head and
+    loss in float32, backward, optional clipping of the global gradient norm, the update. Nothing in it reads
+    a value back to the host except fp16's overflow check. Returns (loss, accuracy) as device tensors."""
+
+    def __init__(self, model, optimizer, device, amp='off', compile=False, grad_clip=0.0, device_augmenter=None):
+        self.model = model
+        self.optimizer = optimizer
+        self.device = torch.device(device)
+        self.encoder = torch.compile(model.speaker_encoder) if compile else model.speaker_encoder
+        self.amp_dtype = {'bf16': torch.bfloat16, 'fp16': torch.float16}.get(amp)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=amp == 'fp16')
+        self.grad_clip = grad_clip
+        self.device_augmenter = device_augmenter
+
+    def __call__(self, batch, rng):
+        """`batch`: (waveforms, labels) or (view a, view b, labels); `rng` draws the device augmentation."""
+        labels = batch[-1].to(self.device, non_blocking=True)
+        waveforms = torch.cat([views.to(self.device, non_blocking=True) for views in batch[:-1]])
+        if self.device_augmenter is not None:
+            waveforms = self.device_augmenter(waveforms, rng)
+        with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
+                            enabled=self.amp_dtype is not None):
+            embeddings = self.encoder(waveforms, aug=True)
+        embeddings = embeddings.float()
+        if len(batch) == 2:
+            loss, accuracy = self.model.speaker_loss(embeddings, labels)
+        else:
+            loss, accuracy = self.model.speaker_loss(*embeddings.chunk(2), labels)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        if self.grad_clip > 0:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        return loss.detach(), accuracy.detach()
+
+
+def train_one_epoch(step_fn, loader, epoch, lr, seed):
     """One pass over `loader` (batches of (waveforms, labels), or (view a, view b, labels) in the pair
-    modes); returns the example-weighted mean loss and accuracy. The bar's utt/s counts crops."""
-    model.train()
-    for group in optimizer.param_groups:
+    modes) with `step_fn`, a `TrainingStep`; returns the example-weighted mean loss and accuracy. The bar's
+    utt/s counts crops. Device augmentation draws from a generator seeded by (seed, epoch, step)."""
+    step_fn.model.train()
+    for group in step_fn.optimizer.param_groups:
         group['lr'] = lr
-    loss_sum = torch.zeros((), device=device)
-    correct_sum = torch.zeros((), device=device)
+    loss_sum = torch.zeros((), device=step_fn.device)
+    correct_sum = torch.zeros((), device=step_fn.device)
     examples = crops = 0
     start = time.time()
     bar = tqdm.tqdm(loader, desc=f'epoch {epoch}', unit='batch', file=sys.stdout, dynamic_ncols=True,
                     mininterval=1 if sys.stdout.isatty() else 30)
     for step, batch in enumerate(bar, start=1):
-        labels = batch[-1].to(device, non_blocking=True)
-        waveforms = torch.cat(batch[:-1]).to(device, non_blocking=True)
-        embeddings = model.speaker_encoder(waveforms, aug=True)
-        if len(batch) == 2:
-            loss, accuracy = model.speaker_loss(embeddings, labels)
-        else:
-            loss, accuracy = model.speaker_loss(*embeddings.chunk(2), labels)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        loss_sum += loss.detach() * len(labels)
-        correct_sum += accuracy.detach() * len(labels)
-        examples += len(labels)
-        crops += len(waveforms)
+        loss, accuracy = step_fn(batch, np.random.default_rng((seed, epoch, step)))
+        examples += len(batch[-1])
+        crops += sum(len(views) for views in batch[:-1])
+        loss_sum += loss * len(batch[-1])
+        correct_sum += accuracy * len(batch[-1])
         if step % 10 == 0 or step == len(loader):
             bar.set_postfix(lr=f'{lr:.6f}', loss=f'{loss_sum.item() / examples:.4f}', refresh=False,
                             acc=f'{correct_sum.item() / examples:.2f}%', utt_s=f'{crops / (time.time() - start):.1f}')
@@ -497,8 +546,8 @@ def run_training(args):
     resume_path = os.path.join(model_dir, 'resume.pt')
     eers = []
     first_epoch = 1
-    if os.path.exists(resume_path):
-        resume = torch.load(resume_path, map_location='cpu', weights_only=False)
+    resume = torch.load(resume_path, map_location='cpu', weights_only=False) if os.path.exists(resume_path) else {}
+    if resume:
         try:
             model.load_state_dict(resume['model'])
             optimizer.load_state_dict(resume['optimizer'])
@@ -519,8 +568,14 @@ def run_training(args):
         print(f'Model {args.initial_model} loaded ({loaded})')
 
     augmenter = Augmenter(args.musan_path, args.rir_path, args.sampling_rate, args.cache_dir)
+    device_augmenter = None
+    if args.gpu_augment:  # the loader workers only read and crop
+        device_augmenter, augmenter = DeviceAugmenter(augmenter, device), None
+    step_fn = TrainingStep(model, optimizer, device, args.amp, args.compile, args.grad_clip, device_augmenter)
+    if resume.get('scaler'):
+        step_fn.scaler.load_state_dict(resume['scaler'])
     loader_options = {'num_workers': args.n_cpu, 'pin_memory': device.type == 'cuda',
-                      'persistent_workers': args.n_cpu > 0}
+                      'persistent_workers': args.n_cpu > 0, 'prefetch_factor': 4 if args.n_cpu > 0 else None}
     if args.mode == 'classifier':
         dataset = TrainDataset(entries, args.train_path, args.num_frames, args.sampling_rate, augmenter, args.seed)
         sampler = EpochSampler(len(dataset), args.seed)
@@ -538,7 +593,9 @@ def run_training(args):
     for epoch in range(first_epoch, args.max_epoch + 1):
         lr = learning_rate(args, epoch)
         sampler.set_epoch(epoch)
-        loss, accuracy = train_one_epoch(model, optimizer, loader, epoch, lr, device)
+        torch.backends.cudnn.benchmark = True  # fixed crop shapes: let cuDNN pick its fastest kernels
+        loss, accuracy = train_one_epoch(step_fn, loader, epoch, lr, args.seed)
+        torch.backends.cudnn.benchmark = False  # evaluation sees every utterance length once
         if epoch % args.test_step == 0 or epoch == args.max_epoch:
             checkpoint = os.path.join(model_dir, f'model_{epoch:04d}.model')
             save_checkpoint(checkpoint_state(model), encoder_config(args), checkpoint)
@@ -554,7 +611,7 @@ def run_training(args):
             'epoch': epoch, 'model': model.state_dict(), 'optimizer': optimizer.state_dict(),
             'rng': torch.get_rng_state(),
             'cuda_rng': torch.cuda.get_rng_state_all() if device.type == 'cuda' else None,
-            'eers': eers,
+            'scaler': step_fn.scaler.state_dict(), 'eers': eers,
         }, resume_path)
     print(f'score.txt: {score_path}\ncheckpoints: {model_dir}')
 

@@ -4,8 +4,9 @@ import pickle
 import numpy as np
 import pytest
 import soundfile
+import torch
 
-from dataLoader import (NOISE_COUNTS, SNR_RANGES, Augmenter, SignalBank, TrainDataset, parse_train_list,
+from dataLoader import (NOISE_COUNTS, SNR_RANGES, Augmenter, DeviceAugmenter, SignalBank, TrainDataset, parse_train_list,
                         random_crop, read_audio, read_random_crop, reverberate)
 from model import crop_samples
 
@@ -159,6 +160,64 @@ def test_every_augmentation_kind_changes_the_signal(banks, cache_dir):
         out = augmenter.apply(audio, kind, np.random.default_rng(0))
         assert out.shape == audio.shape and out.dtype == np.float32 and np.all(np.isfinite(out))
         assert np.array_equal(out, audio) == (kind == 'clean')
+
+
+def speech_batch(rows, seconds=2.0):
+    return torch.from_numpy(np.stack([speech_like(seconds, seed) * (1 + seed % 3) for seed in range(rows)]))
+
+
+def batch_snr_db(clean, mixed):
+    return [snr_db(c, m) for c, m in zip(clean.numpy(), mixed.numpy())]
+
+
+@pytest.mark.parametrize('seconds', [2.0, 6.0])  # 6 s crops wrap the 5 s noise files
+def test_device_noise_and_music_are_added_at_the_drawn_snr(banks, cache_dir, seconds):
+    device_augmenter = DeviceAugmenter(Augmenter(*banks, RATE, cache_dir), 'cpu')
+    clean = speech_batch(12, seconds)
+    for category in ('noise', 'music'):
+        mixed, snrs = device_augmenter.add_noise(clean, category, np.random.default_rng(3))
+        assert all(len(s) == 1 and SNR_RANGES[category][0] <= s[0] <= SNR_RANGES[category][1] for s in snrs)
+        assert len({round(s[0], 3) for s in snrs}) == len(snrs)
+        np.testing.assert_allclose(batch_snr_db(clean, mixed), [s[0] for s in snrs], atol=0.05)
+
+
+def test_device_babble_mixes_several_speakers_each_at_its_snr(banks, cache_dir):
+    device_augmenter = DeviceAugmenter(Augmenter(*banks, RATE, cache_dir), 'cpu')
+    clean = speech_batch(16)
+    mixed, snrs = device_augmenter.add_noise(clean, 'speech', np.random.default_rng(4))
+    low, high = NOISE_COUNTS['speech']
+    assert all(low <= len(s) <= high for s in snrs) and len({len(s) for s in snrs}) > 1
+    for row, row_snrs in enumerate(snrs):
+        assert all(13 <= s <= 20 for s in row_snrs)
+        power = np.mean(clean[row].double().numpy() ** 2)
+        expected = 10 * np.log10(power / sum(power * 10 ** (-s / 10) for s in row_snrs))
+        assert snr_db(clean[row].numpy(), mixed[row].numpy()) == pytest.approx(expected, abs=0.5)
+
+
+def test_device_reverb_equals_the_cpu_reverb(banks, cache_dir):
+    augmenter = Augmenter(*banks, RATE, cache_dir)
+    clean = speech_batch(6)
+    wet = DeviceAugmenter(augmenter, 'cpu').reverberate(clean, np.random.default_rng(7))
+    chosen = np.random.default_rng(7).integers(len(augmenter.rir_bank), size=len(clean))
+    for row, rir in enumerate(chosen):
+        np.testing.assert_allclose(wet[row].numpy(), reverberate(clean[row].numpy(), augmenter.rir_bank[int(rir)]),
+                                   atol=1e-5)
+
+
+def test_device_augmentation_draws_kinds_as_the_cpu_path(banks, cache_dir):
+    device_augmenter = DeviceAugmenter(Augmenter(*banks, RATE, cache_dir), 'cpu')
+    clean = speech_batch(600, seconds=0.5)
+    mixed, drawn = device_augmenter.augment(clean, np.random.default_rng(5))
+    counts = {kind: drawn['kinds'].count(kind) for kind in device_augmenter.kinds}
+    assert all(60 <= c <= 140 for c in counts.values()), counts  # 100 expected each; binomial sd about 9
+    expected_snrs = {'clean': (0, 0), 'reverb': (0, 0), 'noise': (1, 1), 'music': (1, 1), 'babble': (3, 8),
+                     'babble+music': (4, 9)}
+    for row, (kind, snrs) in enumerate(zip(drawn['kinds'], drawn['snrs'])):
+        assert expected_snrs[kind][0] <= len(snrs) <= expected_snrs[kind][1]
+        assert torch.equal(mixed[row], clean[row]) == (kind == 'clean')
+        assert torch.isfinite(mixed[row]).all()
+    again, _ = device_augmenter.augment(clean, np.random.default_rng(5))
+    assert torch.equal(mixed, again)
 
 
 def test_banks_decode_once_and_match_the_files(banks, cache_dir, monkeypatch):

@@ -41,11 +41,12 @@ def test_training_writes_checkpoints_scores_and_resume_state(tiny_corpus, tmp_pa
     assert (tmp_path / 'model' / 'resume.pt').exists()
 
 
-def test_resumed_run_equals_an_uninterrupted_one(tiny_corpus, tmp_path, cache_dir):
+@pytest.mark.parametrize('flags', [[], ['--gpu_augment', '--amp', 'bf16', '--grad_clip', '5']])
+def test_resumed_run_equals_an_uninterrupted_one(tiny_corpus, tmp_path, cache_dir, flags):
     straight, interrupted = tmp_path / 'straight', tmp_path / 'interrupted'
-    trainECAPAModel.main(tiny_args(tiny_corpus, straight, cache_dir, '--max_epoch', '2'))
-    trainECAPAModel.main(tiny_args(tiny_corpus, interrupted, cache_dir, '--max_epoch', '1'))
-    trainECAPAModel.main(tiny_args(tiny_corpus, interrupted, cache_dir, '--max_epoch', '2'))
+    trainECAPAModel.main(tiny_args(tiny_corpus, straight, cache_dir, '--max_epoch', '2', *flags))
+    trainECAPAModel.main(tiny_args(tiny_corpus, interrupted, cache_dir, '--max_epoch', '1', *flags))
+    trainECAPAModel.main(tiny_args(tiny_corpus, interrupted, cache_dir, '--max_epoch', '2', *flags))
     a = torch.load(straight / 'model' / 'model_0002.model', weights_only=True)
     b = torch.load(interrupted / 'model' / 'model_0002.model', weights_only=True)
     assert a.keys() == b.keys()
@@ -156,6 +157,10 @@ def test_demo_defaults_yield_to_given_flags(tmp_path):
     (['--max_epoch', '0', '--demo'], '--max_epoch must be at least 1'),
     (['--demo', '--lr_decay', '1.5'], '--lr_decay in (0, 1]'),
     (['--demo', '--mode', 'siamese'], "invalid choice: 'siamese'"),
+    (['--demo', '--grad_clip', '-1'], '--grad_clip cannot be negative'),
+    (['--demo', '--amp', 'fp8'], "invalid choice: 'fp8'"),
+    (['--train_list', 'x', '--train_path', '.', '--eval_list', 'x', '--eval_path', '.', '--gpu_augment'],
+     '--gpu_augment needs --musan_path or --rir_path'),
 ])
 def test_nonsense_flag_combinations_are_argparse_errors(argv, message):
     result = subprocess.run([sys.executable, os.path.join(ROOT, 'trainECAPAModel.py')] + argv,

@@ -1,0 +1,188 @@
+"""Training-loader throughput: augmented 2 s crops per second, ours beside a naive loader, 1 and N workers.
+
+  python bench/bench_loader.py [--workers N] [--seconds 6] [--device cuda] [--json FILE]
+
+Data: a generated VoxCeleb-like set (64 files of 8 s at 16 kHz, synthetic MUSAN and RIRs), and, when
+../shared/data is beside the checkout, LibriSpeech files with musan_mini and rirs_mini. Loaders:
+
+  ours        TrainDataset + Augmenter: crops read with soundfile start/frames, noise and RIR banks decoded
+              once into a memory-mapped cache, FFT reverberation, one resampler per rate pair.
+  ours, read  the same dataset without augmentation: what the workers do under --gpu_augment.
+  naive       written here the original's way: the whole file read for every crop, noise and RIR files read
+              from disk for every example, direct convolution, a resampler built per call.
+
+Each loader runs for about `--seconds` after its first batch (batch 32). The naive loader runs with one
+worker only: its figure is the per-worker baseline that the speed-up column divides by. (On the 2-core
+development VM, two processes doing long float64 direct convolutions at once stalled each other: one
+np.convolve of 32240 x 14024 samples took 0.09 s alone and up to 210 s beside another.) The last row per
+set times DeviceAugmenter on `--device` alone, on batches already in memory.
+"""
+
+import argparse
+import glob
+import os
+import random
+import tempfile
+import time
+
+import numpy as np
+import soundfile
+import torch
+import torchaudio
+from scipy import signal
+
+from common import SHARED_DATA, environment, synchronize, write_json
+import demo
+from dataLoader import Augmenter, DeviceAugmenter, EpochSampler, TrainDataset, parse_train_list
+from model import crop_samples
+
+BATCH = 32
+
+
+class NaiveDataset(torch.utils.data.Dataset):
+    """The original loader's way of working, kept here only as the baseline."""
+
+    def __init__(self, paths, musan_path, rir_path, length, sampling_rate):
+        self.paths = paths
+        self.length = length
+        self.sampling_rate = sampling_rate
+        self.noise_files = {}
+        for path in glob.glob(os.path.join(musan_path, '*', '*', '*', '*.wav')):
+            self.noise_files.setdefault(path.split(os.sep)[-4], []).append(path)
+        self.rir_files = glob.glob(os.path.join(rir_path, '*', '*', '*.wav'))
+
+    def __len__(self):
+        return len(self.paths)
+
+    def read(self, path):
+        audio, rate = soundfile.read(path)
+        return torchaudio.functional.resample(torch.from_numpy(audio), rate, self.sampling_rate).numpy()
+
+    def crop(self, audio):
+        if len(audio) <= self.length:
+            audio = np.pad(audio, (0, self.length - len(audio)), 'wrap')
+        start = int(random.random() * (len(audio) - self.length))
+        return audio[start:start + self.length]
+
+    def add_noise(self, audio, category):
+        snr_range = {'noise': (0, 15), 'speech': (13, 20), 'music': (5, 15)}[category]
+        count = random.randint(*{'noise': (1, 1), 'speech': (3, 8), 'music': (1, 1)}[category])
+        clean_db = 10 * np.log10(np.mean(audio ** 2) + 1e-4)
+        total = np.zeros_like(audio)
+        for path in random.sample(self.noise_files[category], min(count, len(self.noise_files[category]))):
+            noise = self.crop(self.read(path))
+            noise_db = 10 * np.log10(np.mean(noise ** 2) + 1e-4)
+            total += np.sqrt(10 ** ((clean_db - noise_db - random.uniform(*snr_range)) / 10)) * noise
+        return audio + total
+
+    def reverb(self, audio):
+        rir = self.read(random.choice(self.rir_files))
+        rir = rir / np.sqrt(np.sum(rir ** 2))
+        return signal.convolve(audio, rir, mode='full', method='direct')[:self.length]
+
+    def __getitem__(self, index):
+        audio = self.crop(self.read(self.paths[index]))
+        kind = random.randint(0, 5)
+        if kind == 1:
+            audio = self.reverb(audio)
+        elif kind in (2, 3, 4):
+            audio = self.add_noise(audio, {2: 'speech', 3: 'music', 4: 'noise'}[kind])
+        elif kind == 5:
+            audio = self.add_noise(self.add_noise(audio, 'speech'), 'music')
+        return torch.FloatTensor(audio), 0
+
+
+def loader_rate(dataset, sampler, workers, seconds):
+    """Crops per second after the first batch, over about `seconds`."""
+    loader = torch.utils.data.DataLoader(dataset, batch_size=BATCH, sampler=sampler, num_workers=workers,
+                                         prefetch_factor=4 if workers else None, drop_last=True)
+    done, start = 0, None
+    while start is None or time.perf_counter() - start < seconds:
+        for batch, _ in loader:
+            if start is None:
+                start = time.perf_counter()
+                continue
+            done += len(batch)
+            if time.perf_counter() - start >= seconds:
+                break
+    return done / (time.perf_counter() - start)
+
+
+def device_augment_rate(augmenter, device, length, seconds):
+    device_augmenter = DeviceAugmenter(augmenter, device)
+    batch = 0.1 * torch.randn(BATCH * 4, length, device=device)
+    rng = np.random.default_rng(0)
+    device_augmenter(batch, rng)
+    synchronize(device)
+    done, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        device_augmenter(batch, rng)
+        synchronize(device)
+        done += len(batch)
+    return done / (time.perf_counter() - start)
+
+
+def generated_set(root):
+    rng = np.random.default_rng(0)
+    entries = demo.write_speakers(os.path.join(root, 'wav'), 1, 8, 8, rng, seconds=(8.0, 8.0))
+    with open(os.path.join(root, 'train_list.txt'), 'w') as f:
+        f.writelines(f'{speaker} {path}\n' for speaker, path in entries)
+    demo.write_musan(os.path.join(root, 'musan'), rng)
+    demo.write_rirs(os.path.join(root, 'rirs'), rng)
+    return {'name': 'generated, 64 x 8 s', 'train_list': os.path.join(root, 'train_list.txt'),
+            'train_path': os.path.join(root, 'wav'), 'musan_path': os.path.join(root, 'musan'),
+            'rir_path': os.path.join(root, 'rirs')}
+
+
+def shared_set(root):
+    librispeech = os.path.join(SHARED_DATA, 'librispeech_251')
+    files = sorted(glob.glob(os.path.join(librispeech, '*', '*', '*.flac')))[:64]
+    with open(os.path.join(root, 'shared_list.txt'), 'w') as f:
+        f.writelines(f'{os.path.relpath(p, librispeech).split(os.sep)[0]} {os.path.relpath(p, librispeech)}\n'
+                     for p in files)
+    return {'name': 'LibriSpeech 64 files, musan_mini, rirs_mini', 'train_list': os.path.join(root, 'shared_list.txt'),
+            'train_path': librispeech, 'musan_path': os.path.join(SHARED_DATA, 'musan_mini'),
+            'rir_path': os.path.join(SHARED_DATA, 'rirs_mini', 'simulated_rirs')}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--workers', type=int, default=len(os.sched_getaffinity(0)),
+                        help='the N of the N-worker rows (default: the cores here)')
+    parser.add_argument('--seconds', type=float, default=6.0, help='time per row')
+    parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu',
+                        help='where the device-augmentation row runs')
+    parser.add_argument('--json', help='also write the figures here')
+    args = parser.parse_args()
+    torch.set_num_threads(1)  # a loader worker's torch uses one thread
+    length = crop_samples(200, 16000)
+    rows = []
+    print(f'{"data":<44} {"loader":<12} {"workers":>7} {"crops/s":>9} {"per worker":>10} {"÷ naive":>8}')
+    with tempfile.TemporaryDirectory() as root:
+        sets = [generated_set(root)] + ([shared_set(root)] if os.path.isdir(SHARED_DATA) else [])
+        for data in sets:
+            entries = parse_train_list(data['train_list'])
+            paths = [os.path.join(data['train_path'], rel) for _, rel in entries]
+            augmenter = Augmenter(data['musan_path'], data['rir_path'], 16000, os.path.join(root, 'cache'))
+            naive = NaiveDataset(paths, data['musan_path'], data['rir_path'], length, 16000)
+            runs = [('naive', naive, list(range(len(paths))), 1)] + [
+                (name, TrainDataset(entries, data['train_path'], 200, 16000, aug, 0), EpochSampler(len(paths), 0),
+                 workers) for workers in sorted({1, args.workers}) for name, aug in (('ours', augmenter),
+                                                                                     ('ours, read', None))]
+            for name, dataset, sampler, workers in runs:
+                rate = loader_rate(dataset, sampler, workers, args.seconds)
+                if name == 'naive':
+                    baseline = rate
+                rows.append({'data': data['name'], 'loader': name, 'workers': workers, 'crops_per_s': rate,
+                             'per_worker': rate / workers, 'per_worker_vs_naive': rate / workers / baseline})
+                print(f'{data["name"]:<44} {name:<12} {workers:>7} {rate:>9.1f} {rate / workers:>10.1f} '
+                      f'{rate / workers / baseline:>8.1f}x', flush=True)
+            rate = device_augment_rate(augmenter, args.device, length, args.seconds)
+            rows.append({'data': data['name'], 'loader': f'device augmentation on {args.device}', 'workers': 0,
+                         'crops_per_s': rate})
+            print(f'{data["name"]:<44} {"DeviceAugmenter on " + args.device:<31} {rate:>9.1f}', flush=True)
+    write_json(args.json, {**environment(args.device), 'batch': BATCH, 'crop_samples': length, 'rows': rows})
+
+
+if __name__ == '__main__':
+    main()
