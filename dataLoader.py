@@ -371,21 +371,26 @@ class TrainDataset(torch.utils.data.Dataset):
 
 
 class EpochSampler(torch.utils.data.Sampler):
-    """A permutation of the dataset that is a pure function of (seed, epoch); yields (index, epoch)."""
+    """A permutation of the dataset that is a pure function of (seed, epoch); yields (index, epoch). With
+    `world_size` > 1 (torchrun), rank `rank` takes every world_size-th item of it, after the tail that
+    would give ranks unequal counts is dropped: the ranks' parts are disjoint and equally long."""
 
-    def __init__(self, size, seed):
+    def __init__(self, size, seed, world_size=1, rank=0):
         self.size = size
         self.seed = seed
+        self.world_size = world_size
+        self.rank = rank
         self.epoch = 1
 
     def set_epoch(self, epoch):
         self.epoch = epoch
 
     def __len__(self):
-        return self.size
+        return self.size // self.world_size
 
     def __iter__(self):
         order = np.random.default_rng((self.seed, self.epoch)).permutation(self.size)
+        order = order[:len(self) * self.world_size][self.rank::self.world_size]
         return iter([(int(i), self.epoch) for i in order])
 
 
@@ -407,16 +412,20 @@ class SpeakerPairSampler(torch.utils.data.Sampler):
     with another utterance of its speaker, a single utterance with itself), so every utterance is used once.
     Batches then draw distinct speakers with probability proportional to their remaining pairs, until fewer
     than `batch_size` speakers have pairs left; those leftover pairs are the only ones an epoch skips.
-    Yields lists of (index_a, index_b, epoch)."""
+    Yields lists of (index_a, index_b, epoch). With `world_size` > 1 (torchrun) the plan is of global batches
+    of batch_size * world_size distinct speakers, and rank `rank` takes its `batch_size` slice of each: no
+    speaker appears twice across the ranks' batches of a step, so gathered negatives are all negatives."""
 
-    def __init__(self, labels, batch_size, seed):
+    def __init__(self, labels, batch_size, seed, world_size=1, rank=0):
         self.by_speaker = {}
         for index, label in enumerate(labels):
             self.by_speaker.setdefault(label, []).append(index)
-        if len(self.by_speaker) < batch_size:
-            raise ValueError(f'a batch of {batch_size} distinct speakers needs at least that many speakers; '
-                             f'the list has {len(self.by_speaker)}')
+        if len(self.by_speaker) < batch_size * world_size:
+            raise ValueError(f'a batch of {batch_size} distinct speakers on each of {world_size} processes needs '
+                             f'at least {batch_size * world_size} speakers; the list has {len(self.by_speaker)}')
         self.batch_size = batch_size
+        self.world_size = world_size
+        self.rank = rank
         self.seed = seed
         self.epoch = 1
         self.planned = (None, [])
@@ -444,8 +453,9 @@ class SpeakerPairSampler(torch.utils.data.Sampler):
         speakers = sorted(pairs)
         remaining = np.array([len(pairs[s]) for s in speakers], dtype=np.float64)
         batches = []
-        while np.count_nonzero(remaining) >= self.batch_size:
-            chosen = rng.choice(len(speakers), size=self.batch_size, replace=False, p=remaining / remaining.sum())
+        size = self.batch_size * self.world_size
+        while np.count_nonzero(remaining) >= size:
+            chosen = rng.choice(len(speakers), size=size, replace=False, p=remaining / remaining.sum())
             batch = []
             for k in chosen:
                 remaining[k] -= 1
@@ -454,7 +464,8 @@ class SpeakerPairSampler(torch.utils.data.Sampler):
         return batches
 
     def __iter__(self):
-        return iter(self.batches())
+        part = slice(self.rank * self.batch_size, (self.rank + 1) * self.batch_size)
+        return iter([batch[part] for batch in self.batches()])
 
     def __len__(self):
         return len(self.batches())

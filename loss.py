@@ -6,6 +6,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from distributed import gather_batch
+
 
 def additive_angular_margin(cosine, margin):
     """cos(theta + margin) for theta = arccos(cosine), continued as cos(theta) - margin * sin(margin)
@@ -107,12 +109,15 @@ class JointObjective(nn.Module):
     + matching_weight * cross-entropy of the pair-matching head on (u_i, v_i) positives and, for each
       anchor in both directions, one hard negative (mode blip only).
 
-    A term with weight 0 is left out and its parameters are not created. `forward(u, v, labels)` returns
-    (loss, accuracy): the classifier's accuracy when it exists, else how often u_i's nearest v is v_i."""
+    A term with weight 0 is left out and its parameters are not created. Under torchrun the contrastive and
+    matching terms see the views of every process's batch (`gather_batch`), unless `local_negatives`; the
+    classifier term sees this process's. `forward(u, v, labels)` returns (loss, accuracy): the classifier's
+    accuracy when it exists, else how often u_i's nearest v is v_i."""
 
     def __init__(self, n_class, embedding_dim, m, s, classifier_weight, contrastive_weight, loss, fixed_scale,
-                 matching_weight=0.0, hard_negative='softmax'):
+                 matching_weight=0.0, hard_negative='softmax', local_negatives=False):
         super().__init__()
+        self.local_negatives = local_negatives
         self.classifier_weight = classifier_weight
         self.contrastive_weight = contrastive_weight
         self.matching_weight = matching_weight
@@ -132,6 +137,8 @@ class JointObjective(nn.Module):
             loss, accuracy = self.classifier(u, labels)
             total = total + self.classifier_weight * loss
         if self.contrastive_weight > 0 or self.matching_weight > 0:
+            if not self.local_negatives:
+                u, v, labels = gather_batch(u, v, labels)
             loss, logits = self.contrastive(u, v)
             if self.contrastive_weight > 0:
                 total = total + self.contrastive_weight * loss
@@ -158,4 +165,5 @@ def build_objective(args, embedding_dim):
         return AAMsoftmax(args.n_class, args.m, args.s, embedding_dim)
     return JointObjective(args.n_class, embedding_dim, args.m, args.s, args.classifier_weight,
                           args.contrastive_weight, args.loss, args.fixed_contrastive_scale,
-                          args.matching_weight if args.mode == 'blip' else 0.0, args.hard_negative)
+                          args.matching_weight if args.mode == 'blip' else 0.0, args.hard_negative,
+                          args.local_negatives)

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 import tqdm
 
 import demo
+import distributed
 from dataLoader import (Augmenter, DeviceAugmenter, EpochSampler, PairDataset, SpeakerPairSampler, TrainDataset,
                         default_cache_dir, parse_train_list, speaker_labels)
 from loss import AAMsoftmax, build_objective
@@ -35,7 +36,9 @@ DEMO_WIDTHS = {'ecapa-tdnn': 128, 'tdnn': 256}  # --C for the demo; ResNets take
 
 
 def available_cores():
-    return len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1
+    """The cores this process may use, shared among the processes torchrun started on this machine."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1
+    return max(1, cores // int(os.environ.get('LOCAL_WORLD_SIZE', '1')))
 
 
 def build_parser():
@@ -91,10 +94,15 @@ def build_parser():
     objective.add_argument('--fixed_contrastive_scale', action='store_true',
                            help='clip/blip: scale the contrastive logits by --s instead of a learned '
                                 'temperature')
+    objective.add_argument('--local_negatives', action='store_true',
+                           help='clip/blip under torchrun: negatives from this process\'s batch only, instead of '
+                                'the batches of all processes')
 
     training = parser.add_argument_group('training')
     training.add_argument('--max_epoch', type=int, default=80, help='train up to this epoch')
-    training.add_argument('--batch_size', type=int, default=400, help='utterances per step')
+    training.add_argument('--batch_size', type=int, default=400,
+                          help='utterances (clip/blip: speakers, two views each) per step and per process; under '
+                               'torchrun the global batch is this times the number of processes')
     training.add_argument('--lr', type=float, default=0.001, help='initial learning rate (Adam)')
     training.add_argument('--lr_decay', type=float, default=0.97,
                           help='learning rate factor applied every test_step epochs')
@@ -208,7 +216,7 @@ def validate(args, parser):
             parser.error('--mode blip with --matching_weight 0 is --mode clip')
     else:
         changed = [f'--{n}' for n in ('classifier_weight', 'contrastive_weight', 'matching_weight', 'hard_negative',
-                                      'fixed_contrastive_scale') if n in args.given]
+                                      'fixed_contrastive_scale', 'local_negatives') if n in args.given]
         if changed:
             parser.error(f"{' '.join(changed)} only apply to --mode clip or blip")
     actions = [f'--{name}' for name in ('score_file', 'export', 'extract', 'eval') if getattr(args, name)]
@@ -252,12 +260,20 @@ def validate(args, parser):
 
 class SpeakerModel(nn.Module):
     """The encoder and its training head; its state_dict has the original's `speaker_encoder.*` and
-    `speaker_loss.*` keys."""
+    `speaker_loss.*` keys. `forward` is the training pass (what DistributedDataParallel and torch.compile
+    wrap): waveforms of `views` views stacked along the batch -> (loss, accuracy), the encoder under
+    autocast when `autocast_dtype` is given, the head in float32."""
 
     def __init__(self, encoder, head):
         super().__init__()
         self.speaker_encoder = encoder
         self.speaker_loss = head
+
+    def forward(self, waveforms, labels, views=1, autocast_dtype=None):
+        with torch.autocast(waveforms.device.type, dtype=autocast_dtype or torch.float32,
+                            enabled=autocast_dtype is not None):
+            embeddings = self.speaker_encoder(waveforms, aug=True)
+        return self.speaker_loss(*embeddings.float().chunk(views), labels)
 
 
 def learning_rate(args, epoch):
@@ -303,15 +319,22 @@ def load_initial_weights(model, path):
 
 class TrainingStep:
     """One optimiser step on a batch: optional augmentation on the device, the encoder's forward pass under
-    autocast (`amp` 'bf16', 'fp16' with dynamic loss scaling, or 'off'), optionally compiled, the head and
-    loss in float32, backward, optional clipping of the global gradient norm, the update. Nothing in it reads
-    a value back to the host except fp16's overflow check. Returns (loss, accuracy) as device tensors."""
+    autocast (`amp` 'bf16', 'fp16' with dynamic loss scaling, or 'off'), the head and loss in float32,
+    backward, optional clipping of the global gradient norm, the update. Under torchrun the model runs inside
+    DistributedDataParallel, which averages the gradients over the processes; `compile` compiles that
+    forward pass. Nothing in it reads a value back to the host except fp16's overflow check. Returns
+    (loss, accuracy) as device tensors."""
 
     def __init__(self, model, optimizer, device, amp='off', compile=False, grad_clip=0.0, device_augmenter=None):
         self.model = model
         self.optimizer = optimizer
         self.device = torch.device(device)
-        self.encoder = torch.compile(model.speaker_encoder) if compile else model.speaker_encoder
+        self.forward = model
+        if distributed.world_size() > 1:
+            self.forward = nn.parallel.DistributedDataParallel(
+                model, device_ids=[self.device] if self.device.type == 'cuda' else None)
+        if compile:
+            self.forward = torch.compile(self.forward)
         self.amp_dtype = {'bf16': torch.bfloat16, 'fp16': torch.float16}.get(amp)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=amp == 'fp16')
         self.grad_clip = grad_clip
@@ -323,14 +346,7 @@ class TrainingStep:
         waveforms = torch.cat([views.to(self.device, non_blocking=True) for views in batch[:-1]])
         if self.device_augmenter is not None:
             waveforms = self.device_augmenter(waveforms, rng)
-        with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
-                            enabled=self.amp_dtype is not None):
-            embeddings = self.encoder(waveforms, aug=True)
-        embeddings = embeddings.float()
-        if len(batch) == 2:
-            loss, accuracy = self.model.speaker_loss(embeddings, labels)
-        else:
-            loss, accuracy = self.model.speaker_loss(*embeddings.chunk(2), labels)
+        loss, accuracy = self.forward(waveforms, labels, len(batch) - 1, self.amp_dtype)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         if self.grad_clip > 0:
@@ -344,7 +360,8 @@ class TrainingStep:
 def train_one_epoch(step_fn, loader, epoch, lr, seed):
     """One pass over `loader` (batches of (waveforms, labels), or (view a, view b, labels) in the pair
     modes) with `step_fn`, a `TrainingStep`; returns the example-weighted mean loss and accuracy. The bar's
-    utt/s counts crops. Device augmentation draws from a generator seeded by (seed, epoch, step)."""
+    utt/s counts crops of this process. Device augmentation draws from a generator seeded by (seed, epoch,
+    step, rank)."""
     step_fn.model.train()
     for group in step_fn.optimizer.param_groups:
         group['lr'] = lr
@@ -353,9 +370,9 @@ def train_one_epoch(step_fn, loader, epoch, lr, seed):
     examples = crops = 0
     start = time.time()
     bar = tqdm.tqdm(loader, desc=f'epoch {epoch}', unit='batch', file=sys.stdout, dynamic_ncols=True,
-                    mininterval=1 if sys.stdout.isatty() else 30)
+                    mininterval=1 if sys.stdout.isatty() else 30, disable=not distributed.is_main())
     for step, batch in enumerate(bar, start=1):
-        loss, accuracy = step_fn(batch, np.random.default_rng((seed, epoch, step)))
+        loss, accuracy = step_fn(batch, np.random.default_rng((seed, epoch, step, distributed.rank())))
         examples += len(batch[-1])
         crops += sum(len(views) for views in batch[:-1])
         loss_sum += loss * len(batch[-1])
@@ -430,6 +447,12 @@ def evaluate(encoder, args, device, lists, identity=None):
 
 
 def embed_for(encoder, files, root, args, device, identity):
+    """{file: protocol vector}; under torchrun each process embeds every world_size-th file and all of them
+    receive every vector."""
+    if distributed.world_size() > 1:
+        part = embed_files(encoder, files[distributed.rank()::distributed.world_size()], root, device,
+                           n_cpu=args.n_cpu, progress=distributed.is_main())
+        return {name: vector for vectors in distributed.gather_objects(part) for name, vector in vectors.items()}
     if identity is None:
         return embed_files(encoder, files, root, device, n_cpu=args.n_cpu)
     return cached_embed_files(encoder, files, root, device, os.path.join(args.save_path, 'embeddings'), identity,
@@ -523,8 +546,12 @@ def run_score_files(args):
 
 
 def run_training(args):
+    """Train, evaluating every --test_step epochs. Under torchrun every process runs this with its share of
+    each epoch; process 0 alone prints, writes checkpoints, score.txt and resume.pt."""
     device = torch.device(args.device)
-    torch.manual_seed(args.seed)
+    main_process = distributed.is_main()
+    log = print if main_process else (lambda *_: None)
+    torch.manual_seed(args.seed + distributed.rank())
     entries = parse_train_list(args.train_list)
     speakers = len(speaker_labels(entries))
     if args.n_class is None:
@@ -539,8 +566,9 @@ def run_training(args):
     encoder = build_encoder(args.model, args.C, args.sampling_rate, args.embedding_dim)
     model = SpeakerModel(encoder, build_objective(args, encoder.embedding_dim)).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=2e-5)
-    print(f'{args.model}: {sum(p.numel() for p in encoder.parameters()) / 1e6:.2f} M parameters, '
-          f'{len(entries)} utterances of {speakers} speakers, {args.n_class} classes, device {device}')
+    log(f'{args.model}: {sum(p.numel() for p in encoder.parameters()) / 1e6:.2f} M parameters, '
+        f'{len(entries)} utterances of {speakers} speakers, {args.n_class} classes, device {device}'
+        + (f', {distributed.world_size()} processes' if distributed.world_size() > 1 else ''))
 
     model_dir = os.path.join(args.save_path, 'model')
     resume_path = os.path.join(model_dir, 'resume.pt')
@@ -554,18 +582,19 @@ def run_training(args):
         except (RuntimeError, ValueError) as error:
             raise SystemExit(f'{resume_path} was written by a run with other model or loss flags; continue it with '
                              f'those flags or choose another --save_path:\n{error}')
-        torch.set_rng_state(resume['rng'])
+        # One generator state per process (a single state in files from a single process).
+        torch.set_rng_state(resume['rng'][distributed.rank() % len(resume['rng'])])
         if device.type == 'cuda' and resume.get('cuda_rng') is not None:
-            torch.cuda.set_rng_state_all(resume['cuda_rng'])
+            torch.cuda.set_rng_state(resume['cuda_rng'][distributed.rank() % len(resume['cuda_rng'])], device)
         eers = resume['eers']
         first_epoch = resume['epoch'] + 1
-        print(f'Resuming from {resume_path} after epoch {resume["epoch"]}')
+        log(f'Resuming from {resume_path} after epoch {resume["epoch"]}')
     elif args.initial_model:
         try:
             loaded = load_initial_weights(model, args.initial_model)
         except ValueError as error:
             raise SystemExit(str(error))
-        print(f'Model {args.initial_model} loaded ({loaded})')
+        log(f'Model {args.initial_model} loaded ({loaded})')
 
     augmenter = Augmenter(args.musan_path, args.rir_path, args.sampling_rate, args.cache_dir)
     device_augmenter = None
@@ -578,13 +607,14 @@ def run_training(args):
                       'persistent_workers': args.n_cpu > 0, 'prefetch_factor': 4 if args.n_cpu > 0 else None}
     if args.mode == 'classifier':
         dataset = TrainDataset(entries, args.train_path, args.num_frames, args.sampling_rate, augmenter, args.seed)
-        sampler = EpochSampler(len(dataset), args.seed)
+        sampler = EpochSampler(len(dataset), args.seed, distributed.world_size(), distributed.rank())
         loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, drop_last=True,
                                              **loader_options)
     else:
         dataset = PairDataset(entries, args.train_path, args.num_frames, args.sampling_rate, augmenter, args.seed)
         try:
-            sampler = SpeakerPairSampler(dataset.labels, args.batch_size, args.seed)
+            sampler = SpeakerPairSampler(dataset.labels, args.batch_size, args.seed, distributed.world_size(),
+                                         distributed.rank())
         except ValueError as error:
             raise SystemExit(f'{args.train_list}: {error} (lower --batch_size)')
         loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, **loader_options)
@@ -594,43 +624,56 @@ def run_training(args):
         lr = learning_rate(args, epoch)
         sampler.set_epoch(epoch)
         torch.backends.cudnn.benchmark = True  # fixed crop shapes: let cuDNN pick its fastest kernels
-        loss, accuracy = train_one_epoch(step_fn, loader, epoch, lr, args.seed)
+        loss, accuracy = np.mean(distributed.gather_objects(
+            train_one_epoch(step_fn, loader, epoch, lr, args.seed)), axis=0)
         torch.backends.cudnn.benchmark = False  # evaluation sees every utterance length once
         if epoch % args.test_step == 0 or epoch == args.max_epoch:
             checkpoint = os.path.join(model_dir, f'model_{epoch:04d}.model')
-            save_checkpoint(checkpoint_state(model), encoder_config(args), checkpoint)
+            if main_process:
+                save_checkpoint(checkpoint_state(model), encoder_config(args), checkpoint)
             results = evaluate(model.speaker_encoder, args, device, eval_lists)
             eers.append(next(r['metrics']['eer'] for r in results.values() if r['metrics']))
             line = f'{epoch} epoch, LR {lr:f}, LOSS {loss:f}, ACC {accuracy:2.2f}%, ' + ', '.join(
                 (f'{os.path.basename(path)} ' if len(results) > 1 else '') + format_result(result)
                 for path, result in results.items()) + f', bestEER {min(eers):2.2f}%'
-            print(time.strftime('%Y-%m-%d %H:%M:%S'), line)
-            with open(score_path, 'a') as f:
-                f.write(line + '\n')
-        atomic_torch_save({
-            'epoch': epoch, 'model': model.state_dict(), 'optimizer': optimizer.state_dict(),
-            'rng': torch.get_rng_state(),
-            'cuda_rng': torch.cuda.get_rng_state_all() if device.type == 'cuda' else None,
-            'scaler': step_fn.scaler.state_dict(), 'eers': eers,
-        }, resume_path)
-    print(f'score.txt: {score_path}\ncheckpoints: {model_dir}')
+            log(time.strftime('%Y-%m-%d %H:%M:%S'), line)
+            if main_process:
+                with open(score_path, 'a') as f:
+                    f.write(line + '\n')
+        rng = distributed.gather_objects(torch.get_rng_state())
+        cuda_rng = distributed.gather_objects(torch.cuda.get_rng_state(device)) if device.type == 'cuda' else None
+        if main_process:
+            atomic_torch_save({'epoch': epoch, 'model': model.state_dict(), 'optimizer': optimizer.state_dict(),
+                               'rng': rng, 'cuda_rng': cuda_rng, 'scaler': step_fn.scaler.state_dict(),
+                               'eers': eers}, resume_path)
+    log(f'score.txt: {score_path}\ncheckpoints: {model_dir}')
 
 
 def main(argv=None):
     args = parse_args(argv)
-    corpus = os.path.join(args.save_path, 'corpus')
-    if args.demo and any(name not in args.given for name in demo.corpus_paths(corpus)):
-        print(f'Demo corpus: {corpus}')
-        demo.make_corpus(corpus)
-    if args.score_file:
-        return run_score_files(args)
-    if args.export:
-        return run_export(args)
-    if args.extract:
-        return run_extract(args)
-    if args.eval:
-        return run_eval(args)
-    return run_training(args)
+    training = not (args.score_file or args.export or args.extract or args.eval)
+    if distributed.launched_by_torchrun() and not training:
+        raise SystemExit('--score_file, --export, --extract and --eval run in one process: launch them without '
+                         'torchrun')
+    if training:
+        args.device = str(distributed.setup(args.device))
+    try:
+        corpus = os.path.join(args.save_path, 'corpus')
+        if args.demo and any(name not in args.given for name in demo.corpus_paths(corpus)) and distributed.is_main():
+            print(f'Demo corpus: {corpus}')
+            demo.make_corpus(corpus)
+        distributed.barrier()
+        if args.score_file:
+            return run_score_files(args)
+        if args.export:
+            return run_export(args)
+        if args.extract:
+            return run_extract(args)
+        if args.eval:
+            return run_eval(args)
+        return run_training(args)
+    finally:
+        distributed.cleanup()
 
 
 if __name__ == '__main__':

@@ -6,8 +6,8 @@ import pytest
 import soundfile
 import torch
 
-from dataLoader import (NOISE_COUNTS, SNR_RANGES, Augmenter, DeviceAugmenter, SignalBank, TrainDataset, parse_train_list,
-                        random_crop, read_audio, read_random_crop, reverberate)
+from dataLoader import (NOISE_COUNTS, SNR_RANGES, Augmenter, DeviceAugmenter, EpochSampler, SignalBank, TrainDataset,
+                        parse_train_list, random_crop, read_audio, read_random_crop, reverberate)
 from model import crop_samples
 
 RATE = 16000
@@ -257,3 +257,11 @@ def test_malformed_train_list_line_is_named(tmp_path):
     path.write_text('id1 id1/a/1.wav\nid2\n')
     with pytest.raises(ValueError, match=r'list.txt:2'):
         parse_train_list(str(path))
+
+
+def test_epoch_sampler_shards_are_disjoint_and_equally_long():
+    whole = [i for i, _ in EpochSampler(11, seed=3)]
+    shards = [[i for i, _ in EpochSampler(11, seed=3, world_size=3, rank=r)] for r in range(3)]
+    assert sorted(whole) == list(range(11))
+    assert [len(s) for s in shards] == [3, 3, 3]
+    assert sorted(sum(shards, [])) == sorted(whole[:9])

@@ -138,5 +138,17 @@ def test_pair_sampler_gives_distinct_speakers_and_covers_the_list():
 
 
 def test_pair_sampler_needs_enough_speakers():
-    with pytest.raises(ValueError, match='at least that many speakers'):
+    with pytest.raises(ValueError, match='needs at least 3 speakers; the list has 2'):
         SpeakerPairSampler([0, 0, 1, 1], batch_size=3, seed=0)
+
+
+def test_pair_sampler_shards_global_batches_of_distinct_speakers():
+    labels = [s for s in range(12) for _ in range(5)]
+    ranks = [SpeakerPairSampler(labels, batch_size=3, seed=4, world_size=2, rank=r) for r in range(2)]
+    batches = [list(sampler) for sampler in ranks]
+    assert len(batches[0]) == len(batches[1]) == len(ranks[0]) > 0
+    for part0, part1 in zip(*batches):
+        assert len(part0) == len(part1) == 3
+        speakers = [labels[a] for a, _, _ in part0 + part1]
+        assert len(set(speakers)) == 6
+        assert not {i for pair in part0 for i in pair[:2]} & {i for pair in part1 for i in pair[:2]}

@@ -1,0 +1,75 @@
+"""Training on several processes launched by torchrun (PyTorch DDP), and the same code on one.
+
+Kept apart from trainECAPAModel.py so that a reader of the single-process path meets none of it: every
+function here is the identity, or says "rank 0 of 1", when the script runs without torchrun.
+
+  setup()          -> reads RANK / LOCAL_RANK / WORLD_SIZE, joins the process group (nccl on CUDA, gloo on
+                      CPU), picks this rank's device
+  (the samplers in dataLoader.py take world_size and rank and give each rank its part of every epoch)
+  gather_batch()   -> tensors concatenated over ranks, gradients flowing back to each rank's part
+  gather_objects() -> picklable objects from every rank
+"""
+
+import datetime
+import os
+
+import torch
+import torch.distributed as dist
+import torch.distributed.nn.functional as distributed_functional
+
+
+def world_size():
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def rank():
+    return dist.get_rank() if world_size() > 1 else 0
+
+
+def is_main():
+    return rank() == 0
+
+
+def launched_by_torchrun():
+    return int(os.environ.get('WORLD_SIZE', '1')) > 1
+
+
+def setup(device):
+    """Join torchrun's process group when launched by it; returns this rank's device (cuda:LOCAL_RANK when
+    `device` is CUDA). Without torchrun, returns `device` unchanged."""
+    device = torch.device(device)
+    if not launched_by_torchrun():
+        return device
+    if device.type == 'cuda':
+        device = torch.device('cuda', int(os.environ.get('LOCAL_RANK', '0')))
+        torch.cuda.set_device(device)
+    # Ranks other than 0 wait in collectives while rank 0 writes checkpoints; allow for slow disks.
+    dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo', timeout=datetime.timedelta(hours=2))
+    return device
+
+
+def cleanup():
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def gather_batch(*tensors):
+    """Each tensor concatenated over all ranks in rank order. Gradients flow back to every rank's own part
+    (torch.distributed.nn's all_gather); without torchrun the tensors are returned unchanged."""
+    if world_size() == 1:
+        return tensors
+    return tuple(torch.cat(distributed_functional.all_gather(t.contiguous())) for t in tensors)
+
+
+def gather_objects(obj):
+    """[object of rank 0, object of rank 1, ...]; [obj] without torchrun."""
+    if world_size() == 1:
+        return [obj]
+    gathered = [None] * world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
+def barrier():
+    if world_size() > 1:
+        dist.barrier()
