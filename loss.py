@@ -30,6 +30,9 @@ class AAMsoftmax(nn.Module):
         self.weight = nn.Parameter(torch.empty(n_class, embedding_dim))
         nn.init.xavier_normal_(self.weight, gain=1)
 
+    def set_margin(self, m):
+        self.m = m
+
     def forward(self, x, label):
         cosine = F.linear(F.normalize(x.float()), F.normalize(self.weight.float()))
         target = label[:, None] == torch.arange(cosine.size(1), device=label.device)[None, :]
@@ -124,11 +127,18 @@ class JointObjective(nn.Module):
         self.hard_negative = hard_negative
         if classifier_weight > 0:
             self.classifier = AAMsoftmax(n_class, m, s, embedding_dim)
+        self.contrastive_margin = loss == 'aam_infonce'
         if contrastive_weight > 0 or matching_weight > 0:
-            margin = m if loss == 'aam_infonce' else 0.0
-            self.contrastive = InfoNCE(margin, s if fixed_scale else None)
+            self.contrastive = InfoNCE(m if self.contrastive_margin else 0.0, s if fixed_scale else None)
         if matching_weight > 0:
             self.matching = PairMatchingHead(embedding_dim)
+
+    def set_margin(self, m):
+        """The angular margin of the classifier and, with aam_infonce, of the positives (--margin_schedule)."""
+        if self.classifier_weight > 0:
+            self.classifier.set_margin(m)
+        if self.contrastive_margin and hasattr(self, 'contrastive'):
+            self.contrastive.margin = m
 
     def forward(self, u, v, labels):
         total = u.new_zeros((), dtype=torch.float32)

@@ -26,6 +26,8 @@ from dataLoader import (Augmenter, DeviceAugmenter, EpochSampler, PairDataset, S
                         default_cache_dir, parse_train_list, speaker_labels)
 from loss import AAMsoftmax, build_objective
 from model import MODELS, build_encoder
+from records import append_metrics, forget_epochs_after, write_config
+from schedules import training_schedule
 from tools import (as_norm, atomic_torch_save, build_cohort, cached_embed_files, embed_files, encoder_weights,
                    export_onnx, export_torchscript, file_digest, load_model, load_state_dict_file, read_score_file,
                    read_trials, save_checkpoint, score_trials, verification_metrics, write_score_file)
@@ -33,6 +35,10 @@ from tools import (as_norm, atomic_torch_save, build_cohort, cached_embed_files,
 DEMO_DEFAULTS = {'save_path': 'exps/demo', 'max_epoch': 7, 'batch_size': 32, 'num_frames': 150,
                  'test_step': 1, 'lr': 0.002, 'n_cpu': 1}
 DEMO_WIDTHS = {'ecapa-tdnn': 128, 'tdnn': 256}  # --C for the demo; ResNets take 16 base channels
+# Large-margin fine-tuning, after wespeaker's VoxCeleb recipe (conf/ecapa_tdnn_lm.yaml): 5 epochs of 6 s crops,
+# margin 0.5, lr from 1e-4 to 2.5e-5 with a one-epoch warm-up, no SpecAugment.
+LARGE_MARGIN_DEFAULTS = {'num_frames': 600, 'm': 0.5, 'max_epoch': 5, 'scheduler': 'warmup_exp', 'lr': 1e-4,
+                         'final_lr': 2.5e-5, 'warmup_epochs': 1, 'spec_augment': 'off'}
 
 
 def available_cores():
@@ -105,7 +111,20 @@ def build_parser():
                                'torchrun the global batch is this times the number of processes')
     training.add_argument('--lr', type=float, default=0.001, help='initial learning rate (Adam)')
     training.add_argument('--lr_decay', type=float, default=0.97,
-                          help='learning rate factor applied every test_step epochs')
+                          help='--scheduler step: learning rate factor applied every test_step epochs')
+    training.add_argument('--scheduler', default='step', choices=['step', 'warmup_exp'],
+                          help='step: the original StepLR, lr * lr_decay ** ((epoch - 1) // test_step); warmup_exp: '
+                               'linear warm-up over --warmup_epochs and exponential decay from --lr to --final_lr '
+                               'over the run, step by step (wespeaker\'s recipe)')
+    training.add_argument('--warmup_epochs', type=float, default=6, help='--scheduler warmup_exp: warm-up length')
+    training.add_argument('--final_lr', type=float, default=5e-5, help='--scheduler warmup_exp: lr at the last step')
+    training.add_argument('--margin_schedule', type=int, nargs=2, metavar=('START', 'END'),
+                          help='margin 0 until epoch START, then rising linearly (per step) to --m at epoch END')
+    training.add_argument('--spec_augment', default='on', choices=['on', 'off'],
+                          help='time and frequency masks on the training features')
+    training.add_argument('--large_margin', action='store_true',
+                          help=f'large-margin fine-tuning of --initial_model: flags not given take '
+                               f'{LARGE_MARGIN_DEFAULTS}')
     training.add_argument('--test_step', type=int, default=1, help='evaluate and save every this many epochs')
     training.add_argument('--seed', type=int, default=10, help='seed of every random choice')
     training.add_argument('--initial_model', default='',
@@ -174,6 +193,10 @@ def parse_args(argv=None):
         for name, value in paths.items():
             if name not in given:
                 setattr(args, name, [value] if name == 'eval_list' else value)
+    if args.large_margin:
+        for name, value in LARGE_MARGIN_DEFAULTS.items():
+            if name not in given:
+                setattr(args, name, value)
     validate(args, parser)
     return args
 
@@ -195,8 +218,10 @@ def validate(args, parser):
             parser.error(f'--{name} cannot be negative, got {getattr(args, name)}')
     if args.gpu_augment and not (args.musan_path or args.rir_path):
         parser.error('--gpu_augment needs --musan_path or --rir_path: there is nothing to augment with')
-    if not (args.lr > 0 and 0 < args.lr_decay <= 1):
-        parser.error('--lr must be positive and --lr_decay in (0, 1]')
+    if not (args.lr > 0 and 0 < args.lr_decay <= 1 and args.final_lr > 0 and args.warmup_epochs >= 0):
+        parser.error('--lr and --final_lr must be positive, --lr_decay in (0, 1] and --warmup_epochs not negative')
+    if args.margin_schedule and not 1 <= args.margin_schedule[0] <= args.margin_schedule[1]:
+        parser.error(f'--margin_schedule START END needs 1 <= START <= END, got {args.margin_schedule}')
     if not (0 <= args.m < math.pi / 2 and args.s > 0):
         parser.error('--m must be in [0, pi/2) and --s positive')
     contrastive = args.mode in ('clip', 'blip')
@@ -237,6 +262,8 @@ def validate(args, parser):
         need('initial_model', 'eval_list', 'eval_path', why='--eval')
     else:
         need('train_list', 'train_path', 'eval_list', 'eval_path', why='training')
+        if args.large_margin:
+            need('initial_model', why='--large_margin (it fine-tunes a trained model)')
     if args.snorm:
         need('train_list', 'train_path', why='--snorm (the cohort comes from the training list)')
     for name in ('train_list', 'eval_list', 'initial_model'):
@@ -269,16 +296,11 @@ class SpeakerModel(nn.Module):
         self.speaker_encoder = encoder
         self.speaker_loss = head
 
-    def forward(self, waveforms, labels, views=1, autocast_dtype=None):
+    def forward(self, waveforms, labels, views=1, autocast_dtype=None, spec_augment=True):
         with torch.autocast(waveforms.device.type, dtype=autocast_dtype or torch.float32,
                             enabled=autocast_dtype is not None):
-            embeddings = self.speaker_encoder(waveforms, aug=True)
+            embeddings = self.speaker_encoder(waveforms, aug=spec_augment)
         return self.speaker_loss(*embeddings.float().chunk(views), labels)
-
-
-def learning_rate(args, epoch):
-    """The original StepLR schedule as a function of the epoch: lr * lr_decay ** ((epoch - 1) // test_step)."""
-    return args.lr * args.lr_decay ** ((epoch - 1) // args.test_step)
 
 
 def encoder_config(args):
@@ -325,7 +347,8 @@ class TrainingStep:
     forward pass. Nothing in it reads a value back to the host except fp16's overflow check. Returns
     (loss, accuracy) as device tensors."""
 
-    def __init__(self, model, optimizer, device, amp='off', compile=False, grad_clip=0.0, device_augmenter=None):
+    def __init__(self, model, optimizer, device, amp='off', compile=False, grad_clip=0.0, device_augmenter=None,
+                 spec_augment=True):
         self.model = model
         self.optimizer = optimizer
         self.device = torch.device(device)
@@ -339,6 +362,7 @@ class TrainingStep:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=amp == 'fp16')
         self.grad_clip = grad_clip
         self.device_augmenter = device_augmenter
+        self.spec_augment = spec_augment
 
     def __call__(self, batch, rng):
         """`batch`: (waveforms, labels) or (view a, view b, labels); `rng` draws the device augmentation."""
@@ -346,7 +370,7 @@ class TrainingStep:
         waveforms = torch.cat([views.to(self.device, non_blocking=True) for views in batch[:-1]])
         if self.device_augmenter is not None:
             waveforms = self.device_augmenter(waveforms, rng)
-        loss, accuracy = self.forward(waveforms, labels, len(batch) - 1, self.amp_dtype)
+        loss, accuracy = self.forward(waveforms, labels, len(batch) - 1, self.amp_dtype, self.spec_augment)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         if self.grad_clip > 0:
@@ -357,14 +381,13 @@ class TrainingStep:
         return loss.detach(), accuracy.detach()
 
 
-def train_one_epoch(step_fn, loader, epoch, lr, seed):
+def train_one_epoch(step_fn, loader, epoch, schedule, seed):
     """One pass over `loader` (batches of (waveforms, labels), or (view a, view b, labels) in the pair
-    modes) with `step_fn`, a `TrainingStep`; returns the example-weighted mean loss and accuracy. The bar's
-    utt/s counts crops of this process. Device augmentation draws from a generator seeded by (seed, epoch,
-    step, rank)."""
+    modes) with `step_fn`, a `TrainingStep`, setting the learning rate and margin of `schedule(epoch, step)`
+    before each step. Returns the example-weighted mean loss and accuracy, the last step's learning rate and
+    margin, and this process's crops per second. Device augmentation draws from a generator seeded by
+    (seed, epoch, step, rank)."""
     step_fn.model.train()
-    for group in step_fn.optimizer.param_groups:
-        group['lr'] = lr
     loss_sum = torch.zeros((), device=step_fn.device)
     correct_sum = torch.zeros((), device=step_fn.device)
     examples = crops = 0
@@ -372,6 +395,10 @@ def train_one_epoch(step_fn, loader, epoch, lr, seed):
     bar = tqdm.tqdm(loader, desc=f'epoch {epoch}', unit='batch', file=sys.stdout, dynamic_ncols=True,
                     mininterval=1 if sys.stdout.isatty() else 30, disable=not distributed.is_main())
     for step, batch in enumerate(bar, start=1):
+        lr, margin = schedule(epoch, step)
+        for group in step_fn.optimizer.param_groups:
+            group['lr'] = lr
+        step_fn.model.speaker_loss.set_margin(margin)
         loss, accuracy = step_fn(batch, np.random.default_rng((seed, epoch, step, distributed.rank())))
         examples += len(batch[-1])
         crops += sum(len(views) for views in batch[:-1])
@@ -382,7 +409,8 @@ def train_one_epoch(step_fn, loader, epoch, lr, seed):
                             acc=f'{correct_sum.item() / examples:.2f}%', utt_s=f'{crops / (time.time() - start):.1f}')
     if examples == 0:
         raise RuntimeError('the training loader produced no batch: --batch_size is larger than the training list')
-    return loss_sum.item() / examples, correct_sum.item() / examples
+    return {'loss': loss_sum.item() / examples, 'accuracy': correct_sum.item() / examples, 'lr': lr,
+            'margin': margin, 'crops_per_s': crops / (time.time() - start)}
 
 
 def cohort_entries(entries, size, seed):
@@ -600,7 +628,8 @@ def run_training(args):
     device_augmenter = None
     if args.gpu_augment:  # the loader workers only read and crop
         device_augmenter, augmenter = DeviceAugmenter(augmenter, device), None
-    step_fn = TrainingStep(model, optimizer, device, args.amp, args.compile, args.grad_clip, device_augmenter)
+    step_fn = TrainingStep(model, optimizer, device, args.amp, args.compile, args.grad_clip, device_augmenter,
+                           args.spec_augment == 'on')
     if resume.get('scaler'):
         step_fn.scaler.load_state_dict(resume['scaler'])
     loader_options = {'num_workers': args.n_cpu, 'pin_memory': device.type == 'cuda',
@@ -620,13 +649,22 @@ def run_training(args):
         loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, **loader_options)
 
     score_path = os.path.join(args.save_path, 'score.txt')
+    metrics_path = os.path.join(args.save_path, 'metrics.jsonl')
+    if main_process:
+        write_config(os.path.join(args.save_path, 'config.json'), args, device, distributed.world_size(),
+                     first_epoch - 1)
+        forget_epochs_after(first_epoch - 1, score_path, metrics_path)
+    schedule = training_schedule(args, len(loader))
     for epoch in range(first_epoch, args.max_epoch + 1):
-        lr = learning_rate(args, epoch)
         sampler.set_epoch(epoch)
         torch.backends.cudnn.benchmark = True  # fixed crop shapes: let cuDNN pick its fastest kernels
-        loss, accuracy = np.mean(distributed.gather_objects(
-            train_one_epoch(step_fn, loader, epoch, lr, args.seed)), axis=0)
+        started = time.time()
+        progress = distributed.gather_objects(train_one_epoch(step_fn, loader, epoch, schedule, args.seed))
         torch.backends.cudnn.benchmark = False  # evaluation sees every utterance length once
+        loss, accuracy = (float(np.mean([p[name] for p in progress])) for name in ('loss', 'accuracy'))
+        lr = progress[0]['lr']
+        record = {'epoch': epoch, 'loss': loss, 'accuracy': accuracy, 'lr': lr, 'margin': progress[0]['margin'],
+                  'crops_per_s': sum(p['crops_per_s'] for p in progress), 'train_seconds': time.time() - started}
         if epoch % args.test_step == 0 or epoch == args.max_epoch:
             checkpoint = os.path.join(model_dir, f'model_{epoch:04d}.model')
             if main_process:
@@ -637,9 +675,14 @@ def run_training(args):
                 (f'{os.path.basename(path)} ' if len(results) > 1 else '') + format_result(result)
                 for path, result in results.items()) + f', bestEER {min(eers):2.2f}%'
             log(time.strftime('%Y-%m-%d %H:%M:%S'), line)
+            record['eval'] = {os.path.basename(path): {k: v for k, v in result.items() if k.endswith('metrics')}
+                              for path, result in results.items()}
             if main_process:
                 with open(score_path, 'a') as f:
                     f.write(line + '\n')
+        record['epoch_seconds'] = time.time() - started
+        if main_process:
+            append_metrics(metrics_path, record)
         rng = distributed.gather_objects(torch.get_rng_state())
         cuda_rng = distributed.gather_objects(torch.cuda.get_rng_state(device)) if device.type == 'cuda' else None
         if main_process:

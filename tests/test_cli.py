@@ -41,12 +41,24 @@ def test_training_writes_checkpoints_scores_and_resume_state(tiny_corpus, tmp_pa
     assert (tmp_path / 'model' / 'resume.pt').exists()
 
 
-@pytest.mark.parametrize('flags', [[], ['--gpu_augment', '--amp', 'bf16', '--grad_clip', '5']])
-def test_resumed_run_equals_an_uninterrupted_one(tiny_corpus, tmp_path, cache_dir, flags):
+@pytest.mark.parametrize('flags', [[], ['--gpu_augment', '--amp', 'bf16', '--grad_clip', '5'],
+                                   ['--scheduler', 'warmup_exp', '--warmup_epochs', '1', '--margin_schedule', '1', '2']])
+def test_resumed_run_equals_an_uninterrupted_one(tiny_corpus, tmp_path, cache_dir, flags, monkeypatch):
     straight, interrupted = tmp_path / 'straight', tmp_path / 'interrupted'
-    trainECAPAModel.main(tiny_args(tiny_corpus, straight, cache_dir, '--max_epoch', '2', *flags))
-    trainECAPAModel.main(tiny_args(tiny_corpus, interrupted, cache_dir, '--max_epoch', '1', *flags))
-    trainECAPAModel.main(tiny_args(tiny_corpus, interrupted, cache_dir, '--max_epoch', '2', *flags))
+    args = ['--max_epoch', '2', *flags]
+    trainECAPAModel.main(tiny_args(tiny_corpus, straight, cache_dir, *args))
+    train_one_epoch = trainECAPAModel.train_one_epoch
+
+    def stopped_in_epoch_2(step_fn, loader, epoch, *rest):
+        if epoch == 2:
+            raise KeyboardInterrupt
+        return train_one_epoch(step_fn, loader, epoch, *rest)
+
+    monkeypatch.setattr(trainECAPAModel, 'train_one_epoch', stopped_in_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        trainECAPAModel.main(tiny_args(tiny_corpus, interrupted, cache_dir, *args))
+    monkeypatch.setattr(trainECAPAModel, 'train_one_epoch', train_one_epoch)
+    trainECAPAModel.main(tiny_args(tiny_corpus, interrupted, cache_dir, *args))
     a = torch.load(straight / 'model' / 'model_0002.model', weights_only=True)
     b = torch.load(interrupted / 'model' / 'model_0002.model', weights_only=True)
     assert a.keys() == b.keys()

@@ -1,0 +1,66 @@
+"""What a training run leaves behind for later: `config.json` (how it was run) and `metrics.jsonl` (one JSON
+object per epoch), beside the human-readable `score.txt`. Kept apart from trainECAPAModel.py, which only
+calls these."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import torch
+import torchaudio
+
+from tools import atomic_json_save, atomic_write
+
+
+def git_commit():
+    """The commit of this code, with '-dirty' when tracked files differ from it; None outside a checkout."""
+    root = os.path.dirname(os.path.abspath(__file__))
+    try:
+        commit = subprocess.run(['git', 'rev-parse', 'HEAD'], cwd=root, capture_output=True, text=True, timeout=10)
+        status = subprocess.run(['git', 'status', '--porcelain', '--untracked-files=no'], cwd=root,
+                                capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if commit.returncode != 0:
+        return None
+    return commit.stdout.strip() + ('-dirty' if status.stdout.strip() else '')
+
+
+def write_config(path, args, device, processes, resumed_after):
+    """Every argument, the code's commit, library versions and the device, as JSON."""
+    device = torch.device(device)
+    atomic_json_save({
+        'arguments': {k: v for k, v in sorted(vars(args).items()) if k != 'given'},
+        'given_on_command_line': args.given, 'command': sys.argv, 'git_commit': git_commit(),
+        'torch': torch.__version__, 'torchaudio': torchaudio.__version__, 'cuda': torch.version.cuda,
+        'device': str(device),
+        'device_name': torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu',
+        'processes': processes, 'resumed_after_epoch': resumed_after,
+        'started': time.strftime('%Y-%m-%dT%H:%M:%S%z'),
+    }, path)
+
+
+def append_metrics(path, record):
+    with open(path, 'a') as f:
+        f.write(json.dumps(record) + '\n')
+
+
+def read_metrics(path):
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def forget_epochs_after(epoch, score_path, metrics_path):
+    """On resume: drop the lines of epochs after `epoch` (written before a crash that came before their
+    resume state), so that the continued run does not log them twice."""
+    if os.path.exists(score_path):
+        with open(score_path) as f:
+            lines = [line for line in f if int(line.split(' ', 1)[0]) <= epoch]
+        atomic_write(score_path, lambda f: f.write(''.join(lines).encode()))
+    if os.path.exists(metrics_path):
+        kept = [r for r in read_metrics(metrics_path) if r['epoch'] <= epoch]
+        atomic_write(metrics_path, lambda f: f.write(''.join(json.dumps(r) + '\n' for r in kept).encode()))
