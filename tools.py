@@ -29,7 +29,7 @@ EVAL_CROP_FRAMES = 300
 
 # ---------------------------------------------------------------- metrics
 
-def _operating_points(scores, labels):
+def operating_points(scores, labels):
     """Miss and false-alarm rates when accepting scores >= t, for t at every distinct score and beyond
     the largest (reject all). The first point accepts all trials: (P_miss, P_fa) = (0, 1)."""
     scores = np.asarray(scores, dtype=np.float64)
@@ -58,7 +58,7 @@ def _operating_points(scores, labels):
 def compute_eer(scores, labels):
     """Equal error rate in percent: where P_miss - P_fa changes sign, interpolated linearly between the
     two operating points on either side."""
-    p_miss, p_fa = _operating_points(scores, labels)
+    p_miss, p_fa = operating_points(scores, labels)
     diff = p_miss - p_fa
     after = int(np.flatnonzero(diff >= 0)[0])
     if diff[after] == 0:
@@ -72,7 +72,7 @@ def compute_min_dcf(scores, labels, p_target, c_miss=1, c_fa=1):
     """Minimum over all thresholds (accept-all and reject-all included) of
     c_miss * P_miss * p_target + c_fa * P_fa * (1 - p_target), divided by min(c_miss * p_target,
     c_fa * (1 - p_target))."""
-    p_miss, p_fa = _operating_points(scores, labels)
+    p_miss, p_fa = operating_points(scores, labels)
     cost = c_miss * p_miss * p_target + c_fa * p_fa * (1 - p_target)
     return float(cost.min() / min(c_miss * p_target, c_fa * (1 - p_target)))
 
@@ -290,6 +290,12 @@ def cached_embed_files(encoder, relative_paths, root, device, cache_dir, identit
 
 # ---------------------------------------------------------------- checkpoints
 
+def current_umask():
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path, write):
     """Call `write(file object)` on a temporary file beside `path`, fsync it, then rename it over `path`,
     so that `path` holds either the old or the new content, never a partial one."""
@@ -297,6 +303,7 @@ def atomic_write(path, write):
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=directory, prefix='.' + os.path.basename(path) + '.')
     try:
+        os.fchmod(fd, 0o666 & ~current_umask())  # what open() would give, not mkstemp's owner-only 0600
         with os.fdopen(fd, 'wb') as f:
             write(f)
             f.flush()

@@ -26,6 +26,7 @@ from dataLoader import (Augmenter, DeviceAugmenter, EpochSampler, PairDataset, S
                         default_cache_dir, parse_train_list, speaker_labels)
 from loss import AAMsoftmax, build_objective
 from model import MODELS, build_encoder
+from plots import evaluation_plots, training_curve
 from records import append_metrics, forget_epochs_after, write_config
 from schedules import training_schedule
 from tools import (as_norm, atomic_torch_save, build_cohort, cached_embed_files, embed_files, encoder_weights,
@@ -531,6 +532,7 @@ def run_eval(args):
                              result['labels'])
         print(f'{path}: {len(result["scores"])} trials, {format_result(result)}\n'
               f'  scores (enroll test score [label]): {score_path}' + (' and .asnorm' if args.snorm else ''))
+    evaluation_plots(results, os.path.join(args.save_path, 'plots'))
     return results
 
 
@@ -683,6 +685,9 @@ def run_training(args):
         record['epoch_seconds'] = time.time() - started
         if main_process:
             append_metrics(metrics_path, record)
+            if 'eval' in record:
+                evaluation_plots(results, os.path.join(args.save_path, 'plots'))
+                training_curve(metrics_path, os.path.join(args.save_path, 'plots', 'training_curve.png'))
         rng = distributed.gather_objects(torch.get_rng_state())
         cuda_rng = distributed.gather_objects(torch.cuda.get_rng_state(device)) if device.type == 'cuda' else None
         if main_process:

@@ -200,6 +200,12 @@ def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
     assert os.listdir(tmp_path) == ['model_0001.model']
 
 
+def test_atomic_write_gives_the_permissions_of_a_plain_write(tmp_path):
+    atomic_write(str(tmp_path / 'atomic'), lambda f: f.write(b'x'))
+    (tmp_path / 'plain').write_bytes(b'x')
+    assert (tmp_path / 'atomic').stat().st_mode == (tmp_path / 'plain').stat().st_mode
+
+
 def test_eval_list_with_missing_files_fails_before_training(tiny_corpus, tmp_path, cache_dir):
     trials = tmp_path / 'trials.txt'
     trials.write_text(open(tiny_corpus['eval_list']).read() + '1 id20000/session0/00000.wav id99999/gone.wav\n')

@@ -60,6 +60,8 @@ def test_run_writes_config_and_metrics_records(tiny_corpus, tmp_path, cache_dir)
     assert 0 < records[0]['margin'] < records[1]['margin'] < 0.2
     assert records[1]['lr'] == pytest.approx(5e-5)
     assert all(r['crops_per_s'] > 0 and r['epoch_seconds'] >= r['train_seconds'] > 0 for r in records)
+    plots = {p.name for p in (tmp_path / 'plots').iterdir()}
+    assert plots == {'training_curve.png', 'trials_det.png', 'trials_scores.png'}
     lines = (tmp_path / 'score.txt').read_text().splitlines()
     for record, line in zip(records, lines):
         metrics = next(iter(record['eval'].values()))['metrics']

@@ -1,0 +1,121 @@
+"""Figures of a run, as PNG files under save_path/plots: for each labelled trial list a DET curve (miss and
+false-alarm rates on normal-deviate axes, the EER and both minDCF operating points marked) and the
+target/non-target score histograms; and the training curve (loss, accuracy, EER per epoch) from
+metrics.jsonl. Kept apart because only these need matplotlib.
+
+  python plots.py SAVE_PATH     # redraw the training curve of a run from its metrics.jsonl
+"""
+
+import os
+import sys
+
+import matplotlib
+
+matplotlib.use('Agg')
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from scipy.stats import norm  # noqa: E402
+
+from records import read_metrics  # noqa: E402
+from tools import atomic_write, compute_eer, compute_min_dcf, operating_points  # noqa: E402
+
+DCF_TARGET_PRIORS = (0.05, 0.01)
+
+
+def save_figure(figure, path):
+    atomic_write(path, lambda f: figure.savefig(f, format='png', dpi=100))
+    plt.close(figure)
+
+
+def det_curve(scores, labels, path, title):
+    """Miss rate against false-alarm rate on probit axes, with the EER point and each minDCF point."""
+    miss, false_alarm = operating_points(scores, labels)
+    clip = 1e-4
+
+    def probit(rate):
+        return norm.ppf(np.clip(rate, clip, 1 - clip))
+
+    figure, axes = plt.subplots(figsize=(5, 5))
+    axes.plot(probit(false_alarm), probit(miss), lw=1.5)
+    eer = compute_eer(scores, labels) / 100
+    axes.plot(probit(eer), probit(eer), 'o', label=f'EER {100 * eer:.2f}%')
+    for prior, marker in zip(DCF_TARGET_PRIORS, ('s', '^')):
+        best = int(np.argmin(prior * miss + (1 - prior) * false_alarm))
+        axes.plot(probit(false_alarm[best]), probit(miss[best]), marker,
+                  label=f'minDCF({prior}) {compute_min_dcf(scores, labels, prior):.4f}')
+    ticks = np.array([0.001, 0.01, 0.05, 0.2, 0.5, 0.8])
+    axes.set_xticks(norm.ppf(ticks), [f'{100 * t:g}' for t in ticks])
+    axes.set_yticks(norm.ppf(ticks), [f'{100 * t:g}' for t in ticks])
+    axes.set_xlim(norm.ppf(clip), norm.ppf(0.9))
+    axes.set_ylim(norm.ppf(clip), norm.ppf(0.9))
+    axes.set_xlabel('false-alarm rate (%)')
+    axes.set_ylabel('miss rate (%)')
+    axes.set_title(title)
+    axes.grid(True, alpha=0.3)
+    axes.legend(loc='upper right')
+    save_figure(figure, path)
+
+
+def score_histograms(scores, labels, path, title):
+    scores, labels = np.asarray(scores), np.asarray(labels)
+    figure, axes = plt.subplots(figsize=(6, 4))
+    bins = np.linspace(scores.min(), scores.max(), 60)
+    axes.hist(scores[labels == 0], bins=bins, alpha=0.6, density=True, label=f'non-target ({np.sum(labels == 0)})')
+    axes.hist(scores[labels == 1], bins=bins, alpha=0.6, density=True, label=f'target ({np.sum(labels == 1)})')
+    axes.set_xlabel('score')
+    axes.set_ylabel('density')
+    axes.set_title(title)
+    axes.legend()
+    save_figure(figure, path)
+
+
+def training_curve(metrics_path, path):
+    """Loss, accuracy and each list's EER per epoch from metrics.jsonl; False when it holds no epoch."""
+    records = read_metrics(metrics_path)
+    if not records:
+        return False
+    epochs = [r['epoch'] for r in records]
+    figure, (loss_axes, accuracy_axes, eer_axes) = plt.subplots(1, 3, figsize=(13, 3.6))
+    loss_axes.plot(epochs, [r['loss'] for r in records], 'o-')
+    loss_axes.set_title('training loss')
+    accuracy_axes.plot(epochs, [r['accuracy'] for r in records], 'o-')
+    accuracy_axes.set_title('training accuracy (%)')
+    lists = sorted({name for r in records for name in r.get('eval', {})})
+    for name in lists:
+        points = [(r['epoch'], r['eval'][name]['metrics']['eer']) for r in records
+                  if name in r.get('eval', {}) and r['eval'][name].get('metrics')]
+        if points:
+            eer_axes.plot(*zip(*points), 'o-', label=name)
+    eer_axes.set_title('EER (%)')
+    if lists:
+        eer_axes.legend()
+    for axes in (loss_axes, accuracy_axes, eer_axes):
+        axes.set_xlabel('epoch')
+        axes.grid(True, alpha=0.3)
+    figure.tight_layout()
+    save_figure(figure, path)
+    return True
+
+
+def evaluation_plots(results, folder, suffix=''):
+    """DET curve and histograms of every labelled list in `results` (from trainECAPAModel.evaluate)."""
+    os.makedirs(folder, exist_ok=True)
+    for list_path, result in results.items():
+        if result['labels'] is None:
+            continue
+        name = os.path.splitext(os.path.basename(list_path))[0]
+        for key, kind in (('scores', ''), ('snorm_scores', ' AS-Norm')):
+            if key in result:
+                tag = name + ('_asnorm' if kind else '') + suffix
+                det_curve(result[key], result['labels'], os.path.join(folder, f'{tag}_det.png'), f'{name}{kind}')
+                score_histograms(result[key], result['labels'], os.path.join(folder, f'{tag}_scores.png'),
+                                 f'{name}{kind}')
+
+
+if __name__ == '__main__':
+    if len(sys.argv) != 2:
+        raise SystemExit(__doc__)
+    target = os.path.join(sys.argv[1], 'plots', 'training_curve.png')
+    if not training_curve(os.path.join(sys.argv[1], 'metrics.jsonl'), target):
+        raise SystemExit(f'{sys.argv[1]}/metrics.jsonl: no epochs recorded')
+    print(target)

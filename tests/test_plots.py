@@ -1,0 +1,53 @@
+import json
+
+import numpy as np
+from matplotlib.image import imread
+
+from plots import det_curve, evaluation_plots, score_histograms, training_curve
+
+PNG_SIGNATURE = b'\x89PNG\r\n\x1a\n'
+
+
+def assert_png(path, width, height):
+    assert path.read_bytes()[:8] == PNG_SIGNATURE
+    image = imread(path)
+    assert image.shape[:2] == (height, width) and image.std() > 0
+
+
+def trials(seed=0, n=400):
+    rng = np.random.default_rng(seed)
+    labels = (np.arange(n) % 4 == 0).astype(int)
+    return rng.normal(labels * 2.0, 1.0), labels
+
+
+def test_det_curve_and_histograms_are_png_images(tmp_path):
+    scores, labels = trials()
+    det_curve(scores, labels, tmp_path / 'det.png', 'trials')
+    score_histograms(scores, labels, tmp_path / 'scores.png', 'trials')
+    assert_png(tmp_path / 'det.png', 500, 500)
+    assert_png(tmp_path / 'scores.png', 600, 400)
+
+
+def test_det_curve_copes_with_perfectly_separated_scores(tmp_path):
+    det_curve([0.1, 0.2, 0.8, 0.9], [0, 0, 1, 1], tmp_path / 'det.png', 'separated')
+    assert_png(tmp_path / 'det.png', 500, 500)
+
+
+def test_evaluation_plots_cover_labelled_lists_and_as_norm(tmp_path):
+    scores, labels = trials()
+    results = {'lists/veri_test2.txt': {'labels': labels, 'scores': scores, 'snorm_scores': scores * 2},
+               'lists/test_phase.txt': {'labels': None, 'scores': scores}}
+    evaluation_plots(results, tmp_path / 'plots')
+    assert sorted(p.name for p in (tmp_path / 'plots').iterdir()) == [
+        'veri_test2_asnorm_det.png', 'veri_test2_asnorm_scores.png', 'veri_test2_det.png', 'veri_test2_scores.png']
+
+
+def test_training_curve_needs_recorded_epochs(tmp_path):
+    metrics = tmp_path / 'metrics.jsonl'
+    assert not training_curve(metrics, tmp_path / 'curve.png')
+    metrics.write_text(''.join(json.dumps({
+        'epoch': e, 'loss': 10.0 / e, 'accuracy': 10.0 * e,
+        **({'eval': {'trials.txt': {'metrics': {'eer': 40.0 / e}}}} if e % 2 == 0 else {})}) + '\n'
+        for e in range(1, 6)))
+    assert training_curve(metrics, tmp_path / 'curve.png')
+    assert_png(tmp_path / 'curve.png', 1300, 360)
