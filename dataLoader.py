@@ -254,7 +254,8 @@ class Augmenter:
         return self.apply(audio, self.kinds[int(rng.integers(len(self.kinds)))], rng)
 
 
-NOISE_CATEGORIES = {'noise': ('noise',), 'babble': ('speech',), 'music': ('music',), 'babble+music': ('speech', 'music')}
+NOISE_CATEGORIES = {'noise': ('noise',), 'babble': ('speech',), 'music': ('music',),
+                    'babble+music': ('speech', 'music')}  # kind -> MUSAN categories it adds, in order
 
 
 class DeviceAugmenter:

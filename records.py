@@ -64,3 +64,29 @@ def forget_epochs_after(epoch, score_path, metrics_path):
     if os.path.exists(metrics_path):
         kept = [r for r in read_metrics(metrics_path) if r['epoch'] <= epoch]
         atomic_write(metrics_path, lambda f: f.write(''.join(json.dumps(r) + '\n' for r in kept).encode()))
+
+
+class TensorBoard:
+    """Each epoch's metrics.jsonl record as TensorBoard scalars (--tensorboard) in `folder`: train/<field>
+    and <trial list>/<metrics|snorm_metrics>/<metric>, at step = epoch."""
+
+    TRAINING_FIELDS = ('loss', 'accuracy', 'lr', 'margin', 'crops_per_s', 'train_seconds', 'epoch_seconds')
+
+    def __init__(self, folder):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as error:
+            raise SystemExit(f'--tensorboard needs the tensorboard package (pip install tensorboard): {error}')
+        self.writer = SummaryWriter(folder)
+
+    def add(self, record):
+        for field in self.TRAINING_FIELDS:
+            self.writer.add_scalar(f'train/{field}', record[field], record['epoch'])
+        for name, result in record.get('eval', {}).items():
+            for group, metrics in result.items():
+                for metric, value in (metrics or {}).items():
+                    self.writer.add_scalar(f'{name}/{group}/{metric}', value, record['epoch'])
+        self.writer.flush()
+
+    def close(self):
+        self.writer.close()

@@ -27,7 +27,7 @@ from dataLoader import (Augmenter, DeviceAugmenter, EpochSampler, PairDataset, S
 from loss import AAMsoftmax, build_objective
 from model import MODELS, build_encoder
 from plots import evaluation_plots, training_curve
-from records import append_metrics, forget_epochs_after, write_config
+from records import TensorBoard, append_metrics, forget_epochs_after, write_config
 from schedules import training_schedule
 from tools import (as_norm, atomic_torch_save, build_cohort, cached_embed_files, embed_files, encoder_weights,
                    export_onnx, export_torchscript, file_digest, load_model, load_state_dict_file, read_score_file,
@@ -164,6 +164,9 @@ def build_parser():
     system.add_argument('--save_path', default='exps/exp1', help='checkpoints, score.txt and score files')
     system.add_argument('--n_cpu', type=int, default=available_cores(), help='data loader workers')
     system.add_argument('--device', default=None, help='torch device (default: cuda when available, else cpu)')
+    system.add_argument('--tensorboard', action='store_true',
+                        help='also write each epoch\'s metrics as TensorBoard scalars to save_path/tensorboard '
+                             '(needs the tensorboard package)')
     system.add_argument('--demo', action='store_true',
                         help=f'generate a small corpus under save_path and train on it; flags given beside '
                              f'it override the demo defaults {DEMO_DEFAULTS} and --C {DEMO_WIDTHS} (16 for '
@@ -656,6 +659,9 @@ def run_training(args):
         write_config(os.path.join(args.save_path, 'config.json'), args, device, distributed.world_size(),
                      first_epoch - 1)
         forget_epochs_after(first_epoch - 1, score_path, metrics_path)
+    tensorboard = None
+    if args.tensorboard and main_process:
+        tensorboard = TensorBoard(os.path.join(args.save_path, 'tensorboard'))
     schedule = training_schedule(args, len(loader))
     for epoch in range(first_epoch, args.max_epoch + 1):
         sampler.set_epoch(epoch)
@@ -685,6 +691,8 @@ def run_training(args):
         record['epoch_seconds'] = time.time() - started
         if main_process:
             append_metrics(metrics_path, record)
+            if tensorboard is not None:
+                tensorboard.add(record)
             if 'eval' in record:
                 evaluation_plots(results, os.path.join(args.save_path, 'plots'))
                 training_curve(metrics_path, os.path.join(args.save_path, 'plots', 'training_curve.png'))
@@ -694,6 +702,8 @@ def run_training(args):
             atomic_torch_save({'epoch': epoch, 'model': model.state_dict(), 'optimizer': optimizer.state_dict(),
                                'rng': rng, 'cuda_rng': cuda_rng, 'scaler': step_fn.scaler.state_dict(),
                                'eers': eers}, resume_path)
+    if tensorboard is not None:
+        tensorboard.close()
     log(f'score.txt: {score_path}\ncheckpoints: {model_dir}')
 
 

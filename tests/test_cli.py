@@ -42,7 +42,8 @@ def test_training_writes_checkpoints_scores_and_resume_state(tiny_corpus, tmp_pa
 
 
 @pytest.mark.parametrize('flags', [[], ['--gpu_augment', '--amp', 'bf16', '--grad_clip', '5'],
-                                   ['--scheduler', 'warmup_exp', '--warmup_epochs', '1', '--margin_schedule', '1', '2']])
+                                   ['--scheduler', 'warmup_exp', '--warmup_epochs', '1',
+                                    '--margin_schedule', '1', '2']])
 def test_resumed_run_equals_an_uninterrupted_one(tiny_corpus, tmp_path, cache_dir, flags, monkeypatch):
     straight, interrupted = tmp_path / 'straight', tmp_path / 'interrupted'
     args = ['--max_epoch', '2', *flags]

@@ -103,3 +103,16 @@ def test_large_margin_fine_tunes_a_trained_model(tiny_corpus, tmp_path, cache_di
     assert records[1]['lr'] == pytest.approx(2.5e-5)
     config = json.loads((tmp_path / 'lm' / 'config.json').read_text())
     assert config['arguments']['large_margin'] and config['arguments']['initial_model'] == checkpoint
+
+
+def test_tensorboard_holds_the_metrics_records(tiny_corpus, tmp_path, cache_dir):
+    pytest.importorskip('tensorboard')
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    trainECAPAModel.main(tiny_args(tiny_corpus, tmp_path, cache_dir, '--max_epoch', '2', '--tensorboard'))
+    events = EventAccumulator(str(tmp_path / 'tensorboard'))
+    events.Reload()
+    records = read_metrics(tmp_path / 'metrics.jsonl')
+    assert [e.step for e in events.Scalars('train/loss')] == [1, 2]
+    assert [e.value for e in events.Scalars('train/loss')] == pytest.approx([r['loss'] for r in records])
+    assert [e.value for e in events.Scalars('trials.txt/metrics/eer')] == pytest.approx(
+        [r['eval']['trials.txt']['metrics']['eer'] for r in records])
