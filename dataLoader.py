@@ -29,6 +29,8 @@ from model import crop_samples
 SNR_RANGES = {'noise': (0.0, 15.0), 'speech': (13.0, 20.0), 'music': (5.0, 15.0)}
 NOISE_COUNTS = {'noise': (1, 1), 'speech': (3, 8), 'music': (1, 1)}
 AUGMENTATIONS = ('clean', 'reverb', 'noise', 'babble', 'music', 'babble+music')
+NOISE_CATEGORIES = {'noise': ('noise',), 'babble': ('speech',), 'music': ('music',),
+                    'babble+music': ('speech', 'music')}  # kind -> MUSAN categories it adds, in order
 
 
 def parse_train_list(path):
@@ -177,12 +179,18 @@ def mix_at_snr(speech, noise, snr_db):
     return (noise * np.sqrt(speech_power / (noise_power * 10 ** (snr_db / 10)))).astype(np.float32)
 
 
+def normalised_rir(rir):
+    """The impulse response scaled to unit energy (float32) and its direct-path delay, the position of its
+    largest tap."""
+    rir = rir.astype(np.float64)
+    return (rir / np.sqrt(np.sum(rir ** 2))).astype(np.float32), int(np.argmax(np.abs(rir)))
+
+
 def reverberate(audio, rir):
     """Convolve with the energy-normalised impulse response, keeping the result aligned with the dry
-    signal (shifted back by the direct-path delay, the position of the largest tap)."""
-    rir = rir / np.sqrt(np.sum(rir.astype(np.float64) ** 2))
-    delay = int(np.argmax(np.abs(rir)))
-    wet = fftconvolve(audio, rir.astype(np.float32), mode='full')
+    signal (shifted back by the direct-path delay)."""
+    rir, delay = normalised_rir(rir)
+    wet = fftconvolve(audio, rir, mode='full')
     return wet[delay:delay + len(audio)].astype(np.float32)
 
 
@@ -246,16 +254,12 @@ class Augmenter:
             return audio
         if kind == 'reverb':
             return self.reverb(audio, rng)
-        if kind == 'babble+music':
-            return self.add_noise(self.add_noise(audio, 'speech', rng)[0], 'music', rng)[0]
-        return self.add_noise(audio, {'babble': 'speech'}.get(kind, kind), rng)[0]
+        for category in NOISE_CATEGORIES[kind]:
+            audio = self.add_noise(audio, category, rng)[0]
+        return audio
 
     def __call__(self, audio, rng):
         return self.apply(audio, self.kinds[int(rng.integers(len(self.kinds)))], rng)
-
-
-NOISE_CATEGORIES = {'noise': ('noise',), 'babble': ('speech',), 'music': ('music',),
-                    'babble+music': ('speech', 'music')}  # kind -> MUSAN categories it adds, in order
 
 
 class DeviceAugmenter:
@@ -271,12 +275,12 @@ class DeviceAugmenter:
         self.banks = {category: self._upload(bank) for category, bank in augmenter.noise_banks.items()}
         self.rirs = None
         if augmenter.rir_bank is not None:
-            rirs = [augmenter.rir_bank[i].astype(np.float64) for i in range(len(augmenter.rir_bank))]
+            rirs, delays = zip(*(normalised_rir(augmenter.rir_bank[i]) for i in range(len(augmenter.rir_bank))))
             stacked = np.zeros((len(rirs), max(len(r) for r in rirs)), dtype=np.float32)
             for i, rir in enumerate(rirs):
-                stacked[i, :len(rir)] = rir / np.sqrt(np.sum(rir ** 2))
+                stacked[i, :len(rir)] = rir
             self.rirs = torch.from_numpy(stacked).to(self.device)
-            self.rir_delays = torch.from_numpy(np.abs(stacked).argmax(axis=1)).to(self.device)
+            self.rir_delays = torch.tensor(delays, device=self.device)
 
     def _upload(self, bank):
         offsets = np.asarray(bank.offsets, dtype=np.int64)

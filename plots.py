@@ -17,7 +17,7 @@ import numpy as np  # noqa: E402
 from scipy.stats import norm  # noqa: E402
 
 from records import read_metrics  # noqa: E402
-from tools import atomic_write, compute_eer, compute_min_dcf, operating_points  # noqa: E402
+from tools import atomic_write, operating_points  # noqa: E402
 
 DCF_TARGET_PRIORS = (0.05, 0.01)
 
@@ -27,8 +27,9 @@ def save_figure(figure, path):
     plt.close(figure)
 
 
-def det_curve(scores, labels, path, title):
-    """Miss rate against false-alarm rate on probit axes, with the EER point and each minDCF point."""
+def det_curve(scores, labels, metrics, path, title):
+    """Miss rate against false-alarm rate on probit axes, with the EER point and each minDCF point;
+    `metrics` are the list's `verification_metrics`, already computed by the evaluation."""
     miss, false_alarm = operating_points(scores, labels)
     clip = 1e-4
 
@@ -37,12 +38,12 @@ def det_curve(scores, labels, path, title):
 
     figure, axes = plt.subplots(figsize=(5, 5))
     axes.plot(probit(false_alarm), probit(miss), lw=1.5)
-    eer = compute_eer(scores, labels) / 100
+    eer = metrics['eer'] / 100
     axes.plot(probit(eer), probit(eer), 'o', label=f'EER {100 * eer:.2f}%')
     for prior, marker in zip(DCF_TARGET_PRIORS, ('s', '^')):
         best = int(np.argmin(prior * miss + (1 - prior) * false_alarm))
         axes.plot(probit(false_alarm[best]), probit(miss[best]), marker,
-                  label=f'minDCF({prior}) {compute_min_dcf(scores, labels, prior):.4f}')
+                  label=f'minDCF({prior}) {metrics[f"min_dcf_{prior}"]:.4f}')
     ticks = np.array([0.001, 0.01, 0.05, 0.2, 0.5, 0.8])
     axes.set_xticks(norm.ppf(ticks), [f'{100 * t:g}' for t in ticks])
     axes.set_yticks(norm.ppf(ticks), [f'{100 * t:g}' for t in ticks])
@@ -97,18 +98,20 @@ def training_curve(metrics_path, path):
     return True
 
 
-def evaluation_plots(results, folder, suffix=''):
+def evaluation_plots(results, folder):
     """DET curve and histograms of every labelled list in `results` (from trainECAPAModel.evaluate)."""
     os.makedirs(folder, exist_ok=True)
     for list_path, result in results.items():
         if result['labels'] is None:
             continue
         name = os.path.splitext(os.path.basename(list_path))[0]
-        for key, kind in (('scores', ''), ('snorm_scores', ' AS-Norm')):
-            if key in result:
-                tag = name + ('_asnorm' if kind else '') + suffix
-                det_curve(result[key], result['labels'], os.path.join(folder, f'{tag}_det.png'), f'{name}{kind}')
-                score_histograms(result[key], result['labels'], os.path.join(folder, f'{tag}_scores.png'),
+        for key, kind in (('', ''), ('snorm_', ' AS-Norm')):
+            if f'{key}scores' in result:
+                tag = name + ('_asnorm' if kind else '')
+                scores = result[f'{key}scores']
+                det_curve(scores, result['labels'], result[f'{key}metrics'], os.path.join(folder, f'{tag}_det.png'),
+                          f'{name}{kind}')
+                score_histograms(scores, result['labels'], os.path.join(folder, f'{tag}_scores.png'),
                                  f'{name}{kind}')
 
 

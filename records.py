@@ -58,8 +58,14 @@ def forget_epochs_after(epoch, score_path, metrics_path):
     """On resume: drop the lines of epochs after `epoch` (written before a crash that came before their
     resume state), so that the continued run does not log them twice."""
     if os.path.exists(score_path):
+        lines = []
         with open(score_path) as f:
-            lines = [line for line in f if int(line.split(' ', 1)[0]) <= epoch]
+            for number, line in enumerate(f, start=1):
+                first = line.split(' ', 1)[0]
+                if not first.isdigit():
+                    raise SystemExit(f"{score_path}:{number}: expected '<epoch> epoch, ...', got {line.strip()!r}")
+                if int(first) <= epoch:
+                    lines.append(line)
         atomic_write(score_path, lambda f: f.write(''.join(lines).encode()))
     if os.path.exists(metrics_path):
         kept = [r for r in read_metrics(metrics_path) if r['epoch'] <= epoch]

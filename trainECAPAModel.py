@@ -615,8 +615,9 @@ def run_training(args):
         except (RuntimeError, ValueError) as error:
             raise SystemExit(f'{resume_path} was written by a run with other model or loss flags; continue it with '
                              f'those flags or choose another --save_path:\n{error}')
-        # One generator state per process (a single state in files from a single process).
-        torch.set_rng_state(resume['rng'][distributed.rank() % len(resume['rng'])])
+        # One generator state per process that wrote the file; files from before torchrun support hold one.
+        states = resume['rng'] if isinstance(resume['rng'], list) else [resume['rng']]
+        torch.set_rng_state(states[distributed.rank() % len(states)])
         if device.type == 'cuda' and resume.get('cuda_rng') is not None:
             torch.cuda.set_rng_state(resume['cuda_rng'][distributed.rank() % len(resume['cuda_rng'])], device)
         eers = resume['eers']

@@ -6,16 +6,12 @@ Each (encoder, length) is timed for about `--seconds` after one warm-up batch; p
 """
 
 import argparse
-import json
-import os
-import platform
-import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from model import build_encoder  # noqa: E402
+from common import environment, synchronize, write_json
+from model import build_encoder
 
 ENCODERS = [('ecapa-tdnn', 1024), ('ecapa-tdnn', 512), ('resnet34', 32), ('tdnn', 512)]
 
@@ -24,14 +20,12 @@ def throughput(encoder, batch, samples, device, seconds):
     x = 0.1 * torch.randn(batch, samples, device=device)
     with torch.no_grad():
         encoder(x)
-        if device.type == 'cuda':
-            torch.cuda.synchronize()
+        synchronize(device)
         done, start = 0, time.perf_counter()
         while time.perf_counter() - start < seconds or done == 0:
             encoder(x)
             done += batch
-        if device.type == 'cuda':
-            torch.cuda.synchronize()
+        synchronize(device)
     return done / (time.perf_counter() - start)
 
 
@@ -53,13 +47,7 @@ def main():
         rows.append({'encoder': name, 'C': C, 'params_millions': round(params, 2),
                      'utt_per_s_2s': round(rates[0], 1), 'utt_per_s_8s': round(rates[1], 1)})
         print(f'{name:<12} {C:>5} {params:>7.2f}M {rates[0]:>10.1f} {rates[1]:>10.1f}')
-    result = {'device': str(device), 'device_name': torch.cuda.get_device_name(device) if device.type == 'cuda'
-              else platform.processor() or platform.machine(), 'torch': torch.__version__,
-              'threads': torch.get_num_threads(), 'batch': args.batch, 'rows': rows}
-    if args.json:
-        with open(args.json, 'w') as f:
-            json.dump(result, f, indent=2)
-
+    write_json(args.json, {**environment(device), 'batch': args.batch, 'rows': rows})
 
 if __name__ == '__main__':
     main()

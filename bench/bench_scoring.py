@@ -8,27 +8,19 @@ memory is the process's maximum resident set size, which includes the ~0.3 GiB o
 """
 
 import argparse
-import json
-import os
-import resource
-import sys
 import time
 from operator import itemgetter
 
 import numpy as np
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from tools import as_norm, compute_eer, compute_min_dcf  # noqa: E402
+from common import environment, peak_rss_gib, write_json
+from tools import as_norm, compute_eer, compute_min_dcf
 
 
 def unit_rows(rng, n, d):
     x = torch.from_numpy(rng.standard_normal((n, d), dtype=np.float32))
     return torch.nn.functional.normalize(x, dim=1)
-
-
-def peak_rss_gib():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
 
 
 def timed(function):
@@ -114,9 +106,7 @@ def main():
         print(f'{row["task"]:<86} {row["seconds"]:>8.2f} {row["original_seconds"]:>11.1f} '
               f'{row["original_seconds"] / row["seconds"]:>8.0f}x {peak:>9}')
     print('original: AS-Norm timed on `original_measured_on` trials and extrapolated; metrics timed in full')
-    if args.json:
-        with open(args.json, 'w') as f:
-            json.dump({'torch': torch.__version__, 'threads': torch.get_num_threads(), 'rows': rows}, f, indent=2)
+    write_json(args.json, {**environment(), 'rows': rows})
 
 
 if __name__ == '__main__':

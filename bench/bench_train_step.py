@@ -15,7 +15,6 @@ encoder).
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import time
@@ -24,7 +23,7 @@ import warnings
 import numpy as np
 import torch
 
-from common import environment, synchronize, write_json
+from common import environment, peak_rss_gib, synchronize, write_json
 from loss import AAMsoftmax
 from model import MODELS, build_encoder, crop_samples
 from trainECAPAModel import SpeakerModel, TrainingStep
@@ -63,11 +62,10 @@ def measure(name, C, batch_size, amp, compile, device, seconds):
         steps += 1
     synchronize(device)
     elapsed = time.perf_counter() - start
-    peak = (torch.cuda.max_memory_allocated(device) if device.type == 'cuda'
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    peak_gib = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == 'cuda' else peak_rss_gib()
     return {'encoder': name, 'C': C, 'batch': batch_size, 'amp': amp, 'compiled': compile,
             'steps_per_s': steps / elapsed, 'crops_per_s': steps * batch_size / elapsed,
-            'peak_memory_gib': peak / 2 ** 30, 'syncs': syncs, 'final_loss': float(loss)}
+            'peak_memory_gib': peak_gib, 'syncs': syncs, 'final_loss': float(loss)}
 
 
 def run_one(config, args):

@@ -3,6 +3,7 @@
 import json
 import os
 import platform
+import resource
 import sys
 
 import torch
@@ -26,6 +27,11 @@ def write_json(path, result):
         with open(path, 'w') as f:
             json.dump(result, f, indent=2)
         print(f'wrote {path}')
+
+
+def peak_rss_gib():
+    """This process's maximum resident set so far (an idle torch import is about 0.3 GiB of it)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
 
 
 def synchronize(device):

@@ -4,6 +4,7 @@ import numpy as np
 from matplotlib.image import imread
 
 from plots import det_curve, evaluation_plots, score_histograms, training_curve
+from tools import verification_metrics
 
 PNG_SIGNATURE = b'\x89PNG\r\n\x1a\n'
 
@@ -22,20 +23,23 @@ def trials(seed=0, n=400):
 
 def test_det_curve_and_histograms_are_png_images(tmp_path):
     scores, labels = trials()
-    det_curve(scores, labels, tmp_path / 'det.png', 'trials')
+    det_curve(scores, labels, verification_metrics(scores, labels), tmp_path / 'det.png', 'trials')
     score_histograms(scores, labels, tmp_path / 'scores.png', 'trials')
     assert_png(tmp_path / 'det.png', 500, 500)
     assert_png(tmp_path / 'scores.png', 600, 400)
 
 
 def test_det_curve_copes_with_perfectly_separated_scores(tmp_path):
-    det_curve([0.1, 0.2, 0.8, 0.9], [0, 0, 1, 1], tmp_path / 'det.png', 'separated')
+    scores, labels = [0.1, 0.2, 0.8, 0.9], [0, 0, 1, 1]
+    det_curve(scores, labels, verification_metrics(scores, labels), tmp_path / 'det.png', 'separated')
     assert_png(tmp_path / 'det.png', 500, 500)
 
 
 def test_evaluation_plots_cover_labelled_lists_and_as_norm(tmp_path):
     scores, labels = trials()
-    results = {'lists/veri_test2.txt': {'labels': labels, 'scores': scores, 'snorm_scores': scores * 2},
+    results = {'lists/veri_test2.txt': {'labels': labels, 'scores': scores, 'snorm_scores': scores * 2,
+                                        'metrics': verification_metrics(scores, labels),
+                                        'snorm_metrics': verification_metrics(scores * 2, labels)},
                'lists/test_phase.txt': {'labels': None, 'scores': scores}}
     evaluation_plots(results, tmp_path / 'plots')
     assert sorted(p.name for p in (tmp_path / 'plots').iterdir()) == [

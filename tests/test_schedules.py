@@ -116,3 +116,11 @@ def test_tensorboard_holds_the_metrics_records(tiny_corpus, tmp_path, cache_dir)
     assert [e.value for e in events.Scalars('train/loss')] == pytest.approx([r['loss'] for r in records])
     assert [e.value for e in events.Scalars('trials.txt/metrics/eer')] == pytest.approx(
         [r['eval']['trials.txt']['metrics']['eer'] for r in records])
+
+
+def test_an_unreadable_score_line_is_named_on_resume(tmp_path):
+    score = tmp_path / 'score.txt'
+    score.write_text('1 epoch, LR 0.001\nnotes I added\n')
+    with pytest.raises(SystemExit, match=r"score.txt:2: expected '<epoch> epoch, \.\.\.', got 'notes I added'"):
+        forget_epochs_after(1, score, tmp_path / 'metrics.jsonl')
+    assert score.read_text() == '1 epoch, LR 0.001\nnotes I added\n'
