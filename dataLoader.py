@@ -4,6 +4,9 @@ Stages, each usable alone:
   parse_train_list  -> (speaker, relative path) pairs, with the line of any malformed entry named
   read_audio        -> mono float32 at the target rate, reading only the frames asked for
   random_crop       -> a fixed-length window, wrap-padded when the file is short
+  read_usable_crop  -> a crop, or `UnusableAudio` saying why the file cannot train (unreadable, empty,
+                       shorter than a 25 ms window, non-finite samples, silent); datasets then use another
+                       utterance and report the skipped file with the batch (`collate`)
   SignalBank        -> MUSAN/RIR files decoded and resampled once, kept in a memory-mapped cache
   Augmenter         -> clean / reverb / noise / babble / music / babble+music at drawn SNRs
   DeviceAugmenter   -> the same draws applied to a whole batch on the GPU (--gpu_augment)
@@ -112,6 +115,41 @@ def read_random_crop(path, length, sampling_rate, rng):
         return wrap_pad(read_audio(path, sampling_rate), length)
     start = rng.uniform(0.0, duration - seconds)
     return wrap_pad(read_audio(path, sampling_rate, start, seconds), length)
+
+
+MIN_SECONDS = 0.025  # one analysis window of the front-end: a shorter file has no frame of its own
+
+
+class UnusableAudio(Exception):
+    """A file that training skips; the message says why."""
+
+
+def audio_problem(audio, skip_silent=True):
+    """Why decoded audio cannot be trained on (no samples, NaN or infinite samples, all zeros when
+    `skip_silent`), or None."""
+    if audio.size == 0:
+        return 'empty: no samples'
+    if not np.all(np.isfinite(audio)):
+        return 'NaN or infinite samples'
+    if skip_silent and not np.any(audio):
+        return 'silent: every sample read is zero'
+    return None
+
+
+def read_usable_crop(path, length, sampling_rate, rng, skip_silent=True):
+    """`read_random_crop`, or `UnusableAudio` when the file does not decode, is shorter than MIN_SECONDS, or
+    the crop has an `audio_problem`. Multichannel files are averaged to mono, as everywhere."""
+    try:
+        duration = audio_duration(path)
+        if duration < MIN_SECONDS:
+            raise UnusableAudio(f'{duration * 1000:.1f} ms long, shorter than a {MIN_SECONDS * 1000:.0f} ms window')
+        audio = read_random_crop(path, length, sampling_rate, rng)
+    except (OSError, RuntimeError, ValueError) as error:  # soundfile's errors are RuntimeErrors
+        raise UnusableAudio(f'unreadable: {error}') from error
+    problem = audio_problem(audio, skip_silent)
+    if problem:
+        raise UnusableAudio(problem)
+    return audio
 
 
 def default_cache_dir():
@@ -349,36 +387,76 @@ class DeviceAugmenter:
 class TrainDataset(torch.utils.data.Dataset):
     """One augmented random crop per item. Items are `(index, epoch)` pairs from `EpochSampler`; all
     randomness of an item comes from a generator seeded by (seed, epoch, index), so an epoch is the same
-    whatever the number of workers and whether or not the run was resumed."""
+    whatever the number of workers and whether or not the run was resumed.
 
-    def __init__(self, entries, train_path, num_frames, sampling_rate, augmenter, seed):
+    An unusable file (`read_usable_crop`) is replaced by another utterance of its speaker drawn with the same
+    generator, or, when none of the speaker's is usable, by any utterance (its label with it); the item
+    carries the (path, reason) of every file it skipped, which `collate` gathers per batch. Batches therefore
+    keep their size and their speakers."""
+
+    SUBSTITUTE_ATTEMPTS = 20  # random utterances of other speakers tried before giving up
+
+    def __init__(self, entries, train_path, num_frames, sampling_rate, augmenter, seed, skip_silent=True):
         labels = speaker_labels(entries)
         self.paths = [os.path.join(train_path, rel) for _, rel in entries]
         self.labels = [labels[speaker] for speaker, _ in entries]
+        self.by_label = {}
+        for index, label in enumerate(self.labels):
+            self.by_label.setdefault(label, []).append(index)
         self.length = crop_samples(num_frames, sampling_rate)
         self.sampling_rate = sampling_rate
         self.augmenter = augmenter
         self.seed = seed
+        self.skip_silent = skip_silent
 
     def __len__(self):
         return len(self.paths)
 
     def crop(self, index, rng):
         """An augmented random crop of utterance `index`, drawn with `rng`, as a float32 tensor."""
-        audio = read_random_crop(self.paths[index], self.length, self.sampling_rate, rng)
+        audio = read_usable_crop(self.paths[index], self.length, self.sampling_rate, rng, self.skip_silent)
         if self.augmenter is not None:
             audio = self.augmenter(audio, rng)
         return torch.from_numpy(np.ascontiguousarray(audio, dtype=np.float32))
 
+    def candidates(self, index, rng, same_speaker_only):
+        """`index`, then the other utterances of its speaker in random order, then (unless
+        `same_speaker_only`) random utterances of the whole list."""
+        yield index
+        yield from (int(i) for i in rng.permutation(self.by_label[self.labels[index]]) if i != index)
+        if not same_speaker_only:
+            yield from (int(i) for i in rng.integers(len(self.paths), size=self.SUBSTITUTE_ATTEMPTS))
+
+    def usable_crop(self, index, rng, skipped, same_speaker_only=False):
+        """(crop, label) of the first usable candidate of `index`; appends (path, reason) of each unusable
+        file met to `skipped`."""
+        for candidate in self.candidates(index, rng, same_speaker_only):
+            try:
+                return self.crop(candidate, rng), self.labels[candidate]
+            except UnusableAudio as problem:
+                skipped.append((self.paths[candidate], str(problem)))
+        scope = 'its speaker\'s utterances' if same_speaker_only else 'the substitutes tried'
+        raise RuntimeError(f'{self.paths[index]}: no usable audio among {scope}; first problems: {skipped[:3]} '
+                           f'(--check_data lists every unusable file)')
+
     def __getitem__(self, item):
         index, epoch = item
-        return self.crop(index, np.random.default_rng((self.seed, epoch, index))), self.labels[index]
+        skipped = []
+        audio, label = self.usable_crop(index, np.random.default_rng((self.seed, epoch, index)), skipped)
+        return audio, label, skipped
+
+
+def collate(items):
+    """Items (view, ..., label, skipped files) -> (stacked views, ..., labels, every skipped (path, reason))."""
+    *views, labels, skipped = zip(*items)
+    return (*(torch.stack(v) for v in views), torch.tensor(labels), [s for item in skipped for s in item])
 
 
 class EpochSampler(torch.utils.data.Sampler):
     """A permutation of the dataset that is a pure function of (seed, epoch); yields (index, epoch). With
     `world_size` > 1 (torchrun), rank `rank` takes every world_size-th item of it, after the tail that
-    would give ranks unequal counts is dropped: the ranks' parts are disjoint and equally long."""
+    would give ranks unequal counts is dropped: the ranks' parts are disjoint and equally long.
+    `set_epoch(epoch, skip)` leaves out the first `skip` items of this rank's part (a run resumed mid-epoch)."""
 
     def __init__(self, size, seed, world_size=1, rank=0):
         self.size = size
@@ -386,28 +464,35 @@ class EpochSampler(torch.utils.data.Sampler):
         self.world_size = world_size
         self.rank = rank
         self.epoch = 1
+        self.skip = 0
 
-    def set_epoch(self, epoch):
+    def set_epoch(self, epoch, skip=0):
         self.epoch = epoch
+        self.skip = skip
 
     def __len__(self):
-        return self.size // self.world_size
+        return self.size // self.world_size - self.skip
 
     def __iter__(self):
         order = np.random.default_rng((self.seed, self.epoch)).permutation(self.size)
-        order = order[:len(self) * self.world_size][self.rank::self.world_size]
-        return iter([(int(i), self.epoch) for i in order])
+        order = order[:self.size // self.world_size * self.world_size][self.rank::self.world_size]
+        return iter([(int(i), self.epoch) for i in order[self.skip:]])
 
 
 class PairDataset(TrainDataset):
     """Two views of one speaker per item: items are (index_a, index_b, epoch) from `SpeakerPairSampler`,
-    each view cropped and augmented with its own generator; returns (view a, view b, label)."""
+    each view cropped and augmented with its own generator; returns (view a, view b, label, skipped files).
+    An unusable file is replaced by another utterance of the same speaker only, so the batch's speakers stay
+    distinct; a speaker with no usable utterance at all stops training with an error naming it."""
 
     def __getitem__(self, item):
         index_a, index_b, epoch = item
-        view_a = self.crop(index_a, np.random.default_rng((self.seed, epoch, index_a, 0)))
-        view_b = self.crop(index_b, np.random.default_rng((self.seed, epoch, index_b, 1)))
-        return view_a, view_b, self.labels[index_a]
+        skipped = []
+        view_a, label = self.usable_crop(index_a, np.random.default_rng((self.seed, epoch, index_a, 0)), skipped,
+                                         same_speaker_only=True)
+        view_b, _ = self.usable_crop(index_b, np.random.default_rng((self.seed, epoch, index_b, 1)), skipped,
+                                     same_speaker_only=True)
+        return view_a, view_b, label, skipped
 
 
 class SpeakerPairSampler(torch.utils.data.Sampler):
@@ -419,7 +504,8 @@ class SpeakerPairSampler(torch.utils.data.Sampler):
     than `batch_size` speakers have pairs left; those leftover pairs are the only ones an epoch skips.
     Yields lists of (index_a, index_b, epoch). With `world_size` > 1 (torchrun) the plan is of global batches
     of batch_size * world_size distinct speakers, and rank `rank` takes its `batch_size` slice of each: no
-    speaker appears twice across the ranks' batches of a step, so gathered negatives are all negatives."""
+    speaker appears twice across the ranks' batches of a step, so gathered negatives are all negatives.
+    `set_epoch(epoch, skip)` leaves out the epoch's first `skip` batches (a run resumed mid-epoch)."""
 
     def __init__(self, labels, batch_size, seed, world_size=1, rank=0):
         self.by_speaker = {}
@@ -433,10 +519,12 @@ class SpeakerPairSampler(torch.utils.data.Sampler):
         self.rank = rank
         self.seed = seed
         self.epoch = 1
+        self.skip = 0
         self.planned = (None, [])
 
-    def set_epoch(self, epoch):
+    def set_epoch(self, epoch, skip=0):
         self.epoch = epoch
+        self.skip = skip
 
     def pairs(self, rng):
         pairs = {}
@@ -470,10 +558,10 @@ class SpeakerPairSampler(torch.utils.data.Sampler):
 
     def __iter__(self):
         part = slice(self.rank * self.batch_size, (self.rank + 1) * self.batch_size)
-        return iter([batch[part] for batch in self.batches()])
+        return iter([batch[part] for batch in self.batches()[self.skip:]])
 
     def __len__(self):
-        return len(self.batches())
+        return len(self.batches()) - self.skip
 
 
 class EvalDataset(torch.utils.data.Dataset):

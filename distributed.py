@@ -73,3 +73,10 @@ def gather_objects(obj):
 def barrier():
     if world_size() > 1:
         dist.barrier()
+
+
+def any_rank(flag):
+    """True on every rank when `flag` is true on any of them; `flag` itself without torchrun."""
+    if world_size() == 1:
+        return flag
+    return any(gather_objects(bool(flag)))

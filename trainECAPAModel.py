@@ -11,7 +11,9 @@ finished epoch.
 import argparse
 import math
 import os
+import signal
 import sys
+import threading
 import time
 
 import numpy as np
@@ -23,10 +25,11 @@ import tqdm
 import demo
 import distributed
 from dataLoader import (Augmenter, DeviceAugmenter, EpochSampler, PairDataset, SpeakerPairSampler, TrainDataset,
-                        default_cache_dir, parse_train_list, speaker_labels)
+                        collate, default_cache_dir, parse_train_list, speaker_labels)
 from loss import AAMsoftmax, build_objective
 from model import MODELS, build_encoder
 from plots import evaluation_plots, training_curve
+from prepare import check_data, list_references
 from records import TensorBoard, append_metrics, forget_epochs_after, write_config
 from schedules import training_schedule
 from tools import (as_norm, atomic_torch_save, build_cohort, cached_embed_files, embed_files, encoder_weights,
@@ -67,6 +70,16 @@ def build_parser():
     data.add_argument('--sampling_rate', type=int, default=16000, help='all audio is resampled to this rate')
     data.add_argument('--cache_dir', default=default_cache_dir(),
                       help='where decoded noise and impulse-response banks are kept')
+    data.add_argument('--skip_silent', default='on', choices=['on', 'off'],
+                      help='on: a training crop that is all zeros is replaced like an unreadable file; off: it is '
+                           'trained on (it yields finite features and losses)')
+    data.add_argument('--check_data', action='store_true',
+                      help='check the given lists and folders (files exist, decode, are not empty, silent or '
+                           'non-finite), report counts, durations, rates and speakers and the first problems with '
+                           'their list lines, exit 1 on problems; trains nothing')
+    data.add_argument('--check_decode', type=int, default=2000,
+                      help='--check_data: files of each source decoded in full, spread evenly (0: all); the others '
+                           'have their headers read')
 
     model = parser.add_argument_group('model')
     model.add_argument('--model', default='ecapa-tdnn', choices=sorted(MODELS),
@@ -129,7 +142,14 @@ def build_parser():
     training.add_argument('--test_step', type=int, default=1, help='evaluate and save every this many epochs')
     training.add_argument('--seed', type=int, default=10, help='seed of every random choice')
     training.add_argument('--initial_model', default='',
-                          help='start from these weights (this toolkit\'s or the original code\'s checkpoints)')
+                          help='start from these weights (this toolkit\'s or the original code\'s checkpoints); '
+                               'every encoder weight must match')
+    training.add_argument('--allow_partial_load', action='store_true',
+                          help='--initial_model: load the encoder weights whose names and shapes match, list the '
+                               'others and train them from scratch')
+    training.add_argument('--max_bad_steps', type=int, default=50,
+                          help='stop when this many steps in a row have a non-finite loss or gradients (each such '
+                               'step is skipped)')
     training.add_argument('--amp', choices=['bf16', 'fp16', 'off'],
                           help='mixed precision of the encoder\'s forward pass (default: bf16 on CUDA, off on CPU); '
                                'features and losses stay float32; fp16 adds dynamic loss scaling')
@@ -211,13 +231,14 @@ def validate(args, parser):
         if missing:
             parser.error(f"{why} needs {' '.join(missing)}")
 
-    for name in ('num_frames', 'batch_size', 'max_epoch', 'test_step', 'sampling_rate', 'cohort_top_k'):
+    for name in ('num_frames', 'batch_size', 'max_epoch', 'test_step', 'sampling_rate', 'cohort_top_k',
+                 'max_bad_steps'):
         if getattr(args, name) < 1:
             parser.error(f'--{name} must be at least 1, got {getattr(args, name)}')
     for name in ('C', 'embedding_dim', 'n_class'):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f'--{name} must be at least 1, got {getattr(args, name)}')
-    for name in ('cohort_size', 'n_cpu', 'grad_clip'):
+    for name in ('cohort_size', 'n_cpu', 'grad_clip', 'check_decode'):
         if getattr(args, name) < 0:
             parser.error(f'--{name} cannot be negative, got {getattr(args, name)}')
     if args.gpu_augment and not (args.musan_path or args.rir_path):
@@ -248,13 +269,21 @@ def validate(args, parser):
                                       'fixed_contrastive_scale', 'local_negatives') if n in args.given]
         if changed:
             parser.error(f"{' '.join(changed)} only apply to --mode clip or blip")
-    actions = [f'--{name}' for name in ('score_file', 'export', 'extract', 'eval') if getattr(args, name)]
-    if len(actions) > 1 or (actions and args.demo and actions != ['--eval']):
+    actions = [f'--{name}' for name in ('score_file', 'export', 'extract', 'eval', 'check_data')
+               if getattr(args, name)]
+    if len(actions) > 1 or (actions and args.demo and actions not in (['--eval'], ['--check_data'])):
         parser.error(f"{' and '.join(actions + (['--demo'] if args.demo else []))} are separate commands; "
                      f"give one at a time")
     if args.score_file:
         return
-    if args.export:
+    if args.check_data:
+        if not any(getattr(args, n) for n in ('train_list', 'eval_list', 'musan_path', 'rir_path')):
+            parser.error('--check_data needs something to check: --train_list, --eval_list, --musan_path or '
+                         '--rir_path')
+        for names in (('train_list', 'train_path'), ('eval_list', 'eval_path')):
+            if getattr(args, names[0]):
+                need(*names, why=f'--check_data of --{names[0]}')
+    elif args.export:
         need('initial_model', why='--export')
         if os.path.splitext(args.export)[1] not in ('.pt', '.onnx'):
             parser.error(f'--export {args.export}: name a .pt (TorchScript) or .onnx file')
@@ -328,19 +357,38 @@ def checkpoint_state(model):
     return state
 
 
-def load_initial_weights(model, path):
-    """Load a checkpoint's encoder weights strictly and its classifier weights when they fit."""
+def load_initial_weights(model, path, allow_partial=False):
+    """Load a checkpoint's encoder weights and, when it has one of the same shape, its classifier. Every
+    encoder weight must be in the checkpoint with its shape, and nothing else, unless `allow_partial`: then
+    those that match are loaded and the rest keep their fresh initialisation. Returns what was loaded."""
     state = load_state_dict_file(path)
-    try:
-        model.speaker_encoder.load_state_dict(encoder_weights(state))
-    except RuntimeError as error:
-        raise ValueError(f"{path}: does not fit this {type(model.speaker_encoder).__name__}:\n{error}") from error
+    weights = encoder_weights(state)
+    own = model.speaker_encoder.state_dict()
+    missing = sorted(own.keys() - weights.keys())
+    unexpected = sorted(weights.keys() - own.keys())
+    reshaped = sorted(f'{k} {tuple(weights[k].shape)} -> {tuple(own[k].shape)}'
+                      for k in own.keys() & weights.keys() if weights[k].shape != own[k].shape)
+    problems = [f'{len(keys)} {what}: {", ".join(keys[:10])}' + (', ...' if len(keys) > 10 else '')
+                for what, keys in (('missing', missing), ('unexpected', unexpected), ('of another shape', reshaped))
+                if keys]
+    if problems and not allow_partial:
+        raise ValueError(f'{path}: does not fit this {type(model.speaker_encoder).__name__} (--allow_partial_load '
+                         f'loads the weights that do):\n  ' + '\n  '.join(problems))
+    matching = {k: v for k, v in weights.items() if k in own and v.shape == own[k].shape}
+    model.speaker_encoder.load_state_dict({**own, **matching})
+    loaded = f'{len(matching)} of {len(own)} encoder weights' if problems else 'encoder'
+    if problems:
+        print(f'{path}: partial load, the others start afresh:\n  ' + '\n  '.join(problems))
     classifier, weight = classifier_of(model), state.get('speaker_loss.weight')
     if classifier is not None and weight is not None and weight.shape == classifier.weight.shape:
         with torch.no_grad():
             classifier.weight.copy_(weight)
-        return 'encoder and classifier'
-    return 'encoder; classifier initialised afresh (none in the checkpoint, or another shape)'
+        return f'{loaded} and classifier'
+    return f'{loaded}; classifier initialised afresh (none in the checkpoint, or another shape)'
+
+
+class NonFiniteTraining(RuntimeError):
+    """Too many steps in a row had a non-finite loss or gradients."""
 
 
 class TrainingStep:
@@ -348,11 +396,16 @@ class TrainingStep:
     autocast (`amp` 'bf16', 'fp16' with dynamic loss scaling, or 'off'), the head and loss in float32,
     backward, optional clipping of the global gradient norm, the update. Under torchrun the model runs inside
     DistributedDataParallel, which averages the gradients over the processes; `compile` compiles that
-    forward pass. Nothing in it reads a value back to the host except fp16's overflow check. Returns
-    (loss, accuracy) as device tensors."""
+    forward pass.
+
+    A step whose gradients (so also its loss) are not finite changes no weight, batch-norm statistic or
+    optimiser state; it is counted, and `max_bad_steps` such steps in a row raise `NonFiniteTraining`. With
+    fp16 this includes the loss scaler's overflow steps, which halve the scale. Reading that one flag back is
+    the step's only wait for the device; the gradients are those averaged over the processes, so every
+    process decides alike. Returns (loss, accuracy) as device tensors and whether the step was taken."""
 
     def __init__(self, model, optimizer, device, amp='off', compile=False, grad_clip=0.0, device_augmenter=None,
-                 spec_augment=True):
+                 spec_augment=True, max_bad_steps=50):
         self.model = model
         self.optimizer = optimizer
         self.device = torch.device(device)
@@ -367,6 +420,8 @@ class TrainingStep:
         self.grad_clip = grad_clip
         self.device_augmenter = device_augmenter
         self.spec_augment = spec_augment
+        self.max_bad_steps = max_bad_steps
+        self.bad_in_a_row = 0
 
     def __call__(self, batch, rng):
         """`batch`: (waveforms, labels) or (view a, view b, labels); `rng` draws the device augmentation."""
@@ -374,47 +429,125 @@ class TrainingStep:
         waveforms = torch.cat([views.to(self.device, non_blocking=True) for views in batch[:-1]])
         if self.device_augmenter is not None:
             waveforms = self.device_augmenter(waveforms, rng)
+        buffers = [b.detach().clone() for b in self.model.buffers()]  # batch-norm statistics, kept for a bad step
         loss, accuracy = self.forward(waveforms, labels, len(batch) - 1, self.amp_dtype, self.spec_augment)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
-        if self.grad_clip > 0:
-            self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
-        self.scaler.step(self.optimizer)
+        self.scaler.unscale_(self.optimizer)
+        parameters = [p for p in self.model.parameters() if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm([p.grad for p in parameters])
+        finite = bool(torch.isfinite(norm))
+        if finite:
+            if self.grad_clip > 0:
+                torch.nn.utils.clip_grads_with_norm_(parameters, self.grad_clip, norm)
+            self.scaler.step(self.optimizer)
+        else:
+            with torch.no_grad():
+                for buffer, saved in zip(self.model.buffers(), buffers):
+                    buffer.copy_(saved)
         self.scaler.update()
-        return loss.detach(), accuracy.detach()
+        self.bad_in_a_row = 0 if finite else self.bad_in_a_row + 1
+        if self.bad_in_a_row >= self.max_bad_steps:
+            raise NonFiniteTraining(f'{self.bad_in_a_row} steps in a row had a non-finite loss or gradients '
+                                    f'(--max_bad_steps {self.max_bad_steps}): the weights or the data have gone '
+                                    f'bad; lower --lr, set --grad_clip, or check the data with --check_data')
+        return loss.detach(), accuracy.detach(), finite
 
 
-def train_one_epoch(step_fn, loader, epoch, schedule, seed):
-    """One pass over `loader` (batches of (waveforms, labels), or (view a, view b, labels) in the pair
-    modes) with `step_fn`, a `TrainingStep`, setting the learning rate and margin of `schedule(epoch, step)`
-    before each step. Returns the example-weighted mean loss and accuracy, the last step's learning rate and
-    margin, and this process's crops per second. Device augmentation draws from a generator seeded by
-    (seed, epoch, step, rank)."""
+class StopRequest:
+    """Set by SIGINT or SIGTERM while installed: training then finishes its current step, saves its state and
+    exits 0. A second signal interrupts at once. Under torchrun `requested()` is true on every process as
+    soon as one of them got a signal, so all stop after the same step."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.received = None
+        self.previous = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self.previous = {number: signal.signal(number, self.handle) for number in self.SIGNALS}
+        return self
+
+    def __exit__(self, *_):
+        for number, handler in self.previous.items():
+            signal.signal(number, handler)
+
+    def handle(self, number, _frame):
+        if self.received is not None:
+            raise KeyboardInterrupt
+        self.received = signal.Signals(number).name
+        print(f'\n{self.received} received: stopping after this step (again to stop at once)', flush=True)
+
+    def requested(self):
+        return distributed.any_rank(self.received is not None)
+
+
+def ignore_interrupts(_worker_id):
+    """Loader workers leave Ctrl-C to the training process, which stops cleanly (`StopRequest`)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def new_epoch_progress():
+    """The running sums of an epoch; kept in resume.pt when a run stops mid-epoch."""
+    return {'step': 0, 'loss_sum': 0.0, 'correct_sum': 0.0, 'examples': 0, 'crops': 0, 'seconds': 0.0,
+            'bad_steps': 0, 'skipped': []}
+
+
+def train_one_epoch(step_fn, loader, epoch, schedule, seed, progress=None, stop=None, reported=None):
+    """Steps over `loader` (batches from `collate`: waveforms or two views, labels, skipped files) with
+    `step_fn`, a `TrainingStep`, setting the learning rate and margin of `schedule(epoch, step)` before each
+    step. `progress` (from `new_epoch_progress`, or a stopped epoch's) is updated in place and returned, with
+    the example-weighted mean 'loss' and 'accuracy' of the steps taken, the last step's 'lr' and 'margin',
+    this process's 'crops_per_s' and 'stopped' (the `stop` request came). Files a batch skipped are printed
+    the first time (`reported`: paths already printed) and listed in progress['skipped']. Device augmentation
+    draws from a generator seeded by (seed, epoch, step, rank)."""
+    progress = progress or new_epoch_progress()
+    reported = set() if reported is None else reported
     step_fn.model.train()
-    loss_sum = torch.zeros((), device=step_fn.device)
-    correct_sum = torch.zeros((), device=step_fn.device)
-    examples = crops = 0
-    start = time.time()
+    loss_sum = torch.tensor(progress['loss_sum'], device=step_fn.device)
+    correct_sum = torch.tensor(progress['correct_sum'], device=step_fn.device)
+    start, seconds = time.time(), progress['seconds']
+    total = progress['step'] + len(loader)
     bar = tqdm.tqdm(loader, desc=f'epoch {epoch}', unit='batch', file=sys.stdout, dynamic_ncols=True,
-                    mininterval=1 if sys.stdout.isatty() else 30, disable=not distributed.is_main())
-    for step, batch in enumerate(bar, start=1):
+                    initial=progress['step'], total=total, mininterval=1 if sys.stdout.isatty() else 30,
+                    disable=not distributed.is_main())
+    stopped = False
+    for step, (*batch, skipped) in enumerate(bar, start=progress['step'] + 1):
+        for path, reason in skipped:
+            progress['skipped'].append((path, reason))
+            if path not in reported:
+                reported.add(path)
+                tqdm.tqdm.write(f'skipped {path}: {reason}')
         lr, margin = schedule(epoch, step)
         for group in step_fn.optimizer.param_groups:
             group['lr'] = lr
         step_fn.model.speaker_loss.set_margin(margin)
-        loss, accuracy = step_fn(batch, np.random.default_rng((seed, epoch, step, distributed.rank())))
-        examples += len(batch[-1])
-        crops += sum(len(views) for views in batch[:-1])
-        loss_sum += loss * len(batch[-1])
-        correct_sum += accuracy * len(batch[-1])
-        if step % 10 == 0 or step == len(loader):
+        loss, accuracy, taken = step_fn(batch, np.random.default_rng((seed, epoch, step, distributed.rank())))
+        progress['step'] = step
+        if taken:
+            progress['examples'] += len(batch[-1])
+            progress['crops'] += sum(len(views) for views in batch[:-1])
+            loss_sum += loss * len(batch[-1])
+            correct_sum += accuracy * len(batch[-1])
+        else:
+            progress['bad_steps'] += 1
+        if step % 10 == 0 or step == total:
+            examples = max(progress['examples'], 1)
             bar.set_postfix(lr=f'{lr:.6f}', loss=f'{loss_sum.item() / examples:.4f}', refresh=False,
-                            acc=f'{correct_sum.item() / examples:.2f}%', utt_s=f'{crops / (time.time() - start):.1f}')
-    if examples == 0:
+                            acc=f'{correct_sum.item() / examples:.2f}%',
+                            utt_s=f'{progress["crops"] / (seconds + time.time() - start):.1f}')
+        if stop is not None and stop.requested():
+            stopped = True
+            break
+    if progress['step'] == 0:
         raise RuntimeError('the training loader produced no batch: --batch_size is larger than the training list')
-    return {'loss': loss_sum.item() / examples, 'accuracy': correct_sum.item() / examples, 'lr': lr,
-            'margin': margin, 'crops_per_s': crops / (time.time() - start)}
+    progress.update(loss_sum=loss_sum.item(), correct_sum=correct_sum.item(), seconds=seconds + time.time() - start)
+    examples = max(progress['examples'], 1)
+    lr, margin = schedule(epoch, progress['step'])
+    return dict(progress, loss=progress['loss_sum'] / examples, accuracy=progress['correct_sum'] / examples, lr=lr,
+                margin=margin, crops_per_s=progress['crops'] / progress['seconds'], stopped=stopped)
 
 
 def cohort_entries(entries, size, seed):
@@ -432,19 +565,23 @@ def cohort_entries(entries, size, seed):
     return chosen[:size]
 
 
-def require_files(relative_paths, root, source):
-    """Stop with a message naming `source` unless every path exists under `root`."""
+def require_files(relative_paths, root, source, lines=None):
+    """Stop with a message naming `source` (and the line naming each file, from `lines`) unless every path
+    exists under `root`."""
     missing = [p for p in dict.fromkeys(relative_paths) if not os.path.isfile(os.path.join(root, p))]
     if missing:
-        raise SystemExit(f'{source}: {len(missing)} files not under {root}, e.g. {missing[:3]}')
+        shown = [f'{source}:{lines[p]}: {p}' if lines else p for p in missing[:3]]
+        raise SystemExit(f'{source}: {len(missing)} files not under {root}, e.g.\n  ' + '\n  '.join(shown))
 
 
 def read_eval_lists(args):
     """{list path: (labels or None, enroll, test)} for every --eval_list, after checking that every file
     they name is under --eval_path."""
-    lists = {path: read_trials(path) for path in args.eval_list}
-    require_files([f for _, enroll, test in lists.values() for f in enroll + test], args.eval_path,
-                  ' '.join(args.eval_list))
+    lists = {}
+    for path in args.eval_list:
+        lists[path] = read_trials(path)
+        lines = list_references(path, 'trials')
+        require_files(lines, args.eval_path, path, lines)
     return lists
 
 
@@ -591,7 +728,8 @@ def run_training(args):
         args.n_class = speakers
     elif args.n_class < speakers:
         raise SystemExit(f'--n_class {args.n_class} is smaller than the {speakers} speakers in {args.train_list}')
-    require_files([rel for _, rel in entries], args.train_path, args.train_list)
+    lines = list_references(args.train_list, 'train')
+    require_files(lines, args.train_path, args.train_list, lines)
     eval_lists = read_eval_lists(args)
     if all(labels is None for labels, _, _ in eval_lists.values()):
         raise SystemExit('training needs an --eval_list with labels to report EER')
@@ -622,10 +760,12 @@ def run_training(args):
             torch.cuda.set_rng_state(resume['cuda_rng'][distributed.rank() % len(resume['cuda_rng'])], device)
         eers = resume['eers']
         first_epoch = resume['epoch'] + 1
-        log(f'Resuming from {resume_path} after epoch {resume["epoch"]}')
+        partial = resume.get('partial_epoch')
+        log(f'Resuming from {resume_path} after epoch {resume["epoch"]}'
+            + (f' and {partial[0]["step"]} steps of epoch {first_epoch}' if partial else ''))
     elif args.initial_model:
         try:
-            loaded = load_initial_weights(model, args.initial_model)
+            loaded = load_initial_weights(model, args.initial_model, args.allow_partial_load)
         except ValueError as error:
             raise SystemExit(str(error))
         log(f'Model {args.initial_model} loaded ({loaded})')
@@ -635,27 +775,37 @@ def run_training(args):
     if args.gpu_augment:  # the loader workers only read and crop
         device_augmenter, augmenter = DeviceAugmenter(augmenter, device), None
     step_fn = TrainingStep(model, optimizer, device, args.amp, args.compile, args.grad_clip, device_augmenter,
-                           args.spec_augment == 'on')
+                           args.spec_augment == 'on', args.max_bad_steps)
     if resume.get('scaler'):
         step_fn.scaler.load_state_dict(resume['scaler'])
-    loader_options = {'num_workers': args.n_cpu, 'pin_memory': device.type == 'cuda',
-                      'persistent_workers': args.n_cpu > 0, 'prefetch_factor': 4 if args.n_cpu > 0 else None}
+    loader_options = {'num_workers': args.n_cpu, 'pin_memory': device.type == 'cuda', 'collate_fn': collate,
+                      'persistent_workers': args.n_cpu > 0, 'prefetch_factor': 4 if args.n_cpu > 0 else None,
+                      'worker_init_fn': ignore_interrupts,
+                      # Starting an epoch draws the workers' base seed: from its own generator, not the global one,
+                      # so that a run resumed mid-epoch draws the same SpecAugment masks as an uninterrupted one.
+                      'generator': torch.Generator().manual_seed(args.seed)}
+    skip_silent = args.skip_silent == 'on'
     if args.mode == 'classifier':
-        dataset = TrainDataset(entries, args.train_path, args.num_frames, args.sampling_rate, augmenter, args.seed)
+        dataset = TrainDataset(entries, args.train_path, args.num_frames, args.sampling_rate, augmenter, args.seed,
+                               skip_silent)
         sampler = EpochSampler(len(dataset), args.seed, distributed.world_size(), distributed.rank())
         loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, drop_last=True,
                                              **loader_options)
+        items_per_step = args.batch_size
     else:
-        dataset = PairDataset(entries, args.train_path, args.num_frames, args.sampling_rate, augmenter, args.seed)
+        dataset = PairDataset(entries, args.train_path, args.num_frames, args.sampling_rate, augmenter, args.seed,
+                              skip_silent)
         try:
             sampler = SpeakerPairSampler(dataset.labels, args.batch_size, args.seed, distributed.world_size(),
                                          distributed.rank())
         except ValueError as error:
             raise SystemExit(f'{args.train_list}: {error} (lower --batch_size)')
         loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, **loader_options)
+        items_per_step = 1
 
     score_path = os.path.join(args.save_path, 'score.txt')
     metrics_path = os.path.join(args.save_path, 'metrics.jsonl')
+    skipped_path = os.path.join(args.save_path, 'skipped_files.txt')
     if main_process:
         write_config(os.path.join(args.save_path, 'config.json'), args, device, distributed.world_size(),
                      first_epoch - 1)
@@ -664,56 +814,96 @@ def run_training(args):
     if args.tensorboard and main_process:
         tensorboard = TensorBoard(os.path.join(args.save_path, 'tensorboard'))
     schedule = training_schedule(args, len(loader))
-    for epoch in range(first_epoch, args.max_epoch + 1):
-        sampler.set_epoch(epoch)
-        torch.backends.cudnn.benchmark = True  # fixed crop shapes: let cuDNN pick its fastest kernels
-        started = time.time()
-        progress = distributed.gather_objects(train_one_epoch(step_fn, loader, epoch, schedule, args.seed))
-        torch.backends.cudnn.benchmark = False  # evaluation sees every utterance length once
-        loss, accuracy = (float(np.mean([p[name] for p in progress])) for name in ('loss', 'accuracy'))
-        lr = progress[0]['lr']
-        record = {'epoch': epoch, 'loss': loss, 'accuracy': accuracy, 'lr': lr, 'margin': progress[0]['margin'],
-                  'crops_per_s': sum(p['crops_per_s'] for p in progress), 'train_seconds': time.time() - started}
-        if epoch % args.test_step == 0 or epoch == args.max_epoch:
-            checkpoint = os.path.join(model_dir, f'model_{epoch:04d}.model')
-            if main_process:
-                save_checkpoint(checkpoint_state(model), encoder_config(args), checkpoint)
-            results = evaluate(model.speaker_encoder, args, device, eval_lists)
-            eers.append(next(r['metrics']['eer'] for r in results.values() if r['metrics']))
-            line = f'{epoch} epoch, LR {lr:f}, LOSS {loss:f}, ACC {accuracy:2.2f}%, ' + ', '.join(
-                (f'{os.path.basename(path)} ' if len(results) > 1 else '') + format_result(result)
-                for path, result in results.items()) + f', bestEER {min(eers):2.2f}%'
-            log(time.strftime('%Y-%m-%d %H:%M:%S'), line)
-            record['eval'] = {os.path.basename(path): {k: v for k, v in result.items() if k.endswith('metrics')}
-                              for path, result in results.items()}
-            if main_process:
-                with open(score_path, 'a') as f:
-                    f.write(line + '\n')
-        record['epoch_seconds'] = time.time() - started
-        if main_process:
-            append_metrics(metrics_path, record)
-            if tensorboard is not None:
-                tensorboard.add(record)
-            if 'eval' in record:
-                evaluation_plots(results, os.path.join(args.save_path, 'plots'))
-                training_curve(metrics_path, os.path.join(args.save_path, 'plots', 'training_curve.png'))
+    reported = set()
+
+    def save_resume(epoch, partial=None):
+        """resume.pt: the state after `epoch` complete epochs and, when stopped inside the next one, every
+        process's running sums of that epoch."""
         rng = distributed.gather_objects(torch.get_rng_state())
         cuda_rng = distributed.gather_objects(torch.cuda.get_rng_state(device)) if device.type == 'cuda' else None
+        partials = distributed.gather_objects(partial) if partial is not None else None
         if main_process:
             atomic_torch_save({'epoch': epoch, 'model': model.state_dict(), 'optimizer': optimizer.state_dict(),
                                'rng': rng, 'cuda_rng': cuda_rng, 'scaler': step_fn.scaler.state_dict(),
-                               'eers': eers}, resume_path)
-    if tensorboard is not None:
-        tensorboard.close()
+                               'eers': eers, 'partial_epoch': partials}, resume_path)
+
+    try:
+        with StopRequest() as stop:
+            for epoch in range(first_epoch, args.max_epoch + 1):
+                progress = None
+                if epoch == first_epoch and resume.get('partial_epoch'):
+                    progress = resume['partial_epoch'][distributed.rank() % len(resume['partial_epoch'])]
+                sampler.set_epoch(epoch, progress['step'] * items_per_step if progress else 0)
+                torch.backends.cudnn.benchmark = True  # fixed crop shapes: let cuDNN pick its fastest kernels
+                if device.type == 'cuda':
+                    torch.cuda.reset_peak_memory_stats(device)
+                started = time.time()
+                try:
+                    done = train_one_epoch(step_fn, loader, epoch, schedule, args.seed, progress, stop, reported)
+                except NonFiniteTraining as error:
+                    raise SystemExit(f'Stopped in epoch {epoch}: {error}. The last complete state is {resume_path}.')
+                torch.backends.cudnn.benchmark = False  # evaluation sees every utterance length once
+                if done['stopped']:
+                    save_resume(epoch - 1, {name: done[name] for name in new_epoch_progress()})
+                    log(f'Stopped by {stop.received or "a signal to another process"} in epoch {epoch} after step '
+                        f'{done["step"]}; the state is saved in {resume_path}. Run the same command again to continue.')
+                    return None
+                progress = distributed.gather_objects(done)
+                loss, accuracy = (float(np.mean([p[name] for p in progress])) for name in ('loss', 'accuracy'))
+                lr = progress[0]['lr']
+                skipped = [entry for p in progress for entry in p['skipped']]
+                record = {'epoch': epoch, 'loss': loss, 'accuracy': accuracy, 'lr': lr, 'margin': progress[0]['margin'],
+                          'crops_per_s': sum(p['crops_per_s'] for p in progress),
+                          'bad_steps': progress[0]['bad_steps'], 'skipped_files': len(skipped),
+                          'train_seconds': time.time() - started}
+                if device.type == 'cuda':
+                    record['peak_gpu_memory_gib'] = torch.cuda.max_memory_allocated(device) / 2 ** 30
+                if skipped and main_process:
+                    with open(skipped_path, 'a') as f:
+                        f.writelines(f'{epoch}\t{path}\t{reason}\n' for path, reason in skipped)
+                    log(f'epoch {epoch}: {len(skipped)} unusable files skipped and replaced (listed in {skipped_path})')
+                if progress[0]['bad_steps']:
+                    log(f'epoch {epoch}: {progress[0]["bad_steps"]} steps skipped for a non-finite loss or gradients')
+                if epoch % args.test_step == 0 or epoch == args.max_epoch:
+                    checkpoint = os.path.join(model_dir, f'model_{epoch:04d}.model')
+                    if main_process:
+                        save_checkpoint(checkpoint_state(model), encoder_config(args), checkpoint)
+                    results = evaluate(model.speaker_encoder, args, device, eval_lists)
+                    eers.append(next(r['metrics']['eer'] for r in results.values() if r['metrics']))
+                    line = f'{epoch} epoch, LR {lr:f}, LOSS {loss:f}, ACC {accuracy:2.2f}%, ' + ', '.join(
+                        (f'{os.path.basename(path)} ' if len(results) > 1 else '') + format_result(result)
+                        for path, result in results.items()) + f', bestEER {min(eers):2.2f}%'
+                    log(time.strftime('%Y-%m-%d %H:%M:%S'), line)
+                    record['eval'] = {os.path.basename(path): {k: v for k, v in result.items() if k.endswith('metrics')}
+                                      for path, result in results.items()}
+                    if main_process:
+                        with open(score_path, 'a') as f:
+                            f.write(line + '\n')
+                record['epoch_seconds'] = time.time() - started
+                if main_process:
+                    append_metrics(metrics_path, record)
+                    if tensorboard is not None:
+                        tensorboard.add(record)
+                    if 'eval' in record:
+                        evaluation_plots(results, os.path.join(args.save_path, 'plots'))
+                        training_curve(metrics_path, os.path.join(args.save_path, 'plots', 'training_curve.png'))
+                save_resume(epoch)
+                if epoch < args.max_epoch and stop.requested():
+                    log(f'Stopped by {stop.received or "a signal to another process"} after epoch {epoch}; the state '
+                        f'is saved in {resume_path}. Run the same command again to continue.')
+                    return None
+    finally:
+        if tensorboard is not None:
+            tensorboard.close()
     log(f'score.txt: {score_path}\ncheckpoints: {model_dir}')
 
 
 def main(argv=None):
     args = parse_args(argv)
-    training = not (args.score_file or args.export or args.extract or args.eval)
+    training = not (args.score_file or args.export or args.extract or args.eval or args.check_data)
     if distributed.launched_by_torchrun() and not training:
-        raise SystemExit('--score_file, --export, --extract and --eval run in one process: launch them without '
-                         'torchrun')
+        raise SystemExit('--score_file, --export, --extract, --eval and --check_data run in one process: launch '
+                         'them without torchrun')
     if training:
         args.device = str(distributed.setup(args.device))
     try:
@@ -724,6 +914,11 @@ def main(argv=None):
         distributed.barrier()
         if args.score_file:
             return run_score_files(args)
+        if args.check_data:
+            problems = check_data(args)
+            if problems:
+                raise SystemExit(1)
+            return problems
         if args.export:
             return run_export(args)
         if args.extract:

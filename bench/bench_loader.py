@@ -98,11 +98,11 @@ def loader_rate(dataset, sampler, workers, seconds):
                                          prefetch_factor=4 if workers else None, drop_last=True)
     done, start = 0, None
     while start is None or time.perf_counter() - start < seconds:
-        for batch, _ in loader:
+        for batch in loader:
             if start is None:
                 start = time.perf_counter()
                 continue
-            done += len(batch)
+            done += len(batch[0])
             if time.perf_counter() - start >= seconds:
                 break
     return done / (time.perf_counter() - start)

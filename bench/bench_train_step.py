@@ -58,7 +58,7 @@ def measure(name, C, batch_size, amp, compile, device, seconds):
         syncs = sum('synchroniz' in str(w.message) for w in caught)
     steps, start = 0, time.perf_counter()
     while steps < 2 or time.perf_counter() - start < seconds:
-        loss, _ = step(batch, None)
+        loss, _, _ = step(batch, None)
         steps += 1
     synchronize(device)
     elapsed = time.perf_counter() - start

@@ -246,8 +246,8 @@ def test_training_items_are_reproducible_per_epoch(tiny_corpus, cache_dir):
     entries = parse_train_list(tiny_corpus['train_list'])
     augmenter = Augmenter(tiny_corpus['musan_path'], tiny_corpus['rir_path'], RATE, cache_dir)
     dataset = TrainDataset(entries, tiny_corpus['train_path'], 100, RATE, augmenter, seed=3)
-    first, label = dataset[(4, 1)]
-    assert first.shape == (crop_samples(100, RATE),) and label == dataset.labels[4]
+    first, label, skipped = dataset[(4, 1)]
+    assert first.shape == (crop_samples(100, RATE),) and label == dataset.labels[4] and skipped == []
     assert np.array_equal(first, dataset[(4, 1)][0])
     assert not np.array_equal(first, dataset[(4, 2)][0])
 

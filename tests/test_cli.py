@@ -209,10 +209,12 @@ def test_atomic_write_gives_the_permissions_of_a_plain_write(tmp_path):
 
 def test_eval_list_with_missing_files_fails_before_training(tiny_corpus, tmp_path, cache_dir):
     trials = tmp_path / 'trials.txt'
-    trials.write_text(open(tiny_corpus['eval_list']).read() + '1 id20000/session0/00000.wav id99999/gone.wav\n')
+    lines = open(tiny_corpus['eval_list']).read().splitlines() + ['1 id20000/session0/00000.wav id99999/gone.wav']
+    trials.write_text('\n'.join(lines) + '\n')
     argv = tiny_args(tiny_corpus, tmp_path / 'run', cache_dir, '--max_epoch', '1')
     argv[argv.index('--eval_list') + 1] = str(trials)
-    with pytest.raises(SystemExit, match=r'trials.txt: 1 files not under .*id99999/gone.wav'):
+    line = rf'\n  {trials}:{len(lines)}: id99999/gone.wav'
+    with pytest.raises(SystemExit, match=r'trials.txt: 1 files not under .*' + line):
         trainECAPAModel.main(argv)
     assert not (tmp_path / 'run' / 'model').exists()
 

@@ -6,7 +6,7 @@ import torch
 
 from loss import AAMsoftmax
 from model import FbankAug, build_encoder
-from trainECAPAModel import SpeakerModel, TrainingStep
+from trainECAPAModel import NonFiniteTraining, SpeakerModel, TrainingStep
 
 
 def small_model(seed=0):
@@ -23,7 +23,8 @@ def run_step(model, optimizer_class=torch.optim.Adam, lr=1e-3, **options):
     optimizer = optimizer_class(model.parameters(), lr=lr)
     step = TrainingStep(model, optimizer, 'cpu', **options)
     torch.manual_seed(2)  # the same SpecAugment masks for every variant
-    loss, accuracy = step(batch(), np.random.default_rng(0))
+    loss, accuracy, taken = step(batch(), np.random.default_rng(0))
+    assert taken
     return step, loss
 
 
@@ -71,3 +72,25 @@ def test_specaugment_masks_stay_within_their_widths():
     assert zero_frames.max() <= 9 and zero_bins.max() <= 7
     assert zero_frames.float().mean() > 2 and zero_bins.float().mean() > 1
     assert ((masked == 0) == ((masked == 0).all(dim=1, keepdim=True) | (masked == 0).all(dim=2, keepdim=True))).all()
+
+
+def test_a_step_with_non_finite_gradients_changes_nothing_and_too_many_in_a_row_stop_training():
+    model = small_model()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    step = TrainingStep(model, optimizer, 'cpu', max_bad_steps=3)
+    step(batch(), None)
+    weights, moments = copy.deepcopy(model.state_dict()), copy.deepcopy(optimizer.state_dict())
+    waveforms, labels = batch()
+    poisoned = waveforms.clone()
+    poisoned[3, 100] = float('nan')
+    for _ in range(2):
+        loss, _, taken = step((poisoned, labels), None)
+        assert not taken and not torch.isfinite(loss)
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(value, weights[key], rtol=0, atol=0, equal_nan=False, msg=key)
+    assert optimizer.state_dict()['state'][0]['step'] == moments['state'][0]['step']
+    assert step(batch(), None)[2] and step.bad_in_a_row == 0  # a good step resets the count
+    for _ in range(2):
+        step((poisoned, labels), None)
+    with pytest.raises(NonFiniteTraining, match='3 steps in a row'):
+        step((poisoned, labels), None)
