@@ -8,6 +8,7 @@ function here is the identity, or says "rank 0 of 1", when the script runs witho
   (the samplers in dataLoader.py take world_size and rank and give each rank its part of every epoch)
   gather_batch()   -> tensors concatenated over ranks, gradients flowing back to each rank's part
   gather_objects() -> picklable objects from every rank
+  any_rank()       -> whether a flag (a stop request) is set on any rank
 """
 
 import datetime
@@ -79,4 +80,7 @@ def any_rank(flag):
     """True on every rank when `flag` is true on any of them; `flag` itself without torchrun."""
     if world_size() == 1:
         return flag
-    return any(gather_objects(bool(flag)))
+    device = torch.device('cuda', torch.cuda.current_device()) if dist.get_backend() == 'nccl' else 'cpu'
+    flags = torch.tensor([int(flag)], device=device)
+    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    return bool(flags.item())

@@ -498,9 +498,9 @@ def new_epoch_progress():
 def train_one_epoch(step_fn, loader, epoch, schedule, seed, progress=None, stop=None, reported=None):
     """Steps over `loader` (batches from `collate`: waveforms or two views, labels, skipped files) with
     `step_fn`, a `TrainingStep`, setting the learning rate and margin of `schedule(epoch, step)` before each
-    step. `progress` (from `new_epoch_progress`, or a stopped epoch's) is updated in place and returned, with
-    the example-weighted mean 'loss' and 'accuracy' of the steps taken, the last step's 'lr' and 'margin',
-    this process's 'crops_per_s' and 'stopped' (the `stop` request came). Files a batch skipped are printed
+    step. `progress` (from `new_epoch_progress`, or a stopped epoch's) is updated in place; the result is
+    its sums with the example-weighted mean 'loss' and 'accuracy' of the steps taken, the last step's 'lr' and
+    'margin', this process's 'crops_per_s' and 'stopped' (the `stop` request came). Files a batch skipped are printed
     the first time (`reported`: paths already printed) and listed in progress['skipped']. Device augmentation
     draws from a generator seeded by (seed, epoch, step, rank)."""
     progress = progress or new_epoch_progress()
@@ -715,6 +715,35 @@ def run_score_files(args):
     return results
 
 
+def training_loader(args, entries, augmenter, device):
+    """(sampler, loader, items the sampler yields per step) for --mode: crops of single utterances
+    (`EpochSampler`) or pairs of views of distinct speakers (`SpeakerPairSampler`), batched by `collate`."""
+    loader_options = {'num_workers': args.n_cpu, 'pin_memory': device.type == 'cuda', 'collate_fn': collate,
+                      'persistent_workers': args.n_cpu > 0, 'prefetch_factor': 4 if args.n_cpu > 0 else None,
+                      'worker_init_fn': ignore_interrupts,
+                      # Starting an epoch draws the workers' base seed: from its own generator, not the global one,
+                      # so that a run resumed mid-epoch draws the same SpecAugment masks as an uninterrupted one.
+                      'generator': torch.Generator().manual_seed(args.seed)}
+    skip_silent = args.skip_silent == 'on'
+    if args.mode == 'classifier':
+        dataset = TrainDataset(entries, args.train_path, args.num_frames, args.sampling_rate, augmenter, args.seed,
+                               skip_silent)
+        sampler = EpochSampler(len(dataset), args.seed, distributed.world_size(), distributed.rank())
+        loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, drop_last=True,
+                                             **loader_options)
+        return sampler, loader, args.batch_size
+    else:
+        dataset = PairDataset(entries, args.train_path, args.num_frames, args.sampling_rate, augmenter, args.seed,
+                              skip_silent)
+        try:
+            sampler = SpeakerPairSampler(dataset.labels, args.batch_size, args.seed, distributed.world_size(),
+                                         distributed.rank())
+        except ValueError as error:
+            raise SystemExit(f'{args.train_list}: {error} (lower --batch_size)')
+        loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, **loader_options)
+        return sampler, loader, 1
+
+
 def run_training(args):
     """Train, evaluating every --test_step epochs. Under torchrun every process runs this with its share of
     each epoch; process 0 alone prints, writes checkpoints, score.txt and resume.pt."""
@@ -778,30 +807,7 @@ def run_training(args):
                            args.spec_augment == 'on', args.max_bad_steps)
     if resume.get('scaler'):
         step_fn.scaler.load_state_dict(resume['scaler'])
-    loader_options = {'num_workers': args.n_cpu, 'pin_memory': device.type == 'cuda', 'collate_fn': collate,
-                      'persistent_workers': args.n_cpu > 0, 'prefetch_factor': 4 if args.n_cpu > 0 else None,
-                      'worker_init_fn': ignore_interrupts,
-                      # Starting an epoch draws the workers' base seed: from its own generator, not the global one,
-                      # so that a run resumed mid-epoch draws the same SpecAugment masks as an uninterrupted one.
-                      'generator': torch.Generator().manual_seed(args.seed)}
-    skip_silent = args.skip_silent == 'on'
-    if args.mode == 'classifier':
-        dataset = TrainDataset(entries, args.train_path, args.num_frames, args.sampling_rate, augmenter, args.seed,
-                               skip_silent)
-        sampler = EpochSampler(len(dataset), args.seed, distributed.world_size(), distributed.rank())
-        loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, drop_last=True,
-                                             **loader_options)
-        items_per_step = args.batch_size
-    else:
-        dataset = PairDataset(entries, args.train_path, args.num_frames, args.sampling_rate, augmenter, args.seed,
-                              skip_silent)
-        try:
-            sampler = SpeakerPairSampler(dataset.labels, args.batch_size, args.seed, distributed.world_size(),
-                                         distributed.rank())
-        except ValueError as error:
-            raise SystemExit(f'{args.train_list}: {error} (lower --batch_size)')
-        loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, **loader_options)
-        items_per_step = 1
+    sampler, loader, items_per_step = training_loader(args, entries, augmenter, device)
 
     score_path = os.path.join(args.save_path, 'score.txt')
     metrics_path = os.path.join(args.save_path, 'metrics.jsonl')
