@@ -152,4 +152,3 @@ def test_pair_sampler_shards_global_batches_of_distinct_speakers():
         speakers = [labels[a] for a, _, _ in part0 + part1]
         assert len(set(speakers)) == 6
         assert not {i for pair in part0 for i in pair[:2]} & {i for pair in part1 for i in pair[:2]}
-
