@@ -29,7 +29,7 @@ from dataLoader import (Augmenter, DeviceAugmenter, EpochSampler, PairDataset, S
 from loss import AAMsoftmax, build_objective
 from model import MODELS, build_encoder
 from plots import evaluation_plots, training_curve
-from prepare import check_data, list_references
+from prepare import AUDIO_EXTENSIONS, check_data, files_under, list_references
 from records import TensorBoard, append_metrics, forget_epochs_after, write_config
 from schedules import training_schedule
 from tools import (as_norm, atomic_torch_save, build_cohort, cached_embed_files, embed_files, encoder_weights,
@@ -676,18 +676,13 @@ def run_eval(args):
     return results
 
 
-def audio_files_under(folder):
-    return sorted(os.path.relpath(os.path.join(d, f), folder) for d, _, names in os.walk(folder)
-                  for f in names if f.lower().endswith(('.wav', '.flac')))
-
-
 def run_extract(args):
     """Embed every file of a folder or a list (one path per line, its last field, relative to --eval_path or
     else to the list's folder) and save {'paths', 'embeddings', 'vectors', 'model'} to --out."""
     device = torch.device(args.device)
     encoder = load_initial_encoder(args, device)
     if os.path.isdir(args.extract):
-        root, paths = args.extract, audio_files_under(args.extract)
+        root, paths = args.extract, files_under(args.extract, AUDIO_EXTENSIONS)
     else:
         root = args.eval_path or os.path.dirname(os.path.abspath(args.extract))
         with open(args.extract) as f:
