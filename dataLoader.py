@@ -1,7 +1,8 @@
 """From a list file to training examples: read, resample, crop, augment.
 
 Stages, each usable alone:
-  parse_train_list  -> (speaker, relative path) pairs, with the line of any malformed entry named
+  train_list_rows   -> (line, speaker, relative path) rows, with the line of any malformed entry named;
+                       parse_train_list drops the line numbers
   read_audio        -> mono float32 at the target rate, reading only the frames asked for
   random_crop       -> a fixed-length window, wrap-padded when the file is short
   read_usable_crop  -> a crop, or `UnusableAudio` saying why the file cannot train (unreadable, empty,
@@ -36,9 +37,10 @@ NOISE_CATEGORIES = {'noise': ('noise',), 'babble': ('speech',), 'music': ('music
                     'babble+music': ('speech', 'music')}  # kind -> MUSAN categories it adds, in order
 
 
-def parse_train_list(path):
-    """Lines `<speaker> <relative path>`; returns the pairs, or raises naming the bad line."""
-    entries = []
+def train_list_rows(path):
+    """Lines `<speaker> <relative path>` as (line number, speaker, relative path); raises naming a malformed
+    line, or an empty list."""
+    rows = []
     with open(path) as f:
         for number, line in enumerate(f, start=1):
             fields = line.split()
@@ -46,10 +48,15 @@ def parse_train_list(path):
                 continue
             if len(fields) != 2:
                 raise ValueError(f"{path}:{number}: expected '<speaker> <relative path>', got {line.strip()!r}")
-            entries.append((fields[0], fields[1]))
-    if not entries:
+            rows.append((number, fields[0], fields[1]))
+    if not rows:
         raise ValueError(f"{path}: the training list is empty")
-    return entries
+    return rows
+
+
+def parse_train_list(path):
+    """The (speaker, relative path) pairs of a training list (`train_list_rows` without the line numbers)."""
+    return [(speaker, rel) for _, speaker, rel in train_list_rows(path)]
 
 
 def speaker_labels(entries):

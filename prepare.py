@@ -25,8 +25,8 @@ import numpy as np
 import soundfile
 import tqdm
 
-from dataLoader import MIN_SECONDS, audio_problem, musan_files, rir_files
-from tools import atomic_write
+from dataLoader import MIN_SECONDS, audio_problem, musan_files, rir_files, train_list_rows
+from tools import atomic_write, trial_rows
 
 MUSAN_CATEGORIES = ('music', 'noise', 'speech')
 AUDIO_EXTENSIONS = ('.wav', '.flac')
@@ -218,28 +218,13 @@ def inspect_file(job):
     return found
 
 
-def list_references(path, kind):
-    """{relative audio path: first line naming it} of a train list (`kind` 'train') or trial list; raises
-    ValueError naming the first malformed line."""
+def list_references(rows):
+    """{relative audio path: the first line naming it} from the rows of a training list (`train_list_rows`)
+    or a trial list (`trial_rows`); both rows hold the paths they name from their third field on."""
     references = {}
-    with open(path) as f:
-        for number, line in enumerate(f, start=1):
-            fields = line.split()
-            if not fields:
-                continue
-            if kind == 'train':
-                if len(fields) != 2:
-                    raise ValueError(f"{path}:{number}: expected '<speaker> <relative path>', got {line.strip()!r}")
-                names = fields[1:]
-            else:
-                if len(fields) not in (2, 3) or (len(fields) == 3 and fields[0] not in ('0', '1')):
-                    raise ValueError(f"{path}:{number}: expected '<0|1> <enroll> <test>' or '<enroll> <test>', "
-                                     f"got {line.strip()!r}")
-                names = fields[-2:]
-            for name in names:
-                references.setdefault(name, number)
-    if not references:
-        raise ValueError(f'{path}: no entries')
+    for number, _, *names in rows:
+        for name in names:
+            references.setdefault(name, number)
     return references
 
 
@@ -248,13 +233,12 @@ def data_sources(args):
     names."""
     sources = []
     if args.train_list:
-        entries = list_references(args.train_list, 'train')
-        with open(args.train_list) as f:
-            speakers = {line.split()[0] for line in f if line.strip()}
+        rows = train_list_rows(args.train_list)
         sources.append((f'train list {args.train_list}', {
-            os.path.join(args.train_path, rel): (args.train_list, line) for rel, line in entries.items()}, speakers))
+            os.path.join(args.train_path, rel): (args.train_list, line)
+            for rel, line in list_references(rows).items()}, {speaker for _, speaker, _ in rows}))
     for trial_list in args.eval_list or []:
-        entries = list_references(trial_list, 'trials')
+        entries = list_references(trial_rows(trial_list))
         sources.append((f'trial list {trial_list}', {
             os.path.join(args.eval_path, rel): (trial_list, line) for rel, line in entries.items()},
             {rel.split('/')[0] for rel in entries}))

@@ -85,10 +85,11 @@ def verification_metrics(scores, labels):
 
 # ---------------------------------------------------------------- trial lists and scoring
 
-def read_trials(path):
+def trial_rows(path):
     """Lines `<0|1> <enroll> <test>`, or `<enroll> <test>` throughout for a list without labels (the
-    official test-phase format). Returns (labels int array, or None without labels; enroll; test)."""
-    labels, enroll, test = [], [], []
+    official test-phase format), as (line number, label or None, enroll, test); raises naming a malformed
+    line, or an empty list."""
+    rows = []
     width = None
     with open(path) as f:
         for number, line in enumerate(f, start=1):
@@ -99,13 +100,21 @@ def read_trials(path):
             if len(fields) != width or width not in (2, 3) or (width == 3 and fields[0] not in ('0', '1')):
                 raise ValueError(f"{path}:{number}: expected '<0|1> <enroll> <test>' or '<enroll> <test>' on every "
                                  f"line, got {line.strip()!r}")
-            if width == 3:
-                labels.append(int(fields[0]))
-            enroll.append(fields[-2])
-            test.append(fields[-1])
-    if not enroll:
+            rows.append((number, int(fields[0]) if width == 3 else None, fields[-2], fields[-1]))
+    if not rows:
         raise ValueError(f"{path}: the trial list is empty")
-    return (np.array(labels) if width == 3 else None), enroll, test
+    return rows
+
+
+def trial_columns(rows):
+    """`trial_rows` as (labels int array, or None without labels; enroll; test)."""
+    labels = None if rows[0][1] is None else np.array([label for _, label, _, _ in rows])
+    return labels, [enroll for _, _, enroll, _ in rows], [test for _, _, _, test in rows]
+
+
+def read_trials(path):
+    """A trial list as (labels int array, or None without labels; enroll; test)."""
+    return trial_columns(trial_rows(path))
 
 
 def write_score_file(path, enroll, test, scores, labels=None):

@@ -25,7 +25,7 @@ import tqdm
 import demo
 import distributed
 from dataLoader import (Augmenter, DeviceAugmenter, EpochSampler, PairDataset, SpeakerPairSampler, TrainDataset,
-                        collate, default_cache_dir, parse_train_list, speaker_labels)
+                        collate, default_cache_dir, parse_train_list, speaker_labels, train_list_rows)
 from loss import AAMsoftmax, build_objective
 from model import MODELS, build_encoder
 from plots import evaluation_plots, training_curve
@@ -34,7 +34,7 @@ from records import TensorBoard, append_metrics, forget_epochs_after, write_conf
 from schedules import training_schedule
 from tools import (as_norm, atomic_torch_save, build_cohort, cached_embed_files, embed_files, encoder_weights,
                    export_onnx, export_torchscript, file_digest, load_model, load_state_dict_file, read_score_file,
-                   read_trials, save_checkpoint, score_trials, verification_metrics, write_score_file)
+                   save_checkpoint, score_trials, trial_columns, trial_rows, verification_metrics, write_score_file)
 
 DEMO_DEFAULTS = {'save_path': 'exps/demo', 'max_epoch': 7, 'batch_size': 32, 'num_frames': 150,
                  'test_step': 1, 'lr': 0.002, 'n_cpu': 1}
@@ -565,12 +565,12 @@ def cohort_entries(entries, size, seed):
     return chosen[:size]
 
 
-def require_files(relative_paths, root, source, lines=None):
-    """Stop with a message naming `source` (and the line naming each file, from `lines`) unless every path
-    exists under `root`."""
-    missing = [p for p in dict.fromkeys(relative_paths) if not os.path.isfile(os.path.join(root, p))]
+def require_files(references, root, source):
+    """Stop with a message naming `source` unless every file of `references` ({relative path: the line of
+    `source` naming it, or None}) exists under `root`."""
+    missing = [p for p in references if not os.path.isfile(os.path.join(root, p))]
     if missing:
-        shown = [f'{source}:{lines[p]}: {p}' if lines else p for p in missing[:3]]
+        shown = [f'{source}:{references[p]}: {p}' if references[p] else p for p in missing[:3]]
         raise SystemExit(f'{source}: {len(missing)} files not under {root}, e.g.\n  ' + '\n  '.join(shown))
 
 
@@ -579,9 +579,9 @@ def read_eval_lists(args):
     they name is under --eval_path."""
     lists = {}
     for path in args.eval_list:
-        lists[path] = read_trials(path)
-        lines = list_references(path, 'trials')
-        require_files(lines, args.eval_path, path, lines)
+        rows = trial_rows(path)
+        require_files(list_references(rows), args.eval_path, path)
+        lists[path] = trial_columns(rows)
     return lists
 
 
@@ -682,14 +682,18 @@ def run_extract(args):
     device = torch.device(args.device)
     encoder = load_initial_encoder(args, device)
     if os.path.isdir(args.extract):
-        root, paths = args.extract, files_under(args.extract, AUDIO_EXTENSIONS)
+        root, references = args.extract, dict.fromkeys(files_under(args.extract, AUDIO_EXTENSIONS))
     else:
         root = args.eval_path or os.path.dirname(os.path.abspath(args.extract))
+        references = {}
         with open(args.extract) as f:
-            paths = list(dict.fromkeys(line.split()[-1] for line in f if line.strip()))
-    if not paths:
+            for number, line in enumerate(f, start=1):
+                if line.strip():
+                    references.setdefault(line.split()[-1], number)
+    if not references:
         raise SystemExit(f'{args.extract}: no audio files to embed')
-    require_files(paths, root, args.extract)
+    require_files(references, root, args.extract)
+    paths = list(references)
     vectors = embed_files(encoder, paths, root, device, n_cpu=args.n_cpu)
     stacked = torch.stack([vectors[p] for p in paths])
     atomic_torch_save({'paths': paths, 'embeddings': F.normalize(stacked[:, :encoder.embedding_dim], dim=1),
@@ -746,14 +750,14 @@ def run_training(args):
     main_process = distributed.is_main()
     log = print if main_process else (lambda *_: None)
     torch.manual_seed(args.seed + distributed.rank())
-    entries = parse_train_list(args.train_list)
+    rows = train_list_rows(args.train_list)
+    entries = [(speaker, rel) for _, speaker, rel in rows]
     speakers = len(speaker_labels(entries))
     if args.n_class is None:
         args.n_class = speakers
     elif args.n_class < speakers:
         raise SystemExit(f'--n_class {args.n_class} is smaller than the {speakers} speakers in {args.train_list}')
-    lines = list_references(args.train_list, 'train')
-    require_files(lines, args.train_path, args.train_list, lines)
+    require_files(list_references(rows), args.train_path, args.train_list)
     eval_lists = read_eval_lists(args)
     if all(labels is None for labels, _, _ in eval_lists.values()):
         raise SystemExit('training needs an --eval_list with labels to report EER')
