@@ -52,4 +52,6 @@ def test_training_beats_the_untrained_encoder(corpus, tmp_path, mode, loss, mode
     after = float(scores[0].split(' EER ')[1].split('%')[0])
     trained = eval_eer(corpus, str(tmp_path / 'run' / 'model' / f'model_{epochs:04d}.model'), tmp_path / 'trained')
     assert trained == pytest.approx(after, abs=0.01)
-    assert after < before, f'{mode} {model}: EER {after:.2f}% after {epochs} epochs, {before:.2f}% untrained'
+    summary = f'{mode} {model}: EER {before:.2f}% untrained, {after:.2f}% after {epochs} epochs'
+    print(summary)
+    assert after < before, summary
