@@ -1,24 +1,20 @@
-"""From a list file to training examples: read, resample, crop, augment.
+"""From a training list's entries to batches: read, resample, crop (augmentation is `augment.py`'s).
 
 Stages, each usable alone:
-  train_list_rows   -> (line, speaker, relative path) rows, with the line of any malformed entry named;
-                       parse_train_list drops the line numbers
   read_audio        -> mono float32 at the target rate, reading only the frames asked for
   random_crop       -> a fixed-length window, wrap-padded when the file is short
   read_usable_crop  -> a crop, or `UnusableAudio` saying why the file cannot train (unreadable, empty,
                        shorter than a 25 ms window, non-finite samples, silent); datasets then use another
                        utterance and report the skipped file with the batch (`collate`)
-  SignalBank        -> MUSAN/RIR files decoded and resampled once, kept in a memory-mapped cache
-  Augmenter         -> clean / reverb / noise / babble / music / babble+music at drawn SNRs
-  DeviceAugmenter   -> the same draws applied to a whole batch on the GPU (--gpu_augment)
-  TrainDataset      -> (waveform, label) with randomness seeded by (seed, epoch, index)
+  TrainDataset      -> (waveform, label) with randomness seeded by (seed, epoch, index), augmented by the
+                       augmenter it is given; PairDataset -> two views of one speaker
+  EpochSampler, SpeakerPairSampler -> each epoch's order as a pure function of (seed, epoch), sharded
+                       over torchrun's processes
+  EvalDataset       -> whole utterances for embedding
 Features are not computed here: the model computes them.
 """
 
 import functools
-import glob
-import hashlib
-import json
 import math
 import os
 
@@ -26,42 +22,10 @@ import numpy as np
 import soundfile
 import torch
 import torchaudio
-from scipy.signal import fftconvolve
 
+from errors import UserError
+from lists import speaker_labels
 from model import crop_samples
-
-SNR_RANGES = {'noise': (0.0, 15.0), 'speech': (13.0, 20.0), 'music': (5.0, 15.0)}
-NOISE_COUNTS = {'noise': (1, 1), 'speech': (3, 8), 'music': (1, 1)}
-AUGMENTATIONS = ('clean', 'reverb', 'noise', 'babble', 'music', 'babble+music')
-NOISE_CATEGORIES = {'noise': ('noise',), 'babble': ('speech',), 'music': ('music',),
-                    'babble+music': ('speech', 'music')}  # kind -> MUSAN categories it adds, in order
-
-
-def train_list_rows(path):
-    """Lines `<speaker> <relative path>` as (line number, speaker, relative path); raises naming a malformed
-    line, or an empty list."""
-    rows = []
-    with open(path) as f:
-        for number, line in enumerate(f, start=1):
-            fields = line.split()
-            if not fields:
-                continue
-            if len(fields) != 2:
-                raise ValueError(f"{path}:{number}: expected '<speaker> <relative path>', got {line.strip()!r}")
-            rows.append((number, fields[0], fields[1]))
-    if not rows:
-        raise ValueError(f"{path}: the training list is empty")
-    return rows
-
-
-def parse_train_list(path):
-    """The (speaker, relative path) pairs of a training list (`train_list_rows` without the line numbers)."""
-    return [(speaker, rel) for _, speaker, rel in train_list_rows(path)]
-
-
-def speaker_labels(entries):
-    """Speaker name -> class index, in sorted order of the names (as the original assigns them)."""
-    return {name: i for i, name in enumerate(sorted({speaker for speaker, _ in entries}))}
 
 
 @functools.lru_cache(maxsize=None)
@@ -131,6 +95,15 @@ class UnusableAudio(Exception):
     """A file that training skips; the message says why."""
 
 
+def duration_problem(seconds):
+    """Why a file of this duration cannot be used (no samples, shorter than one analysis window), or None."""
+    if seconds == 0:
+        return 'empty: no samples'
+    if seconds < MIN_SECONDS:
+        return f'{seconds * 1000:.1f} ms long, shorter than a {MIN_SECONDS * 1000:.0f} ms window'
+    return None
+
+
 def audio_problem(audio, skip_silent=True):
     """Why decoded audio cannot be trained on (no samples, NaN or infinite samples, all zeros when
     `skip_silent`), or None."""
@@ -147,9 +120,9 @@ def read_usable_crop(path, length, sampling_rate, rng, skip_silent=True):
     """`read_random_crop`, or `UnusableAudio` when the file does not decode, is shorter than MIN_SECONDS, or
     the crop has an `audio_problem`. Multichannel files are averaged to mono, as everywhere."""
     try:
-        duration = audio_duration(path)
-        if duration < MIN_SECONDS:
-            raise UnusableAudio(f'{duration * 1000:.1f} ms long, shorter than a {MIN_SECONDS * 1000:.0f} ms window')
+        problem = duration_problem(audio_duration(path))
+        if problem:
+            raise UnusableAudio(problem)
         audio = read_random_crop(path, length, sampling_rate, rng)
     except (OSError, RuntimeError, ValueError) as error:  # soundfile's errors are RuntimeErrors
         raise UnusableAudio(f'unreadable: {error}') from error
@@ -157,238 +130,6 @@ def read_usable_crop(path, length, sampling_rate, rng, skip_silent=True):
     if problem:
         raise UnusableAudio(problem)
     return audio
-
-
-def default_cache_dir():
-    return os.path.join(os.environ.get('XDG_CACHE_HOME', os.path.expanduser('~/.cache')), 'ecapa-toolkit')
-
-
-class SignalBank:
-    """Many short files (noise, music, babble speech, impulse responses), decoded and resampled once into
-    one float32 memory-mapped file under `cache_dir`. The file is named by a hash of the paths, their sizes
-    and modification times and the rate, so a changed set is decoded again. Worker processes share the
-    pages instead of each holding a copy."""
-
-    def __init__(self, files, sampling_rate, cache_dir):
-        if not files:
-            raise ValueError("a signal bank needs at least one file")
-        self.files = sorted(files)
-        key = hashlib.sha1(json.dumps(
-            [sampling_rate] + [(p, os.path.getsize(p), os.path.getmtime(p)) for p in self.files]
-        ).encode()).hexdigest()[:16]
-        base = os.path.join(cache_dir, f'bank-{key}')
-        if not os.path.exists(base + '.json'):
-            self._build(base, sampling_rate)
-        with open(base + '.json') as f:
-            self.offsets = json.load(f)['offsets']
-        self.path = base + '.f32'
-        self.samples = np.memmap(self.path, dtype=np.float32, mode='r')
-
-    def __getstate__(self):
-        # Sent to a worker process as the file name; the worker maps the same pages.
-        return {k: v for k, v in self.__dict__.items() if k != 'samples'}
-
-    def __setstate__(self, state):
-        self.__dict__.update(state)
-        self.samples = np.memmap(self.path, dtype=np.float32, mode='r')
-
-    def _build(self, base, sampling_rate):
-        os.makedirs(os.path.dirname(base), exist_ok=True)
-        offsets = [0]
-        tmp = f'{base}.{os.getpid()}.tmp'
-        with open(tmp + '.f32', 'wb') as out:
-            for path in self.files:
-                audio = read_audio(path, sampling_rate)
-                out.write(audio.astype(np.float32).tobytes())
-                offsets.append(offsets[-1] + len(audio))
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp + '.f32', base + '.f32')
-        with open(tmp + '.json', 'w') as f:
-            json.dump({'offsets': offsets, 'files': self.files}, f)
-        os.replace(tmp + '.json', base + '.json')
-
-    def __len__(self):
-        return len(self.files)
-
-    def __getitem__(self, i):
-        return np.asarray(self.samples[self.offsets[i]:self.offsets[i + 1]])
-
-
-def mix_at_snr(speech, noise, snr_db):
-    """`noise` scaled so that 10 log10(P_speech / P_noise) = `snr_db`; a silent noise adds nothing."""
-    speech_power = np.mean(speech.astype(np.float64) ** 2)
-    noise_power = np.mean(noise.astype(np.float64) ** 2)
-    if noise_power == 0.0:
-        return np.zeros_like(noise)
-    return (noise * np.sqrt(speech_power / (noise_power * 10 ** (snr_db / 10)))).astype(np.float32)
-
-
-def normalised_rir(rir):
-    """The impulse response scaled to unit energy (float32) and its direct-path delay, the position of its
-    largest tap."""
-    rir = rir.astype(np.float64)
-    return (rir / np.sqrt(np.sum(rir ** 2))).astype(np.float32), int(np.argmax(np.abs(rir)))
-
-
-def reverberate(audio, rir):
-    """Convolve with the energy-normalised impulse response, keeping the result aligned with the dry
-    signal (shifted back by the direct-path delay)."""
-    rir, delay = normalised_rir(rir)
-    wet = fftconvolve(audio, rir, mode='full')
-    return wet[delay:delay + len(audio)].astype(np.float32)
-
-
-def musan_files(musan_path):
-    """MUSAN split layout `<category>/<subset>/<stem>/*.wav` -> {category: [files]}."""
-    files = {}
-    for path in sorted(glob.glob(os.path.join(musan_path, '*', '*', '*', '*.wav'))):
-        files.setdefault(os.path.relpath(path, musan_path).split(os.sep)[0], []).append(path)
-    return files
-
-
-def rir_files(rir_path):
-    """RIRS_NOISES layout `<room type>/<room>/*.wav` below `rir_path`."""
-    return sorted(glob.glob(os.path.join(rir_path, '*', '*', '*.wav')))
-
-
-class Augmenter:
-    """Picks one of `AUGMENTATIONS` uniformly and applies it. `musan_path`/`rir_path` may be None; the
-    kinds that would need them are then not drawn."""
-
-    def __init__(self, musan_path, rir_path, sampling_rate, cache_dir):
-        self.noise_banks = {}
-        if musan_path:
-            found = musan_files(musan_path)
-            missing = [c for c in NOISE_COUNTS if c not in found]
-            if missing:
-                raise FileNotFoundError(
-                    f"--musan_path {musan_path}: no <category>/<subset>/<stem>/*.wav files for {missing}")
-            self.noise_banks = {c: SignalBank(found[c], sampling_rate, cache_dir) for c in NOISE_COUNTS}
-        self.rir_bank = None
-        if rir_path:
-            files = rir_files(rir_path)
-            if not files:
-                raise FileNotFoundError(f"--rir_path {rir_path}: no <room type>/<room>/*.wav files")
-            self.rir_bank = SignalBank(files, sampling_rate, cache_dir)
-        self.kinds = [k for k in AUGMENTATIONS if self._available(k)]
-
-    def _available(self, kind):
-        if kind == 'reverb':
-            return self.rir_bank is not None
-        return kind == 'clean' or bool(self.noise_banks)
-
-    def reverb(self, audio, rng):
-        return reverberate(audio, self.rir_bank[int(rng.integers(len(self.rir_bank)))])
-
-    def add_noise(self, audio, category, rng):
-        """Add `category` noise; returns the mixture and the SNR drawn for each added file."""
-        bank = self.noise_banks[category]
-        low, high = NOISE_COUNTS[category]
-        count = min(int(rng.integers(low, high + 1)), len(bank))
-        noise = np.zeros_like(audio)
-        snrs = []
-        for i in rng.choice(len(bank), size=count, replace=False):
-            snr = float(rng.uniform(*SNR_RANGES[category]))
-            noise += mix_at_snr(audio, random_crop(bank[int(i)], len(audio), rng), snr)
-            snrs.append(snr)
-        return audio + noise, snrs
-
-    def apply(self, audio, kind, rng):
-        if kind == 'clean':
-            return audio
-        if kind == 'reverb':
-            return self.reverb(audio, rng)
-        for category in NOISE_CATEGORIES[kind]:
-            audio = self.add_noise(audio, category, rng)[0]
-        return audio
-
-    def __call__(self, audio, rng):
-        return self.apply(audio, self.kinds[int(rng.integers(len(self.kinds)))], rng)
-
-
-class DeviceAugmenter:
-    """`Augmenter`'s kinds, probabilities, SNR ranges and noise counts applied to a whole batch on the
-    batch's device (--gpu_augment), from copies of its noise and impulse-response banks held there.
-    Draws come from a numpy generator on the host; the mixing, cropping and FFT reverberation run as a few
-    batched tensor operations, so CPU workers only read and crop. `__call__(audio [B, T], rng)` returns the
-    augmented batch; `augment` also returns what was drawn (kinds and each row's SNRs)."""
-
-    def __init__(self, augmenter, device):
-        self.kinds = augmenter.kinds
-        self.device = torch.device(device)
-        self.banks = {category: self._upload(bank) for category, bank in augmenter.noise_banks.items()}
-        self.rirs = None
-        if augmenter.rir_bank is not None:
-            rirs, delays = zip(*(normalised_rir(augmenter.rir_bank[i]) for i in range(len(augmenter.rir_bank))))
-            stacked = np.zeros((len(rirs), max(len(r) for r in rirs)), dtype=np.float32)
-            for i, rir in enumerate(rirs):
-                stacked[i, :len(rir)] = rir
-            self.rirs = torch.from_numpy(stacked).to(self.device)
-            self.rir_delays = torch.tensor(delays, device=self.device)
-
-    def _upload(self, bank):
-        offsets = np.asarray(bank.offsets, dtype=np.int64)
-        return {'samples': torch.from_numpy(np.array(bank.samples[:offsets[-1]])).to(self.device),
-                'offsets': offsets[:-1], 'lengths': np.diff(offsets)}
-
-    def __call__(self, audio, rng):
-        return self.augment(audio, rng)[0]
-
-    def augment(self, audio, rng):
-        kinds = [self.kinds[i] for i in rng.integers(len(self.kinds), size=len(audio))]
-        snrs = [[] for _ in kinds]
-        audio = audio.float()
-        rows = [i for i, kind in enumerate(kinds) if kind == 'reverb']
-        if rows:
-            audio = audio.index_copy(0, self._rows(rows), self.reverberate(audio[rows], rng))
-        for category in NOISE_COUNTS:
-            rows = [i for i, kind in enumerate(kinds) if category in NOISE_CATEGORIES.get(kind, ())]
-            if rows:
-                mixed, drawn = self.add_noise(audio[rows], category, rng)
-                audio = audio.index_copy(0, self._rows(rows), mixed)
-                for row, row_snrs in zip(rows, drawn):
-                    snrs[row].extend(row_snrs)
-        return audio, {'kinds': kinds, 'snrs': snrs}
-
-    def _rows(self, rows):
-        return torch.tensor(rows, device=self.device)
-
-    def reverberate(self, audio, rng):
-        """Each row convolved (FFT) with a random normalised RIR, aligned at its largest tap as `reverberate`."""
-        chosen = self._rows(rng.integers(len(self.rirs), size=len(audio)).tolist())
-        rirs, delays = self.rirs[chosen], self.rir_delays[chosen]
-        size = audio.shape[1] + rirs.shape[1] - 1
-        wet = torch.fft.irfft(torch.fft.rfft(audio, n=size) * torch.fft.rfft(rirs, n=size), n=size)
-        positions = delays[:, None] + torch.arange(audio.shape[1], device=self.device)[None, :]
-        return wet.gather(1, positions)
-
-    def add_noise(self, audio, category, rng):
-        """Each row plus `category` noise: NOISE_COUNTS files drawn without replacement, each a random
-        (wrap-padded) crop scaled to its own SNR from SNR_RANGES against the row's power."""
-        bank = self.banks[category]
-        files = len(bank['lengths'])
-        low, high = NOISE_COUNTS[category]
-        counts = np.minimum(rng.integers(low, high + 1, size=len(audio)), files)
-        chosen = [rng.choice(files, size=count, replace=False) for count in counts]
-        drawn = [rng.uniform(*SNR_RANGES[category], size=count) for count in counts]
-        length = audio.shape[1]
-        steps = torch.arange(length, device=self.device)[None, :]
-        speech_power = audio.pow(2).mean(dim=1)
-        noise = torch.zeros_like(audio)
-        for slot in range(int(counts.max())):
-            rows = np.flatnonzero(counts > slot)
-            picked = np.array([chosen[r][slot] for r in rows])
-            index = torch.from_numpy(rows).to(self.device)
-            lengths = bank['lengths'][picked]
-            starts = np.array([rng.integers(0, max(n, length) - length + 1) for n in lengths])
-            offsets, lengths, starts, snr = (torch.from_numpy(a).to(self.device) for a in (
-                bank['offsets'][picked], lengths, starts, np.array([drawn[r][slot] for r in rows])))
-            crops = bank['samples'][offsets[:, None] + (starts[:, None] + steps) % lengths[:, None]]
-            noise_power = crops.pow(2).mean(dim=1)
-            scale = torch.sqrt(speech_power[index] / (noise_power * 10 ** (snr.float() / 10)))
-            noise[index] += crops * torch.where(noise_power > 0, scale, torch.zeros_like(scale))[:, None]
-        return audio + noise, [list(map(float, d)) for d in drawn]
 
 
 class TrainDataset(torch.utils.data.Dataset):
@@ -405,8 +146,8 @@ class TrainDataset(torch.utils.data.Dataset):
 
     def __init__(self, entries, train_path, num_frames, sampling_rate, augmenter, seed, skip_silent=True):
         labels = speaker_labels(entries)
-        self.paths = [os.path.join(train_path, rel) for _, rel in entries]
-        self.labels = [labels[speaker] for speaker, _ in entries]
+        self.paths = [os.path.join(train_path, entry.path) for entry in entries]
+        self.labels = [labels[entry.speaker] for entry in entries]
         self.by_label = {}
         for index, label in enumerate(self.labels):
             self.by_label.setdefault(label, []).append(index)
@@ -459,14 +200,11 @@ def collate(items):
     return (*(torch.stack(v) for v in views), torch.tensor(labels), [s for item in skipped for s in item])
 
 
-class EpochSampler(torch.utils.data.Sampler):
-    """A permutation of the dataset that is a pure function of (seed, epoch); yields (index, epoch). With
-    `world_size` > 1 (torchrun), rank `rank` takes every world_size-th item of it, after the tail that
-    would give ranks unequal counts is dropped: the ranks' parts are disjoint and equally long.
-    `set_epoch(epoch, skip)` leaves out the first `skip` items of this rank's part (a run resumed mid-epoch)."""
+class ShardedEpochs(torch.utils.data.Sampler):
+    """What both training samplers share: the epoch whose order they yield, this process's share of it
+    under torchrun (`world_size`, `rank`) and how much of it a run resumed mid-epoch leaves out."""
 
-    def __init__(self, size, seed, world_size=1, rank=0):
-        self.size = size
+    def __init__(self, seed, world_size=1, rank=0):
         self.seed = seed
         self.world_size = world_size
         self.rank = rank
@@ -474,8 +212,19 @@ class EpochSampler(torch.utils.data.Sampler):
         self.skip = 0
 
     def set_epoch(self, epoch, skip=0):
+        """Yield epoch `epoch`'s order from now on, leaving out this process's first `skip` items."""
         self.epoch = epoch
         self.skip = skip
+
+
+class EpochSampler(ShardedEpochs):
+    """A permutation of the dataset that is a pure function of (seed, epoch); yields (index, epoch). With
+    `world_size` > 1 (torchrun), rank `rank` takes every world_size-th item of it, after the tail that
+    would give ranks unequal counts is dropped: the ranks' parts are disjoint and equally long."""
+
+    def __init__(self, size, seed, world_size=1, rank=0):
+        super().__init__(seed, world_size, rank)
+        self.size = size
 
     def __len__(self):
         return self.size // self.world_size - self.skip
@@ -502,7 +251,7 @@ class PairDataset(TrainDataset):
         return view_a, view_b, label, skipped
 
 
-class SpeakerPairSampler(torch.utils.data.Sampler):
+class SpeakerPairSampler(ShardedEpochs):
     """Batches of `batch_size` pairs from `batch_size` distinct speakers, as a pure function of (seed, epoch).
 
     Each epoch, every speaker's utterances are shuffled and paired off two by two (an odd one out is paired
@@ -512,26 +261,19 @@ class SpeakerPairSampler(torch.utils.data.Sampler):
     Yields lists of (index_a, index_b, epoch). With `world_size` > 1 (torchrun) the plan is of global batches
     of batch_size * world_size distinct speakers, and rank `rank` takes its `batch_size` slice of each: no
     speaker appears twice across the ranks' batches of a step, so gathered negatives are all negatives.
-    `set_epoch(epoch, skip)` leaves out the epoch's first `skip` batches (a run resumed mid-epoch)."""
+    `skip` counts batches."""
 
     def __init__(self, labels, batch_size, seed, world_size=1, rank=0):
+        super().__init__(seed, world_size, rank)
         self.by_speaker = {}
         for index, label in enumerate(labels):
             self.by_speaker.setdefault(label, []).append(index)
         if len(self.by_speaker) < batch_size * world_size:
-            raise ValueError(f'a batch of {batch_size} distinct speakers on each of {world_size} processes needs '
-                             f'at least {batch_size * world_size} speakers; the list has {len(self.by_speaker)}')
+            raise UserError(f'a batch of {batch_size} distinct speakers on each of {world_size} processes needs '
+                            f'at least {batch_size * world_size} speakers; the list has {len(self.by_speaker)} '
+                            f'(lower --batch_size)')
         self.batch_size = batch_size
-        self.world_size = world_size
-        self.rank = rank
-        self.seed = seed
-        self.epoch = 1
-        self.skip = 0
         self.planned = (None, [])
-
-    def set_epoch(self, epoch, skip=0):
-        self.epoch = epoch
-        self.skip = skip
 
     def pairs(self, rng):
         pairs = {}

@@ -31,6 +31,12 @@ def is_main():
     return rank() == 0
 
 
+def available_cores():
+    """The cores this process may use, shared among the processes torchrun started on this machine."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1
+    return max(1, cores // int(os.environ.get('LOCAL_WORLD_SIZE', '1')))
+
+
 def launched_by_torchrun():
     return int(os.environ.get('WORLD_SIZE', '1')) > 1
 

@@ -2,11 +2,12 @@
 
 The front-end (pre-emphasis, log-mel, mean normalisation over time, SpecAugment-style masks) is shared by
 every encoder. `ECAPA_TDNN` keeps the parameter and buffer names of TaoRuijie/ECAPA-TDNN so that its
-published checkpoints load with a strict `load_state_dict`. `MODELS` maps each `--model` name to a
-constructor taking `(C, sampling_rate, embedding_dim)`.
+published checkpoints load with a strict `load_state_dict`. `MODELS` maps each `--model` name to its
+`EncoderSpec`.
 """
 
 import math
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn as nn
@@ -328,6 +329,14 @@ RESNET_DEPTHS = {
 }
 
 
+class EncoderSpec(NamedTuple):
+    """How `--model NAME` is built: `build(C, sampling_rate, embedding_dim)` and the defaults of C (the
+    width) and of the embedding size."""
+    build: Callable
+    width: int
+    embedding_dim: int
+
+
 def _resnet(name):
     block, blocks = RESNET_DEPTHS[name]
 
@@ -336,12 +345,11 @@ def _resnet(name):
     return build
 
 
-# --model name -> (constructor(C, sampling_rate, embedding_dim), default C, default embedding_dim)
 MODELS = {
-    'ecapa-tdnn': (ECAPA_TDNN, 1024, 192),
-    'tdnn': (TDNN, 512, 512),
-    'resnet': (_resnet('resnet34'), 32, 256),
-    **{name: (_resnet(name), 32, 256) for name in RESNET_DEPTHS},
+    'ecapa-tdnn': EncoderSpec(ECAPA_TDNN, 1024, 192),
+    'tdnn': EncoderSpec(TDNN, 512, 512),
+    'resnet': EncoderSpec(_resnet('resnet34'), 32, 256),
+    **{name: EncoderSpec(_resnet(name), 32, 256) for name in RESNET_DEPTHS},
 }
 
 
@@ -349,5 +357,5 @@ def build_encoder(name, C=None, sampling_rate=16000, embedding_dim=None):
     """Build the encoder registered as `name`; None takes that encoder's default width or size."""
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")
-    constructor, default_c, default_dim = MODELS[name]
-    return constructor(C or default_c, sampling_rate, embedding_dim or default_dim)
+    spec = MODELS[name]
+    return spec.build(C or spec.width, sampling_rate, embedding_dim or spec.embedding_dim)

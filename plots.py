@@ -16,10 +16,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from scipy.stats import norm  # noqa: E402
 
+from checkpoints import atomic_write  # noqa: E402
+from errors import UsageError, UserError, reported_as_exit  # noqa: E402
 from records import read_metrics  # noqa: E402
-from tools import atomic_write, operating_points  # noqa: E402
-
-DCF_TARGET_PRIORS = (0.05, 0.01)
+from tools import operating_points  # noqa: E402
 
 
 def save_figure(figure, path):
@@ -29,7 +29,7 @@ def save_figure(figure, path):
 
 def det_curve(scores, labels, metrics, path, title):
     """Miss rate against false-alarm rate on probit axes, with the EER point and each minDCF point;
-    `metrics` are the list's `verification_metrics`, already computed by the evaluation."""
+    `metrics` are the list's `tools.Metrics`, already computed by the evaluation."""
     miss, false_alarm = operating_points(scores, labels)
     clip = 1e-4
 
@@ -38,12 +38,11 @@ def det_curve(scores, labels, metrics, path, title):
 
     figure, axes = plt.subplots(figsize=(5, 5))
     axes.plot(probit(false_alarm), probit(miss), lw=1.5)
-    eer = metrics['eer'] / 100
+    eer = metrics.eer / 100
     axes.plot(probit(eer), probit(eer), 'o', label=f'EER {100 * eer:.2f}%')
-    for prior, marker in zip(DCF_TARGET_PRIORS, ('s', '^')):
+    for (prior, min_dcf), marker in zip(metrics.min_dcf.items(), ('s', '^')):
         best = int(np.argmin(prior * miss + (1 - prior) * false_alarm))
-        axes.plot(probit(false_alarm[best]), probit(miss[best]), marker,
-                  label=f'minDCF({prior}) {metrics[f"min_dcf_{prior}"]:.4f}')
+        axes.plot(probit(false_alarm[best]), probit(miss[best]), marker, label=f'minDCF({prior}) {min_dcf:.4f}')
     ticks = np.array([0.001, 0.01, 0.05, 0.2, 0.5, 0.8])
     axes.set_xticks(norm.ppf(ticks), [f'{100 * t:g}' for t in ticks])
     axes.set_yticks(norm.ppf(ticks), [f'{100 * t:g}' for t in ticks])
@@ -99,26 +98,27 @@ def training_curve(metrics_path, path):
 
 
 def evaluation_plots(results, folder):
-    """DET curve and histograms of every labelled list in `results` (from trainECAPAModel.evaluate)."""
+    """DET curve and histograms of every labelled list in `results` ({list path: tools.ListResult})."""
     os.makedirs(folder, exist_ok=True)
-    for list_path, result in results.items():
-        if result['labels'] is None:
+    for result in results.values():
+        if result.metrics is None:
             continue
-        name = os.path.splitext(os.path.basename(list_path))[0]
-        for key, kind in (('', ''), ('snorm_', ' AS-Norm')):
-            if f'{key}scores' in result:
-                tag = name + ('_asnorm' if kind else '')
-                scores = result[f'{key}scores']
-                det_curve(scores, result['labels'], result[f'{key}metrics'], os.path.join(folder, f'{tag}_det.png'),
-                          f'{name}{kind}')
-                score_histograms(scores, result['labels'], os.path.join(folder, f'{tag}_scores.png'),
-                                 f'{name}{kind}')
+        name = os.path.splitext(result.trials.name)[0]
+        for suffix, scores, metrics in result.score_sets():
+            title = name + (' AS-Norm' if suffix else '')
+            det_curve(scores, result.trials.labels, metrics, os.path.join(folder, f'{name}{suffix}_det.png'), title)
+            score_histograms(scores, result.trials.labels, os.path.join(folder, f'{name}{suffix}_scores.png'), title)
+
+
+def main(argv):
+    if len(argv) != 1:
+        raise UsageError('give one argument, the save_path of a run: python plots.py SAVE_PATH')
+    target = os.path.join(argv[0], 'plots', 'training_curve.png')
+    if not training_curve(os.path.join(argv[0], 'metrics.jsonl'), target):
+        raise UserError(f'{argv[0]}/metrics.jsonl: no epochs recorded')
+    print(target)
 
 
 if __name__ == '__main__':
-    if len(sys.argv) != 2:
-        raise SystemExit(__doc__)
-    target = os.path.join(sys.argv[1], 'plots', 'training_curve.png')
-    if not training_curve(os.path.join(sys.argv[1], 'metrics.jsonl'), target):
-        raise SystemExit(f'{sys.argv[1]}/metrics.jsonl: no epochs recorded')
-    print(target)
+    with reported_as_exit('plots.py'):
+        main(sys.argv[1:])

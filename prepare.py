@@ -25,11 +25,12 @@ import numpy as np
 import soundfile
 import tqdm
 
-from dataLoader import MIN_SECONDS, audio_problem, musan_files, rir_files, train_list_rows
-from tools import atomic_write, trial_rows
+from augment import MUSAN_CATEGORIES, musan_files, rir_files
+from checkpoints import atomic_write
+from dataLoader import audio_problem, duration_problem
+from errors import ArgumentParser, UserError, reported_as_exit
+from lists import files_under, read_train_list, read_trials
 
-MUSAN_CATEGORIES = ('music', 'noise', 'speech')
-AUDIO_EXTENSIONS = ('.wav', '.flac')
 PROBLEMS_SHOWN = 20
 
 
@@ -64,11 +65,6 @@ def convert_one(job):
         return f'{source}: {type(error).__name__}: {error}'
 
 
-def files_under(root, extensions):
-    return sorted(os.path.relpath(os.path.join(folder, name), root) for folder, _, names in os.walk(root)
-                  for name in names if name.lower().endswith(extensions))
-
-
 def run_jobs(function, jobs, workers, description):
     """`function` over `jobs` in `workers` processes with a progress bar; returns the non-None results."""
     if workers <= 1:
@@ -84,7 +80,7 @@ def convert_m4a(source_root, target_root, sampling_rate=16000, workers=1, extens
     conversion continues where it stopped. Returns (converted, already there, failures)."""
     sources = files_under(source_root, (extension,))
     if not sources:
-        raise SystemExit(f'{source_root}: no {extension} files')
+        raise UserError(f'{source_root}: no {extension} files')
     jobs = []
     for rel in sources:
         target = os.path.join(target_root, os.path.splitext(rel)[0] + '.wav')
@@ -97,12 +93,12 @@ def convert_m4a(source_root, target_root, sampling_rate=16000, workers=1, extens
 def write_train_list(root, out):
     """`speaker relative/path` for every audio file below `root`, the speaker being its first folder, sorted.
     Returns (utterances, speakers)."""
-    paths = files_under(root, AUDIO_EXTENSIONS)
+    paths = files_under(root)
     if not paths:
-        raise SystemExit(f'{root}: no .wav or .flac files')
+        raise UserError(f'{root}: no .wav or .flac files')
     loose = [p for p in paths if os.sep not in p]
     if loose:
-        raise SystemExit(f'{root}: {len(loose)} files are not inside a speaker folder, e.g. {loose[0]}')
+        raise UserError(f'{root}: {len(loose)} files are not inside a speaker folder, e.g. {loose[0]}')
     lines = [f'{p.split(os.sep)[0]} {p.replace(os.sep, "/")}\n' for p in paths]
     atomic_write(out, lambda f: f.write(''.join(lines).encode()))
     return len(lines), len({p.split(os.sep)[0] for p in paths})
@@ -137,7 +133,7 @@ def split_musan(source_root, target_root, chunk_seconds=5.0, hop_seconds=3.0, wo
     `chunk_seconds` every `hop_seconds` (first channel; a file shorter than a chunk is kept whole). Stems
     already split are skipped. Returns (split, already there, failures)."""
     jobs, done = [], 0
-    for category in MUSAN_CATEGORIES:
+    for category in sorted(MUSAN_CATEGORIES):
         for rel in files_under(os.path.join(source_root, category), ('.wav',)):
             parts = rel.split(os.sep)
             if len(parts) < 2:
@@ -148,7 +144,7 @@ def split_musan(source_root, target_root, chunk_seconds=5.0, hop_seconds=3.0, wo
             else:
                 jobs.append((os.path.join(source_root, category, rel), target, chunk_seconds, hop_seconds))
     if not jobs and not done:
-        raise SystemExit(f'{source_root}: no {"/".join(MUSAN_CATEGORIES)}/<subset>/*.wav files')
+        raise UserError(f'{source_root}: no {"/".join(sorted(MUSAN_CATEGORIES))}/<subset>/*.wav files')
     failures = run_jobs(split_one, jobs, workers, 'split') if jobs else []
     return len(jobs) - len(failures), done, failures
 
@@ -176,7 +172,7 @@ def layout_rirs(source_root, target_root, real=False):
                     continue
                 options = dict(zip(fields[:-1:2], fields[1:-1:2]))
                 if '--rir-id' not in options or '--room-id' not in options:
-                    raise SystemExit(f'{listing}:{number}: expected "--rir-id ID --room-id ROOM PATH", got '
+                    raise UserError(f'{listing}:{number}: expected "--rir-id ID --room-id ROOM PATH", got '
                                      f'{line.strip()!r}')
                 source = os.path.join(os.path.dirname(source_root.rstrip(os.sep)), fields[-1])
                 if not os.path.exists(source):
@@ -189,7 +185,7 @@ def layout_rirs(source_root, target_root, real=False):
                                                                    format='WAV'))
                 count += 1
     if count == 0:
-        raise SystemExit(f'{source_root}: no simulated_rirs/<room type>/<room>/*.wav files')
+        raise UserError(f'{source_root}: no simulated_rirs/<room type>/<room>/*.wav files')
     return count
 
 
@@ -203,10 +199,8 @@ def inspect_file(job):
     except Exception as error:
         return {'problem': 'missing' if not os.path.exists(path) else f'unreadable: {error}'}
     found = {'seconds': info.frames / info.samplerate, 'rate': info.samplerate, 'channels': info.channels}
-    if info.frames == 0:
-        return {'problem': 'empty: no samples'}
-    if found['seconds'] < MIN_SECONDS:
-        return {'problem': f'{found["seconds"] * 1000:.1f} ms long, shorter than a {MIN_SECONDS * 1000:.0f} ms window'}
+    if duration_problem(found['seconds']):
+        return {'problem': duration_problem(found['seconds'])}
     if decode:
         try:
             audio, _ = soundfile.read(path, dtype='float32', always_2d=True)
@@ -218,35 +212,25 @@ def inspect_file(job):
     return found
 
 
-def list_references(rows):
-    """{relative audio path: the first line naming it} from the rows of a training list (`train_list_rows`)
-    or a trial list (`trial_rows`); both rows hold the paths they name from their third field on."""
-    references = {}
-    for number, _, *names in rows:
-        for name in names:
-            references.setdefault(name, number)
-    return references
-
-
 def data_sources(args):
     """[(name, {absolute path: (list, first line naming it) or None}, speakers or None)] for what `args`
     names."""
     sources = []
     if args.train_list:
-        rows = train_list_rows(args.train_list)
-        sources.append((f'train list {args.train_list}', {
-            os.path.join(args.train_path, rel): (args.train_list, line)
-            for rel, line in list_references(rows).items()}, {speaker for _, speaker, _ in rows}))
+        entries = read_train_list(args.train_list)
+        references = {}
+        for entry in entries:
+            references.setdefault(os.path.join(args.train_path, entry.path), (args.train_list, entry.line))
+        sources.append((f'train list {args.train_list}', references, {entry.speaker for entry in entries}))
     for trial_list in args.eval_list or []:
-        entries = list_references(trial_rows(trial_list))
+        references = read_trials(trial_list).references()
         sources.append((f'trial list {trial_list}', {
-            os.path.join(args.eval_path, rel): (trial_list, line) for rel, line in entries.items()},
-            {rel.split('/')[0] for rel in entries}))
+            os.path.join(args.eval_path, rel): (trial_list, line) for rel, line in references.items()},
+            {rel.split('/')[0] for rel in references}))
     if args.musan_path:
         found = musan_files(args.musan_path)
-        for category in MUSAN_CATEGORIES:
-            files = found.get(category, [])
-            sources.append((f'MUSAN {category} {args.musan_path}', dict.fromkeys(files), None))
+        for category in sorted(MUSAN_CATEGORIES):
+            sources.append((f'MUSAN {category} {args.musan_path}', dict.fromkeys(found.get(category, [])), None))
     if args.rir_path:
         sources.append((f'RIRs {args.rir_path}', dict.fromkeys(rir_files(args.rir_path)), None))
     return sources
@@ -287,7 +271,7 @@ def check_data(args, out=None):
     skip_silent = args.skip_silent == 'on'
     try:
         sources = data_sources(args)
-    except (OSError, ValueError) as error:
+    except UserError as error:
         sources, problems = [], [str(error)]
     for name, references, speakers in sources:
         paths = sorted(references)
@@ -319,8 +303,8 @@ def check_data(args, out=None):
     return problems
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
+def build_parser():
+    parser = ArgumentParser(description=__doc__.split('\n\n')[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     commands = parser.add_subparsers(dest='command', required=True)
     m4a = commands.add_parser('m4a', help='decode VoxCeleb2 .m4a files to 16-bit mono .wav (same tree)')
@@ -342,8 +326,11 @@ def main(argv=None):
     rirs.add_argument('--real', action='store_true', help='also the recorded impulse responses of rir_list')
     for command in (m4a, musan):
         command.add_argument('--workers', type=int, default=os.cpu_count() or 1, help='decoding processes')
-    args = parser.parse_args(argv)
+    return parser
 
+
+def run(args):
+    """The command `args` names; returns the exit status (1 when some files failed)."""
     if args.command == 'train_list':
         utterances, speakers = write_train_list(args.root, args.out)
         print(f'{args.out}: {utterances} utterances of {speakers} speakers')
@@ -361,6 +348,11 @@ def main(argv=None):
     for failure in failures[:PROBLEMS_SHOWN]:
         print(f'  {failure}')
     return 1 if failures else 0
+
+
+def main(argv=None):
+    with reported_as_exit('prepare.py'):
+        return run(build_parser().parse_args(argv))
 
 
 if __name__ == '__main__':

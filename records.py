@@ -1,17 +1,55 @@
-"""What a training run leaves behind for later: `config.json` (how it was run) and `metrics.jsonl` (one JSON
-object per epoch), beside the human-readable `score.txt`. Kept apart from trainECAPAModel.py, which only
-calls these."""
+"""What a training run leaves behind for later: `config.json` (how it was run), `score.txt` (one line a
+person reads per evaluated epoch) and `metrics.jsonl` (each epoch's `EpochRecord` as one JSON object).
+Kept apart from trainer.py, which only calls these."""
 
+import dataclasses
 import json
 import os
 import subprocess
 import sys
 import time
+from typing import Optional
 
 import torch
 import torchaudio
 
-from tools import atomic_json_save, atomic_write
+from checkpoints import atomic_json_save, atomic_write
+from errors import UserError
+
+
+@dataclasses.dataclass
+class EpochRecord:
+    """One epoch of training as metrics.jsonl holds it. `eval` is {trial list name: {'metrics': ...,
+    'snorm_metrics': ...}} (`tools.Metrics.as_record`) for an evaluated epoch, else empty."""
+    epoch: int
+    loss: float
+    accuracy: float
+    lr: float
+    margin: float
+    crops_per_s: float
+    bad_steps: int
+    skipped_files: int
+    train_seconds: float
+    epoch_seconds: float = 0.0
+    peak_gpu_memory_gib: Optional[float] = None
+    eval: dict = dataclasses.field(default_factory=dict)
+
+    def add_results(self, results):
+        """The metrics of `results` ({list path: tools.ListResult})."""
+        self.eval = {result.trials.name: {
+            'metrics': result.metrics and result.metrics.as_record(),
+            **({'snorm_metrics': result.snorm_metrics and result.snorm_metrics.as_record()}
+               if result.snorm_scores is not None else {})} for result in results.values()}
+
+    def as_json(self):
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None and (k != 'eval' or v)}
+
+
+def score_line(record, results, best_eer):
+    """score.txt's line for an evaluated epoch, in the original code's format with one part per trial list."""
+    return (f'{record.epoch} epoch, LR {record.lr:f}, LOSS {record.loss:f}, ACC {record.accuracy:2.2f}%, '
+            + ', '.join((f'{r.trials.name} ' if len(results) > 1 else '') + r.text() for r in results.values())
+            + f', bestEER {best_eer:2.2f}%')
 
 
 def git_commit():
@@ -44,7 +82,7 @@ def write_config(path, args, device, processes, resumed_after):
 
 def append_metrics(path, record):
     with open(path, 'a') as f:
-        f.write(json.dumps(record) + '\n')
+        f.write(json.dumps(record.as_json()) + '\n')
 
 
 def read_metrics(path):
@@ -63,7 +101,7 @@ def forget_epochs_after(epoch, score_path, metrics_path):
             for number, line in enumerate(f, start=1):
                 first = line.split(' ', 1)[0]
                 if not first.isdigit():
-                    raise SystemExit(f"{score_path}:{number}: expected '<epoch> epoch, ...', got {line.strip()!r}")
+                    raise UserError(f"{score_path}:{number}: expected '<epoch> epoch, ...', got {line.strip()!r}")
                 if int(first) <= epoch:
                     lines.append(line)
         atomic_write(score_path, lambda f: f.write(''.join(lines).encode()))
@@ -82,16 +120,16 @@ class TensorBoard:
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError as error:
-            raise SystemExit(f'--tensorboard needs the tensorboard package (pip install tensorboard): {error}')
+            raise UserError(f'--tensorboard needs the tensorboard package (pip install tensorboard): {error}')
         self.writer = SummaryWriter(folder)
 
     def add(self, record):
         for field in self.TRAINING_FIELDS:
-            self.writer.add_scalar(f'train/{field}', record[field], record['epoch'])
-        for name, result in record.get('eval', {}).items():
+            self.writer.add_scalar(f'train/{field}', getattr(record, field), record.epoch)
+        for name, result in record.eval.items():
             for group, metrics in result.items():
                 for metric, value in (metrics or {}).items():
-                    self.writer.add_scalar(f'{name}/{group}/{metric}', value, record['epoch'])
+                    self.writer.add_scalar(f'{name}/{group}/{metric}', value, record.epoch)
         self.writer.flush()
 
     def close(self):

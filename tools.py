@@ -1,5 +1,5 @@
-"""From embeddings to numbers: the evaluation protocol, scoring, AS-Norm, metrics, checkpoint I/O and the
-notebook helpers (load a checkpoint, embed a file, score two files).
+"""The trial path, embed -> score -> normalise -> EER/minDCF (`evaluate`), and the notebook helpers (load a
+checkpoint, embed a file, score two files) and export.
 
 Evaluation protocol (as the original ECAPA-TDNN code scores VoxCeleb): each utterance gets a full-length
 embedding f and the embeddings c_1..c_5 of five evenly spaced 3 s crops, all L2-normalised; a trial scores
@@ -8,19 +8,25 @@ is stored as one vector v = [f, mean_i c_i] / sqrt(2), and a trial's score is th
 """
 
 import copy
+import dataclasses
 import hashlib
 import json
 import math
 import os
 import tempfile
 import warnings
+from typing import Optional
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 import tqdm
 
+import distributed
+from checkpoints import (atomic_torch_save, atomic_write, encoder_config_path, encoder_weights,
+                         load_state_dict_file, mismatches)
 from dataLoader import EvalDataset, read_audio, resample, wrap_pad
+from errors import UserError
 from model import ConvMelSpectrogram, build_encoder, crop_samples
 
 EVAL_CROPS = 5
@@ -77,72 +83,29 @@ def compute_min_dcf(scores, labels, p_target, c_miss=1, c_fa=1):
     return float(cost.min() / min(c_miss * p_target, c_fa * (1 - p_target)))
 
 
+DCF_TARGET_PRIORS = (0.05, 0.01)
+
+
+@dataclasses.dataclass(frozen=True)
+class Metrics:
+    """EER in percent and the minimum normalised DCF at each of DCF_TARGET_PRIORS (c_miss = c_fa = 1)."""
+    eer: float
+    min_dcf: dict  # target prior -> minDCF
+
+    def text(self):
+        return f'EER {self.eer:2.2f}%, ' + ', '.join(f'minDCF({p}) {v:.4f}' for p, v in self.min_dcf.items())
+
+    def as_record(self):
+        """As metrics.jsonl stores it: {'eer', 'min_dcf_0.05', 'min_dcf_0.01'}."""
+        return {'eer': self.eer, **{f'min_dcf_{p}': v for p, v in self.min_dcf.items()}}
+
+
 def verification_metrics(scores, labels):
-    return {'eer': compute_eer(scores, labels),
-            'min_dcf_0.05': compute_min_dcf(scores, labels, 0.05),
-            'min_dcf_0.01': compute_min_dcf(scores, labels, 0.01)}
+    return Metrics(float(compute_eer(scores, labels)),
+                   {p: compute_min_dcf(scores, labels, p) for p in DCF_TARGET_PRIORS})
 
 
-# ---------------------------------------------------------------- trial lists and scoring
-
-def trial_rows(path):
-    """Lines `<0|1> <enroll> <test>`, or `<enroll> <test>` throughout for a list without labels (the
-    official test-phase format), as (line number, label or None, enroll, test); raises naming a malformed
-    line, or an empty list."""
-    rows = []
-    width = None
-    with open(path) as f:
-        for number, line in enumerate(f, start=1):
-            fields = line.split()
-            if not fields:
-                continue
-            width = width or len(fields)
-            if len(fields) != width or width not in (2, 3) or (width == 3 and fields[0] not in ('0', '1')):
-                raise ValueError(f"{path}:{number}: expected '<0|1> <enroll> <test>' or '<enroll> <test>' on every "
-                                 f"line, got {line.strip()!r}")
-            rows.append((number, int(fields[0]) if width == 3 else None, fields[-2], fields[-1]))
-    if not rows:
-        raise ValueError(f"{path}: the trial list is empty")
-    return rows
-
-
-def trial_columns(rows):
-    """`trial_rows` as (labels int array, or None without labels; enroll; test)."""
-    labels = None if rows[0][1] is None else np.array([label for _, label, _, _ in rows])
-    return labels, [enroll for _, _, enroll, _ in rows], [test for _, _, _, test in rows]
-
-
-def read_trials(path):
-    """A trial list as (labels int array, or None without labels; enroll; test)."""
-    return trial_columns(trial_rows(path))
-
-
-def write_score_file(path, enroll, test, scores, labels=None):
-    """One `enroll test score [label]` line per trial, written atomically."""
-    suffixes = [''] * len(scores) if labels is None else [f' {label}' for label in labels]
-    text = ''.join(f'{e} {t} {s:.6f}{suffix}\n' for e, t, s, suffix in zip(enroll, test, scores, suffixes))
-    atomic_write(path, lambda f: f.write(text.encode()))
-
-
-def read_score_file(path):
-    """(scores, labels) of a score file with `enroll test score label` lines."""
-    scores, labels = [], []
-    with open(path) as f:
-        for number, line in enumerate(f, start=1):
-            fields = line.split()
-            if not fields:
-                continue
-            try:
-                if len(fields) != 4 or fields[3] not in ('0', '1'):
-                    raise ValueError
-                scores.append(float(fields[2]))
-                labels.append(int(fields[3]))
-            except ValueError:
-                raise ValueError(f"{path}:{number}: expected '<enroll> <test> <score> <0|1>', got {line.strip()!r}")
-    if not scores:
-        raise ValueError(f"{path}: no scores")
-    return np.array(scores), np.array(labels)
-
+# ---------------------------------------------------------------- embedding and scoring
 
 def evenly_spaced_crops(waveform, length, count=EVAL_CROPS):
     """`count` windows of `length` samples at evenly spaced starts (wrap-padded when too short)."""
@@ -255,23 +218,14 @@ def as_norm(embeddings, trials, cohort, top_k):
 
 
 def build_cohort(vectors, entries, kind):
-    """The AS-Norm cohort from training utterances' vectors: their speaker means (`kind` 'speaker') or the
+    """The AS-Norm cohort from the vectors of training utterances (`lists.TrainEntry`): their speaker means (`kind` 'speaker') or the
     vectors themselves ('utterance'), as [M, D]."""
     if kind == 'utterance':
-        return torch.stack([vectors[rel] for _, rel in entries])
+        return torch.stack([vectors[entry.path] for entry in entries])
     by_speaker = {}
-    for speaker, rel in entries:
-        by_speaker.setdefault(speaker, []).append(vectors[rel])
+    for entry in entries:
+        by_speaker.setdefault(entry.speaker, []).append(vectors[entry.path])
     return torch.stack([torch.stack(v).mean(dim=0) for _, v in sorted(by_speaker.items())])
-
-
-def file_digest(path):
-    """A short SHA-1 of a file's bytes: the identity of a checkpoint."""
-    digest = hashlib.sha1()
-    with open(path, 'rb') as f:
-        for block in iter(lambda: f.read(1 << 20), b''):
-            digest.update(block)
-    return digest.hexdigest()[:16]
 
 
 def cached_embed_files(encoder, relative_paths, root, device, cache_dir, identity, **kwargs):
@@ -297,75 +251,77 @@ def cached_embed_files(encoder, relative_paths, root, device, cache_dir, identit
     return {p: cache['vectors'][index[p]] for p in relative_paths}
 
 
-# ---------------------------------------------------------------- checkpoints
+# ---------------------------------------------------------------- evaluation of trial lists
 
-def current_umask():
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def atomic_write(path, write):
-    """Call `write(file object)` on a temporary file beside `path`, fsync it, then rename it over `path`,
-    so that `path` holds either the old or the new content, never a partial one."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix='.' + os.path.basename(path) + '.')
-    try:
-        os.fchmod(fd, 0o666 & ~current_umask())  # what open() would give, not mkstemp's owner-only 0600
-        with os.fdopen(fd, 'wb') as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    dir_fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+@dataclasses.dataclass(frozen=True)
+class Cohort:
+    """AS-Norm settings: the training `entries` (`lists.TrainEntry`) under `root` whose vectors form the
+    cohort, as speaker means or single utterances (`kind`), and the top scores used."""
+    entries: list
+    root: str
+    kind: str
+    top_k: int
 
 
-def atomic_torch_save(obj, path):
-    atomic_write(path, lambda f: torch.save(obj, f))
+@dataclasses.dataclass
+class ListResult:
+    """One trial list scored: raw scores and, with AS-Norm, normalised ones; metrics are None without labels."""
+    trials: object  # lists.TrialList
+    scores: np.ndarray
+    metrics: Optional[Metrics] = None
+    snorm_scores: Optional[np.ndarray] = None
+    snorm_metrics: Optional[Metrics] = None
+
+    def score_sets(self):
+        """(name suffix, scores, metrics) for the raw scores and, with AS-Norm, the normalised ones."""
+        sets = [('', self.scores, self.metrics)]
+        if self.snorm_scores is not None:
+            sets.append(('_asnorm', self.snorm_scores, self.snorm_metrics))
+        return sets
+
+    def text(self):
+        if self.metrics is None:
+            return f'{len(self.scores)} trials scored (no labels)'
+        return self.metrics.text() + (f', AS-Norm {self.snorm_metrics.text()}' if self.snorm_metrics else '')
 
 
-def atomic_json_save(obj, path):
-    atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2).encode()))
+def embed_for(encoder, files, root, device, n_cpu=0, cache_dir=None, identity=None):
+    """{file: protocol vector}. Under torchrun each process embeds every world_size-th file and all of them
+    receive every vector; otherwise, given a `cache_dir` and the checkpoint's `identity`, vectors are cached."""
+    if distributed.world_size() > 1:
+        part = embed_files(encoder, files[distributed.rank()::distributed.world_size()], root, device,
+                           n_cpu=n_cpu, progress=distributed.is_main())
+        return {name: vector for vectors in distributed.gather_objects(part) for name, vector in vectors.items()}
+    if identity is None:
+        return embed_files(encoder, files, root, device, n_cpu=n_cpu)
+    return cached_embed_files(encoder, files, root, device, cache_dir, identity, n_cpu=n_cpu)
 
 
-def encoder_config_path(checkpoint_path):
-    """The JSON file beside a checkpoint that records how to rebuild its encoder."""
-    return os.path.splitext(checkpoint_path)[0] + '.json'
-
-
-def save_checkpoint(state_dict, encoder_config, path):
-    """Write the weights (`speaker_encoder.*`, `speaker_loss.*`) and, beside them, the encoder config."""
-    atomic_torch_save(state_dict, path)
-    atomic_json_save(encoder_config, encoder_config_path(path))
-
-
-def load_state_dict_file(path):
-    try:
-        state = torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as error:
-        raise ValueError(f"{path}: not a readable PyTorch checkpoint ({error})") from error
-    if not isinstance(state, dict):
-        raise ValueError(f"{path}: expected a state_dict, found {type(state).__name__}")
-    return state
-
-
-def encoder_weights(state):
-    """The encoder's entries of a checkpoint: the `speaker_encoder.*` ones with that prefix removed, or the
-    whole state_dict when it is an encoder's alone. A `module.` prefix left by DataParallel is removed."""
-    state = {(k[len('module.'):] if k.startswith('module.') else k): v for k, v in state.items()}
-    prefix = 'speaker_encoder.'
-    if not any(k.startswith(prefix) for k in state):
-        return state
-    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+def evaluate(encoder, trial_lists, eval_path, device, n_cpu=0, cohort=None, cache_dir=None, identity=None):
+    """Score each `lists.TrialList`, embedding each utterance once (`embed_for`), with AS-Norm against
+    `cohort` when one is given. Returns {list path: ListResult}."""
+    files = sorted({f for trials in trial_lists for f in trials.enroll + trials.test})
+    vectors = embed_for(encoder, files, eval_path, device, n_cpu, cache_dir, identity)
+    results = {trials.path: ListResult(trials, score_trials(vectors, trials.enroll, trials.test))
+               for trials in trial_lists}
+    if cohort is not None:
+        cohort_vectors = embed_for(encoder, [entry.path for entry in cohort.entries], cohort.root, device, n_cpu,
+                                   cache_dir, identity)
+        index = {name: i for i, name in enumerate(files)}
+        pairs = np.array([(index[e], index[t]) for trials in trial_lists for e, t in zip(trials.enroll, trials.test)])
+        normalised = as_norm(torch.stack([vectors[f] for f in files]), pairs,
+                             build_cohort(cohort_vectors, cohort.entries, cohort.kind), cohort.top_k)
+        start = 0
+        for result in results.values():
+            result.snorm_scores = normalised[start:start + len(result.scores)]
+            start += len(result.scores)
+    for result in results.values():
+        labels = result.trials.labels
+        if labels is not None:
+            result.metrics = verification_metrics(result.scores, labels)
+            if result.snorm_scores is not None:
+                result.snorm_metrics = verification_metrics(result.snorm_scores, labels)
+    return results
 
 
 # ---------------------------------------------------------------- notebook helpers
@@ -380,7 +336,13 @@ def load_model(path, model=None, C=None, sampling_rate=None, device='cpu'):
             config.update(json.load(f))
     config.update({k: v for k, v in (('model', model), ('C', C), ('sampling_rate', sampling_rate)) if v})
     encoder = build_encoder(config['model'], config['C'], config['sampling_rate'], config['embedding_dim'])
-    encoder.load_state_dict(encoder_weights(load_state_dict_file(path)))
+    weights = encoder_weights(load_state_dict_file(path))
+    try:
+        encoder.load_state_dict(weights)
+    except RuntimeError:
+        problems = '; '.join(mismatches(encoder.state_dict(), weights))
+        raise UserError(f'{path}: does not fit a {type(encoder).__name__} with {config} (give --model, --C or '
+                        f'--sampling_rate where the checkpoint has no JSON beside it): {problems}') from None
     return encoder.to(device).eval()
 
 

@@ -33,7 +33,9 @@ from scipy import signal
 
 from common import SHARED_DATA, environment, synchronize, write_json
 import demo
-from dataLoader import Augmenter, DeviceAugmenter, EpochSampler, TrainDataset, parse_train_list
+from augment import Augmenter, DeviceAugmenter
+from dataLoader import EpochSampler, TrainDataset
+from lists import read_train_list
 from model import crop_samples
 
 BATCH = 32
@@ -161,8 +163,8 @@ def main():
     with tempfile.TemporaryDirectory() as root:
         sets = [generated_set(root)] + ([shared_set(root)] if os.path.isdir(SHARED_DATA) else [])
         for data in sets:
-            entries = parse_train_list(data['train_list'])
-            paths = [os.path.join(data['train_path'], rel) for _, rel in entries]
+            entries = read_train_list(data['train_list'])
+            paths = [os.path.join(data['train_path'], entry.path) for entry in entries]
             augmenter = Augmenter(data['musan_path'], data['rir_path'], 16000, os.path.join(root, 'cache'))
             naive = NaiveDataset(paths, data['musan_path'], data['rir_path'], length, 16000)
             runs = [('naive', naive, list(range(len(paths))), 1)] + [

@@ -26,7 +26,7 @@ import torch
 from common import environment, peak_rss_gib, synchronize, write_json
 from loss import AAMsoftmax
 from model import MODELS, build_encoder, crop_samples
-from trainECAPAModel import SpeakerModel, TrainingStep
+from trainer import SpeakerModel, TrainingStep
 
 ENCODERS = [('ecapa-tdnn', 1024), ('resnet34', 32), ('tdnn', 512)]
 SPEAKERS = 5994
@@ -35,7 +35,7 @@ SPEAKERS = 5994
 def measure(name, C, batch_size, amp, compile, device, seconds):
     device = torch.device(device)
     torch.manual_seed(0)
-    embedding_dim = MODELS[name][2]
+    embedding_dim = MODELS[name].embedding_dim
     model = SpeakerModel(build_encoder(name, C, 16000, embedding_dim),
                          AAMsoftmax(SPEAKERS, 0.2, 30, embedding_dim)).to(device).train()
     optimizer = torch.optim.Adam(model.parameters(), lr=0.001, weight_decay=2e-5)

@@ -1,3 +1,6 @@
+"""augment.py: noise at the drawn SNRs, babble, reverberation, the signal banks, and the device augmenter's
+agreement with the CPU one."""
+
 import os
 import pickle
 
@@ -6,9 +9,8 @@ import pytest
 import soundfile
 import torch
 
-from dataLoader import (NOISE_COUNTS, SNR_RANGES, Augmenter, DeviceAugmenter, EpochSampler, SignalBank, TrainDataset,
-                        parse_train_list, random_crop, read_audio, read_random_crop, reverberate)
-from model import crop_samples
+from augment import MUSAN_CATEGORIES, Augmenter, DeviceAugmenter, SignalBank, reverberate
+from dataLoader import read_audio
 
 RATE = 16000
 
@@ -53,66 +55,13 @@ def speech_like(seconds=2.0, seed=1):
             + 0.01 * rng.standard_normal(int(seconds * RATE))).astype(np.float32)
 
 
-def test_crop_length_matches_frames_and_window():
-    assert crop_samples(200, 16000) == 200 * 160 + 240
-    assert crop_samples(200, 8000) == 200 * 80 + 120
-
-
-def test_random_crop_is_a_window_of_the_signal():
-    rng = np.random.default_rng(0)
-    audio = np.arange(1000, dtype=np.float32)
-    for _ in range(20):
-        crop = random_crop(audio, 300, rng)
-        assert len(crop) == 300
-        assert np.array_equal(crop, np.arange(crop[0], crop[0] + 300))
-
-
-def test_short_signals_are_wrap_padded():
-    audio = np.arange(100, dtype=np.float32)
-    crop = random_crop(audio, 250, np.random.default_rng(0))
-    assert np.array_equal(crop, np.concatenate([audio, audio, audio[:50]]))
-
-
-def test_file_crop_reads_a_contiguous_window(tmp_path):
-    audio = (np.random.default_rng(0).standard_normal(3 * RATE) * 0.1).astype(np.float32)
-    path = str(tmp_path / 'a.wav')
-    soundfile.write(path, audio, RATE, subtype='FLOAT')
-    rng = np.random.default_rng(1)
-    starts = set()
-    for _ in range(10):
-        crop = read_random_crop(path, 8000, RATE, rng)
-        start = int(np.flatnonzero(audio == crop[0])[0])
-        assert np.array_equal(crop, audio[start:start + 8000])
-        starts.add(start)
-    assert len(starts) > 5
-    short = read_random_crop(path, 4 * RATE, RATE, rng)
-    assert len(short) == 4 * RATE and np.array_equal(short[3 * RATE:], audio[:RATE])
-
-
-@pytest.mark.parametrize('native_rate', [8000, 44100])
-def test_resampling_keeps_pitch_and_duration(tmp_path, native_rate):
-    path = str(tmp_path / 'tone.wav')
-    soundfile.write(path, tone(440, 1.5, native_rate), native_rate)
-    audio = read_audio(path, RATE)
-    assert abs(len(audio) - 1.5 * RATE) <= 1
-    spectrum = np.abs(np.fft.rfft(audio))
-    assert np.fft.rfftfreq(len(audio), 1 / RATE)[np.argmax(spectrum)] == pytest.approx(440, abs=1)
-
-
-def test_stereo_is_averaged_to_mono(tmp_path):
-    left, right = tone(300, 1.0), tone(500, 1.0, amplitude=0.1)
-    path = str(tmp_path / 'stereo.wav')
-    soundfile.write(path, np.stack([left, right], axis=1), RATE, subtype='FLOAT')
-    np.testing.assert_allclose(read_audio(path, RATE), (left + right) / 2, atol=1e-6)
-
-
 def test_noise_and_music_are_added_at_the_drawn_snr(banks, cache_dir):
     augmenter = Augmenter(*banks, RATE, cache_dir)
     speech = speech_like()
     for category in ('noise', 'music'):
         for seed in range(10):
             mixed, snrs = augmenter.add_noise(speech, category, np.random.default_rng(seed))
-            assert len(snrs) == 1 and SNR_RANGES[category][0] <= snrs[0] <= SNR_RANGES[category][1]
+            assert len(snrs) == 1 and MUSAN_CATEGORIES[category].snr_db[0] <= snrs[0] <= MUSAN_CATEGORIES[category].snr_db[1]
             assert snr_db(speech, mixed) == pytest.approx(snrs[0], abs=0.5)
 
 
@@ -122,7 +71,7 @@ def test_babble_mixes_several_speakers_each_at_its_snr(banks, cache_dir):
     counts = set()
     for seed in range(10):
         mixed, snrs = augmenter.add_noise(speech, 'speech', np.random.default_rng(seed))
-        low, high = NOISE_COUNTS['speech']
+        low, high = MUSAN_CATEGORIES['speech'].files_added
         assert low <= len(snrs) <= high
         assert all(13 <= s <= 20 for s in snrs)
         counts.add(len(snrs))
@@ -176,7 +125,7 @@ def test_device_noise_and_music_are_added_at_the_drawn_snr(banks, cache_dir, sec
     clean = speech_batch(12, seconds)
     for category in ('noise', 'music'):
         mixed, snrs = device_augmenter.add_noise(clean, category, np.random.default_rng(3))
-        assert all(len(s) == 1 and SNR_RANGES[category][0] <= s[0] <= SNR_RANGES[category][1] for s in snrs)
+        assert all(len(s) == 1 and MUSAN_CATEGORIES[category].snr_db[0] <= s[0] <= MUSAN_CATEGORIES[category].snr_db[1] for s in snrs)
         assert len({round(s[0], 3) for s in snrs}) == len(snrs)
         np.testing.assert_allclose(batch_snr_db(clean, mixed), [s[0] for s in snrs], atol=0.05)
 
@@ -185,7 +134,7 @@ def test_device_babble_mixes_several_speakers_each_at_its_snr(banks, cache_dir):
     device_augmenter = DeviceAugmenter(Augmenter(*banks, RATE, cache_dir), 'cpu')
     clean = speech_batch(16)
     mixed, snrs = device_augmenter.add_noise(clean, 'speech', np.random.default_rng(4))
-    low, high = NOISE_COUNTS['speech']
+    low, high = MUSAN_CATEGORIES['speech'].files_added
     assert all(low <= len(s) <= high for s in snrs) and len({len(s) for s in snrs}) > 1
     for row, row_snrs in enumerate(snrs):
         assert all(13 <= s <= 20 for s in row_snrs)
@@ -240,28 +189,3 @@ def test_missing_musan_categories_are_reported(tmp_path, cache_dir):
     soundfile.write(tmp_path / 'noise' / 'a' / 'b' / 'x.wav', tone(100, 0.5), RATE)
     with pytest.raises(FileNotFoundError, match='speech'):
         Augmenter(str(tmp_path), None, RATE, cache_dir)
-
-
-def test_training_items_are_reproducible_per_epoch(tiny_corpus, cache_dir):
-    entries = parse_train_list(tiny_corpus['train_list'])
-    augmenter = Augmenter(tiny_corpus['musan_path'], tiny_corpus['rir_path'], RATE, cache_dir)
-    dataset = TrainDataset(entries, tiny_corpus['train_path'], 100, RATE, augmenter, seed=3)
-    first, label, skipped = dataset[(4, 1)]
-    assert first.shape == (crop_samples(100, RATE),) and label == dataset.labels[4] and skipped == []
-    assert np.array_equal(first, dataset[(4, 1)][0])
-    assert not np.array_equal(first, dataset[(4, 2)][0])
-
-
-def test_malformed_train_list_line_is_named(tmp_path):
-    path = tmp_path / 'list.txt'
-    path.write_text('id1 id1/a/1.wav\nid2\n')
-    with pytest.raises(ValueError, match=r'list.txt:2'):
-        parse_train_list(str(path))
-
-
-def test_epoch_sampler_shards_are_disjoint_and_equally_long():
-    whole = [i for i, _ in EpochSampler(11, seed=3)]
-    shards = [[i for i, _ in EpochSampler(11, seed=3, world_size=3, rank=r)] for r in range(3)]
-    assert sorted(whole) == list(range(11))
-    assert [len(s) for s in shards] == [3, 3, 3]
-    assert sorted(sum(shards, [])) == sorted(whole[:9])

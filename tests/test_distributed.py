@@ -1,4 +1,4 @@
-"""torchrun with the gloo backend on CPU: two processes, as a user would launch them."""
+"""distributed.py: torchrun with the gloo backend on CPU, two processes, as a user would launch them."""
 
 import os
 import subprocess
@@ -7,8 +7,7 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT
-from test_cli import tiny_args
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def torchrun(*argv, processes=2):
@@ -41,13 +40,13 @@ def test_gathered_contrastive_loss_and_gradients_equal_one_process_over_the_glob
 
 
 @pytest.mark.parametrize('mode', ['classifier', 'clip'])
-def test_torchrun_trains_with_two_processes_and_one_writer(tiny_corpus, tmp_path, cache_dir, mode):
-    args = tiny_args(tiny_corpus, tmp_path, cache_dir, '--mode', mode, '--batch_size', '3', '--max_epoch', '1')
+def test_torchrun_trains_with_two_processes_and_one_writer(tiny_corpus, train_argv, tmp_path, mode):
+    args = train_argv(tiny_corpus, tmp_path, '--mode', mode, '--batch_size', '3', '--max_epoch', '1')
     output = torchrun(os.path.join(ROOT, 'trainECAPAModel.py'), *args)
     assert output.count('1 epoch, LR') == 1 and '2 processes' in output
     assert sorted(os.listdir(tmp_path / 'model')) == ['model_0001.json', 'model_0001.model', 'resume.pt']
     assert len((tmp_path / 'score.txt').read_text().splitlines()) == 1
-    resume = torch.load(tmp_path / 'model' / 'resume.pt', weights_only=False)
+    resume = torch.load(tmp_path / 'model' / 'resume.pt', weights_only=True)
     assert len(resume['rng']) == 2 and not torch.equal(resume['rng'][0], resume['rng'][1])
     if mode == 'clip':
         output = torchrun(os.path.join(ROOT, 'trainECAPAModel.py'), *args[:-1], '2')

@@ -1,8 +1,10 @@
+"""model.py: the reference ECAPA-TDNN layout, the front-end, every encoder's shapes and SpecAugment."""
+
 import pytest
 import torch
 import torchaudio
 
-from model import ECAPA_TDNN, build_encoder, crop_samples, frame_geometry
+from model import ECAPA_TDNN, FbankAug, build_encoder, crop_samples, frame_geometry
 
 
 def reference_ecapa_keys(C):
@@ -87,3 +89,14 @@ def test_width_reaches_the_network():
 def test_unknown_model_is_an_error():
     with pytest.raises(ValueError, match='unknown model'):
         build_encoder('vgg')
+
+
+def test_specaugment_masks_stay_within_their_widths():
+    torch.manual_seed(0)
+    features = torch.ones(64, 80, 200)
+    masked = FbankAug()(features)
+    zero_frames = (masked == 0).all(dim=1).sum(dim=1)
+    zero_bins = (masked == 0).all(dim=2).sum(dim=1)
+    assert zero_frames.max() <= 9 and zero_bins.max() <= 7
+    assert zero_frames.float().mean() > 2 and zero_bins.float().mean() > 1
+    assert ((masked == 0) == ((masked == 0).all(dim=1, keepdim=True) | (masked == 0).all(dim=2, keepdim=True))).all()

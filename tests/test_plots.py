@@ -1,10 +1,13 @@
+"""plots.py: DET curves, score histograms and the training curve as PNG images."""
+
 import json
 
 import numpy as np
 from matplotlib.image import imread
 
+from lists import TrialList
 from plots import det_curve, evaluation_plots, score_histograms, training_curve
-from tools import verification_metrics
+from tools import ListResult, verification_metrics
 
 PNG_SIGNATURE = b'\x89PNG\r\n\x1a\n'
 
@@ -37,10 +40,10 @@ def test_det_curve_copes_with_perfectly_separated_scores(tmp_path):
 
 def test_evaluation_plots_cover_labelled_lists_and_as_norm(tmp_path):
     scores, labels = trials()
-    results = {'lists/veri_test2.txt': {'labels': labels, 'scores': scores, 'snorm_scores': scores * 2,
-                                        'metrics': verification_metrics(scores, labels),
-                                        'snorm_metrics': verification_metrics(scores * 2, labels)},
-               'lists/test_phase.txt': {'labels': None, 'scores': scores}}
+    labelled = TrialList('lists/veri_test2.txt', labels, [], [], [])
+    results = {'lists/veri_test2.txt': ListResult(labelled, scores, verification_metrics(scores, labels), scores * 2,
+                                                  verification_metrics(scores * 2, labels)),
+               'lists/test_phase.txt': ListResult(TrialList('lists/test_phase.txt', None, [], [], []), scores)}
     evaluation_plots(results, tmp_path / 'plots')
     assert sorted(p.name for p in (tmp_path / 'plots').iterdir()) == [
         'veri_test2_asnorm_det.png', 'veri_test2_asnorm_scores.png', 'veri_test2_det.png', 'veri_test2_scores.png']

@@ -1,4 +1,4 @@
-"""prepare.py: VoxCeleb2 m4a -> wav, train lists, MUSAN chunks and the RIR layout, end to end."""
+"""prepare.py: VoxCeleb2 m4a -> wav, train lists, MUSAN chunks and the RIR layout, end to end; --check_data."""
 
 import os
 import shutil
@@ -10,8 +10,8 @@ import soundfile
 
 import prepare
 import trainECAPAModel
-from conftest import shared_data
-from dataLoader import Augmenter, musan_files, resample, rir_files
+from augment import Augmenter, musan_files, rir_files
+from dataLoader import resample
 
 
 def write_m4a(path, seconds, frequency, rate=16000):
@@ -37,7 +37,7 @@ def m4a_tree(tmp_path):
     return root
 
 
-def test_voxcelebs_real_aac_file_converts_to_16k_mono_wav(tmp_path):
+def test_voxcelebs_real_aac_file_converts_to_16k_mono_wav(tmp_path, shared_data):
     source = tmp_path / 'aac' / 'id00001' / 'video' / '00001.m4a'
     source.parent.mkdir(parents=True)
     shutil.copy(shared_data('odd_audio', 'testing.m4a'), source)
@@ -74,7 +74,7 @@ def test_conversion_runs_in_parallel_resumes_and_reports_broken_files(m4a_tree, 
     assert soundfile.info(target / 'id00001' / 'vidB' / '00001.wav').frames > 16000
 
 
-def test_train_list_from_a_converted_tree_checks_and_trains(m4a_tree, tmp_path, capsys):
+def test_train_list_from_a_converted_tree_checks_and_trains(m4a_tree, tiny_corpus, tmp_path, capsys):
     target = tmp_path / 'wav'
     prepare.main(['m4a', str(m4a_tree), str(target), '--workers', '1'])
     assert prepare.main(['train_list', str(target), str(tmp_path / 'train_list.txt')]) == 0
@@ -85,9 +85,15 @@ def test_train_list_from_a_converted_tree_checks_and_trains(m4a_tree, tmp_path, 
     assert trainECAPAModel.main(['--check_data', '--train_list', str(tmp_path / 'train_list.txt'),
                                  '--train_path', str(target), '--n_cpu', '0']) == []
     assert '8 files, 2 speakers' in capsys.readouterr().out
+    trainECAPAModel.main(['--train_list', str(tmp_path / 'train_list.txt'), '--train_path', str(target),
+                          '--eval_list', tiny_corpus['eval_list'], '--eval_path', tiny_corpus['eval_path'],
+                          '--save_path', str(tmp_path / 'run'), '--C', '16', '--num_frames', '40', '--batch_size', '4',
+                          '--max_epoch', '1', '--n_cpu', '0'])
+    assert (tmp_path / 'run' / 'score.txt').read_text().startswith('1 epoch, LR 0.001000, LOSS ')
     (target / 'loose.wav').write_bytes(b'')
-    with pytest.raises(SystemExit, match='not inside a speaker folder'):
+    with pytest.raises(SystemExit) as stopped:
         prepare.main(['train_list', str(target), str(tmp_path / 'again.txt')])
+    assert stopped.value.code == 1 and 'not inside a speaker folder' in capsys.readouterr().err
 
 
 def test_musan_is_split_into_5s_chunks_every_3s_that_the_augmenter_reads(tmp_path, cache_dir):
@@ -141,3 +147,34 @@ def test_rirs_noises_is_laid_out_for_the_rir_path(tmp_path, cache_dir):
     recorded = soundfile.read(real / f'{name}.wav')[0]
     np.testing.assert_allclose(real_rir, recorded[:, 0], atol=1e-6)
     assert len(Augmenter(None, str(target), 16000, cache_dir).rir_bank) == 5
+
+
+def test_check_data_reports_planted_problems_with_their_list_lines(broken_corpus, tmp_path, capsys, cli_error):
+    corpus, numbers = broken_corpus
+    trials = tmp_path / 'trials.txt'
+    good_trials = open(corpus['eval_list']).read().splitlines()
+    enroll = good_trials[0].split()[1]
+    trials.write_text('\n'.join(good_trials[:3] + [f'1 {enroll} missing/file.wav'] + good_trials[3:]) + '\n')
+    argv = ['--check_data', '--train_list', corpus['train_list'], '--train_path', corpus['train_path'],
+            '--eval_list', str(trials), '--eval_path', corpus['eval_path'], '--musan_path', corpus['musan_path'],
+            '--rir_path', corpus['rir_path'], '--n_cpu', '0', '--check_decode', '0']
+    status, error, printed = cli_error(argv)
+    assert status == 1 and error == f'trainECAPAModel.py: error: --check_data found {len(numbers) + 1} problems ' \
+                                    f'(listed above)\n'
+    for name, number in numbers.items():
+        assert f"{corpus['train_list']}:{number}: {os.path.join(corpus['train_path'], 'bad', name)}: " in printed
+    assert f'{trials}:4: ' in printed and 'missing/file.wav: missing' in printed
+    assert f'{len(numbers) + 1} problems' in printed
+    assert '6 speakers' in printed and 'MUSAN noise' in printed and 'RIRs' in printed
+    clean = tmp_path / 'clean.txt'
+    clean.write_text(''.join(line for line in open(corpus['train_list']) if 'bad/' not in line or 'stereo' in line))
+    assert trainECAPAModel.main(['--check_data', '--train_list', str(clean), '--train_path', corpus['train_path'],
+                                 '--n_cpu', '0']) == []
+
+
+def test_check_data_names_a_malformed_line(tiny_corpus, tmp_path, capsys, cli_error):
+    bad = tmp_path / 'train_list.txt'
+    bad.write_text('id1 a/b.wav\nid2 c/d.wav extra\n')
+    status, _, printed = cli_error(['--check_data', '--train_list', str(bad), '--train_path', str(tmp_path),
+                                    '--n_cpu', '0'])
+    assert status == 1 and f"{bad}:2: expected '<speaker> <relative path>'" in printed

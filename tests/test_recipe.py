@@ -6,8 +6,7 @@ import re
 import subprocess
 import sys
 
-from conftest import ROOT
-
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECIPE = os.path.join(ROOT, 'exps', 'voxceleb', 'run.sh')
 
 

@@ -24,13 +24,13 @@ def main():
 
     files = sorted(glob.glob(os.path.join(args.corpus, '*', '*', '*.flac')))
     if not files:
-        raise SystemExit(f'{args.corpus}: no <speaker>/<chapter>/<utt>.flac files')
+        parser.error(f'{args.corpus}: no <speaker>/<chapter>/<utt>.flac files')
     by_speaker = {}
     for path in files:
         by_speaker.setdefault(os.path.relpath(path, args.corpus).split(os.sep)[0], []).append(path)
     speakers = sorted(by_speaker, key=int)
     if len(speakers) <= args.train_speakers:
-        raise SystemExit(f'{args.corpus}: {len(speakers)} speakers, need more than {args.train_speakers}')
+        parser.error(f'{args.corpus}: {len(speakers)} speakers, need more than {args.train_speakers}')
     train, held_out = speakers[:args.train_speakers], speakers[args.train_speakers:]
 
     os.makedirs(args.out, exist_ok=True)

@@ -1,0 +1,182 @@
+"""Everything written to disk that must survive a crash, and everything read back as weights.
+
+  atomic_write        the one way files are written: a temporary file beside the target, fsynced, renamed
+  save_checkpoint     model_XXXX.model (`speaker_encoder.*`, `speaker_loss.weight`, as the original code
+                      writes them) and the JSON beside it that says how to rebuild the encoder
+  load_state_dict_file / encoder_weights / load_encoder_weights
+                      checkpoints of this toolkit or of the original code, loaded with `weights_only=True`
+  ResumeState         resume.pt: the whole training state after an epoch (or inside one), plain types only
+
+At the bottom of the import graph (torch and `errors` only), so that every module can write atomically.
+"""
+
+import dataclasses
+import hashlib
+import json
+import os
+import tempfile
+from typing import Optional
+
+import numpy as np
+import torch
+
+from errors import UserError
+
+
+def current_umask():
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write(path, write):
+    """Call `write(file object)` on a temporary file beside `path`, fsync it, then rename it over `path`,
+    so that `path` holds either the old or the new content, never a partial one."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix='.' + os.path.basename(path) + '.')
+    try:
+        os.fchmod(fd, 0o666 & ~current_umask())  # what open() would give, not mkstemp's owner-only 0600
+        with os.fdopen(fd, 'wb') as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    dir_fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def atomic_torch_save(obj, path):
+    atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def atomic_json_save(obj, path):
+    atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2).encode()))
+
+
+def file_digest(path):
+    """A short SHA-1 of a file's bytes: the identity of a checkpoint."""
+    digest = hashlib.sha1()
+    with open(path, 'rb') as f:
+        for block in iter(lambda: f.read(1 << 20), b''):
+            digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+# ---------------------------------------------------------------- model checkpoints
+
+def encoder_config_path(checkpoint_path):
+    """The JSON file beside a checkpoint that records how to rebuild its encoder."""
+    return os.path.splitext(checkpoint_path)[0] + '.json'
+
+
+def save_checkpoint(state_dict, encoder_config, path):
+    """Write the weights (`speaker_encoder.*`, `speaker_loss.*`) and, beside them, the encoder config
+    (a dict: model, C, embedding_dim, sampling_rate)."""
+    atomic_torch_save(state_dict, path)
+    atomic_json_save(encoder_config, encoder_config_path(path))
+
+
+def load_state_dict_file(path):
+    """A checkpoint's state_dict, loaded without executing anything it holds."""
+    try:
+        state = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as error:
+        raise UserError(f"{path}: not a readable PyTorch checkpoint ({str(error).splitlines()[0]})") from error
+    if not isinstance(state, dict):
+        raise UserError(f"{path}: expected a state_dict, found {type(state).__name__}")
+    return state
+
+
+def encoder_weights(state):
+    """The encoder's entries of a checkpoint: the `speaker_encoder.*` ones with that prefix removed, or the
+    whole state_dict when it is an encoder's alone. A `module.` prefix left by DataParallel is removed."""
+    state = {(k[len('module.'):] if k.startswith('module.') else k): v for k, v in state.items()}
+    prefix = 'speaker_encoder.'
+    if not any(k.startswith(prefix) for k in state):
+        return state
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def mismatches(own, weights):
+    """What keeps `weights` from loading strictly into a module with state `own`, one line per kind."""
+    missing = sorted(own.keys() - weights.keys())
+    unexpected = sorted(weights.keys() - own.keys())
+    reshaped = sorted(f'{k} {tuple(weights[k].shape)} -> {tuple(own[k].shape)}'
+                      for k in own.keys() & weights.keys() if weights[k].shape != own[k].shape)
+    return [f'{len(keys)} {what}: {", ".join(keys[:10])}' + (', ...' if len(keys) > 10 else '')
+            for what, keys in (('missing', missing), ('unexpected', unexpected), ('of another shape', reshaped))
+            if keys]
+
+
+def load_encoder_weights(encoder, classifier, path, allow_partial=False):
+    """Load a checkpoint's encoder weights into `encoder` and, when `classifier` (an AAM-softmax head, or
+    None) and the checkpoint's `speaker_loss.weight` have one shape, that too. Every encoder weight must be in
+    the checkpoint with its shape, and nothing else, unless `allow_partial`: then those that match are loaded
+    and the rest keep their fresh initialisation. Returns what was loaded, in words."""
+    state = load_state_dict_file(path)
+    weights = encoder_weights(state)
+    own = encoder.state_dict()
+    problems = mismatches(own, weights)
+    if problems and not allow_partial:
+        raise UserError(f'{path}: does not fit this {type(encoder).__name__} (--allow_partial_load loads the '
+                        f'weights that do): ' + '; '.join(problems))
+    matching = {k: v for k, v in weights.items() if k in own and v.shape == own[k].shape}
+    encoder.load_state_dict({**own, **matching})
+    loaded = f'{len(matching)} of {len(own)} encoder weights' if problems else 'encoder'
+    if problems:
+        print(f'{path}: partial load, the others start afresh:\n  ' + '\n  '.join(problems))
+    weight = state.get('speaker_loss.weight')
+    if classifier is not None and weight is not None and weight.shape == classifier.weight.shape:
+        with torch.no_grad():
+            classifier.weight.copy_(weight)
+        return f'{loaded} and classifier'
+    return f'{loaded}; classifier initialised afresh (none in the checkpoint, or another shape)'
+
+
+# ---------------------------------------------------------------- resume state
+
+# Resume files written before ResumeState kept EERs as numpy floats; these rebuild such a scalar and nothing
+# else, so those files still load without unpickling arbitrary objects.
+NUMPY_SCALAR_GLOBALS = [np._core.multiarray.scalar, np.dtype, type(np.dtype(np.float64))]
+
+
+@dataclasses.dataclass
+class ResumeState:
+    """resume.pt: the state after `epoch` complete epochs. `rng` and `cuda_rng` hold one generator state per
+    process; `partial_epoch`, when a run stopped inside epoch + 1, each process's `EpochProgress` as a dict.
+    Only tensors, numbers, strings, lists and dicts, so that it loads with `weights_only=True`."""
+    epoch: int
+    model: dict
+    optimizer: dict
+    rng: list
+    cuda_rng: Optional[list]
+    scaler: dict
+    eers: list
+    partial_epoch: Optional[list] = None
+
+    def save(self, path):
+        fields = {field.name: getattr(self, field.name) for field in dataclasses.fields(self)}
+        atomic_torch_save(fields | {'eers': [float(e) for e in self.eers]}, path)
+
+    @classmethod
+    def load(cls, path):
+        try:
+            with torch.serialization.safe_globals(NUMPY_SCALAR_GLOBALS):
+                stored = torch.load(path, map_location='cpu', weights_only=True)
+            fields = {field.name for field in dataclasses.fields(cls)}
+            state = cls(**{k: v for k, v in stored.items() if k in fields})
+        except Exception as error:
+            raise UserError(f'{path}: not a readable resume state ({str(error).splitlines()[0]}); move it away '
+                            f'to start this run afresh') from error
+        # Files from before torchrun support hold one generator state instead of a list of them.
+        state.rng = state.rng if isinstance(state.rng, list) else [state.rng]
+        state.eers = [float(e) for e in state.eers]
+        return state

@@ -1,0 +1,39 @@
+"""The one exception type for what a user got wrong, and the one handler that turns it into a message.
+
+A module of its own because every layer raises it (list readers, checkpoint loading, the data checks, the
+flags), so it sits below all of them in the import graph. Library code raises `UserError` naming the flag,
+file or list line; each command-line entry point runs inside `reported_as_exit`, which prints that message as
+one line and exits with the error's status: 2 for a usage mistake (flags), 1 for bad data. A notebook user
+sees a `ValueError` with the same message.
+"""
+
+import argparse
+import contextlib
+import sys
+
+
+class UserError(ValueError):
+    """Something the user gave cannot be used (a file, a list line, a checkpoint); the message says which."""
+    exit_status = 1
+
+
+class UsageError(UserError):
+    """A flag, or a combination of flags, that cannot work."""
+    exit_status = 2
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose own errors (an unknown flag, a bad value) are `UsageError`s, reported like the others."""
+
+    def error(self, message):
+        raise UsageError(message)
+
+
+@contextlib.contextmanager
+def reported_as_exit(program):
+    """A `UserError` raised inside becomes `program: error: message` on stderr and exit status 1 or 2."""
+    try:
+        yield
+    except UserError as error:
+        print(f'{program}: error: {error}', file=sys.stderr, flush=True)
+        raise SystemExit(error.exit_status) from None

@@ -1,0 +1,161 @@
+"""checkpoints.py: atomic writes, checkpoints in the original code's format, weight loading, and resume.pt
+loaded without executing anything."""
+
+import os
+import pickle
+
+import numpy as np
+import pytest
+import soundfile
+import torch
+
+from checkpoints import (ResumeState, atomic_write, encoder_weights, load_encoder_weights, load_state_dict_file,
+                         save_checkpoint)
+from errors import UserError
+from loss import AAMsoftmax
+from model import ECAPA_TDNN, build_encoder
+from trainer import SpeakerModel
+
+
+def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
+    path = tmp_path / 'model_0001.model'
+    path.write_bytes(b'old')
+
+    def failing(f):
+        f.write(b'partial')
+        raise OSError('disk full')
+
+    with pytest.raises(OSError):
+        atomic_write(str(path), failing)
+    assert path.read_bytes() == b'old'
+    assert os.listdir(tmp_path) == ['model_0001.model']
+
+
+def test_atomic_write_gives_the_permissions_of_a_plain_write(tmp_path):
+    atomic_write(str(tmp_path / 'atomic'), lambda f: f.write(b'x'))
+    (tmp_path / 'plain').write_bytes(b'x')
+    assert (tmp_path / 'atomic').stat().st_mode == (tmp_path / 'plain').stat().st_mode
+
+
+def resume_state():
+    model = SpeakerModel(build_encoder('tdnn', 16, 16000, 8), AAMsoftmax(3, 0.2, 30, 8))
+    optimizer = torch.optim.Adam(model.parameters())
+    model(torch.randn(4, 4000), torch.arange(4) % 3)[0].backward()
+    optimizer.step()
+    partial = {'step': 2, 'loss_sum': 1.5, 'correct_sum': 50.0, 'examples': 8, 'crops': 8, 'seconds': 0.5,
+               'bad_steps': 0, 'skipped': [('a.wav', 'silent')]}
+    return ResumeState(3, model.state_dict(), optimizer.state_dict(), [torch.get_rng_state()], None,
+                       torch.amp.GradScaler('cpu', enabled=False).state_dict(), [np.float64(12.5), 10.0], [partial])
+
+
+def test_resume_state_round_trips_through_weights_only_loading(tmp_path):
+    state = resume_state()
+    state.save(str(tmp_path / 'resume.pt'))
+    torch.load(tmp_path / 'resume.pt', weights_only=True)  # plain types only: no allow-list needed
+    loaded = ResumeState.load(str(tmp_path / 'resume.pt'))
+    assert loaded.epoch == 3 and loaded.eers == [12.5, 10.0] and type(loaded.eers[0]) is float
+    assert loaded.partial_epoch == [{**state.partial_epoch[0], 'skipped': [('a.wav', 'silent')]}]
+    for key, value in state.model.items():
+        torch.testing.assert_close(loaded.model[key], value, rtol=0, atol=0)
+    assert torch.equal(loaded.rng[0], state.rng[0])
+
+
+def test_resume_files_of_earlier_versions_still_load(tmp_path):
+    """Before ResumeState, resume.pt held numpy float EERs and, before torchrun support, one RNG state."""
+    old = resume_state()
+    stored = {'epoch': old.epoch, 'model': old.model, 'optimizer': old.optimizer, 'rng': old.rng[0], 'cuda_rng': None,
+              'scaler': old.scaler, 'eers': [np.float64(12.5)], 'partial_epoch': None}
+    torch.save(stored, tmp_path / 'resume.pt')
+    loaded = ResumeState.load(str(tmp_path / 'resume.pt'))
+    assert loaded.eers == [12.5] and len(loaded.rng) == 1 and torch.equal(loaded.rng[0], old.rng[0])
+
+
+class Payload:
+    def __reduce__(self):
+        return (os.system, ('touch executed',))
+
+
+def test_a_crafted_resume_file_is_refused_without_running_its_code(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with open(tmp_path / 'resume.pt', 'wb') as f:
+        pickle.dump({'epoch': 1, 'payload': Payload()}, f)
+    with pytest.raises(UserError, match='resume.pt: not a readable resume state'):
+        ResumeState.load(str(tmp_path / 'resume.pt'))
+    with pytest.raises(UserError, match='resume.pt: not a readable PyTorch checkpoint'):
+        load_state_dict_file(str(tmp_path / 'resume.pt'))
+    assert not (tmp_path / 'executed').exists()
+
+
+def test_checkpoints_that_are_not_state_dicts_are_named(tmp_path):
+    torch.save([torch.zeros(2)], tmp_path / 'list.model')
+    with pytest.raises(UserError, match='list.model: expected a state_dict, found list'):
+        load_state_dict_file(str(tmp_path / 'list.model'))
+
+
+def test_encoder_weights_strip_the_training_prefixes():
+    weight = torch.zeros(1)
+    assert encoder_weights({'speaker_encoder.a': weight, 'speaker_loss.weight': weight}) == {'a': weight}
+    assert encoder_weights({'module.speaker_encoder.a': weight}) == {'a': weight}
+    assert encoder_weights({'a': weight}) == {'a': weight}
+
+
+def test_partial_loading_keeps_the_rest_of_the_encoder_fresh(tmp_path):
+    torch.manual_seed(0)
+    source = SpeakerModel(build_encoder('tdnn', 16, 16000, 8), AAMsoftmax(3, 0.2, 30, 8))
+    state = source.state_dict()
+    del state['speaker_encoder.segment7.weight']
+    torch.save(state, tmp_path / 'partial.model')
+    target = SpeakerModel(build_encoder('tdnn', 16, 16000, 8), AAMsoftmax(5, 0.2, 30, 8))
+    fresh = target.speaker_encoder.segment7.weight.detach().clone()
+    with pytest.raises(UserError, match=r'partial.model: does not fit this TDNN .*1 missing: segment7.weight'):
+        load_encoder_weights(target.speaker_encoder, target.classifier(), str(tmp_path / 'partial.model'))
+    loaded = load_encoder_weights(target.speaker_encoder, target.classifier(), str(tmp_path / 'partial.model'),
+                                  allow_partial=True)
+    assert loaded.endswith('classifier initialised afresh (none in the checkpoint, or another shape)')
+    assert torch.equal(target.speaker_encoder.segment7.weight, fresh)
+    torch.testing.assert_close(target.speaker_encoder.segment6[0].weight, source.speaker_encoder.segment6[0].weight)
+
+
+def test_the_original_readme_snippet_loads_our_checkpoint(tmp_path):
+    """The embedding snippet of the original README, run as written, on a checkpoint in our format."""
+    speaker_model = SpeakerModel(ECAPA_TDNN(1024, 16000), AAMsoftmax(5994, 0.2, 30))
+    save_checkpoint(speaker_model.checkpoint_state(), {'model': 'ecapa-tdnn', 'C': 1024, 'embedding_dim': 192,
+                                                       'sampling_rate': 16000}, str(tmp_path / 'pretrained.model'))
+    soundfile.write(tmp_path / 'a.wav', np.random.default_rng(0).standard_normal(8000) * 0.1, 8000)
+    snippet = '''
+import model
+import torch
+import torch, sys, os, tqdm, numpy, soundfile, time, pickle
+import torchaudio.transforms as T
+import torch.nn.functional as F
+
+use_cuda = torch.cuda.is_available() and True
+device = torch.device("cuda" if use_cuda else "cpu")
+
+speaker_encoder = model.ECAPA_TDNN(1024, 16000).to(device)
+
+loaded_state = torch.load('/path/pretrained_model.model')
+self_state = speaker_encoder.state_dict()
+new_state_dict = {name.replace("speaker_encoder.", ""): param for name, param in loaded_state.items()}
+new_state_dict.pop('speaker_loss.weight')
+
+speaker_encoder.load_state_dict(new_state_dict)
+sampling_rate = 16000
+audio_path = 'your audio path'
+audio, sr  = soundfile.read(os.path.join(audio_path))
+
+audio = torch.FloatTensor(audio)
+resampler = T.Resample(sr, sampling_rate, dtype=audio.dtype)
+audio = resampler(audio)
+
+with torch.no_grad():
+    speaker_encoder.eval()
+    embedding = speaker_encoder(audio.unsqueeze(0).to(device), False) # audio = [B, sampling_rate * second]
+    embedding = F.normalize(embedding, p=2, dim=1) # embedding = [B, 192]
+print(embedding.shape)
+'''.replace('/path/pretrained_model.model', str(tmp_path / 'pretrained.model')).replace(
+        'your audio path', str(tmp_path / 'a.wav'))
+    namespace = {}
+    exec(compile(snippet, 'README snippet', 'exec'), namespace)
+    assert namespace['embedding'].shape == (1, 192)
+    torch.testing.assert_close(namespace['embedding'].norm(dim=1), torch.ones(1))

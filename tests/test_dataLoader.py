@@ -1,0 +1,206 @@
+"""dataLoader.py: reading, resampling and cropping audio, unusable files, the training datasets and the
+epoch samplers."""
+
+import math
+import os
+
+import numpy as np
+import pytest
+import soundfile
+
+from augment import Augmenter
+from dataLoader import (EpochSampler, PairDataset, SpeakerPairSampler, TrainDataset, UnusableAudio, collate,
+                        random_crop, read_audio, read_random_crop, read_usable_crop)
+from errors import UserError
+from lists import TrainEntry, read_train_list
+from model import crop_samples
+
+RATE = 16000
+
+
+def tone(freq, seconds, rate=RATE, amplitude=0.3):
+    return (amplitude * np.sin(2 * np.pi * freq * np.arange(int(seconds * rate)) / rate)).astype(np.float32)
+
+
+def test_crop_length_matches_frames_and_window():
+    assert crop_samples(200, 16000) == 200 * 160 + 240
+    assert crop_samples(200, 8000) == 200 * 80 + 120
+
+
+def test_random_crop_is_a_window_of_the_signal():
+    rng = np.random.default_rng(0)
+    audio = np.arange(1000, dtype=np.float32)
+    for _ in range(20):
+        crop = random_crop(audio, 300, rng)
+        assert len(crop) == 300
+        assert np.array_equal(crop, np.arange(crop[0], crop[0] + 300))
+
+
+def test_short_signals_are_wrap_padded():
+    audio = np.arange(100, dtype=np.float32)
+    crop = random_crop(audio, 250, np.random.default_rng(0))
+    assert np.array_equal(crop, np.concatenate([audio, audio, audio[:50]]))
+
+
+def test_file_crop_reads_a_contiguous_window(tmp_path):
+    audio = (np.random.default_rng(0).standard_normal(3 * RATE) * 0.1).astype(np.float32)
+    path = str(tmp_path / 'a.wav')
+    soundfile.write(path, audio, RATE, subtype='FLOAT')
+    rng = np.random.default_rng(1)
+    starts = set()
+    for _ in range(10):
+        crop = read_random_crop(path, 8000, RATE, rng)
+        start = int(np.flatnonzero(audio == crop[0])[0])
+        assert np.array_equal(crop, audio[start:start + 8000])
+        starts.add(start)
+    assert len(starts) > 5
+    short = read_random_crop(path, 4 * RATE, RATE, rng)
+    assert len(short) == 4 * RATE and np.array_equal(short[3 * RATE:], audio[:RATE])
+
+
+@pytest.mark.parametrize('native_rate', [8000, 44100])
+def test_resampling_keeps_pitch_and_duration(tmp_path, native_rate):
+    path = str(tmp_path / 'tone.wav')
+    soundfile.write(path, tone(440, 1.5, native_rate), native_rate)
+    audio = read_audio(path, RATE)
+    assert abs(len(audio) - 1.5 * RATE) <= 1
+    spectrum = np.abs(np.fft.rfft(audio))
+    assert np.fft.rfftfreq(len(audio), 1 / RATE)[np.argmax(spectrum)] == pytest.approx(440, abs=1)
+
+
+def test_stereo_is_averaged_to_mono(tmp_path):
+    left, right = tone(300, 1.0), tone(500, 1.0, amplitude=0.1)
+    path = str(tmp_path / 'stereo.wav')
+    soundfile.write(path, np.stack([left, right], axis=1), RATE, subtype='FLOAT')
+    np.testing.assert_allclose(read_audio(path, RATE), (left + right) / 2, atol=1e-6)
+
+
+def test_each_kind_of_unusable_file_is_refused_with_its_reason(tmp_path, broken_audio):
+    rng = np.random.default_rng(0)
+    for name, (write, reason) in broken_audio.items():
+        write(str(tmp_path / name))
+        with pytest.raises(UnusableAudio, match=reason):
+            read_usable_crop(str(tmp_path / name), 8000, 16000, rng)
+    silent = read_usable_crop(str(tmp_path / 'silent.wav'), 8000, 16000, rng, skip_silent=False)
+    assert silent.shape == (8000,) and not silent.any()
+
+
+def test_real_odd_files_silence_is_refused_and_other_formats_read_as_mono(shared_data):
+    folder = shared_data('odd_audio')
+    rng = np.random.default_rng(0)
+    with pytest.raises(UnusableAudio, match='silent'):
+        read_usable_crop(os.path.join(folder, 'digital_silence.wav'), 16000, 16000, rng)
+    for name in ('mono_float64.wav', 'mono_int24.wav', 'mono_int32.wav'):  # a few samples each
+        with pytest.raises(UnusableAudio, match='shorter than a 25 ms window'):
+            read_usable_crop(os.path.join(folder, name), 16000, 16000, rng)
+    for name in ('stereo_16bit.wav', 'stereo_24bit.WAV', 'ms_adpcm.wav', 'signed_24bit.wav', 'p286_011.wav'):
+        audio = read_usable_crop(os.path.join(folder, name), 16000, 16000, rng)
+        assert audio.shape == (16000,) and np.all(np.isfinite(audio)) and audio.any(), name
+    with pytest.raises(UnusableAudio, match='unreadable'):  # AAC is for `prepare.py m4a`, not the loader
+        read_usable_crop(os.path.join(folder, 'testing.m4a'), 16000, 16000, rng)
+
+
+def test_training_items_replace_unusable_files_by_their_speakers_other_utterances(broken_corpus, broken_audio):
+    corpus, _ = broken_corpus
+    entries = read_train_list(corpus['train_list'])
+    dataset = TrainDataset(entries, corpus['train_path'], 40, 16000, None, seed=3)
+    for index, (speaker, rel, _) in enumerate(entries):
+        if rel.startswith('bad/') and rel != 'bad/stereo.wav':
+            audio, label, skipped = dataset[(index, 1)]
+            name = rel[4:]
+            assert label == dataset.labels[index] and np.all(np.isfinite(audio.numpy())) and audio.abs().sum() > 0
+            assert skipped[0][0].endswith(rel) and broken_audio[name][1] in skipped[0][1]
+    stereo = [e.path for e in entries].index('bad/stereo.wav')
+    audio, _, skipped = dataset[(stereo, 1)]
+    assert skipped == []
+    mono = soundfile.read(os.path.join(corpus['train_path'], 'bad', 'stereo.wav'))[0].mean(axis=1)
+    assert np.min(np.abs(np.subtract.outer(audio.numpy()[:5], mono).astype(np.float32)), axis=1).max() < 1e-6
+    batch = collate([dataset[(i, 1)] for i in range(len(entries))])
+    assert batch[0].shape == (len(entries), dataset.length) and len(batch[1]) == len(entries)
+    assert {os.path.basename(path) for path, _ in batch[2]} == set(broken_audio)  # substitutes may be bad too
+
+
+def test_a_pair_speaker_without_any_usable_utterance_is_an_error_naming_it(tmp_path, broken_audio):
+    for name in ('silent.wav', 'nan.wav'):
+        broken_audio[name][0](str(tmp_path / name))
+    soundfile.write(tmp_path / 'good.wav', np.random.default_rng(0).standard_normal(16000) * 0.1, 16000)
+    entries = [TrainEntry('a', 'silent.wav'), TrainEntry('a', 'nan.wav'), TrainEntry('b', 'good.wav')]
+    dataset = PairDataset(entries, str(tmp_path), 40, 16000,
+                          None, seed=0)
+    with pytest.raises(RuntimeError, match="silent.wav: no usable audio among its speaker's utterances"):
+        dataset[(0, 1, 1)]
+    view_a, view_b, label, skipped = dataset[(2, 2, 1)]
+    assert label == 1 and skipped == []
+
+
+def test_training_items_are_reproducible_per_epoch(tiny_corpus, cache_dir):
+    entries = read_train_list(tiny_corpus['train_list'])
+    augmenter = Augmenter(tiny_corpus['musan_path'], tiny_corpus['rir_path'], RATE, cache_dir)
+    dataset = TrainDataset(entries, tiny_corpus['train_path'], 100, RATE, augmenter, seed=3)
+    first, label, skipped = dataset[(4, 1)]
+    assert first.shape == (crop_samples(100, RATE),) and label == dataset.labels[4] and skipped == []
+    assert np.array_equal(first, dataset[(4, 1)][0])
+    assert not np.array_equal(first, dataset[(4, 2)][0])
+
+
+def test_epoch_sampler_shards_are_disjoint_and_equally_long():
+    whole = [i for i, _ in EpochSampler(11, seed=3)]
+    shards = [[i for i, _ in EpochSampler(11, seed=3, world_size=3, rank=r)] for r in range(3)]
+    assert sorted(whole) == list(range(11))
+    assert [len(s) for s in shards] == [3, 3, 3]
+    assert sorted(sum(shards, [])) == sorted(whole[:9])
+
+
+def test_pair_sampler_gives_distinct_speakers_and_covers_the_list():
+    labels = [0] * 7 + [1] * 4 + [2] * 1 + [3] * 6 + [4] * 5 + [5] * 3
+    sampler = SpeakerPairSampler(labels, batch_size=3, seed=0)
+    sampler.set_epoch(4)
+    batches = list(sampler)
+    used = []
+    for batch in batches:
+        assert len(batch) == 3 and len({labels[a] for a, _, _ in batch}) == 3
+        for a, b, epoch in batch:
+            assert labels[a] == labels[b] and epoch == 4
+            assert a != b or labels.count(labels[a]) == 1
+            used += [a, b]
+    # Every utterance appears, except those of pairs left when fewer than 3 speakers had pairs.
+    pairs_total = sum(math.ceil(labels.count(s) / 2) for s in set(labels))
+    assert len(batches) * 3 >= pairs_total - 2 * 3
+    assert len(set(used)) >= len(labels) - 2 * 2 * 3
+    assert list(sampler) == batches
+    sampler.set_epoch(5)
+    assert list(sampler) != batches
+
+
+def test_pair_sampler_needs_enough_speakers():
+    with pytest.raises(UserError, match='needs at least 3 speakers; the list has 2'):
+        SpeakerPairSampler([0, 0, 1, 1], batch_size=3, seed=0)
+
+
+def test_pair_sampler_shards_global_batches_of_distinct_speakers():
+    labels = [s for s in range(12) for _ in range(5)]
+    ranks = [SpeakerPairSampler(labels, batch_size=3, seed=4, world_size=2, rank=r) for r in range(2)]
+    batches = [list(sampler) for sampler in ranks]
+    assert len(batches[0]) == len(batches[1]) == len(ranks[0]) > 0
+    for part0, part1 in zip(*batches):
+        assert len(part0) == len(part1) == 3
+        speakers = [labels[a] for a, _, _ in part0 + part1]
+        assert len(set(speakers)) == 6
+        assert not {i for pair in part0 for i in pair[:2]} & {i for pair in part1 for i in pair[:2]}
+
+
+@pytest.mark.parametrize('name', ['stereo_24bit.WAV', 'stereo_16bit.wav', 'mono_int24.wav', 'mono_int32.wav',
+                                  'mono_float64.wav', 'signed_24bit.wav'])
+def test_real_files_of_every_depth_and_layout_read_as_mono(shared_data, name):
+    path = shared_data('odd_audio', name)
+    audio = read_audio(path, 16000)
+    info = soundfile.info(path)
+    assert audio.ndim == 1 and audio.dtype == np.float32 and np.all(np.isfinite(audio))
+    assert abs(len(audio) - info.frames * 16000 / info.samplerate) <= 1
+
+
+def test_real_eight_kilohertz_digits_are_resampled(shared_data):
+    path = shared_data('fsdd', 'recordings', '0_george_0.wav')
+    assert soundfile.info(path).samplerate == 8000
+    audio = read_audio(path, 16000)
+    assert len(audio) == pytest.approx(2 * soundfile.info(path).frames, abs=1)

@@ -1,0 +1,207 @@
+"""tools.py: the evaluation protocol, scoring, AS-Norm, evaluation of trial lists, the notebook helpers and
+export. The metrics have their own file, test_tools_metrics.py."""
+
+import numpy as np
+import pytest
+import soundfile
+import torch
+import torch.nn.functional as F
+
+from checkpoints import save_checkpoint
+from errors import UserError
+from lists import TrainEntry, TrialList
+from loss import AAMsoftmax
+from model import ConvMelSpectrogram, ECAPA_TDNN, build_encoder, crop_samples
+from tools import (Cohort, as_norm, build_cohort, cohort_statistics, embed, evaluate, export_onnx,
+                   export_torchscript, load_model, score, utterance_vectors, verification_metrics)
+from trainer import SpeakerModel
+
+
+def reference_as_norm(embeddings, trials, cohort, top_k):
+    """One trial at a time, the whole cohort each time (the way the original computed it)."""
+    out = []
+    for e, t in trials:
+        s = float(embeddings[e] @ embeddings[t])
+        top_e = np.sort(cohort @ embeddings[e])[::-1][:top_k]
+        top_t = np.sort(cohort @ embeddings[t])[::-1][:top_k]
+        out.append(0.5 * ((s - top_e.mean()) / top_e.std() + (s - top_t.mean()) / top_t.std()))
+    return np.array(out)
+
+
+def unit_rows(rng, n, d):
+    x = rng.standard_normal((n, d))
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+@pytest.mark.parametrize('top_k', [2, 7, 50, 500])
+def test_as_norm_matches_the_per_trial_definition(top_k):
+    rng = np.random.default_rng(top_k)
+    embeddings, cohort = unit_rows(rng, 40, 16), unit_rows(rng, 60, 16)
+    trials = rng.integers(0, 40, size=(300, 2))
+    expected = reference_as_norm(embeddings, trials, cohort, min(top_k, 60))
+    # The cohort products are float32: with top_k = 2 the std is tiny and relative errors grow to ~1e-4.
+    np.testing.assert_allclose(as_norm(embeddings, trials, cohort, top_k), expected, rtol=1e-3, atol=1e-4)
+
+
+def test_as_norm_single_trial():
+    rng = np.random.default_rng(0)
+    embeddings, cohort = unit_rows(rng, 2, 8), unit_rows(rng, 5, 8)
+    trials = np.array([[0, 1]])
+    np.testing.assert_allclose(as_norm(embeddings, trials, cohort, 3), reference_as_norm(embeddings, trials, cohort, 3),
+                               rtol=1e-5)
+
+
+@pytest.fixture(scope='module')
+def encoder():
+    torch.manual_seed(0)
+    return ECAPA_TDNN(32, 16000).eval()
+
+
+def original_protocol_score(encoder, a, b):
+    """The original evaluation: full-length and five 3 s crop embeddings, mean of the two cosine scores."""
+    length = crop_samples(300, 16000)
+
+    def crops(x):
+        x = np.pad(x, (0, max(0, length - len(x))), 'wrap')
+        return np.stack([x[int(s):int(s) + length] for s in np.linspace(0, len(x) - length, num=5)])
+
+    with torch.no_grad():
+        full = [F.normalize(encoder(torch.from_numpy(x)[None]), dim=1) for x in (a, b)]
+        parts = [F.normalize(encoder(torch.from_numpy(crops(x))), dim=1) for x in (a, b)]
+    return float((full[0] @ full[1].T).mean() + (parts[0] @ parts[1].T).mean()) / 2
+
+
+def test_vectors_reproduce_the_original_protocol(encoder):
+    rng = np.random.default_rng(1)
+    a = (0.1 * rng.standard_normal(20000)).astype(np.float32)   # shorter than a crop: wrap-padded
+    b = (0.1 * rng.standard_normal(70000)).astype(np.float32)
+    c = (0.1 * rng.standard_normal(70000)).astype(np.float32)   # same length as b: batched with it
+    vectors = utterance_vectors(encoder, [torch.from_numpy(x) for x in (a, b, c)], torch.device('cpu'))
+    assert float(vectors[0] @ vectors[1]) == pytest.approx(original_protocol_score(encoder, a, b), abs=1e-5)
+    assert float(vectors[1] @ vectors[2]) == pytest.approx(original_protocol_score(encoder, b, c), abs=1e-5)
+
+
+def test_long_files_are_embedded_in_chunks(encoder):
+    x = (0.1 * np.random.default_rng(2).standard_normal(48000)).astype(np.float32)
+    vector = utterance_vectors(encoder, [torch.from_numpy(x)], torch.device('cpu'), max_seconds=1.0)[0]
+    with torch.no_grad():
+        chunks = F.normalize(encoder(torch.from_numpy(x).view(3, 16000)), dim=1)
+    full = F.normalize(chunks.mean(dim=0), dim=0)
+    torch.testing.assert_close(vector[:192] * np.sqrt(2), full, atol=1e-5, rtol=0)
+
+
+def test_cohort_statistics_do_not_depend_on_chunking():
+    rng = np.random.default_rng(0)
+    rows = torch.tensor(rng.standard_normal((37, 8)), dtype=torch.float32)
+    cohort = torch.tensor(rng.standard_normal((101, 8)), dtype=torch.float32)
+    whole = cohort_statistics(rows, cohort, 20, row_chunk=1000, cohort_chunk=1000)
+    chunked = cohort_statistics(rows, cohort, 20, row_chunk=5, cohort_chunk=7)
+    for a, b in zip(whole, chunked):
+        torch.testing.assert_close(a, b)
+    top = torch.topk(rows @ cohort.T, 20, dim=1).values.double()
+    torch.testing.assert_close(whole[0], top.mean(dim=1))
+    torch.testing.assert_close(whole[1], top.std(dim=1, unbiased=False))
+
+
+def test_cohorts_of_speaker_means_or_utterances():
+    vectors = {f'u{i}': torch.full((2,), float(i)) for i in range(4)}
+    entries = [TrainEntry('b', 'u0'), TrainEntry('a', 'u1'), TrainEntry('b', 'u2'), TrainEntry('a', 'u3')]
+    torch.testing.assert_close(build_cohort(vectors, entries, 'speaker'), torch.tensor([[2.0, 2.0], [1.0, 1.0]]))
+    torch.testing.assert_close(build_cohort(vectors, entries, 'utterance'), torch.tensor([[0.0] * 2, [1.0] * 2,
+                                                                                          [2.0] * 2, [3.0] * 2]))
+
+
+def test_evaluate_scores_each_list_and_normalises_against_the_cohort(tmp_path, encoder):
+    rng = np.random.default_rng(3)
+    for name in ('a', 'b', 'c', 'd'):
+        soundfile.write(tmp_path / f'{name}.wav', 0.1 * rng.standard_normal(12000), 16000)
+    labelled = TrialList('l.txt', np.array([1, 0, 0]), ['a.wav', 'a.wav', 'b.wav'], ['b.wav', 'c.wav', 'c.wav'],
+                         [1, 2, 3])
+    blind = TrialList('b.txt', None, ['a.wav'], ['d.wav'], [1])
+    cohort = Cohort([TrainEntry('s', 'c.wav'), TrainEntry('t', 'd.wav')], str(tmp_path), 'utterance', 2)
+    results = evaluate(encoder, [labelled, blind], str(tmp_path), 'cpu', cohort=cohort)
+    vectors = {n: embed(encoder, str(tmp_path / n)) for n in ('a.wav', 'b.wav', 'c.wav', 'd.wav')}
+    expected = [float(vectors[e] @ vectors[t]) for e, t in zip(labelled.enroll, labelled.test)]
+    np.testing.assert_allclose(results['l.txt'].scores, expected, atol=1e-6)
+    assert results['l.txt'].metrics == verification_metrics(results['l.txt'].scores, labelled.labels)
+    assert results['b.txt'].metrics is None and results['b.txt'].snorm_metrics is None
+    files = ['a.wav', 'b.wav', 'c.wav', 'd.wav']
+    pairs = np.array([(0, 1), (0, 2), (1, 2)])
+    normalised = as_norm(torch.stack([vectors[f] for f in files]), pairs,
+                         torch.stack([vectors['c.wav'], vectors['d.wav']]), 2)
+    # A cohort of two has a tiny spread: the 1e-7 differences between batched and single embeddings grow here.
+    np.testing.assert_allclose(results['l.txt'].snorm_scores, normalised, atol=1e-3)
+    assert [suffix for suffix, _, _ in results['l.txt'].score_sets()] == ['', '_asnorm']
+
+
+def test_waveform_without_a_rate_is_an_error():
+    with pytest.raises(ValueError, match='sampling_rate'):
+        embed(ECAPA_TDNN(32), np.zeros(16000, dtype=np.float32))
+
+
+def test_a_checkpoint_of_another_width_is_a_clear_error(tmp_path):
+    save_checkpoint({'speaker_encoder.' + k: v for k, v in ECAPA_TDNN(32).state_dict().items()},
+                    {'model': 'ecapa-tdnn', 'C': 32, 'embedding_dim': 192, 'sampling_rate': 16000},
+                    str(tmp_path / 'm.model'))
+    with pytest.raises(UserError, match=r'm.model: does not fit a ECAPA_TDNN .*of another shape'):
+        load_model(str(tmp_path / 'm.model'), C=64)
+
+
+@pytest.mark.parametrize('name,C,rate', [('ecapa-tdnn', 32, 16000), ('tdnn', 64, 8000), ('resnet18', 8, 16000)])
+def test_checkpoint_round_trip_through_the_notebook_helpers(tmp_path, name, C, rate):
+    torch.manual_seed(0)
+    encoder = build_encoder(name, C, rate, embedding_dim=40).eval()
+    speaker_model = SpeakerModel(encoder, AAMsoftmax(7, 0.2, 30, 40))
+    path = str(tmp_path / 'model_0003.model')
+    save_checkpoint(speaker_model.state_dict(), {'model': name, 'C': C, 'embedding_dim': 40, 'sampling_rate': rate},
+                    path)
+    loaded = load_model(path)
+    assert type(loaded) is type(encoder) and loaded.sampling_rate == rate and not loaded.training
+    waveform = (0.1 * np.random.default_rng(0).standard_normal(2 * rate)).astype(np.float32)
+    torch.testing.assert_close(embed(loaded, waveform, rate), embed(encoder, waveform, rate), rtol=0, atol=0)
+    # A file at another rate is resampled to the encoder's.
+    other_rate = 16000 if rate == 8000 else 8000
+    soundfile.write(tmp_path / 'a.wav', (0.1 * np.random.default_rng(1).standard_normal(other_rate)), other_rate)
+    vector = embed(loaded, str(tmp_path / 'a.wav'))
+    assert vector.shape == (80,)
+    assert score(loaded, str(tmp_path / 'a.wav'), str(tmp_path / 'a.wav')) == pytest.approx(float(vector @ vector))
+
+
+ENCODERS = [('ecapa-tdnn', 48), ('tdnn', 64), ('resnet18', 8)]
+
+
+def eager(encoder, x):
+    with torch.no_grad():
+        return encoder.eval()(x, False)
+
+
+@pytest.mark.parametrize('rate', [8000, 16000])
+def test_convolutional_mel_equals_torchaudio(rate):
+    mel = ECAPA_TDNN(32, rate).torchfbank[1]
+    x = torch.randn(2, rate)
+    torch.testing.assert_close(ConvMelSpectrogram(mel)(x), mel(x), rtol=1e-4, atol=1e-4 * float(mel(x).max()))
+
+
+@pytest.mark.parametrize('name,C', ENCODERS)
+def test_torchscript_matches_eager_for_any_batch_and_length(tmp_path, name, C):
+    torch.manual_seed(0)
+    encoder = build_encoder(name, C, 16000).eval()
+    export_torchscript(encoder, str(tmp_path / 'encoder.pt'))
+    scripted = torch.jit.load(str(tmp_path / 'encoder.pt'))
+    for shape in [(1, 20000), (3, 41000)]:
+        x = 0.1 * torch.randn(*shape)
+        with torch.no_grad():
+            torch.testing.assert_close(scripted(x), eager(encoder, x), rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize('name,C', ENCODERS)
+def test_onnx_matches_eager(tmp_path, name, C):
+    pytest.importorskip('onnx', reason='onnx is an optional extra (requirements-extras.txt)')
+    onnxruntime = pytest.importorskip('onnxruntime', reason='onnxruntime is an optional extra')
+    torch.manual_seed(0)
+    encoder = build_encoder(name, C, 8000).eval()
+    export_onnx(encoder, str(tmp_path / 'encoder.onnx'))
+    session = onnxruntime.InferenceSession(str(tmp_path / 'encoder.onnx'))
+    x = 0.1 * torch.randn(3, 13000)
+    out = session.run(['embedding'], {'waveform': x.numpy()})[0]
+    np.testing.assert_allclose(out, eager(encoder, x).numpy(), rtol=0, atol=1e-4)

@@ -1,0 +1,297 @@
+"""trainECAPAModel.py: flags, their defaults and checks, user errors as one line, and the one-shot commands
+(--eval, --score_file, --extract, --export). Training itself is tested in test_trainer.py."""
+
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import tools
+import trainECAPAModel
+from checkpoints import save_checkpoint
+from lists import cohort_entries, read_train_list, read_trials
+from loss import AAMsoftmax
+from model import ECAPA_TDNN, build_encoder
+from trainer import SpeakerModel
+
+
+@pytest.fixture
+def checkpoint(tmp_path):
+    """An untrained ECAPA-TDNN C=32 checkpoint with its JSON."""
+    torch.manual_seed(0)
+    model = SpeakerModel(ECAPA_TDNN(32), AAMsoftmax(6, 0.2, 30))
+    path = str(tmp_path / 'model_0001.model')
+    save_checkpoint(model.state_dict(), {'model': 'ecapa-tdnn', 'C': 32, 'embedding_dim': 192,
+                                         'sampling_rate': 16000}, path)
+    return path
+
+
+@pytest.fixture
+def embed_calls(monkeypatch):
+    """Every file that goes through the encoder, in order."""
+    calls = []
+    original = tools.embed_files
+
+    def counting(encoder, relative_paths, *args, **kwargs):
+        calls.extend(relative_paths)
+        return original(encoder, relative_paths, *args, **kwargs)
+    monkeypatch.setattr(tools, 'embed_files', counting)
+    monkeypatch.setattr(trainECAPAModel, 'embed_files', counting)
+    return calls
+
+
+def eval_argv(checkpoint, corpus, save_path, *lists):
+    return ['--eval', '--initial_model', checkpoint, '--eval_list', *(lists or [corpus['eval_list']]),
+            '--eval_path', corpus['eval_path'], '--save_path', str(save_path), '--n_cpu', '0']
+
+
+# ---------------------------------------------------------------- flags
+
+def test_demo_defaults_yield_to_given_flags(tmp_path):
+    args = trainECAPAModel.parse_args(['--demo', '--max_epoch', '2', '--C', '256', '--save_path', str(tmp_path)])
+    assert (args.max_epoch, args.C, args.save_path) == (2, 256, str(tmp_path))
+    assert args.batch_size == trainECAPAModel.DEMO_DEFAULTS['batch_size']
+    assert args.train_list == os.path.join(str(tmp_path), 'corpus', 'voxceleb', 'train_list.txt')
+    assert trainECAPAModel.parse_args(['--demo', '--model', 'tdnn']).C == trainECAPAModel.DEMO_WIDTHS['tdnn']
+    assert trainECAPAModel.parse_args(['--demo', '--model', 'resnet34']).C == 16
+    assert trainECAPAModel.parse_args(['--demo']).loss == 'aamsoftmax'
+    assert trainECAPAModel.parse_args(['--demo', '--mode', 'clip']).loss == 'infonce'
+
+
+def test_large_margin_sets_longer_crops_a_larger_margin_and_a_low_lr(tmp_path):
+    checkpoint = tmp_path / 'model.model'
+    checkpoint.write_bytes(b'')
+    args = trainECAPAModel.parse_args(['--demo', '--large_margin', '--initial_model', str(checkpoint),
+                                       '--save_path', str(tmp_path)])
+    assert (args.num_frames, args.m, args.max_epoch) == (600, 0.5, 5)
+    assert (args.scheduler, args.lr, args.final_lr, args.spec_augment) == ('warmup_exp', 1e-4, 2.5e-5, 'off')
+    args = trainECAPAModel.parse_args(['--demo', '--large_margin', '--initial_model', str(checkpoint), '--m', '0.4',
+                                       '--save_path', str(tmp_path)])
+    assert args.m == 0.4 and args.num_frames == 600
+
+
+def test_help_shows_no_empty_defaults(capsys):
+    with pytest.raises(SystemExit) as stopped:
+        trainECAPAModel.main(['--help'])
+    printed = capsys.readouterr().out
+    assert stopped.value.code == 0 and '--snorm' in printed
+    assert '(default: None)' not in printed and '(default: False)' not in printed
+    assert '(default: 0.97)' in printed
+
+
+@pytest.mark.parametrize('argv,message', [
+    (['--eval', '--eval_list', 'x', '--eval_path', '.'], 'eval needs --initial_model'),
+    (['--train_list', 'missing.txt', '--train_path', '.', '--eval_list', 'x', '--eval_path', '.'],
+     '--train_list missing.txt: no such file'),
+    (['--max_epoch', '0', '--demo'], '--max_epoch must be at least 1'),
+    (['--demo', '--lr_decay', '1.5'], '--lr_decay in (0, 1]'),
+    (['--demo', '--mode', 'siamese'], "invalid choice: 'siamese'"),
+    (['--demo', '--grad_clip', '-1'], '--grad_clip cannot be negative'),
+    (['--demo', '--amp', 'fp8'], "invalid choice: 'fp8'"),
+    (['--demo', '--max_epoch', 'ten'], "invalid int value: 'ten'"),
+    (['--demo', '--sampling_rate', '4000'], '--sampling_rate must be at least 8000'),
+    (['--demo', '--s', 'inf'], '--s positive and finite'),
+    (['--demo', '--device', 'gpu7'], '--device gpu7: not a torch device'),
+    (['--demo', '--out', 'x.pt'], '--out only applies with --extract'),
+    (['--demo', '--check_decode', '5'], '--check_decode only applies with --check_data'),
+    (['--demo', '--cohort_top_k', '5'], '--cohort_top_k only applies with --snorm'),
+    (['--demo', '--eval', '--export', 'x.pt'], '--export and --eval and --demo are separate commands'),
+    (['--export', 'x.txt', '--initial_model', 'm'], 'name a .pt (TorchScript) or .onnx file'),
+    (['--check_data', '--eval_path', '.', '--train_list', 'x'], '--check_data of --train_list needs --train_path'),
+    (['--demo', '--large_margin'], '--large_margin needs --initial_model'),
+    (['--train_list', 'x', '--train_path', '.', '--eval_list', 'x', '--eval_path', '.', '--gpu_augment'],
+     '--gpu_augment needs --musan_path or --rir_path'),
+    (['--demo', '--mode', 'clip', '--loss', 'aamsoftmax'], '--mode clip trains with --loss infonce or aam_infonce'),
+    (['--demo', '--mode', 'classifier', '--loss', 'infonce'], '--mode classifier trains with --loss aamsoftmax'),
+    (['--demo', '--classifier_weight', '0.5'], '--classifier_weight only apply to --mode clip or blip'),
+    (['--demo', '--mode', 'blip', '--matching_weight', '0'], '--mode blip with --matching_weight 0 is --mode clip'),
+    (['--demo', '--mode', 'clip', '--classifier_weight', '0', '--contrastive_weight', '0'], 'every loss weight is 0'),
+])
+def test_flag_mistakes_are_one_line_with_exit_status_2(argv, message, cli_error):
+    status, printed, _ = cli_error(argv)
+    assert status == 2
+    assert printed.count('\n') == 1 and printed.startswith('trainECAPAModel.py: error: ') and message in printed
+
+
+def test_a_flag_mistake_in_a_shell_prints_no_traceback(root):
+    result = subprocess.run([sys.executable, os.path.join(root, 'trainECAPAModel.py'), '--demo', '--max_epoch', '0'],
+                            capture_output=True, text=True, cwd=root)
+    assert result.returncode == 2 and result.stdout == ''
+    assert result.stderr == 'trainECAPAModel.py: error: --max_epoch must be at least 1, got 0\n'
+
+
+# ---------------------------------------------------------------- data mistakes: one line, exit status 1
+
+def test_a_trial_list_naming_a_missing_file_stops_before_training(tiny_corpus, train_argv, tmp_path, cli_error):
+    trials = tmp_path / 'trials.txt'
+    lines = open(tiny_corpus['eval_list']).read().splitlines() + ['1 id20000/session0/00000.wav id99999/gone.wav']
+    trials.write_text('\n'.join(lines) + '\n')
+    argv = train_argv(tiny_corpus, tmp_path / 'run', '--max_epoch', '1')
+    argv[argv.index('--eval_list') + 1] = str(trials)
+    status, printed, _ = cli_error(argv)
+    assert status == 1 and printed.count('\n') == 1
+    assert f'trials.txt: 1 files not under {tiny_corpus["eval_path"]}, e.g. {trials}:{len(lines)}: id99999/gone.wav' \
+        in printed
+    assert not (tmp_path / 'run' / 'model').exists()
+
+
+@pytest.mark.parametrize('extra,message', [
+    (['--n_class', '3'], '--n_class 3 is smaller than the 6 speakers'),
+    (['--mode', 'clip'], 'needs at least 8 speakers; the list has 6 (lower --batch_size)'),
+])
+def test_training_flags_that_do_not_fit_the_list(tiny_corpus, train_argv, tmp_path, cli_error, extra, message):
+    status, printed, _ = cli_error(train_argv(tiny_corpus, tmp_path, '--max_epoch', '1', *extra))
+    assert status in (1, 2) and printed.count('\n') == 1 and message in printed
+
+
+def test_unreadable_score_files_and_checkpoints_are_named(tmp_path, tiny_corpus, cli_error):
+    scores = tmp_path / 'scores.txt'
+    scores.write_text('a b 0.5 1\na c high 0\n')
+    assert cli_error(['--score_file', str(scores)])[:2] == (
+        1, f"trainECAPAModel.py: error: {scores}:2: expected '<enroll> <test> <finite score> <0|1>', got "
+           f"'a c high 0'\n")
+    scores.write_text('a b 0.5 1\na c 0.7 1\n')
+    status, printed, _ = cli_error(['--score_file', str(scores)])
+    assert status == 1 and 'every trial has label 1' in printed
+    garbage = tmp_path / 'garbage.model'
+    garbage.write_bytes(b'not a checkpoint')
+    status, printed, _ = cli_error(eval_argv(str(garbage), tiny_corpus, tmp_path))
+    assert status == 1 and printed.count('\n') == 1 and 'garbage.model: not a readable PyTorch checkpoint' in printed
+
+
+# ---------------------------------------------------------------- --eval, --score_file
+
+def test_eval_of_a_training_checkpoint_gives_its_logged_eer_and_a_score_file(tiny_corpus, reference_run, tmp_path,
+                                                                            capsys):
+    checkpoint = str(reference_run / 'model' / 'model_0002.model')
+    results = trainECAPAModel.main(eval_argv(checkpoint, tiny_corpus, tmp_path))
+    metrics = results[tiny_corpus['eval_list']].metrics
+    logged = (reference_run / 'score.txt').read_text().splitlines()[1]
+    assert f'{metrics.text()}, bestEER' in logged
+    assert f'EER {metrics.eer:2.2f}%' in capsys.readouterr().out
+    trials = read_trials(tiny_corpus['eval_list'])
+    score_file = tmp_path / 'scores' / 'trials.txt'
+    rows = [line.split() for line in score_file.read_text().splitlines()]
+    assert [(r[0], r[1], int(r[3])) for r in rows] == list(zip(trials.enroll, trials.test, trials.labels))
+    # The scores are those of the notebook helper on the same files.
+    encoder = tools.load_model(checkpoint)
+    first = tools.score(encoder, os.path.join(tiny_corpus['eval_path'], trials.enroll[0]),
+                        os.path.join(tiny_corpus['eval_path'], trials.test[0]))
+    assert float(rows[0][2]) == pytest.approx(first, abs=1e-5)
+    # --score_file recomputes the metrics from that file alone.
+    again = trainECAPAModel.main(['--score_file', str(score_file)])[str(score_file)]
+    assert again.eer == pytest.approx(metrics.eer, abs=1e-3)
+    assert again.min_dcf == pytest.approx(metrics.min_dcf, abs=1e-3)
+
+
+@pytest.mark.parametrize('cohort', ['speaker', 'utterance'])
+def test_as_norm_scores_equal_a_direct_computation_with_either_cohort(tiny_corpus, checkpoint, tmp_path, cohort):
+    argv = eval_argv(checkpoint, tiny_corpus, tmp_path) + [
+        '--snorm', '--cohort', cohort, '--cohort_size', '20', '--cohort_top_k', '4',
+        '--train_list', tiny_corpus['train_list'], '--train_path', tiny_corpus['train_path']]
+    result = trainECAPAModel.main(argv)[tiny_corpus['eval_list']]
+    encoder = tools.load_model(checkpoint)
+    trials = read_trials(tiny_corpus['eval_list'])
+    files = sorted(set(trials.enroll + trials.test))
+    vectors = torch.stack([tools.embed(encoder, os.path.join(tiny_corpus['eval_path'], f)) for f in files])
+    entries = cohort_entries(read_train_list(tiny_corpus['train_list']), 20, seed=10)  # --seed's default
+    train = {e.path: tools.embed(encoder, os.path.join(tiny_corpus['train_path'], e.path)) for e in entries}
+    if cohort == 'utterance':
+        members = torch.stack([train[e.path] for e in entries])
+        assert len(members) == 20
+    else:
+        speakers = sorted({e.speaker for e in entries})
+        members = torch.stack([torch.stack([train[e.path] for e in entries if e.speaker == s]).mean(dim=0)
+                               for s in speakers])
+        assert len(members) == 6
+    index = {f: i for i, f in enumerate(files)}
+    pairs = np.array([(index[e], index[t]) for e, t in zip(trials.enroll, trials.test)])
+    # Four cohort scores have a small spread: float32 products differ by ~1e-5 relative after normalising.
+    np.testing.assert_allclose(result.snorm_scores, tools.as_norm(vectors, pairs, members, 4), rtol=1e-3)
+    assert result.snorm_metrics == tools.verification_metrics(result.snorm_scores, trials.labels)
+    assert not np.allclose(result.snorm_scores, result.scores)
+    written = [float(line.split()[2]) for line in open(tmp_path / 'scores' / 'trials.txt.asnorm')]
+    np.testing.assert_allclose(written, result.snorm_scores, atol=1e-6)
+
+
+def test_several_lists_in_one_run_embed_each_file_once(tiny_corpus, checkpoint, tmp_path, embed_calls):
+    trials = read_trials(tiny_corpus['eval_list'])
+    half = tmp_path / 'half.txt'
+    half.write_text(''.join(f'{label} {e} {t}\n' for label, e, t in list(zip(trials.labels, trials.enroll,
+                                                                                trials.test))[::2]))
+    unlabelled = tmp_path / 'test_phase.txt'
+    unlabelled.write_text(''.join(f'{e} {t}\n' for e, t in zip(trials.enroll, trials.test)))
+    results = trainECAPAModel.main(eval_argv(checkpoint, tiny_corpus, tmp_path / 'run', tiny_corpus['eval_list'],
+                                             str(half), str(unlabelled)))
+    assert sorted(embed_calls) == sorted(set(trials.enroll) | set(trials.test))
+    full, part, blind = (results[p] for p in (tiny_corpus['eval_list'], str(half), str(unlabelled)))
+    np.testing.assert_allclose(part.scores, full.scores[::2])
+    np.testing.assert_allclose(blind.scores, full.scores)
+    assert part.metrics == tools.verification_metrics(full.scores[::2], trials.labels[::2])
+    assert blind.metrics is None
+    rows = (tmp_path / 'run' / 'scores' / 'test_phase.txt').read_text().split('\n')[0].split()
+    assert rows == [trials.enroll[0], trials.test[0], f'{full.scores[0]:.6f}']
+
+
+def test_embeddings_are_cached_per_checkpoint(tiny_corpus, checkpoint, tmp_path, embed_calls):
+    argv = eval_argv(checkpoint, tiny_corpus, tmp_path / 'run')
+    first = trainECAPAModel.main(argv)[tiny_corpus['eval_list']]
+    count = len(embed_calls)
+    assert count > 0 and os.listdir(tmp_path / 'run' / 'embeddings')
+    second = trainECAPAModel.main(argv)[tiny_corpus['eval_list']]
+    assert len(embed_calls) == count
+    np.testing.assert_array_equal(first.scores, second.scores)
+    # Other weights: the cache does not apply.
+    state = torch.load(checkpoint, weights_only=True)
+    state['speaker_encoder.fc6.bias'] += 1
+    torch.save(state, checkpoint)
+    trainECAPAModel.main(argv)
+    assert len(embed_calls) == 2 * count
+
+
+# ---------------------------------------------------------------- --extract, --export
+
+def test_extract_writes_embeddings_for_a_folder_and_a_list(tiny_corpus, checkpoint, tmp_path):
+    out = tmp_path / 'folder.pt'
+    trainECAPAModel.main(['--initial_model', checkpoint, '--extract', tiny_corpus['eval_path'], '--out', str(out),
+                          '--n_cpu', '0'])
+    saved = torch.load(out, weights_only=True)
+    trials = read_trials(tiny_corpus['eval_list'])
+    files = sorted(set(trials.enroll + trials.test))
+    assert saved['paths'] == files
+    assert saved['embeddings'].shape == (len(files), 192)
+    torch.testing.assert_close(saved['embeddings'].norm(dim=1), torch.ones(len(files)))
+    encoder = tools.load_model(checkpoint)
+    torch.testing.assert_close(saved['vectors'][0], tools.embed(encoder, os.path.join(tiny_corpus['eval_path'],
+                                                                                       files[0])), atol=1e-6, rtol=0)
+    listed = tmp_path / 'listed.pt'
+    trainECAPAModel.main(['--initial_model', checkpoint, '--extract', tiny_corpus['train_list'],
+                          '--eval_path', tiny_corpus['train_path'], '--out', str(listed), '--n_cpu', '0'])
+    assert torch.load(listed, weights_only=True)['paths'] == [
+        entry.path for entry in read_train_list(tiny_corpus['train_list'])]
+
+
+def test_export_writes_a_torchscript_encoder_of_a_training_checkpoint(tmp_path):
+    torch.manual_seed(0)
+    encoder = build_encoder('tdnn', 32, 16000)
+    model = SpeakerModel(encoder, AAMsoftmax(4, 0.2, 30, 512))
+    save_checkpoint(model.state_dict(), {'model': 'tdnn', 'C': 32, 'embedding_dim': 512, 'sampling_rate': 16000},
+                    str(tmp_path / 'model_0001.model'))
+    trainECAPAModel.main(['--initial_model', str(tmp_path / 'model_0001.model'), '--export', str(tmp_path / 'e.pt')])
+    x = 0.1 * torch.randn(2, 16000)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.jit.load(str(tmp_path / 'e.pt'))(x), encoder.eval()(x, False), rtol=0,
+                                   atol=1e-4)
+
+
+def test_training_needs_a_labelled_trial_list(tiny_corpus, train_argv, tmp_path, cli_error):
+    blind = tmp_path / 'blind.txt'
+    blind.write_text(''.join(' '.join(line.split()[1:]) + '\n' for line in open(tiny_corpus['eval_list'])))
+    argv = train_argv(tiny_corpus, tmp_path / 'run', '--max_epoch', '1')
+    argv[argv.index('--eval_list') + 1] = str(blind)
+    status, printed, _ = cli_error(argv)
+    assert status == 2 and re.search('needs an --eval_list with labels', printed)

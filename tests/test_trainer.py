@@ -1,0 +1,362 @@
+"""trainer.py: the optimiser step, the epoch loop, a run's outputs, exact resume after an interruption or a
+signal, and what a run does with unusable files, diverging losses and initial weights."""
+
+import copy
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import trainECAPAModel
+import trainer
+from loss import AAMsoftmax
+from model import ECAPA_TDNN, build_encoder
+from records import read_metrics
+from schedules import warmup_exp
+from tools import load_model
+from trainer import NonFiniteTraining, SpeakerModel, TrainingStep
+
+WARMUP_FLAGS = ('--scheduler', 'warmup_exp', '--warmup_epochs', '1', '--margin_schedule', '1', '2')
+
+
+@pytest.fixture(scope='module')
+def warmup_run(tiny_corpus, train_argv, tmp_path_factory):
+    """Two epochs with the warm-up schedule, a margin schedule and TensorBoard records."""
+    path = tmp_path_factory.mktemp('warmup_run')
+    trainECAPAModel.main(train_argv(tiny_corpus, path, '--max_epoch', '2', *WARMUP_FLAGS, '--tensorboard'))
+    return path
+
+
+def assert_same_checkpoints(a, b):
+    a, b = torch.load(a, weights_only=True), torch.load(b, weights_only=True)
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
+
+
+# ---------------------------------------------------------------- a run's outputs
+
+def test_a_run_writes_checkpoints_score_lines_records_and_its_resume_state(reference_run):
+    lines = (reference_run / 'score.txt').read_text().splitlines()
+    pattern = (r'^(\d) epoch, LR ([\d.]+), LOSS [\d.]+, ACC [\d.]+%, EER ([\d.]+)%, minDCF\(0.05\) [\d.]+, '
+               r'minDCF\(0.01\) [\d.]+, bestEER ([\d.]+)%$')
+    matches = [re.match(pattern, line) for line in lines]
+    assert all(matches) and len(matches) == 2, lines
+    assert [m.group(1) for m in matches] == ['1', '2']
+    assert float(matches[1].group(2)) == pytest.approx(0.001 * 0.97)
+    assert float(matches[1].group(4)) == min(float(m.group(3)) for m in matches)
+    state = torch.load(reference_run / 'model' / 'model_0002.model', weights_only=True)
+    assert {k.split('.')[0] for k in state} == {'speaker_encoder', 'speaker_loss'}
+    assert state['speaker_loss.weight'].shape == (6, 192)
+    assert sorted(os.listdir(reference_run / 'model')) == ['model_0001.json', 'model_0001.model', 'model_0002.json',
+                                                           'model_0002.model', 'resume.pt']
+    records = read_metrics(reference_run / 'metrics.jsonl')
+    for record, line in zip(records, lines):
+        assert f"EER {record['eval']['trials.txt']['metrics']['eer']:2.2f}%" in line
+        assert f"LOSS {record['loss']:f}" in line and f"ACC {record['accuracy']:2.2f}%" in line
+
+
+def test_config_and_metrics_record_the_schedules(warmup_run, root):
+    config = json.loads((warmup_run / 'config.json').read_text())
+    assert config['arguments']['scheduler'] == 'warmup_exp' and config['arguments']['max_epoch'] == 2
+    assert 'margin_schedule' in config['given_on_command_line'] and 'lr' not in config['given_on_command_line']
+    assert config['torch'] == torch.__version__ and config['device'] == 'cpu' and config['processes'] == 1
+    head = subprocess.run(['git', 'rev-parse', 'HEAD'], cwd=root, capture_output=True, text=True).stdout.strip()
+    assert config['git_commit'].split('-')[0] == head
+    records = read_metrics(warmup_run / 'metrics.jsonl')
+    assert [r['epoch'] for r in records] == [1, 2]
+    assert records[0]['margin'] == pytest.approx(0.2 * 0.75) and records[1]['margin'] == pytest.approx(0.2)
+    assert records[0]['lr'] == pytest.approx(warmup_exp(0.001, 5e-5, 1, 2, 1, 4, 4))
+    assert records[1]['lr'] == pytest.approx(5e-5)
+    assert all(r['crops_per_s'] > 0 and r['epoch_seconds'] >= r['train_seconds'] > 0 for r in records)
+    plots = {p.name for p in (warmup_run / 'plots').iterdir()}
+    assert plots == {'training_curve.png', 'trials_det.png', 'trials_scores.png'}
+
+
+def test_tensorboard_holds_the_metrics_records(warmup_run):
+    pytest.importorskip('tensorboard')
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(warmup_run / 'tensorboard'))
+    events.Reload()
+    records = read_metrics(warmup_run / 'metrics.jsonl')
+    assert [e.step for e in events.Scalars('train/loss')] == [1, 2]
+    assert [e.value for e in events.Scalars('train/loss')] == pytest.approx([r['loss'] for r in records])
+    assert [e.value for e in events.Scalars('trials.txt/metrics/eer')] == pytest.approx(
+        [r['eval']['trials.txt']['metrics']['eer'] for r in records])
+
+
+# ---------------------------------------------------------------- exact resume
+
+@pytest.mark.parametrize('flags', [(), WARMUP_FLAGS, ('--gpu_augment', '--amp', 'bf16', '--grad_clip', '5')])
+def test_a_run_interrupted_in_epoch_2_resumes_to_the_uninterrupted_result(tiny_corpus, train_argv, tmp_path, flags,
+                                                                          monkeypatch, request):
+    argv = ['--max_epoch', '2', *flags]
+    if flags == ():
+        straight = request.getfixturevalue('reference_run')
+    elif flags == WARMUP_FLAGS:
+        straight = request.getfixturevalue('warmup_run')
+    else:
+        straight = tmp_path / 'straight'
+        trainECAPAModel.main(train_argv(tiny_corpus, straight, *argv))
+    train_one_epoch = trainer.train_one_epoch
+
+    def stopped_in_epoch_2(step_fn, loader, epoch, *rest):
+        if epoch == 2:
+            raise KeyboardInterrupt
+        return train_one_epoch(step_fn, loader, epoch, *rest)
+
+    monkeypatch.setattr(trainer, 'train_one_epoch', stopped_in_epoch_2)
+    interrupted = tmp_path / 'interrupted'
+    with pytest.raises(KeyboardInterrupt):
+        trainECAPAModel.main(train_argv(tiny_corpus, interrupted, *argv))
+    monkeypatch.setattr(trainer, 'train_one_epoch', train_one_epoch)
+    trainECAPAModel.main(train_argv(tiny_corpus, interrupted, *argv))
+    assert_same_checkpoints(straight / 'model' / 'model_0002.model', interrupted / 'model' / 'model_0002.model')
+    assert (straight / 'score.txt').read_text() == (interrupted / 'score.txt').read_text()
+
+
+@pytest.mark.parametrize('number', [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_stops_after_the_step_and_the_run_resumes_exactly(tiny_corpus, train_argv, reference_run, tmp_path,
+                                                                   monkeypatch, capsys, number):
+    original_step = TrainingStep.__call__
+    calls = []
+
+    def signalled_at_step_6(self, batch, rng):  # epoch 2, step 2 (4 steps an epoch)
+        calls.append(1)
+        if len(calls) == 6:
+            os.kill(os.getpid(), number)
+        return original_step(self, batch, rng)
+
+    monkeypatch.setattr(TrainingStep, '__call__', signalled_at_step_6)
+    assert trainECAPAModel.main(train_argv(tiny_corpus, tmp_path, '--max_epoch', '2')) is False
+    printed = capsys.readouterr().out
+    name = signal.Signals(number).name
+    assert f'Stopped by {name} in epoch 2 after step 2' in printed and 'Run the same command again' in printed
+    assert len(calls) == 6 and not (tmp_path / 'model' / 'model_0002.model').exists()
+    state = torch.load(tmp_path / 'model' / 'resume.pt', weights_only=True)
+    assert state['epoch'] == 1 and state['partial_epoch'][0]['step'] == 2
+    monkeypatch.setattr(TrainingStep, '__call__', original_step)
+    trainECAPAModel.main(train_argv(tiny_corpus, tmp_path, '--max_epoch', '2'))
+    assert 'after epoch 1 and 2 steps of epoch 2' in capsys.readouterr().out
+    assert_same_checkpoints(reference_run / 'model' / 'model_0002.model', tmp_path / 'model' / 'model_0002.model')
+    assert (reference_run / 'score.txt').read_text() == (tmp_path / 'score.txt').read_text()
+
+
+def test_a_run_killed_with_sigkill_resumes_to_the_same_final_checkpoint(tiny_corpus, train_argv, tmp_path, root):
+    def command(save_path):
+        return [sys.executable, os.path.join(root, 'trainECAPAModel.py'),
+                *train_argv(tiny_corpus, save_path, '--max_epoch', '2', '--n_cpu', '1')]
+
+    straight, killed = tmp_path / 'straight', tmp_path / 'killed'
+    subprocess.run(command(straight), check=True, capture_output=True, cwd=root)
+    process = subprocess.Popen(command(killed), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=root)
+    resume = killed / 'model' / 'resume.pt'
+    deadline = time.time() + 300
+    while not resume.exists() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.5)  # into epoch 2
+    assert process.poll() is None, 'the run ended before it could be killed'
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (killed / 'model' / 'model_0002.model').exists()
+    finished = subprocess.run(command(killed), capture_output=True, text=True, cwd=root)
+    assert finished.returncode == 0, finished.stderr
+    assert 'Resuming from' in finished.stdout
+    assert_same_checkpoints(straight / 'model' / 'model_0002.model', killed / 'model' / 'model_0002.model')
+    assert (straight / 'score.txt').read_text() == (killed / 'score.txt').read_text()
+
+
+@pytest.mark.parametrize('mode,loss', [('clip', 'infonce'), ('blip', 'aam_infonce')])
+def test_contrastive_modes_train_evaluate_and_resume_exactly(tiny_corpus, train_argv, tmp_path, mode, loss):
+    def run(save_path, epochs):
+        argv = train_argv(tiny_corpus, save_path, '--max_epoch', epochs, '--mode', mode, '--loss', loss)
+        argv[argv.index('--batch_size') + 1] = '4'
+        trainECAPAModel.main(argv)
+
+    run(tmp_path / 'straight', '2')
+    run(tmp_path / 'interrupted', '1')
+    run(tmp_path / 'interrupted', '2')
+    lines = (tmp_path / 'straight' / 'score.txt').read_text().splitlines()
+    assert len(lines) == 2 and all(line.startswith(f'{e} epoch, ') and ' EER ' in line
+                                   for e, line in zip((1, 2), lines))
+    assert (tmp_path / 'interrupted' / 'score.txt').read_text() == '\n'.join(lines) + '\n'
+    straight = tmp_path / 'straight' / 'model' / 'model_0002.model'
+    assert_same_checkpoints(straight, tmp_path / 'interrupted' / 'model' / 'model_0002.model')
+    # What the original README snippet needs: the encoder and `speaker_loss.weight`, nothing else.
+    state = torch.load(straight, weights_only=True)
+    assert {k for k in state if not k.startswith('speaker_encoder.')} == {'speaker_loss.weight'}
+    resume = torch.load(tmp_path / 'straight' / 'model' / 'resume.pt', weights_only=True)
+    heads = {k.split('.')[1] for k in resume['model'] if k.startswith('speaker_loss.')}
+    assert heads == ({'classifier', 'contrastive', 'matching'} if mode == 'blip' else {'classifier', 'contrastive'})
+
+
+@pytest.mark.parametrize('model,width,kind', [('tdnn', '32', 'TDNN'), ('resnet18', '4', 'ResNet')])
+def test_other_encoders_train_and_evaluate(tiny_corpus, train_argv, tmp_path, model, width, kind):
+    argv = train_argv(tiny_corpus, tmp_path, '--max_epoch', '1', '--model', model)
+    argv[argv.index('--C') + 1] = width
+    trainECAPAModel.main(argv)
+    assert (tmp_path / 'score.txt').read_text().startswith('1 epoch, ')
+    config = json.loads((tmp_path / 'model' / 'model_0001.json').read_text())
+    assert config == {'model': model, 'C': int(width), 'embedding_dim': {'tdnn': 512}.get(model, 256),
+                      'sampling_rate': 16000}
+    encoder = load_model(str(tmp_path / 'model' / 'model_0001.model'))
+    assert type(encoder).__name__ == kind and encoder.sampling_rate == 16000
+
+
+# ---------------------------------------------------------------- initial weights
+
+def test_an_original_format_checkpoint_starts_training(tiny_corpus, train_argv, tmp_path, capsys):
+    """A checkpoint of the original code (5994-class head, no JSON beside it) seeds a run with 6 speakers."""
+    original = SpeakerModel(ECAPA_TDNN(32), AAMsoftmax(5994, 0.2, 30))
+    torch.save(original.state_dict(), tmp_path / 'pretrain.model')
+    trainECAPAModel.main(train_argv(tiny_corpus, tmp_path / 'run', '--max_epoch', '1', '--initial_model',
+                                    str(tmp_path / 'pretrain.model')))
+    assert 'encoder; classifier initialised afresh' in capsys.readouterr().out
+    assert (tmp_path / 'run' / 'model' / 'model_0001.model').exists()
+
+
+def test_a_mismatched_initial_model_lists_its_keys_unless_partial_load_is_allowed(tiny_corpus, train_argv,
+                                                                                    reference_run, tmp_path,
+                                                                                    cli_error, capsys):
+    state = torch.load(reference_run / 'model' / 'model_0001.model', weights_only=True)
+    state['speaker_encoder.extra.weight'] = torch.zeros(3)
+    dropped = sorted(k for k in state if k.startswith('speaker_encoder.layer4'))
+    for key in dropped:
+        del state[key]
+    torch.save(state, tmp_path / 'mismatched.model')
+    argv = train_argv(tiny_corpus, tmp_path / 'b', '--max_epoch', '1', '--initial_model',
+                      str(tmp_path / 'mismatched.model'))
+    status, message, _ = cli_error(argv)
+    assert status == 1 and message.count('\n') == 1
+    assert f'{len(dropped)} missing: ' in message and dropped[0][len('speaker_encoder.'):] in message
+    assert '1 unexpected: extra.weight' in message and '--allow_partial_load' in message
+    trainECAPAModel.main(argv + ['--allow_partial_load'])
+    assert f'{len(state) - 2} of {len(state) - 2 + len(dropped)} encoder weights and classifier' in \
+        capsys.readouterr().out
+
+
+def test_large_margin_fine_tunes_a_trained_model(tiny_corpus, train_argv, reference_run, tmp_path):
+    checkpoint = str(reference_run / 'model' / 'model_0001.model')
+    trainECAPAModel.main(train_argv(tiny_corpus, tmp_path, '--large_margin', '--initial_model', checkpoint,
+                                    '--max_epoch', '2', '--num_frames', '60'))
+    records = read_metrics(tmp_path / 'metrics.jsonl')
+    assert [r['margin'] for r in records] == [0.5, 0.5]
+    steps = 36 // 8  # 6 speakers x 6 utterances in batches of 8
+    assert records[0]['lr'] == pytest.approx(warmup_exp(1e-4, 2.5e-5, 1, 2, 1, steps, steps))
+    assert records[1]['lr'] == pytest.approx(2.5e-5)
+    config = json.loads((tmp_path / 'config.json').read_text())
+    assert config['arguments']['large_margin'] and config['arguments']['initial_model'] == checkpoint
+
+
+# ---------------------------------------------------------------- unusable files and diverging runs
+
+def test_training_over_broken_files_skips_counts_and_lists_them(broken_corpus, train_argv, tmp_path):
+    corpus, _ = broken_corpus
+    trainECAPAModel.main(train_argv(corpus, tmp_path / 'run', '--max_epoch', '1', '--batch_size', '4'))
+    record = json.loads((tmp_path / 'run' / 'metrics.jsonl').read_text().splitlines()[0])
+    listed = [line.split('\t') for line in (tmp_path / 'run' / 'skipped_files.txt').read_text().splitlines()]
+    assert record['skipped_files'] == len(listed) > 0 and record['bad_steps'] == 0
+    assert {os.path.basename(path) for _, path, _ in listed} <= {'garbage.wav', 'empty.wav', 'short.wav', 'nan.wav',
+                                                                 'silent.wav'}
+    assert all(epoch == '1' for epoch, _, _ in listed)
+    assert np.isfinite(record['loss'])
+
+
+def test_a_diverging_run_stops_after_max_bad_steps_with_one_line(tiny_corpus, train_argv, tmp_path, cli_error):
+    status, message, _ = cli_error(train_argv(tiny_corpus, tmp_path, '--max_epoch', '3', '--lr', '1e30',
+                                           '--max_bad_steps', '2', '--batch_size', '4'))
+    assert status == 1 and message.count('\n') == 1
+    assert 'stopped in epoch' in message and 'steps in a row had a non-finite loss' in message
+    assert '--max_bad_steps 2' in message
+
+
+# ---------------------------------------------------------------- the step
+
+def small_model(seed=0):
+    torch.manual_seed(seed)
+    return SpeakerModel(build_encoder('tdnn', 32, 16000, 16), AAMsoftmax(4, 0.2, 30, 16))
+
+
+def batch(seed=1):
+    generator = torch.Generator().manual_seed(seed)
+    return 0.1 * torch.randn(8, 4000, generator=generator), torch.arange(8) % 4
+
+
+def run_step(model, optimizer_class=torch.optim.Adam, lr=1e-3, **options):
+    optimizer = optimizer_class(model.parameters(), lr=lr)
+    step = TrainingStep(model, optimizer, 'cpu', **options)
+    torch.manual_seed(2)  # the same SpecAugment masks for every variant
+    loss, accuracy, taken = step(batch(), np.random.default_rng(0))
+    assert taken
+    return step, loss
+
+
+def parameter_change(before, after):
+    with torch.no_grad():
+        return float(torch.sqrt(sum(((a - b) ** 2).sum() for a, b in zip(after.parameters(), before.parameters()))))
+
+
+def test_bf16_forward_is_close_to_float32_but_not_equal():
+    _, full = run_step(small_model(), amp='off')
+    _, mixed = run_step(small_model(), amp='bf16')
+    assert mixed.dtype == torch.float32 and torch.isfinite(mixed)
+    assert mixed.item() != full.item()
+    assert mixed.item() == pytest.approx(full.item(), rel=0.05)
+
+
+def test_fp16_uses_dynamic_loss_scaling_and_updates_the_weights():
+    model = small_model()
+    before = copy.deepcopy(model)
+    step = TrainingStep(model, torch.optim.Adam(model.parameters(), lr=1e-3), 'cpu', amp='fp16')
+    initial_scale = step.scaler.get_scale()
+    losses = [step(batch(), None)[0] for _ in range(20)]
+    # Steps whose fp16 gradients overflow are skipped and halve the scale; the others update the weights.
+    assert step.scaler.is_enabled() and 1 < step.scaler.get_scale() < initial_scale
+    assert all(torch.isfinite(loss) for loss in losses) and parameter_change(before, model) > 0
+    assert losses[-1] < losses[0]
+
+
+def test_gradient_clipping_bounds_the_update_norm():
+    clip = 1e-3
+    unclipped = small_model()
+    run_step(unclipped, torch.optim.SGD, lr=1.0)
+    assert parameter_change(small_model(), unclipped) > 10 * clip
+    clipped = small_model()
+    run_step(clipped, torch.optim.SGD, lr=1.0, grad_clip=clip)
+    assert parameter_change(small_model(), clipped) == pytest.approx(clip, rel=1e-3)
+
+
+def test_a_step_with_non_finite_gradients_changes_nothing_and_too_many_in_a_row_stop_training():
+    model = small_model()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    step = TrainingStep(model, optimizer, 'cpu', max_bad_steps=3)
+    step(batch(), None)
+    weights, moments = copy.deepcopy(model.state_dict()), copy.deepcopy(optimizer.state_dict())
+    waveforms, labels = batch()
+    poisoned = waveforms.clone()
+    poisoned[3, 100] = float('nan')
+    for _ in range(2):
+        loss, _, taken = step((poisoned, labels), None)
+        assert not taken and not torch.isfinite(loss)
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(value, weights[key], rtol=0, atol=0, equal_nan=False, msg=key)
+    assert optimizer.state_dict()['state'][0]['step'] == moments['state'][0]['step']
+    assert step(batch(), None)[2] and step.bad_in_a_row == 0  # a good step resets the count
+    for _ in range(2):
+        step((poisoned, labels), None)
+    with pytest.raises(NonFiniteTraining, match='3 steps in a row'):
+        step((poisoned, labels), None)
+
+
+def test_silent_input_gives_a_finite_loss_when_silence_is_not_skipped():
+    model = SpeakerModel(build_encoder('ecapa-tdnn', 32, 16000, None), AAMsoftmax(4, 0.2, 30, 192))
+    loss, accuracy = model(torch.zeros(4, 8000), torch.arange(4))
+    loss.backward()
+    assert torch.isfinite(loss) and all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)

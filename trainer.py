@@ -1,0 +1,511 @@
+"""Training: the model being trained, one optimiser step, one epoch, and a whole run with resume.
+
+  SpeakerModel    encoder + head; its state_dict has the original code's `speaker_encoder.*`/`speaker_loss.*`
+  TrainingStep    augmentation on the device (optional), forward under autocast, loss, backward, update; a
+                  step with non-finite gradients changes nothing
+  train_one_epoch the steps of an epoch with the learning rate and margin of the schedule, as `EpochProgress`
+  StopRequest     SIGINT/SIGTERM: finish the step, save, exit 0
+  TrainingRun     a run in save_path: resume or initial weights, epochs, evaluation, checkpoints, records
+
+trainECAPAModel.py parses the flags and calls `run_training(args)`; nothing here reads the command line.
+"""
+
+import dataclasses
+import os
+import signal
+import sys
+import threading
+import time
+
+import numpy as np
+import torch
+import torch.nn as nn
+import tqdm
+
+import distributed
+from augment import Augmenter, DeviceAugmenter
+from checkpoints import ResumeState, load_encoder_weights, save_checkpoint
+from dataLoader import EpochSampler, PairDataset, SpeakerPairSampler, TrainDataset, collate
+from errors import UsageError, UserError
+from lists import cohort_entries, read_train_list, read_trials, require_files, speaker_labels
+from loss import AAMsoftmax, build_objective
+from model import build_encoder
+from plots import evaluation_plots, training_curve
+from records import (EpochRecord, TensorBoard, append_metrics, forget_epochs_after, score_line,
+                     write_config)
+from schedules import training_schedule
+from tools import Cohort, evaluate
+
+
+class SpeakerModel(nn.Module):
+    """The encoder and its training head; its state_dict has the original's `speaker_encoder.*` and
+    `speaker_loss.*` keys. `forward` is the training pass (what DistributedDataParallel and torch.compile
+    wrap): waveforms of `views` views stacked along the batch -> (loss, accuracy), the encoder under
+    autocast when `autocast_dtype` is given, the head in float32."""
+
+    def __init__(self, encoder, head):
+        super().__init__()
+        self.speaker_encoder = encoder
+        self.speaker_loss = head
+
+    def forward(self, waveforms, labels, views=1, autocast_dtype=None, spec_augment=True):
+        with torch.autocast(waveforms.device.type, dtype=autocast_dtype or torch.float32,
+                            enabled=autocast_dtype is not None):
+            embeddings = self.speaker_encoder(waveforms, aug=spec_augment)
+        return self.speaker_loss(*embeddings.float().chunk(views), labels)
+
+    def classifier(self):
+        """The AAM-softmax head (the whole head in classifier mode), or None."""
+        head = self.speaker_loss
+        return head if isinstance(head, AAMsoftmax) else getattr(head, 'classifier', None)
+
+    def checkpoint_state(self):
+        """What model_XXXX.model holds: `speaker_encoder.*` and, when there is a classifier, its weights as
+        `speaker_loss.weight`, the keys the original code's checkpoints have. Other heads (temperature,
+        matching head) live in resume.pt only."""
+        state = {k: v for k, v in self.state_dict().items() if k.startswith('speaker_encoder.')}
+        if self.classifier() is not None:
+            state['speaker_loss.weight'] = self.classifier().weight.detach()
+        return state
+
+
+def encoder_config(args):
+    """The JSON written beside each checkpoint: how to rebuild its encoder."""
+    return {'model': args.model, 'C': args.C, 'embedding_dim': args.embedding_dim,
+            'sampling_rate': args.sampling_rate}
+
+
+class NonFiniteTraining(UserError):
+    """Too many steps in a row had a non-finite loss or gradients."""
+
+
+class TrainingStep:
+    """One optimiser step on a batch: optional augmentation on the device, the encoder's forward pass under
+    autocast (`amp` 'bf16', 'fp16' with dynamic loss scaling, or 'off'), the head and loss in float32,
+    backward, optional clipping of the global gradient norm, the update. Under torchrun the model runs inside
+    DistributedDataParallel, which averages the gradients over the processes; `compile` compiles that
+    forward pass.
+
+    A step whose gradients (so also its loss) are not finite changes no weight, batch-norm statistic or
+    optimiser state; it is counted, and `max_bad_steps` such steps in a row raise `NonFiniteTraining`. With
+    fp16 this includes the loss scaler's overflow steps, which halve the scale. Reading that one flag back is
+    the step's only wait for the device; the gradients are those averaged over the processes, so every
+    process decides alike. Returns (loss, accuracy) as device tensors and whether the step was taken."""
+
+    def __init__(self, model, optimizer, device, amp='off', compile=False, grad_clip=0.0, device_augmenter=None,
+                 spec_augment=True, max_bad_steps=50):
+        self.model = model
+        self.optimizer = optimizer
+        self.device = torch.device(device)
+        self.forward = model
+        if distributed.world_size() > 1:
+            self.forward = nn.parallel.DistributedDataParallel(
+                model, device_ids=[self.device] if self.device.type == 'cuda' else None)
+        if compile:
+            self.forward = torch.compile(self.forward)
+        self.amp_dtype = {'bf16': torch.bfloat16, 'fp16': torch.float16}.get(amp)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=amp == 'fp16')
+        self.grad_clip = grad_clip
+        self.device_augmenter = device_augmenter
+        self.spec_augment = spec_augment
+        self.max_bad_steps = max_bad_steps
+        self.bad_in_a_row = 0
+
+    def __call__(self, batch, rng):
+        """`batch`: (waveforms, labels) or (view a, view b, labels); `rng` draws the device augmentation."""
+        labels = batch[-1].to(self.device, non_blocking=True)
+        waveforms = torch.cat([views.to(self.device, non_blocking=True) for views in batch[:-1]])
+        if self.device_augmenter is not None:
+            waveforms = self.device_augmenter(waveforms, rng)
+        buffers = [b.detach().clone() for b in self.model.buffers()]  # batch-norm statistics, kept for a bad step
+        loss, accuracy = self.forward(waveforms, labels, len(batch) - 1, self.amp_dtype, self.spec_augment)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.unscale_(self.optimizer)
+        parameters = [p for p in self.model.parameters() if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm([p.grad for p in parameters])
+        finite = bool(torch.isfinite(norm))
+        if finite:
+            if self.grad_clip > 0:
+                torch.nn.utils.clip_grads_with_norm_(parameters, self.grad_clip, norm)
+            self.scaler.step(self.optimizer)
+        else:
+            with torch.no_grad():
+                for buffer, saved in zip(self.model.buffers(), buffers):
+                    buffer.copy_(saved)
+        self.scaler.update()
+        self.bad_in_a_row = 0 if finite else self.bad_in_a_row + 1
+        if self.bad_in_a_row >= self.max_bad_steps:
+            raise NonFiniteTraining(f'{self.bad_in_a_row} steps in a row had a non-finite loss or gradients '
+                                    f'(--max_bad_steps {self.max_bad_steps}): the weights or the data have gone '
+                                    f'bad; lower --lr, set --grad_clip, or check the data with --check_data')
+        return loss.detach(), accuracy.detach(), finite
+
+
+class StopRequest:
+    """Set by SIGINT or SIGTERM while installed: training then finishes its current step, saves its state and
+    exits 0. A second signal interrupts at once. Under torchrun `requested()` is true on every process as
+    soon as one of them got a signal, so all stop after the same step."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.received = None
+        self.previous = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self.previous = {number: signal.signal(number, self.handle) for number in self.SIGNALS}
+        return self
+
+    def __exit__(self, *_):
+        for number, handler in self.previous.items():
+            signal.signal(number, handler)
+
+    def handle(self, number, _frame):
+        if self.received is not None:
+            raise KeyboardInterrupt
+        self.received = signal.Signals(number).name
+        print(f'\n{self.received} received: stopping after this step (again to stop at once)', flush=True)
+
+    def requested(self):
+        return distributed.any_rank(self.received is not None)
+
+    def describe(self):
+        return self.received or 'a signal to another process'
+
+
+def ignore_interrupts(_worker_id):
+    """Loader workers leave Ctrl-C to the training process, which stops cleanly (`StopRequest`)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+@dataclasses.dataclass
+class EpochProgress:
+    """The running sums of an epoch on one process; kept in resume.pt (as a dict) when a run stops inside it."""
+    step: int = 0
+    loss_sum: float = 0.0
+    correct_sum: float = 0.0
+    examples: int = 0
+    crops: int = 0
+    seconds: float = 0.0
+    bad_steps: int = 0
+    skipped: list = dataclasses.field(default_factory=list)  # (path, reason) of each unusable file met
+
+    @property
+    def loss(self):
+        return self.loss_sum / max(self.examples, 1)
+
+    @property
+    def accuracy(self):
+        return self.correct_sum / max(self.examples, 1)
+
+    @property
+    def crops_per_s(self):
+        return self.crops / self.seconds
+
+
+def train_one_epoch(step_fn, loader, epoch, schedule, seed, progress, stop=None, reported=None):
+    """Steps over `loader` (batches from `collate`: waveforms or two views, labels, skipped files) with
+    `step_fn`, a `TrainingStep`, setting the learning rate and margin of `schedule(epoch, step)` before each
+    step; `progress` (an `EpochProgress`, fresh or a stopped epoch's) is updated in place. Returns whether the
+    `stop` request came. Files a batch skipped are printed the first time (`reported`: paths already printed).
+    Device augmentation draws from a generator seeded by (seed, epoch, step, rank)."""
+    reported = set() if reported is None else reported
+    step_fn.model.train()
+    loss_sum = torch.tensor(progress.loss_sum, device=step_fn.device)
+    correct_sum = torch.tensor(progress.correct_sum, device=step_fn.device)
+    start, seconds = time.time(), progress.seconds
+    total = progress.step + len(loader)
+    bar = tqdm.tqdm(loader, desc=f'epoch {epoch}', unit='batch', file=sys.stdout, dynamic_ncols=True,
+                    initial=progress.step, total=total, mininterval=1 if sys.stdout.isatty() else 30,
+                    disable=not distributed.is_main())
+    stopped = False
+    for step, (*batch, skipped) in enumerate(bar, start=progress.step + 1):
+        for path, reason in skipped:
+            progress.skipped.append((path, reason))
+            if path not in reported:
+                reported.add(path)
+                tqdm.tqdm.write(f'skipped {path}: {reason}')
+        lr, margin = schedule(epoch, step)
+        for group in step_fn.optimizer.param_groups:
+            group['lr'] = lr
+        step_fn.model.speaker_loss.set_margin(margin)
+        loss, accuracy, taken = step_fn(batch, np.random.default_rng((seed, epoch, step, distributed.rank())))
+        progress.step = step
+        if taken:
+            progress.examples += len(batch[-1])
+            progress.crops += sum(len(views) for views in batch[:-1])
+            loss_sum += loss * len(batch[-1])
+            correct_sum += accuracy * len(batch[-1])
+        else:
+            progress.bad_steps += 1
+        if step % 10 == 0 or step == total:
+            examples = max(progress.examples, 1)
+            bar.set_postfix(lr=f'{lr:.6f}', loss=f'{loss_sum.item() / examples:.4f}', refresh=False,
+                            acc=f'{correct_sum.item() / examples:.2f}%',
+                            utt_s=f'{progress.crops / (seconds + time.time() - start):.1f}')
+        if stop is not None and stop.requested():
+            stopped = True
+            break
+    if progress.step == 0:
+        raise UsageError('the training loader produced no batch: --batch_size is larger than the training list')
+    progress.loss_sum, progress.correct_sum = loss_sum.item(), correct_sum.item()
+    progress.seconds = seconds + time.time() - start
+    return stopped
+
+
+def training_loader(args, entries, augmenter, device):
+    """(sampler, loader, items the sampler yields per step) for --mode: crops of single utterances
+    (`EpochSampler`) or pairs of views of distinct speakers (`SpeakerPairSampler`), batched by `collate`."""
+    loader_options = {'num_workers': args.n_cpu, 'pin_memory': device.type == 'cuda', 'collate_fn': collate,
+                      'persistent_workers': args.n_cpu > 0, 'prefetch_factor': 4 if args.n_cpu > 0 else None,
+                      'worker_init_fn': ignore_interrupts,
+                      # Starting an epoch draws the workers' base seed: from its own generator, not the global one,
+                      # so that a run resumed mid-epoch draws the same SpecAugment masks as an uninterrupted one.
+                      'generator': torch.Generator().manual_seed(args.seed)}
+    dataset_type = TrainDataset if args.mode == 'classifier' else PairDataset
+    dataset = dataset_type(entries, args.train_path, args.num_frames, args.sampling_rate, augmenter, args.seed,
+                           args.skip_silent == 'on')
+    if args.mode == 'classifier':
+        sampler = EpochSampler(len(dataset), args.seed, distributed.world_size(), distributed.rank())
+        loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, drop_last=True,
+                                             **loader_options)
+        return sampler, loader, args.batch_size
+    sampler = SpeakerPairSampler(dataset.labels, args.batch_size, args.seed, distributed.world_size(),
+                                 distributed.rank())
+    return sampler, torch.utils.data.DataLoader(dataset, batch_sampler=sampler, **loader_options), 1
+
+
+def read_trial_lists(args):
+    """Every --eval_list, after checking that each file it names is under --eval_path."""
+    trial_lists = [read_trials(path) for path in args.eval_list]
+    for trials in trial_lists:
+        require_files(trials.references(), args.eval_path, trials.path)
+    return trial_lists
+
+
+def cohort_of(args):
+    """The AS-Norm cohort that --snorm and the --cohort_* flags describe, or None without --snorm."""
+    if not args.snorm:
+        return None
+    entries = cohort_entries(read_train_list(args.train_list), args.cohort_size, args.seed)
+    return Cohort(entries, args.train_path, args.cohort, args.cohort_top_k)
+
+
+def evaluate_encoder(encoder, args, device, trial_lists, identity=None):
+    """`tools.evaluate` with the flags' settings; embeddings are cached under save_path/embeddings when the
+    checkpoint's `identity` is given."""
+    return evaluate(encoder, trial_lists, args.eval_path, device, args.n_cpu, cohort_of(args),
+                    os.path.join(args.save_path, 'embeddings'), identity)
+
+
+def log(*parts):
+    """Print on the main process only (under torchrun every process runs the same code)."""
+    if distributed.is_main():
+        print(*parts, flush=True)
+
+
+class TrainingRun:
+    """A training run in `args.save_path`: model/checkpoint_XXXX.model and its JSON every --test_step epochs,
+    model/resume.pt after every epoch (or when stopped), score.txt, metrics.jsonl, config.json, plots/.
+    Under torchrun every process runs this with its share of each epoch; process 0 alone writes."""
+
+    def __init__(self, args):
+        self.args = args
+        self.device = torch.device(args.device)
+        self.model_dir = os.path.join(args.save_path, 'model')
+        self.resume_path = os.path.join(self.model_dir, 'resume.pt')
+        self.score_path = os.path.join(args.save_path, 'score.txt')
+        self.metrics_path = os.path.join(args.save_path, 'metrics.jsonl')
+        torch.manual_seed(args.seed + distributed.rank())
+        self.entries, self.trial_lists = self.read_inputs()
+        self.reported = set()  # unusable files already printed
+        encoder = build_encoder(args.model, args.C, args.sampling_rate, args.embedding_dim)
+        self.model = SpeakerModel(encoder, build_objective(args, encoder.embedding_dim)).to(self.device)
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=args.lr, weight_decay=2e-5)
+        log(f'{args.model}: {sum(p.numel() for p in encoder.parameters()) / 1e6:.2f} M parameters, '
+            f'{len(self.entries)} utterances of {len(speaker_labels(self.entries))} speakers, {args.n_class} '
+            f'classes, device {self.device}'
+            + (f', {distributed.world_size()} processes' if distributed.world_size() > 1 else ''))
+        self.resume = self.restore()
+        augmenter = Augmenter(args.musan_path, args.rir_path, args.sampling_rate, args.cache_dir)
+        device_augmenter = None
+        if args.gpu_augment:  # the loader workers only read and crop
+            device_augmenter, augmenter = DeviceAugmenter(augmenter, self.device), None
+        self.step_fn = TrainingStep(self.model, self.optimizer, self.device, args.amp, args.compile, args.grad_clip,
+                                    device_augmenter, args.spec_augment == 'on', args.max_bad_steps)
+        if self.resume is not None:
+            self.step_fn.scaler.load_state_dict(self.resume.scaler)
+        self.sampler, self.loader, self.items_per_step = training_loader(args, self.entries, augmenter, self.device)
+        self.schedule = training_schedule(args, len(self.loader))
+        self.eers = self.resume.eers if self.resume else []
+        self.first_epoch = self.resume.epoch + 1 if self.resume else 1
+        self.tensorboard = None
+        if distributed.is_main():
+            write_config(os.path.join(args.save_path, 'config.json'), args, self.device, distributed.world_size(),
+                         self.first_epoch - 1)
+            forget_epochs_after(self.first_epoch - 1, self.score_path, self.metrics_path)
+            if args.tensorboard:
+                self.tensorboard = TensorBoard(os.path.join(args.save_path, 'tensorboard'))
+
+    def read_inputs(self):
+        """The training entries and trial lists, after checking every file they name and the class count."""
+        args = self.args
+        entries = read_train_list(args.train_list)
+        require_files({e.path: e.line for e in entries}, args.train_path, args.train_list)
+        speakers = len(speaker_labels(entries))
+        if args.n_class is None:
+            args.n_class = speakers
+        elif args.n_class < speakers:
+            raise UsageError(f'--n_class {args.n_class} is smaller than the {speakers} speakers in {args.train_list}')
+        trial_lists = read_trial_lists(args)
+        if all(trials.labels is None for trials in trial_lists):
+            raise UsageError('training needs an --eval_list with labels to report EER')
+        return entries, trial_lists
+
+    def restore(self):
+        """The ResumeState of save_path, loaded into the model, optimiser and generators; or None, after
+        loading --initial_model's weights when given."""
+        if not os.path.exists(self.resume_path):
+            if self.args.initial_model:
+                loaded = load_encoder_weights(self.model.speaker_encoder, self.model.classifier(),
+                                              self.args.initial_model, self.args.allow_partial_load)
+                log(f'Model {self.args.initial_model} loaded ({loaded})')
+            return None
+        resume = ResumeState.load(self.resume_path)
+        try:
+            self.model.load_state_dict(resume.model)
+            self.optimizer.load_state_dict(resume.optimizer)
+        except (RuntimeError, ValueError) as error:
+            raise UsageError(f'{self.resume_path} was written by a run with other model or loss flags; continue it '
+                             f'with those flags or choose another --save_path ({str(error).splitlines()[0]})')
+        rank = distributed.rank()
+        torch.set_rng_state(resume.rng[rank % len(resume.rng)])
+        if self.device.type == 'cuda' and resume.cuda_rng is not None:
+            torch.cuda.set_rng_state(resume.cuda_rng[rank % len(resume.cuda_rng)], self.device)
+        partial = resume.partial_epoch
+        log(f'Resuming from {self.resume_path} after epoch {resume.epoch}'
+            + (f' and {partial[0]["step"]} steps of epoch {resume.epoch + 1}' if partial else ''))
+        return resume
+
+    def save_resume(self, epoch, partial=None):
+        """resume.pt: the state after `epoch` complete epochs and, when stopped inside the next one, every
+        process's `EpochProgress` of that epoch."""
+        rng = distributed.gather_objects(torch.get_rng_state())
+        cuda_rng = (distributed.gather_objects(torch.cuda.get_rng_state(self.device))
+                    if self.device.type == 'cuda' else None)
+        partials = distributed.gather_objects(dataclasses.asdict(partial)) if partial is not None else None
+        if distributed.is_main():
+            ResumeState(epoch, self.model.state_dict(), self.optimizer.state_dict(), rng, cuda_rng,
+                        self.step_fn.scaler.state_dict(), self.eers, partials).save(self.resume_path)
+
+    def progress_at(self, epoch):
+        """This process's EpochProgress to continue `epoch` from: the stopped one's on resume, else fresh."""
+        if epoch == self.first_epoch and self.resume is not None and self.resume.partial_epoch:
+            stored = self.resume.partial_epoch[distributed.rank() % len(self.resume.partial_epoch)]
+            return EpochProgress(**stored)
+        return EpochProgress()
+
+    def train_epoch(self, epoch, stop):
+        """Train `epoch`; returns (this process's EpochProgress, whether a stop was requested inside it)."""
+        progress = self.progress_at(epoch)
+        self.sampler.set_epoch(epoch, progress.step * self.items_per_step)
+        torch.backends.cudnn.benchmark = True  # fixed crop shapes: let cuDNN pick its fastest kernels
+        if self.device.type == 'cuda':
+            torch.cuda.reset_peak_memory_stats(self.device)
+        stopped = train_one_epoch(self.step_fn, self.loader, epoch, self.schedule, self.args.seed, progress, stop,
+                                  self.reported)
+        torch.backends.cudnn.benchmark = False  # evaluation sees every utterance length once
+        return progress, stopped
+
+    def epoch_record(self, epoch, progress, started):
+        """The EpochRecord of every process's `progress`; lists and counts the files skipped."""
+        everyone = distributed.gather_objects(progress)
+        skipped = [entry for p in everyone for entry in p.skipped]
+        lr, margin = self.schedule(epoch, progress.step)
+        record = EpochRecord(epoch, float(np.mean([p.loss for p in everyone])),
+                             float(np.mean([p.accuracy for p in everyone])), lr, margin,
+                             sum(p.crops_per_s for p in everyone), everyone[0].bad_steps, len(skipped),
+                             time.time() - started)
+        if self.device.type == 'cuda':
+            record.peak_gpu_memory_gib = torch.cuda.max_memory_allocated(self.device) / 2 ** 30
+        if skipped and distributed.is_main():
+            skipped_path = os.path.join(self.args.save_path, 'skipped_files.txt')
+            with open(skipped_path, 'a') as f:
+                f.writelines(f'{epoch}\t{path}\t{reason}\n' for path, reason in skipped)
+            log(f'epoch {epoch}: {len(skipped)} unusable files skipped and replaced (listed in {skipped_path})')
+        if record.bad_steps:
+            log(f'epoch {epoch}: {record.bad_steps} steps skipped for a non-finite loss or gradients')
+        return record
+
+    def checkpoint_and_evaluate(self, record):
+        """Save model_XXXX.model, score the trial lists with it, and log the score.txt line."""
+        epoch = record.epoch
+        if distributed.is_main():
+            save_checkpoint(self.model.checkpoint_state(), encoder_config(self.args),
+                            os.path.join(self.model_dir, f'model_{epoch:04d}.model'))
+        results = evaluate_encoder(self.model.speaker_encoder, self.args, self.device, self.trial_lists)
+        self.eers.append(next(r.metrics.eer for r in results.values() if r.metrics))
+        line = score_line(record, results, min(self.eers))
+        log(time.strftime('%Y-%m-%d %H:%M:%S'), line)
+        record.add_results(results)
+        if distributed.is_main():
+            with open(self.score_path, 'a') as f:
+                f.write(line + '\n')
+        return results
+
+    def write_records(self, record, results):
+        """metrics.jsonl, TensorBoard and, for an evaluated epoch, the plots."""
+        if not distributed.is_main():
+            return
+        append_metrics(self.metrics_path, record)
+        if self.tensorboard is not None:
+            self.tensorboard.add(record)
+        if results:
+            plots = os.path.join(self.args.save_path, 'plots')
+            evaluation_plots(results, plots)
+            training_curve(self.metrics_path, os.path.join(plots, 'training_curve.png'))
+
+    def run(self):
+        """Epochs from the first unfinished one to --max_epoch; returns False when stopped by a signal."""
+        args = self.args
+        with StopRequest() as stop:
+            for epoch in range(self.first_epoch, args.max_epoch + 1):
+                started = time.time()
+                try:
+                    progress, stopped = self.train_epoch(epoch, stop)
+                except NonFiniteTraining as error:
+                    raise NonFiniteTraining(f'stopped in epoch {epoch}: {error}; the last complete state is '
+                                            f'{self.resume_path}') from None
+                if stopped:
+                    self.save_resume(epoch - 1, progress)
+                    log(f'Stopped by {stop.describe()} in epoch {epoch} after step {progress.step}; the state is '
+                        f'saved in {self.resume_path}. Run the same command again to continue.')
+                    return False
+                record = self.epoch_record(epoch, progress, started)
+                results = None
+                if epoch % args.test_step == 0 or epoch == args.max_epoch:
+                    results = self.checkpoint_and_evaluate(record)
+                record.epoch_seconds = time.time() - started
+                self.write_records(record, results)
+                self.save_resume(epoch)
+                if epoch < args.max_epoch and stop.requested():
+                    log(f'Stopped by {stop.describe()} after epoch {epoch}; the state is saved in '
+                        f'{self.resume_path}. Run the same command again to continue.')
+                    return False
+        log(f'score.txt: {self.score_path}\ncheckpoints: {self.model_dir}')
+        return True
+
+    def close(self):
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+
+
+def run_training(args):
+    """Train as `args` says (flags of trainECAPAModel.py, checked and completed)."""
+    run = TrainingRun(args)
+    try:
+        return run.run()
+    finally:
+        run.close()
