@@ -29,7 +29,7 @@ from augment import MUSAN_CATEGORIES, musan_files, rir_files
 from checkpoints import atomic_write
 from dataLoader import audio_problem, duration_problem
 from errors import ArgumentParser, UserError, reported_as_exit
-from lists import files_under, read_train_list, read_trials
+from lists import files_under, list_lines, malformed, read_train_list, read_trials
 
 PROBLEMS_SHOWN = 20
 
@@ -149,6 +149,22 @@ def split_musan(source_root, target_root, chunk_seconds=5.0, hop_seconds=3.0, wo
     return len(jobs) - len(failures), done, failures
 
 
+def recorded_rirs(source_root):
+    """(rir id, room id, file) of each recorded impulse response named in real_rirs_isotropic_noises/rir_list,
+    whose lines read `--rir-id ID --room-id ROOM RIRS_NOISES/real_rirs_isotropic_noises/FILE.wav`."""
+    listing = os.path.join(source_root, 'real_rirs_isotropic_noises', 'rir_list')
+    found = []
+    for line in list_lines(listing, 'RIR list'):
+        options = dict(zip(line.fields[:-1:2], line.fields[1:-1:2]))
+        if '--rir-id' not in options or '--room-id' not in options:
+            raise malformed(listing, line, '"--rir-id ID --room-id ROOM PATH"')
+        source = os.path.join(os.path.dirname(source_root.rstrip(os.sep)), line.fields[-1])
+        if not os.path.exists(source):
+            source = os.path.join(source_root, line.fields[-1].split('/', 1)[-1])
+        found.append((options['--rir-id'], options['--room-id'], source))
+    return found
+
+
 def layout_rirs(source_root, target_root, real=False):
     """RIRS_NOISES -> `target_root`/<room type>/<room>/*.wav: the simulated rooms linked as they are and,
     with `real`, the recorded impulse responses named in real_rirs_isotropic_noises/rir_list (first channel
@@ -163,27 +179,12 @@ def layout_rirs(source_root, target_root, real=False):
         if not os.path.lexists(target):
             os.symlink(os.path.abspath(os.path.join(simulated, rel)), target)
         count += 1
-    if real:
-        listing = os.path.join(source_root, 'real_rirs_isotropic_noises', 'rir_list')
-        with open(listing) as f:
-            for number, line in enumerate(f, start=1):
-                fields = line.split()
-                if not fields:
-                    continue
-                options = dict(zip(fields[:-1:2], fields[1:-1:2]))
-                if '--rir-id' not in options or '--room-id' not in options:
-                    raise UserError(f'{listing}:{number}: expected "--rir-id ID --room-id ROOM PATH", got '
-                                     f'{line.strip()!r}')
-                source = os.path.join(os.path.dirname(source_root.rstrip(os.sep)), fields[-1])
-                if not os.path.exists(source):
-                    source = os.path.join(source_root, fields[-1].split('/', 1)[-1])
-                target = os.path.join(target_root, 'real', options['--room-id'], options['--rir-id'] + '.wav')
-                if not os.path.exists(target):
-                    audio, rate = soundfile.read(source, dtype='float32', always_2d=True)
-                    os.makedirs(os.path.dirname(target), exist_ok=True)
-                    atomic_write(target, lambda f: soundfile.write(f, audio[:, 0], rate, subtype='FLOAT',
-                                                                   format='WAV'))
-                count += 1
+    for rir_id, room_id, source in (recorded_rirs(source_root) if real else []):
+        target = os.path.join(target_root, 'real', room_id, rir_id + '.wav')
+        if not os.path.exists(target):
+            audio, rate = soundfile.read(source, dtype='float32', always_2d=True)
+            atomic_write(target, lambda f: soundfile.write(f, audio[:, 0], rate, subtype='FLOAT', format='WAV'))
+        count += 1
     if count == 0:
         raise UserError(f'{source_root}: no simulated_rirs/<room type>/<room>/*.wav files')
     return count

@@ -15,6 +15,7 @@ import torchaudio
 
 from checkpoints import atomic_json_save, atomic_write
 from errors import UserError
+from lists import list_lines, malformed
 
 
 @dataclasses.dataclass
@@ -97,13 +98,11 @@ def forget_epochs_after(epoch, score_path, metrics_path):
     resume state), so that the continued run does not log them twice."""
     if os.path.exists(score_path):
         lines = []
-        with open(score_path) as f:
-            for number, line in enumerate(f, start=1):
-                first = line.split(' ', 1)[0]
-                if not first.isdigit():
-                    raise UserError(f"{score_path}:{number}: expected '<epoch> epoch, ...', got {line.strip()!r}")
-                if int(first) <= epoch:
-                    lines.append(line)
+        for line in list_lines(score_path, 'score log'):
+            if not line.fields[0].isdigit():
+                raise malformed(score_path, line, "'<epoch> epoch, ...'")
+            if int(line.fields[0]) <= epoch:
+                lines.append(line.text + '\n')
         atomic_write(score_path, lambda f: f.write(''.join(lines).encode()))
     if os.path.exists(metrics_path):
         kept = [r for r in read_metrics(metrics_path) if r['epoch'] <= epoch]

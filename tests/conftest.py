@@ -6,6 +6,7 @@
   cli_error        runs trainECAPAModel.main expecting a user error: (exit status, stderr, stdout)
   shared_data      a path under ../shared/data, or a skip when that folder is not beside the checkout
   broken_corpus    the tiny corpus with one unusable file of each BROKEN kind listed under its first speaker
+The long-running modules are collected first (`pytest_collection_modifyitems`).
 """
 
 import os
@@ -127,3 +128,12 @@ def broken_corpus(tiny_corpus, tmp_path):
     train_list = tmp_path / 'train_list.txt'
     train_list.write_text('\n'.join(lines) + '\n')
     return dict(tiny_corpus, train_list=str(train_list), train_path=str(root)), numbers
+
+
+# The modules whose tests take a minute or more each; collected first, so that `pytest -n 2` starts them at once
+# instead of leaving one worker alone with them at the end.
+LONG_RUNNING = ('test_trainer_learning.py', 'test_recipe.py')
+
+
+def pytest_collection_modifyitems(items):
+    items.sort(key=lambda item: item.path.name not in LONG_RUNNING)
