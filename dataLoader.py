@@ -17,6 +17,7 @@ Features are not computed here: the model computes them.
 import functools
 import math
 import os
+import signal
 
 import numpy as np
 import soundfile
@@ -192,6 +193,13 @@ class TrainDataset(torch.utils.data.Dataset):
         skipped = []
         audio, label = self.usable_crop(index, np.random.default_rng((self.seed, epoch, index)), skipped)
         return audio, label, skipped
+
+
+def leave_signals_to_parent(_worker_id):
+    """A loader worker's start: Ctrl-C and SIGTERM are the training process's to handle (it finishes the step,
+    saves and exits 0); a scheduler that signals the whole process group must not kill the workers first."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def collate(items):

@@ -25,7 +25,7 @@ import tqdm
 import distributed
 from checkpoints import (atomic_torch_save, atomic_write, encoder_config_path, encoder_weights,
                          load_state_dict_file, mismatches)
-from dataLoader import EvalDataset, read_audio, resample, wrap_pad
+from dataLoader import EvalDataset, leave_signals_to_parent, read_audio, resample, wrap_pad
 from errors import UserError
 from model import ConvMelSpectrogram, build_encoder, crop_samples
 
@@ -155,7 +155,7 @@ def embed_files(encoder, relative_paths, root, device, n_cpu=0, batch_size=16, p
     encoder.eval()
     dataset = EvalDataset(relative_paths, root, encoder.sampling_rate)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=n_cpu,
-                                         collate_fn=transpose)
+                                         collate_fn=transpose, worker_init_fn=leave_signals_to_parent)
     vectors = {}
     with tqdm.tqdm(total=len(dataset), desc='embedding', unit='utt', disable=not progress) as bar:
         for names, waveforms in loader:

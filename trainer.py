@@ -25,7 +25,7 @@ import tqdm
 import distributed
 from augment import Augmenter, DeviceAugmenter
 from checkpoints import ResumeState, load_encoder_weights, save_checkpoint
-from dataLoader import EpochSampler, PairDataset, SpeakerPairSampler, TrainDataset, collate
+from dataLoader import EpochSampler, PairDataset, SpeakerPairSampler, TrainDataset, collate, leave_signals_to_parent
 from errors import UsageError, UserError
 from lists import cohort_entries, read_train_list, read_trials, require_files, speaker_labels
 from loss import AAMsoftmax, build_objective
@@ -175,11 +175,6 @@ class StopRequest:
         return self.received or 'a signal to another process'
 
 
-def ignore_interrupts(_worker_id):
-    """Loader workers leave Ctrl-C to the training process, which stops cleanly (`StopRequest`)."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
 @dataclasses.dataclass
 class EpochProgress:
     """The running sums of an epoch on one process; kept in resume.pt (as a dict) when a run stops inside it."""
@@ -260,7 +255,7 @@ def training_loader(args, entries, augmenter, device):
     (`EpochSampler`) or pairs of views of distinct speakers (`SpeakerPairSampler`), batched by `collate`."""
     loader_options = {'num_workers': args.n_cpu, 'pin_memory': device.type == 'cuda', 'collate_fn': collate,
                       'persistent_workers': args.n_cpu > 0, 'prefetch_factor': 4 if args.n_cpu > 0 else None,
-                      'worker_init_fn': ignore_interrupts,
+                      'worker_init_fn': leave_signals_to_parent,
                       # Starting an epoch draws the workers' base seed: from its own generator, not the global one,
                       # so that a run resumed mid-epoch draws the same SpecAugment masks as an uninterrupted one.
                       'generator': torch.Generator().manual_seed(args.seed)}

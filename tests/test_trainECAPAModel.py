@@ -83,34 +83,14 @@ def test_help_shows_no_empty_defaults(capsys):
     assert '(default: 0.97)' in printed
 
 
-@pytest.mark.parametrize('argv,message', [
-    (['--eval', '--eval_list', 'x', '--eval_path', '.'], 'eval needs --initial_model'),
-    (['--train_list', 'missing.txt', '--train_path', '.', '--eval_list', 'x', '--eval_path', '.'],
-     '--train_list missing.txt: no such file'),
-    (['--max_epoch', '0', '--demo'], '--max_epoch must be at least 1'),
-    (['--demo', '--lr_decay', '1.5'], '--lr_decay in (0, 1]'),
-    (['--demo', '--mode', 'siamese'], "invalid choice: 'siamese'"),
-    (['--demo', '--grad_clip', '-1'], '--grad_clip cannot be negative'),
-    (['--demo', '--amp', 'fp8'], "invalid choice: 'fp8'"),
-    (['--demo', '--max_epoch', 'ten'], "invalid int value: 'ten'"),
-    (['--demo', '--sampling_rate', '4000'], '--sampling_rate must be at least 8000'),
-    (['--demo', '--s', 'inf'], '--s positive and finite'),
-    (['--demo', '--device', 'gpu7'], '--device gpu7: not a torch device'),
-    (['--demo', '--out', 'x.pt'], '--out only applies with --extract'),
-    (['--demo', '--check_decode', '5'], '--check_decode only applies with --check_data'),
-    (['--demo', '--cohort_top_k', '5'], '--cohort_top_k only applies with --snorm'),
-    (['--demo', '--eval', '--export', 'x.pt'], '--export and --eval and --demo are separate commands'),
-    (['--export', 'x.txt', '--initial_model', 'm'], 'name a .pt (TorchScript) or .onnx file'),
-    (['--check_data', '--eval_path', '.', '--train_list', 'x'], '--check_data of --train_list needs --train_path'),
-    (['--demo', '--large_margin'], '--large_margin needs --initial_model'),
-    (['--train_list', 'x', '--train_path', '.', '--eval_list', 'x', '--eval_path', '.', '--gpu_augment'],
-     '--gpu_augment needs --musan_path or --rir_path'),
-    (['--demo', '--mode', 'clip', '--loss', 'aamsoftmax'], '--mode clip trains with --loss infonce or aam_infonce'),
-    (['--demo', '--mode', 'classifier', '--loss', 'infonce'], '--mode classifier trains with --loss aamsoftmax'),
-    (['--demo', '--classifier_weight', '0.5'], '--classifier_weight only apply to --mode clip or blip'),
-    (['--demo', '--mode', 'blip', '--matching_weight', '0'], '--mode blip with --matching_weight 0 is --mode clip'),
-    (['--demo', '--mode', 'clip', '--classifier_weight', '0', '--contrastive_weight', '0'], 'every loss weight is 0'),
-])
+def flag_mistakes():
+    """(argv, message) of each line of flag_mistakes.txt."""
+    path = os.path.join(os.path.dirname(__file__), 'flag_mistakes.txt')
+    cases = [line.rstrip('\n').split(' => ') for line in open(path) if line.strip() and not line.startswith('#')]
+    return [pytest.param(argv.split(), message, id=message) for argv, message in cases]
+
+
+@pytest.mark.parametrize('argv,message', flag_mistakes())
 def test_flag_mistakes_are_one_line_with_exit_status_2(argv, message, cli_error):
     status, printed, _ = cli_error(argv)
     assert status == 2

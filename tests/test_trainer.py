@@ -149,28 +149,48 @@ def test_a_signal_stops_after_the_step_and_the_run_resumes_exactly(tiny_corpus, 
     assert (reference_run / 'score.txt').read_text() == (tmp_path / 'score.txt').read_text()
 
 
-def test_a_run_killed_with_sigkill_resumes_to_the_same_final_checkpoint(tiny_corpus, train_argv, tmp_path, root):
+@pytest.fixture(scope='module')
+def process_command(tiny_corpus, train_argv, root):
+    """process_command(save_path): a tiny two-epoch training run as a shell would start it, one loader worker."""
     def command(save_path):
         return [sys.executable, os.path.join(root, 'trainECAPAModel.py'),
                 *train_argv(tiny_corpus, save_path, '--max_epoch', '2', '--n_cpu', '1')]
+    return command
 
-    straight, killed = tmp_path / 'straight', tmp_path / 'killed'
-    subprocess.run(command(straight), check=True, capture_output=True, cwd=root)
-    process = subprocess.Popen(command(killed), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=root)
-    resume = killed / 'model' / 'resume.pt'
+
+@pytest.fixture(scope='module')
+def straight_process_run(process_command, root, tmp_path_factory):
+    path = tmp_path_factory.mktemp('straight_process_run')
+    subprocess.run(process_command(path), check=True, capture_output=True, cwd=root)
+    return path
+
+
+@pytest.mark.parametrize('how', ['SIGKILL to the process', 'SIGTERM to the process group'])
+def test_a_run_killed_or_stopped_by_a_scheduler_resumes_to_the_same_final_checkpoint(process_command,
+                                                                                     straight_process_run, tmp_path,
+                                                                                     root, how):
+    process = subprocess.Popen(process_command(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               cwd=root, start_new_session=True)
     deadline = time.time() + 300
-    while not resume.exists() and process.poll() is None and time.time() < deadline:
+    while not (tmp_path / 'model' / 'resume.pt').exists() and process.poll() is None and time.time() < deadline:
         time.sleep(0.05)
-    time.sleep(0.5)  # into epoch 2
-    assert process.poll() is None, 'the run ended before it could be killed'
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    assert not (killed / 'model' / 'model_0002.model').exists()
-    finished = subprocess.run(command(killed), capture_output=True, text=True, cwd=root)
+    time.sleep(0.5)  # into epoch 2, its loader worker running
+    assert process.poll() is None, 'the run ended before it could be stopped'
+    if how == 'SIGKILL to the process':
+        process.send_signal(signal.SIGKILL)
+    else:
+        os.killpg(process.pid, signal.SIGTERM)  # the loader worker gets it too, as under timeout or scancel
+    out, err = process.communicate(timeout=300)
+    assert not (tmp_path / 'model' / 'model_0002.model').exists()
+    if how == 'SIGTERM to the process group':
+        assert process.returncode == 0, err[-3000:]
+        assert 'Stopped by SIGTERM in epoch 2' in out and 'Traceback' not in err
+    finished = subprocess.run(process_command(tmp_path), capture_output=True, text=True, cwd=root)
     assert finished.returncode == 0, finished.stderr
     assert 'Resuming from' in finished.stdout
-    assert_same_checkpoints(straight / 'model' / 'model_0002.model', killed / 'model' / 'model_0002.model')
-    assert (straight / 'score.txt').read_text() == (killed / 'score.txt').read_text()
+    assert_same_checkpoints(straight_process_run / 'model' / 'model_0002.model',
+                            tmp_path / 'model' / 'model_0002.model')
+    assert (straight_process_run / 'score.txt').read_text() == (tmp_path / 'score.txt').read_text()
 
 
 @pytest.mark.parametrize('mode,loss', [('clip', 'infonce'), ('blip', 'aam_infonce')])
