@@ -81,6 +81,15 @@ def write_config(path, args, device, processes, resumed_after):
     }, path)
 
 
+def recorded_initial_model(config_path):
+    """The --initial_model a run was started from, as its config.json records it ('' for fresh weights), or
+    None when there is no config.json."""
+    if not os.path.exists(config_path):
+        return None
+    with open(config_path) as f:
+        return json.load(f)['arguments'].get('initial_model') or ''
+
+
 def append_metrics(path, record):
     with open(path, 'a') as f:
         f.write(json.dumps(record.as_json()) + '\n')

@@ -218,8 +218,8 @@ def as_norm(embeddings, trials, cohort, top_k):
 
 
 def build_cohort(vectors, entries, kind):
-    """The AS-Norm cohort from the vectors of training utterances (`lists.TrainEntry`): their speaker means (`kind` 'speaker') or the
-    vectors themselves ('utterance'), as [M, D]."""
+    """The AS-Norm cohort from the vectors of training utterances (`lists.TrainEntry`): their speaker means
+    (`kind` 'speaker') or the vectors themselves ('utterance'), as [M, D]."""
     if kind == 'utterance':
         return torch.stack([vectors[entry.path] for entry in entries])
     by_speaker = {}

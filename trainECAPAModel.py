@@ -223,11 +223,11 @@ def resolve_defaults(args):
 # ---------------------------------------------------------------- checks: each raises UsageError
 
 def check_ranges(args):
-    at_least_one = ('num_frames', 'batch_size', 'max_epoch', 'test_step', 'cohort_top_k', 'max_bad_steps', 'C',
-                    'embedding_dim', 'n_class')
-    for name in at_least_one:
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            raise UsageError(f'--{name} must be at least 1, got {getattr(args, name)}')
+    least = {'num_frames': 1, 'batch_size': 1, 'max_epoch': 1, 'test_step': 1, 'max_bad_steps': 1, 'embedding_dim': 1,
+             'n_class': 2, 'cohort_top_k': 2, 'C': 8 if args.model == 'ecapa-tdnn' else 1}  # 8: Res2Net's scale
+    for name, low in least.items():
+        if getattr(args, name) is not None and getattr(args, name) < low:
+            raise UsageError(f'--{name} must be at least {low}, got {getattr(args, name)}')
     for name in ('cohort_size', 'n_cpu', 'grad_clip', 'check_decode'):
         if getattr(args, name) < 0:
             raise UsageError(f'--{name} cannot be negative, got {getattr(args, name)}')

@@ -31,8 +31,8 @@ from lists import cohort_entries, read_train_list, read_trials, require_files, s
 from loss import AAMsoftmax, build_objective
 from model import build_encoder
 from plots import evaluation_plots, training_curve
-from records import (EpochRecord, TensorBoard, append_metrics, forget_epochs_after, score_line,
-                     write_config)
+from records import (EpochRecord, TensorBoard, append_metrics, forget_epochs_after, recorded_initial_model,
+                     score_line, write_config)
 from schedules import training_schedule
 from tools import Cohort, evaluate
 
@@ -350,6 +350,12 @@ class TrainingRun:
         entries = read_train_list(args.train_list)
         require_files({e.path: e.line for e in entries}, args.train_path, args.train_list)
         speakers = len(speaker_labels(entries))
+        if speakers < 2:
+            raise UsageError(f'{args.train_list}: every utterance is of speaker {entries[0].speaker}; training a '
+                             f'speaker encoder needs at least two speakers')
+        if args.mode == 'classifier' and args.batch_size * distributed.world_size() > len(entries):
+            raise UsageError(f'--batch_size {args.batch_size} on {distributed.world_size()} processes is more than '
+                             f'the {len(entries)} utterances of {args.train_list}')
         if args.n_class is None:
             args.n_class = speakers
         elif args.n_class < speakers:
@@ -368,6 +374,7 @@ class TrainingRun:
                                               self.args.initial_model, self.args.allow_partial_load)
                 log(f'Model {self.args.initial_model} loaded ({loaded})')
             return None
+        self.check_same_start()
         resume = ResumeState.load(self.resume_path)
         try:
             self.model.load_state_dict(resume.model)
@@ -383,6 +390,18 @@ class TrainingRun:
         log(f'Resuming from {self.resume_path} after epoch {resume.epoch}'
             + (f' and {partial[0]["step"]} steps of epoch {resume.epoch + 1}' if partial else ''))
         return resume
+
+    def check_same_start(self):
+        """A run continues only from the weights it was started from: --initial_model into a save_path that
+        holds a run started from other weights is an error."""
+        previous = recorded_initial_model(os.path.join(self.args.save_path, 'config.json'))
+        given = self.args.initial_model
+        same = previous == given or (previous and given and os.path.exists(previous) and os.path.exists(given)
+                                     and os.path.samefile(previous, given))
+        if previous is not None and not same:
+            raise UsageError(f'{self.resume_path} continues a run started from {previous or "fresh weights"}, not '
+                             f'from --initial_model {given or "(none)"}: give that run\'s --initial_model to '
+                             f'continue it, or another --save_path to start a new run')
 
     def save_resume(self, epoch, partial=None):
         """resume.pt: the state after `epoch` complete epochs and, when stopped inside the next one, every
@@ -417,6 +436,9 @@ class TrainingRun:
     def epoch_record(self, epoch, progress, started):
         """The EpochRecord of every process's `progress`; lists and counts the files skipped."""
         everyone = distributed.gather_objects(progress)
+        if not any(p.examples for p in everyone):
+            raise NonFiniteTraining(f'every step of epoch {epoch} had a non-finite loss or gradients, so nothing was '
+                                    f'trained: lower --lr, set --grad_clip, or check the data with --check_data')
         skipped = [entry for p in everyone for entry in p.skipped]
         lr, margin = self.schedule(epoch, progress.step)
         record = EpochRecord(epoch, float(np.mean([p.loss for p in everyone])),

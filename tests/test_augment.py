@@ -61,7 +61,8 @@ def test_noise_and_music_are_added_at_the_drawn_snr(banks, cache_dir):
     for category in ('noise', 'music'):
         for seed in range(10):
             mixed, snrs = augmenter.add_noise(speech, category, np.random.default_rng(seed))
-            assert len(snrs) == 1 and MUSAN_CATEGORIES[category].snr_db[0] <= snrs[0] <= MUSAN_CATEGORIES[category].snr_db[1]
+            low, high = MUSAN_CATEGORIES[category].snr_db
+            assert len(snrs) == 1 and low <= snrs[0] <= high
             assert snr_db(speech, mixed) == pytest.approx(snrs[0], abs=0.5)
 
 
@@ -125,7 +126,8 @@ def test_device_noise_and_music_are_added_at_the_drawn_snr(banks, cache_dir, sec
     clean = speech_batch(12, seconds)
     for category in ('noise', 'music'):
         mixed, snrs = device_augmenter.add_noise(clean, category, np.random.default_rng(3))
-        assert all(len(s) == 1 and MUSAN_CATEGORIES[category].snr_db[0] <= s[0] <= MUSAN_CATEGORIES[category].snr_db[1] for s in snrs)
+        low, high = MUSAN_CATEGORIES[category].snr_db
+        assert all(len(s) == 1 and low <= s[0] <= high for s in snrs)
         assert len({round(s[0], 3) for s in snrs}) == len(snrs)
         np.testing.assert_allclose(batch_snr_db(clean, mixed), [s[0] for s in snrs], atol=0.05)
 

@@ -151,10 +151,11 @@ def test_a_signal_stops_after_the_step_and_the_run_resumes_exactly(tiny_corpus, 
 
 @pytest.fixture(scope='module')
 def process_command(tiny_corpus, train_argv, root):
-    """process_command(save_path): a tiny two-epoch training run as a shell would start it, one loader worker."""
+    """process_command(save_path): a tiny three-epoch training run as a shell would start it, one loader worker.
+    Stopped anywhere in epoch 2 or its evaluation, it must stop before the end."""
     def command(save_path):
         return [sys.executable, os.path.join(root, 'trainECAPAModel.py'),
-                *train_argv(tiny_corpus, save_path, '--max_epoch', '2', '--n_cpu', '1')]
+                *train_argv(tiny_corpus, save_path, '--max_epoch', '3', '--n_cpu', '1')]
     return command
 
 
@@ -174,22 +175,22 @@ def test_a_run_killed_or_stopped_by_a_scheduler_resumes_to_the_same_final_checkp
     deadline = time.time() + 300
     while not (tmp_path / 'model' / 'resume.pt').exists() and process.poll() is None and time.time() < deadline:
         time.sleep(0.05)
-    time.sleep(0.5)  # into epoch 2, its loader worker running
+    time.sleep(0.5)  # into epoch 2 or its evaluation, the loader worker running
     assert process.poll() is None, 'the run ended before it could be stopped'
     if how == 'SIGKILL to the process':
         process.send_signal(signal.SIGKILL)
     else:
         os.killpg(process.pid, signal.SIGTERM)  # the loader worker gets it too, as under timeout or scancel
     out, err = process.communicate(timeout=300)
-    assert not (tmp_path / 'model' / 'model_0002.model').exists()
+    assert not (tmp_path / 'model' / 'model_0003.model').exists()
     if how == 'SIGTERM to the process group':
         assert process.returncode == 0, err[-3000:]
-        assert 'Stopped by SIGTERM in epoch 2' in out and 'Traceback' not in err
+        assert re.search(r'Stopped by SIGTERM (in epoch 2 after step \d|after epoch 2)', out) and 'Traceback' not in err
     finished = subprocess.run(process_command(tmp_path), capture_output=True, text=True, cwd=root)
     assert finished.returncode == 0, finished.stderr
     assert 'Resuming from' in finished.stdout
-    assert_same_checkpoints(straight_process_run / 'model' / 'model_0002.model',
-                            tmp_path / 'model' / 'model_0002.model')
+    assert_same_checkpoints(straight_process_run / 'model' / 'model_0003.model',
+                            tmp_path / 'model' / 'model_0003.model')
     assert (straight_process_run / 'score.txt').read_text() == (tmp_path / 'score.txt').read_text()
 
 
@@ -273,6 +274,45 @@ def test_large_margin_fine_tunes_a_trained_model(tiny_corpus, train_argv, refere
     assert records[1]['lr'] == pytest.approx(2.5e-5)
     config = json.loads((tmp_path / 'config.json').read_text())
     assert config['arguments']['large_margin'] and config['arguments']['initial_model'] == checkpoint
+
+
+def test_a_run_continues_only_from_the_weights_it_started_from(tiny_corpus, train_argv, reference_run, tmp_path,
+                                                                cli_error, capsys):
+    first = str(reference_run / 'model' / 'model_0001.model')
+    argv = train_argv(tiny_corpus, tmp_path, '--max_epoch', '1', '--initial_model', first)
+    trainECAPAModel.main(argv)
+    assert trainECAPAModel.main(argv) is True and 'Resuming from' in capsys.readouterr().out  # the same start
+    other = str(reference_run / 'model' / 'model_0002.model')
+    status, message, _ = cli_error(train_argv(tiny_corpus, tmp_path, '--max_epoch', '1', '--initial_model', other))
+    assert status == 2 and f'resume.pt continues a run started from {first}, not from --initial_model {other}' in \
+        message
+    status, message, _ = cli_error(train_argv(tiny_corpus, tmp_path, '--max_epoch', '1'))
+    assert status == 2 and 'not from --initial_model (none)' in message
+
+
+def test_training_lists_too_small_to_train_are_errors(tiny_corpus, train_argv, tmp_path, cli_error):
+    one_speaker = tmp_path / 'one_speaker.txt'
+    lines = open(tiny_corpus['train_list']).read().splitlines()
+    one_speaker.write_text('\n'.join(line for line in lines if line.split()[0] == lines[0].split()[0]) + '\n')
+    argv = train_argv(tiny_corpus, tmp_path / 'a', '--max_epoch', '1')
+    argv[argv.index('--train_list') + 1] = str(one_speaker)
+    status, message, _ = cli_error(argv)
+    assert status == 2 and f'every utterance is of speaker {lines[0].split()[0]}' in message
+    status, message, _ = cli_error(train_argv(tiny_corpus, tmp_path / 'b', '--max_epoch', '1', '--batch_size', '37'))
+    assert status == 2 and '--batch_size 37 on 1 processes is more than the 36 utterances' in message
+    assert not (tmp_path / 'a' / 'model').exists() and not (tmp_path / 'b' / 'model').exists()
+
+
+def test_an_epoch_in_which_every_step_was_skipped_is_an_error(tiny_corpus, train_argv, tmp_path, cli_error,
+                                                              monkeypatch):
+    def every_step_bad(self, batch, rng):
+        return torch.tensor(float('nan')), torch.tensor(float('nan')), False
+
+    monkeypatch.setattr(TrainingStep, '__call__', every_step_bad)
+    status, message, _ = cli_error(train_argv(tiny_corpus, tmp_path, '--max_epoch', '1'))
+    assert status == 1 and message.count('\n') == 1
+    assert 'every step of epoch 1 had a non-finite loss or gradients, so nothing was trained' in message
+    assert not (tmp_path / 'score.txt').exists()
 
 
 # ---------------------------------------------------------------- unusable files and diverging runs
