@@ -6,14 +6,17 @@
   load_state_dict_file / encoder_weights / load_encoder_weights
                       checkpoints of this toolkit or of the original code, loaded with `weights_only=True`
   ResumeState         resume.pt: the whole training state after an epoch (or inside one), plain types only
+  FolderLock          one training run per save_path
 
 At the bottom of the import graph (torch and `errors` only), so that every module can write atomically.
 """
 
 import dataclasses
+import glob
 import hashlib
 import json
 import os
+import socket
 import tempfile
 from typing import Optional
 
@@ -53,6 +56,15 @@ def atomic_write(path, write):
         os.close(dir_fd)
 
 
+def remove_partial_writes(folder, names):
+    """Delete the temporary files that `atomic_write` leaves beside `names` (glob patterns of files in `folder`)
+    when a process dies while writing; returns how many. Call it only where no other process writes."""
+    found = [p for name in names for p in glob.glob(os.path.join(glob.escape(folder), f'.{name}.*'))]
+    for path in found:
+        os.remove(path)
+    return len(found)
+
+
 def atomic_torch_save(obj, path):
     atomic_write(path, lambda f: torch.save(obj, f))
 
@@ -68,6 +80,65 @@ def file_digest(path):
         for block in iter(lambda: f.read(1 << 20), b''):
             digest.update(block)
     return digest.hexdigest()[:16]
+
+
+class FolderLock:
+    """`folder`/.lock while a training run writes there, holding 'PID HOST' of its process. Taking it while a
+    live process on this host holds it, or any process on another host, is a `UserError` naming the holder; a
+    lock whose process is gone is taken over with a message."""
+
+    def __init__(self, folder):
+        self.folder = folder
+        self.path = os.path.join(folder, '.lock')
+        self.me = f'{os.getpid()} {socket.gethostname()}'
+
+    def holder(self):
+        """(pid, host) written in the lock, or None when it is unreadable or empty (a holder that died)."""
+        try:
+            with open(self.path) as f:
+                pid, host = f.read().split()
+            return int(pid), host
+        except (OSError, ValueError):
+            return None
+
+    def acquire(self):
+        os.makedirs(self.folder, exist_ok=True)
+        while True:
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                self.take_over_if_stale()
+                continue
+            with os.fdopen(fd, 'w') as f:
+                f.write(self.me)
+            return self
+
+    def take_over_if_stale(self):
+        holder = self.holder()
+        if holder is not None and (holder[1] != socket.gethostname() or process_exists(holder[0])):
+            raise UserError(f'{self.folder} is in use by process {holder[0]} on {holder[1]} ({self.path}): wait for '
+                            f'that run, stop it, or choose another --save_path (delete the lock if that process is '
+                            f'gone)')
+        print(f'{self.path}: taking over the lock of process {holder[0] if holder else "?"}, which has ended',
+              flush=True)
+        try:
+            os.remove(self.path)
+        except FileNotFoundError:
+            pass
+
+    def release(self):
+        if self.holder() == (os.getpid(), socket.gethostname()):
+            os.remove(self.path)
+
+
+def process_exists(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 # ---------------------------------------------------------------- model checkpoints

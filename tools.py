@@ -13,6 +13,7 @@ import hashlib
 import json
 import math
 import os
+import pickle
 import tempfile
 import warnings
 from typing import Optional
@@ -228,25 +229,47 @@ def build_cohort(vectors, entries, kind):
     return torch.stack([torch.stack(v).mean(dim=0) for _, v in sorted(by_speaker.items())])
 
 
+def file_stamp(path):
+    """What identifies a file's content for the embedding cache: its size and modification time (ns)."""
+    status = os.stat(path)
+    return [status.st_size, status.st_mtime_ns]
+
+
+def read_embedding_cache(cache_path, identity, root):
+    """The cache stored for this checkpoint `identity` and `root`, or an empty one when there is none (or an
+    unreadable one, which is then rebuilt)."""
+    empty = {'identity': identity, 'root': root, 'paths': [], 'stamps': [], 'vectors': None}
+    try:
+        stored = torch.load(cache_path, map_location='cpu', weights_only=True)
+    except (OSError, RuntimeError, pickle.UnpicklingError, EOFError):
+        return empty
+    if stored.get('identity') != identity or stored.get('root') != root or 'stamps' not in stored:
+        return empty  # another checkpoint's, or written before files were stamped
+    return stored
+
+
 def cached_embed_files(encoder, relative_paths, root, device, cache_dir, identity, **kwargs):
     """`embed_files`, reusing the vectors stored under `cache_dir` for this `identity` (the checkpoint) and
-    `root`, in a file named by both, and storing there the ones it computes."""
-    cache = {'identity': identity, 'root': os.path.abspath(root), 'paths': [], 'vectors': None}
-    key = hashlib.sha1(f"{identity} {cache['root']}".encode()).hexdigest()[:16]
-    cache_path = os.path.join(cache_dir, f'{key}.pt')
-    if os.path.exists(cache_path):
-        stored = torch.load(cache_path, map_location='cpu', weights_only=True)
-        if stored['identity'] == identity and stored['root'] == cache['root']:
-            cache = stored
+    `root`, in a file named by both, and storing there the ones it computes. A vector is reused only while its
+    file has the size and modification time it had when it was embedded."""
+    root = os.path.abspath(root)
+    cache_path = os.path.join(cache_dir, hashlib.sha1(f'{identity} {root}'.encode()).hexdigest()[:16] + '.pt')
+    cache = read_embedding_cache(cache_path, identity, root)
+    stamps = {p: file_stamp(os.path.join(root, p)) for p in relative_paths}
     index = {p: i for i, p in enumerate(cache['paths'])}
-    missing = [p for p in dict.fromkeys(relative_paths) if p not in index]
+    missing = [p for p in stamps if p not in index or cache['stamps'][index[p]] != stamps[p]]
     if missing:
         computed = embed_files(encoder, missing, root, device, **kwargs)
-        new = torch.stack([computed[p] for p in missing])
-        cache['vectors'] = new if cache['vectors'] is None else torch.cat((cache['vectors'], new))
-        for p in missing:
-            index[p] = len(cache['paths'])
-            cache['paths'].append(p)
+        new = [p for p in missing if p not in index]
+        if new:
+            rows = torch.stack([computed[p] for p in new])
+            cache['vectors'] = rows if cache['vectors'] is None else torch.cat((cache['vectors'], rows))
+            index.update((p, len(cache['paths']) + i) for i, p in enumerate(new))
+            cache['paths'] += new
+            cache['stamps'] += [None] * len(new)
+        for p in missing:  # new ones, and changed files' fresh vectors over their stale ones
+            cache['vectors'][index[p]] = computed[p]
+            cache['stamps'][index[p]] = stamps[p]
         atomic_torch_save(cache, cache_path)
     return {p: cache['vectors'][index[p]] for p in relative_paths}
 

@@ -24,7 +24,7 @@ import tqdm
 
 import distributed
 from augment import Augmenter, DeviceAugmenter
-from checkpoints import ResumeState, load_encoder_weights, save_checkpoint
+from checkpoints import FolderLock, ResumeState, load_encoder_weights, remove_partial_writes, save_checkpoint
 from dataLoader import EpochSampler, PairDataset, SpeakerPairSampler, TrainDataset, collate, leave_signals_to_parent
 from errors import UsageError, UserError
 from lists import cohort_entries, read_train_list, read_trials, require_files, speaker_labels
@@ -338,6 +338,11 @@ class TrainingRun:
         self.first_epoch = self.resume.epoch + 1 if self.resume else 1
         self.tensorboard = None
         if distributed.is_main():
+            for folder, names in ((self.model_dir, ('resume.pt', 'model_*.model', 'model_*.json')),
+                                  (args.save_path, ('config.json', 'score.txt', 'metrics.jsonl'))):
+                removed = remove_partial_writes(folder, names)
+                if removed:
+                    log(f'{folder}: removed {removed} temporary files of writes a stopped run left unfinished')
             write_config(os.path.join(args.save_path, 'config.json'), args, self.device, distributed.world_size(),
                          self.first_epoch - 1)
             forget_epochs_after(self.first_epoch - 1, self.score_path, self.metrics_path)
@@ -520,9 +525,21 @@ class TrainingRun:
 
 
 def run_training(args):
-    """Train as `args` says (flags of trainECAPAModel.py, checked and completed)."""
-    run = TrainingRun(args)
+    """Train as `args` says (flags of trainECAPAModel.py, checked and completed), holding save_path's lock."""
+    lock, refused = FolderLock(args.save_path), None
+    if distributed.is_main():
+        try:
+            lock.acquire()
+        except UserError as error:
+            refused = error
+    if distributed.any_rank(refused is not None):
+        raise refused or UserError(f'{args.save_path} is in use by another run (process 0 says which)')
     try:
-        return run.run()
+        run = TrainingRun(args)
+        try:
+            return run.run()
+        finally:
+            run.close()
     finally:
-        run.close()
+        if distributed.is_main():
+            lock.release()

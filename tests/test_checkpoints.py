@@ -3,14 +3,16 @@ loaded without executing anything."""
 
 import os
 import pickle
+import socket
+import subprocess
 
 import numpy as np
 import pytest
 import soundfile
 import torch
 
-from checkpoints import (ResumeState, atomic_write, encoder_weights, load_encoder_weights, load_state_dict_file,
-                         save_checkpoint)
+from checkpoints import (FolderLock, ResumeState, atomic_write, encoder_weights, load_encoder_weights, load_state_dict_file,
+                         remove_partial_writes, save_checkpoint)
 from errors import UserError
 from loss import AAMsoftmax
 from model import ECAPA_TDNN, build_encoder
@@ -29,6 +31,33 @@ def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
         atomic_write(str(path), failing)
     assert path.read_bytes() == b'old'
     assert os.listdir(tmp_path) == ['model_0001.model']
+
+
+def test_partial_writes_of_a_killed_process_are_removed_and_nothing_else(tmp_path):
+    for name in ('.resume.pt.k2j3', '.model_0003.model.x9', 'model_0003.model', '.other.x', 'resume.pt'):
+        (tmp_path / name).write_bytes(b'')
+    assert remove_partial_writes(str(tmp_path), ('resume.pt', 'model_*.model')) == 2
+    assert sorted(os.listdir(tmp_path)) == ['.other.x', 'model_0003.model', 'resume.pt']
+    assert remove_partial_writes(str(tmp_path / 'absent'), ('resume.pt',)) == 0
+
+
+def test_a_folder_lock_refuses_a_live_holder_and_takes_over_a_dead_ones(tmp_path, capsys):
+    lock = FolderLock(str(tmp_path)).acquire()
+    assert (tmp_path / '.lock').read_text() == f'{os.getpid()} {socket.gethostname()}'
+    with pytest.raises(UserError, match=rf'is in use by process {os.getpid()} on {socket.gethostname()}'):
+        FolderLock(str(tmp_path)).acquire()
+    lock.release()
+    assert not (tmp_path / '.lock').exists()
+    gone = subprocess.Popen(['true'])
+    gone.wait()  # a process id that has just ended
+    (tmp_path / '.lock').write_text(f'{gone.pid} {socket.gethostname()}')
+    FolderLock(str(tmp_path)).acquire()
+    assert f'taking over the lock of process {gone.pid}, which has ended' in capsys.readouterr().out
+    (tmp_path / '.lock').write_text(f'{gone.pid} another-host')
+    with pytest.raises(UserError, match=f'in use by process {gone.pid} on another-host'):
+        FolderLock(str(tmp_path)).acquire()
+    FolderLock(str(tmp_path)).release()  # not ours: left in place
+    assert (tmp_path / '.lock').exists()
 
 
 def test_atomic_write_gives_the_permissions_of_a_plain_write(tmp_path):

@@ -3,6 +3,7 @@
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -215,6 +216,24 @@ def test_several_lists_in_one_run_embed_each_file_once(tiny_corpus, checkpoint, 
     assert blind.metrics is None
     rows = (tmp_path / 'run' / 'scores' / 'test_phase.txt').read_text().split('\n')[0].split()
     assert rows == [trials.enroll[0], trials.test[0], f'{full.scores[0]:.6f}']
+
+
+def test_a_replaced_audio_file_is_embedded_again(tiny_corpus, checkpoint, tmp_path, embed_calls):
+    eval_path = tmp_path / 'wav'
+    shutil.copytree(tiny_corpus['eval_path'], eval_path)
+    argv = eval_argv(checkpoint, tiny_corpus, tmp_path / 'run')
+    argv[argv.index('--eval_path') + 1] = str(eval_path)
+    before = trainECAPAModel.main(argv)[tiny_corpus['eval_list']]
+    trials = read_trials(tiny_corpus['eval_list'])
+    replaced, other = trials.enroll[0], next(f for f in trials.test if f != trials.enroll[0])
+    shutil.copyfile(eval_path / other, eval_path / replaced)
+    embed_calls.clear()
+    after = trainECAPAModel.main(argv)[tiny_corpus['eval_list']]
+    assert embed_calls == [replaced]
+    changed = [i for i, (e, t) in enumerate(zip(trials.enroll, trials.test)) if replaced in (e, t)]
+    assert not np.allclose(after.scores[changed], before.scores[changed])
+    unchanged = [i for i in range(len(trials.enroll)) if i not in changed]
+    np.testing.assert_array_equal(after.scores[unchanged], before.scores[unchanged])
 
 
 def test_embeddings_are_cached_per_checkpoint(tiny_corpus, checkpoint, tmp_path, embed_calls):

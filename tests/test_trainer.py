@@ -169,7 +169,7 @@ def straight_process_run(process_command, root, tmp_path_factory):
 @pytest.mark.parametrize('how', ['SIGKILL to the process', 'SIGTERM to the process group'])
 def test_a_run_killed_or_stopped_by_a_scheduler_resumes_to_the_same_final_checkpoint(process_command,
                                                                                      straight_process_run, tmp_path,
-                                                                                     root, how):
+                                                                                     root, how, cli_error):
     process = subprocess.Popen(process_command(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                cwd=root, start_new_session=True)
     deadline = time.time() + 300
@@ -178,6 +178,8 @@ def test_a_run_killed_or_stopped_by_a_scheduler_resumes_to_the_same_final_checkp
     time.sleep(0.5)  # into epoch 2 or its evaluation, the loader worker running
     assert process.poll() is None, 'the run ended before it could be stopped'
     if how == 'SIGKILL to the process':
+        status, message, _ = cli_error(process_command(tmp_path)[2:])  # a second run into the same folder
+        assert status == 1 and f'is in use by process {process.pid} on' in message
         process.send_signal(signal.SIGKILL)
     else:
         os.killpg(process.pid, signal.SIGTERM)  # the loader worker gets it too, as under timeout or scancel
@@ -186,9 +188,13 @@ def test_a_run_killed_or_stopped_by_a_scheduler_resumes_to_the_same_final_checkp
     if how == 'SIGTERM to the process group':
         assert process.returncode == 0, err[-3000:]
         assert re.search(r'Stopped by SIGTERM (in epoch 2 after step \d|after epoch 2)', out) and 'Traceback' not in err
+    (tmp_path / 'model' / '.resume.pt.x1y2').write_bytes(b'partial')  # as a write cut short leaves it
     finished = subprocess.run(process_command(tmp_path), capture_output=True, text=True, cwd=root)
     assert finished.returncode == 0, finished.stderr
-    assert 'Resuming from' in finished.stdout
+    assert 'Resuming from' in finished.stdout and 'removed 1 temporary files' in finished.stdout
+    assert ('taking over the lock' in finished.stdout) == (how == 'SIGKILL to the process')
+    assert not (tmp_path / '.lock').exists()
+    assert not (tmp_path / 'model' / '.resume.pt.x1y2').exists()
     assert_same_checkpoints(straight_process_run / 'model' / 'model_0003.model',
                             tmp_path / 'model' / 'model_0003.model')
     assert (straight_process_run / 'score.txt').read_text() == (tmp_path / 'score.txt').read_text()
