@@ -22,6 +22,7 @@ from scipy.signal import fftconvolve
 
 from checkpoints import atomic_json_save, atomic_write
 from dataLoader import random_crop, read_audio
+from errors import UserError
 
 
 class NoiseCategory(NamedTuple):
@@ -136,14 +137,14 @@ class Augmenter:
             found = musan_files(musan_path)
             missing = [c for c in MUSAN_CATEGORIES if c not in found]
             if missing:
-                raise FileNotFoundError(
+                raise UserError(
                     f"--musan_path {musan_path}: no <category>/<subset>/<stem>/*.wav files for {missing}")
             self.noise_banks = {c: SignalBank(found[c], sampling_rate, cache_dir) for c in MUSAN_CATEGORIES}
         self.rir_bank = None
         if rir_path:
             files = rir_files(rir_path)
             if not files:
-                raise FileNotFoundError(f"--rir_path {rir_path}: no <room type>/<room>/*.wav files")
+                raise UserError(f"--rir_path {rir_path}: no <room type>/<room>/*.wav files")
             self.rir_bank = SignalBank(files, sampling_rate, cache_dir)
         self.kinds = [k for k in AUGMENTATIONS if self._available(k)]
 

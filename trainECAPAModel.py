@@ -4,9 +4,8 @@
   python trainECAPAModel.py --train_list ... --train_path ... --eval_list ... --eval_path ...
   python trainECAPAModel.py --eval --initial_model M --eval_list L --eval_path P [--snorm ...]
 
-Here: the flags, their defaults and checks, and one short function per command (`COMMANDS`); training is
-trainer.py. Re-running a training command continues from `save_path/model/resume.pt`. A mistake in the flags
-or the data ends in one line naming the flag, file or list line (exit status 2 for flags, 1 for data).
+Here: flags, defaults, checks and one short function per command (`COMMANDS`); training is trainer.py. A rerun
+continues from save_path/model/resume.pt; a mistake ends in one line naming the flag, file or list line.
 """
 
 import argparse
@@ -48,9 +47,8 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Shows a flag's default only where it has one."""
 
     def _get_help_string(self, action):
-        if action.default in (None, False, argparse.SUPPRESS) or '%(default)' in (action.help or ''):
-            return action.help
-        return super()._get_help_string(action)
+        plain = action.default in (None, False, argparse.SUPPRESS) or '%(default)' in (action.help or '')
+        return action.help if plain else super()._get_help_string(action)
 
 
 def build_parser():
@@ -395,6 +393,8 @@ def check_export(args):
 def check_extract(args):
     if not os.path.exists(args.extract):
         raise UsageError(f'--extract {args.extract}: no such file or folder')
+    if os.path.isdir(args.out):
+        raise UsageError(f'--out {args.out}: a folder; name the file to write')
 
 
 class Command(NamedTuple):

@@ -11,6 +11,7 @@ import torch
 
 from augment import MUSAN_CATEGORIES, Augmenter, DeviceAugmenter, SignalBank, reverberate
 from dataLoader import read_audio
+from errors import UserError
 
 RATE = 16000
 
@@ -189,5 +190,9 @@ def test_banks_decode_once_and_match_the_files(banks, cache_dir, monkeypatch):
 def test_missing_musan_categories_are_reported(tmp_path, cache_dir):
     (tmp_path / 'noise' / 'a' / 'b').mkdir(parents=True)
     soundfile.write(tmp_path / 'noise' / 'a' / 'b' / 'x.wav', tone(100, 0.5), RATE)
-    with pytest.raises(FileNotFoundError, match='speech'):
+    with pytest.raises(UserError, match=r"--musan_path .*: no <category>/<subset>/<stem>/\*.wav files for "
+                                        r"\['speech', 'music'\]"):
         Augmenter(str(tmp_path), None, RATE, cache_dir)
+    (tmp_path / 'rirs').mkdir()
+    with pytest.raises(UserError, match='--rir_path .*rirs: no <room type>/<room>/'):
+        Augmenter(None, str(tmp_path / 'rirs'), RATE, cache_dir)

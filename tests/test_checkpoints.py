@@ -11,8 +11,8 @@ import pytest
 import soundfile
 import torch
 
-from checkpoints import (FolderLock, ResumeState, atomic_write, encoder_weights, load_encoder_weights, load_state_dict_file,
-                         remove_partial_writes, save_checkpoint)
+from checkpoints import (FolderLock, ResumeState, atomic_write, encoder_weights, load_encoder_weights,
+                         load_state_dict_file, remove_partial_writes, save_checkpoint)
 from errors import UserError
 from loss import AAMsoftmax
 from model import ECAPA_TDNN, build_encoder
