@@ -3,7 +3,7 @@
   list_lines         non-blank lines with their numbers; a UTF-8 byte-order mark, CRLF endings and blank
                      lines are accepted; bytes that are not UTF-8 are an error naming the file and line
   read_train_list    `<speaker> <relative path>`                      -> [TrainEntry]
-  read_trials        `<0|1> <enroll> <test>` or `<enroll> <test>`      -> TrialList
+  read_trials        `<0|1> <enroll> <test>` or `<enroll> <test>`      -> TrialList (distinct_names: outputs)
   read_path_list     one audio path per line, its last field; files_to_embed: such a list or a folder (--extract)
   read_score_file    `<enroll> <test> <score> <0|1>`                  -> (scores, labels)
   write_score_file   the same lines, written atomically
@@ -99,16 +99,14 @@ def cohort_entries(entries, size, seed):
 
 @dataclasses.dataclass(frozen=True)
 class TrialList:
-    """A trial list: `labels` (int array, 1 = same speaker) is None for a list without labels."""
+    """A trial list: `labels` (int array, 1 = same speaker) is None for a list without labels. `name` names
+    its outputs (score files, plots, records): the file name, made distinct by `distinct_names`."""
     path: str
     labels: Optional[np.ndarray]
     enroll: list
     test: list
     lines: list
-
-    @property
-    def name(self):
-        return os.path.basename(self.path)
+    name: str = ''
 
     def references(self):
         """{relative audio path: the first line naming it}."""
@@ -132,7 +130,20 @@ def read_trials(path):
         raise UserError(f'{path}: the trial list is empty')
     labels = np.array([int(line.fields[0]) for line in rows]) if width == 3 else None
     return TrialList(path, labels, [line.fields[-2] for line in rows], [line.fields[-1] for line in rows],
-                     [line.number for line in rows])
+                     [line.number for line in rows], os.path.basename(path))
+
+
+def distinct_names(trial_lists):
+    """The lists with names that differ: a file name shared by several lists gets as many of their folders in
+    front as it takes, joined by '_' (O/trials.txt and E/trials.txt become O_trials.txt and E_trials.txt)."""
+    parts = [os.path.normpath(os.path.abspath(t.path)).split(os.sep) for t in trial_lists]
+    names = []
+    for own in parts:
+        depth = 1
+        while depth < len(own) and any(other != own and other[-depth:] == own[-depth:] for other in parts):
+            depth += 1
+        names.append('_'.join(own[-depth:]))
+    return [dataclasses.replace(t, name=name) for t, name in zip(trial_lists, names)]
 
 
 # ---------------------------------------------------------------- other lists

@@ -27,7 +27,7 @@ from augment import Augmenter, DeviceAugmenter
 from checkpoints import FolderLock, ResumeState, load_encoder_weights, remove_partial_writes, save_checkpoint
 from dataLoader import EpochSampler, PairDataset, SpeakerPairSampler, TrainDataset, collate, leave_signals_to_parent
 from errors import UsageError, UserError
-from lists import cohort_entries, read_train_list, read_trials, require_files, speaker_labels
+from lists import cohort_entries, distinct_names, read_train_list, read_trials, require_files, speaker_labels
 from loss import AAMsoftmax, build_objective
 from model import build_encoder
 from plots import evaluation_plots, training_curve
@@ -274,7 +274,7 @@ def training_loader(args, entries, augmenter, device):
 
 def read_trial_lists(args):
     """Every --eval_list, after checking that each file it names is under --eval_path."""
-    trial_lists = [read_trials(path) for path in args.eval_list]
+    trial_lists = distinct_names([read_trials(path) for path in args.eval_list])
     for trials in trial_lists:
         require_files(trials.references(), args.eval_path, trials.path)
     return trial_lists

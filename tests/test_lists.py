@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 
 from errors import UserError
-from lists import (TrainEntry, cohort_entries, files_under, read_path_list, read_score_file, read_train_list,
-                   read_trials, require_files, speaker_labels, write_score_file)
+from lists import (TrainEntry, TrialList, cohort_entries, distinct_names, files_under, read_path_list,
+                   read_score_file, read_train_list, read_trials, require_files, speaker_labels, write_score_file)
 
 
 def test_a_byte_order_mark_crlf_endings_and_blank_lines_change_nothing(tmp_path):
@@ -59,6 +59,13 @@ def test_trial_lists_with_and_without_labels(tmp_path):
     assert trials.references() == {'a.wav': 1, 'b.wav': 1, 'c.wav': 3}
     path.write_text('a.wav b.wav\n')
     assert read_trials(str(path)).labels is None
+
+
+def test_lists_of_one_file_name_get_distinct_output_names():
+    lists = [TrialList(path, None, [], [], [], path.split('/')[-1])
+             for path in ('/data/vox1/O/trials.txt', '/data/vox1/E/trials.txt', '/data/vox1/veri_test2.txt')]
+    assert [t.name for t in distinct_names(lists)] == ['O_trials.txt', 'E_trials.txt', 'veri_test2.txt']
+    assert [t.path for t in distinct_names(lists)] == [t.path for t in lists]
 
 
 def test_score_files_round_trip(tmp_path):

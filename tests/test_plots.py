@@ -40,10 +40,11 @@ def test_det_curve_copes_with_perfectly_separated_scores(tmp_path):
 
 def test_evaluation_plots_cover_labelled_lists_and_as_norm(tmp_path):
     scores, labels = trials()
-    labelled = TrialList('lists/veri_test2.txt', labels, [], [], [])
+    labelled = TrialList('lists/veri_test2.txt', labels, [], [], [], 'veri_test2.txt')
     results = {'lists/veri_test2.txt': ListResult(labelled, scores, verification_metrics(scores, labels), scores * 2,
                                                   verification_metrics(scores * 2, labels)),
-               'lists/test_phase.txt': ListResult(TrialList('lists/test_phase.txt', None, [], [], []), scores)}
+               'lists/test_phase.txt': ListResult(TrialList('lists/test_phase.txt', None, [], [], [], 'test_phase.txt'),
+                                                  scores)}
     evaluation_plots(results, tmp_path / 'plots')
     assert sorted(p.name for p in (tmp_path / 'plots').iterdir()) == [
         'veri_test2_asnorm_det.png', 'veri_test2_asnorm_scores.png', 'veri_test2_det.png', 'veri_test2_scores.png']

@@ -13,7 +13,8 @@ from tools import ListResult, verification_metrics
 
 def result(name, labels=True, snorm=False):
     scores = np.array([0.9, 0.2, 0.4, 0.1])
-    trials = TrialList(name, np.array([1, 0, 1, 0]) if labels else None, list('abcd'), list('efgh'), [1, 2, 3, 4])
+    trials = TrialList(name, np.array([1, 0, 1, 0]) if labels else None, list('abcd'), list('efgh'), [1, 2, 3, 4],
+                       name.split('/')[-1])
     found = ListResult(trials, scores, verification_metrics(scores, trials.labels) if labels else None)
     if snorm:
         found.snorm_scores = scores * 2

@@ -236,6 +236,21 @@ def test_a_replaced_audio_file_is_embedded_again(tiny_corpus, checkpoint, tmp_pa
     np.testing.assert_array_equal(after.scores[unchanged], before.scores[unchanged])
 
 
+def test_two_lists_of_one_file_name_keep_their_own_outputs(tiny_corpus, checkpoint, tmp_path):
+    lines = open(tiny_corpus['eval_list']).read().splitlines()
+    for folder, part in (('O', lines[::2]), ('E', lines[1::2])):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / 'trials.txt').write_text('\n'.join(part) + '\n')
+    lists = [str(tmp_path / 'O' / 'trials.txt'), str(tmp_path / 'E' / 'trials.txt')]
+    results = trainECAPAModel.main(eval_argv(checkpoint, tiny_corpus, tmp_path / 'run', *lists))
+    for path, folder, part in zip(lists, ('O', 'E'), (lines[::2], lines[1::2])):
+        written = (tmp_path / 'run' / 'scores' / f'{folder}_trials.txt').read_text().splitlines()
+        assert [line.split()[:2] for line in written] == [line.split()[1:] for line in part]
+        np.testing.assert_allclose([float(line.split()[2]) for line in written], results[path].scores, atol=1e-6)
+    assert {p.name for p in (tmp_path / 'run' / 'plots').iterdir()} == {
+        'O_trials_det.png', 'O_trials_scores.png', 'E_trials_det.png', 'E_trials_scores.png'}
+
+
 def test_embeddings_are_cached_per_checkpoint(tiny_corpus, checkpoint, tmp_path, embed_calls):
     argv = eval_argv(checkpoint, tiny_corpus, tmp_path / 'run')
     first = trainECAPAModel.main(argv)[tiny_corpus['eval_list']]
