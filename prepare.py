@@ -200,8 +200,9 @@ def inspect_file(job):
     except Exception as error:
         return {'problem': 'missing' if not os.path.exists(path) else f'unreadable: {error}'}
     found = {'seconds': info.frames / info.samplerate, 'rate': info.samplerate, 'channels': info.channels}
-    if duration_problem(found['seconds']):
-        return {'problem': duration_problem(found['seconds'])}
+    problem = duration_problem(found['seconds'])
+    if problem:
+        return {'problem': problem}
     if decode:
         try:
             audio, _ = soundfile.read(path, dtype='float32', always_2d=True)
