@@ -26,7 +26,7 @@ from model import MODELS
 from plots import evaluation_plots
 from prepare import check_data
 from tools import embed_files, export_onnx, export_torchscript, load_model, verification_metrics
-from trainer import evaluate_encoder, read_trial_lists, run_training
+from trainer import cohort_of, evaluate_encoder, read_trial_lists, run_training
 
 DEMO_DEFAULTS = {'save_path': 'exps/demo', 'max_epoch': 7, 'batch_size': 32, 'num_frames': 150,
                  'test_step': 1, 'lr': 0.002, 'n_cpu': 1}
@@ -346,10 +346,10 @@ def run_export(args):
 
 
 def run_eval(args):
-    device = torch.device(args.device)
-    encoder = load_initial_encoder(args, device)
+    encoder = load_initial_encoder(args, args.device)
     print(f'Model {args.initial_model} loaded: {type(encoder).__name__} at {encoder.sampling_rate} Hz')
-    results = evaluate_encoder(encoder, args, device, read_trial_lists(args), file_digest(args.initial_model))
+    results = evaluate_encoder(encoder, args, args.device, read_trial_lists(args), cohort_of(args),
+                               file_digest(args.initial_model))
     for path, result in results.items():
         score_path = os.path.join(args.save_path, 'scores', result.trials.name)
         for suffix, scores, _ in result.score_sets():

@@ -280,18 +280,20 @@ def read_trial_lists(args):
     return trial_lists
 
 
-def cohort_of(args):
-    """The AS-Norm cohort that --snorm and the --cohort_* flags describe, or None without --snorm."""
+def cohort_of(args, train_entries=None):
+    """The AS-Norm cohort that --snorm and the --cohort_* flags describe, or None without --snorm; drawn from
+    `train_entries` when the training list is already read."""
     if not args.snorm:
         return None
-    entries = cohort_entries(read_train_list(args.train_list), args.cohort_size, args.seed)
+    train_entries = train_entries if train_entries is not None else read_train_list(args.train_list)
+    entries = cohort_entries(train_entries, args.cohort_size, args.seed)
     return Cohort(entries, args.train_path, args.cohort, args.cohort_top_k)
 
 
-def evaluate_encoder(encoder, args, device, trial_lists, identity=None):
-    """`tools.evaluate` with the flags' settings; embeddings are cached under save_path/embeddings when the
-    checkpoint's `identity` is given."""
-    return evaluate(encoder, trial_lists, args.eval_path, device, args.n_cpu, cohort_of(args),
+def evaluate_encoder(encoder, args, device, trial_lists, cohort, identity=None):
+    """`tools.evaluate` with the flags' settings and the AS-Norm `cohort` (or None); embeddings are cached under
+    save_path/embeddings when the checkpoint's `identity` is given."""
+    return evaluate(encoder, trial_lists, args.eval_path, device, args.n_cpu, cohort,
                     os.path.join(args.save_path, 'embeddings'), identity)
 
 
@@ -315,6 +317,7 @@ class TrainingRun:
         self.metrics_path = os.path.join(args.save_path, 'metrics.jsonl')
         torch.manual_seed(args.seed + distributed.rank())
         self.entries, self.trial_lists = self.read_inputs()
+        self.cohort = cohort_of(args, self.entries)
         self.reported = set()  # unusable files already printed
         encoder = build_encoder(args.model, args.C, args.sampling_rate, args.embedding_dim)
         self.model = SpeakerModel(encoder, build_objective(args, encoder.embedding_dim)).to(self.device)
@@ -467,7 +470,7 @@ class TrainingRun:
         if distributed.is_main():
             save_checkpoint(self.model.checkpoint_state(), encoder_config(self.args),
                             os.path.join(self.model_dir, f'model_{epoch:04d}.model'))
-        results = evaluate_encoder(self.model.speaker_encoder, self.args, self.device, self.trial_lists)
+        results = evaluate_encoder(self.model.speaker_encoder, self.args, self.device, self.trial_lists, self.cohort)
         self.eers.append(next(r.metrics.eer for r in results.values() if r.metrics))
         line = score_line(record, results, min(self.eers))
         log(time.strftime('%Y-%m-%d %H:%M:%S'), line)
