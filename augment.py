@@ -20,8 +20,8 @@ import numpy as np
 import torch
 from scipy.signal import fftconvolve
 
-from checkpoints import atomic_json_save, atomic_write
-from dataLoader import random_crop, read_audio
+from checkpoints import atomic_json_save, atomic_write, remove_partial_writes
+from dataLoader import audio_problem, random_crop, read_audio
 from errors import UserError
 
 
@@ -45,20 +45,28 @@ class SignalBank:
     """Many short files (noise, music, babble speech, impulse responses), decoded and resampled once into
     one float32 memory-mapped file under `cache_dir`. The file is named by a hash of the paths, their sizes
     and modification times and the rate, so a changed set is decoded again. Worker processes share the
-    pages instead of each holding a copy."""
+    pages instead of each holding a copy. Files that cannot be used (unreadable, empty, NaN or infinite
+    samples, all zeros) are left out and listed in `skipped` as (path, why); `source` names the set in errors."""
 
-    def __init__(self, files, sampling_rate, cache_dir):
+    VERSION = 2  # of the cached format: banks of version 1 kept unusable files
+
+    def __init__(self, files, sampling_rate, cache_dir, source):
         if not files:
             raise ValueError("a signal bank needs at least one file")
-        self.files = sorted(files)
         key = hashlib.sha1(json.dumps(
-            [sampling_rate] + [(p, os.path.getsize(p), os.path.getmtime(p)) for p in self.files]
+            [self.VERSION, sampling_rate] + [(p, os.path.getsize(p), os.path.getmtime(p)) for p in sorted(files)]
         ).encode()).hexdigest()[:16]
         base = os.path.join(cache_dir, f'bank-{key}')
-        if not os.path.exists(base + '.json'):
-            self._build(base, sampling_rate)
-        with open(base + '.json') as f:
-            self.offsets = json.load(f)['offsets']
+        stored = self._stored(base)
+        if stored is None:  # not built yet, or its files were damaged since
+            if os.path.isdir(cache_dir):
+                remove_partial_writes(cache_dir, ('bank-*.f32', 'bank-*.json'), idle_seconds=3600)
+            self._build(sorted(files), base, sampling_rate)
+            stored = self._stored(base)
+        self.files, self.offsets, self.skipped = stored['files'], stored['offsets'], stored['skipped']
+        if not self.files:
+            raise UserError(f'{source}: none of its {len(self.skipped)} files is usable, e.g. '
+                            + '; '.join(f'{path} ({why})' for path, why in self.skipped[:3]))
         self.path = base + '.f32'
         self.samples = np.memmap(self.path, dtype=np.float32, mode='r')
 
@@ -70,18 +78,39 @@ class SignalBank:
         self.__dict__.update(state)
         self.samples = np.memmap(self.path, dtype=np.float32, mode='r')
 
-    def _build(self, base, sampling_rate):
-        """Decode every file into `base`.f32, then write `base`.json (the offsets): the JSON file appears
-        last, so a bank whose JSON exists is complete."""
-        offsets = [0]
+    @staticmethod
+    def _stored(base):
+        """The JSON of the bank at `base` when it and its samples file are whole, else None."""
+        try:
+            with open(base + '.json') as f:
+                stored = json.load(f)
+            whole = os.path.getsize(base + '.f32') == 4 * stored['offsets'][-1]
+            return stored if whole and {'files', 'skipped'} <= stored.keys() else None
+        except (OSError, ValueError, KeyError, TypeError, IndexError):
+            return None
+
+    @staticmethod
+    def _build(files, base, sampling_rate):
+        """Decode every usable file into `base`.f32, then write `base`.json (the offsets, the files kept and
+        those skipped): the JSON file appears last, so a bank whose JSON exists is complete."""
+        offsets, kept, skipped = [0], [], []
 
         def write_samples(out):
-            for path in self.files:
-                audio = read_audio(path, sampling_rate)
+            for path in files:
+                try:
+                    audio = read_audio(path, sampling_rate)
+                except (OSError, RuntimeError, ValueError) as error:  # soundfile's errors are RuntimeErrors
+                    skipped.append((path, f'unreadable: {error}'))
+                    continue
+                problem = audio_problem(audio)
+                if problem:
+                    skipped.append((path, problem))
+                    continue
                 out.write(audio.astype(np.float32).tobytes())
                 offsets.append(offsets[-1] + len(audio))
+                kept.append(path)
         atomic_write(base + '.f32', write_samples)
-        atomic_json_save({'offsets': offsets, 'files': self.files}, base + '.json')
+        atomic_json_save({'offsets': offsets, 'files': kept, 'skipped': skipped}, base + '.json')
 
     def __len__(self):
         return len(self.files)
@@ -129,7 +158,7 @@ def rir_files(rir_path):
 
 class Augmenter:
     """Picks one of `AUGMENTATIONS` uniformly and applies it. `musan_path`/`rir_path` may be None; the
-    kinds that would need them are then not drawn."""
+    kinds that would need them are then not drawn. `skipped`: the (path, why) of the banks' unusable files."""
 
     def __init__(self, musan_path, rir_path, sampling_rate, cache_dir):
         self.noise_banks = {}
@@ -139,14 +168,18 @@ class Augmenter:
             if missing:
                 raise UserError(
                     f"--musan_path {musan_path}: no <category>/<subset>/<stem>/*.wav files for {missing}")
-            self.noise_banks = {c: SignalBank(found[c], sampling_rate, cache_dir) for c in MUSAN_CATEGORIES}
+            self.noise_banks = {category: SignalBank(found[category], sampling_rate, cache_dir,
+                                                     f'--musan_path {musan_path} ({category})')
+                                for category in MUSAN_CATEGORIES}
         self.rir_bank = None
         if rir_path:
             files = rir_files(rir_path)
             if not files:
                 raise UserError(f"--rir_path {rir_path}: no <room type>/<room>/*.wav files")
-            self.rir_bank = SignalBank(files, sampling_rate, cache_dir)
+            self.rir_bank = SignalBank(files, sampling_rate, cache_dir, f'--rir_path {rir_path}')
         self.kinds = [k for k in AUGMENTATIONS if self._available(k)]
+        self.skipped = [problem for bank in (*self.noise_banks.values(), self.rir_bank) if bank
+                        for problem in bank.skipped]
 
     def _available(self, kind):
         if kind == 'reverb':

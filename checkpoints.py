@@ -18,6 +18,7 @@ import json
 import os
 import socket
 import tempfile
+import time
 from typing import Optional
 
 import numpy as np
@@ -34,35 +35,55 @@ def current_umask():
 
 def atomic_write(path, write):
     """Call `write(file object)` on a temporary file beside `path`, fsync it, then rename it over `path`,
-    so that `path` holds either the old or the new content, never a partial one."""
+    so that `path` holds either the old or the new content, never a partial one. A write the system refuses
+    (no space left, no permission, a file where a folder should be) is a `UserError` naming `path`."""
     directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix='.' + os.path.basename(path) + '.')
+    tmp = None
     try:
+        os.makedirs(directory, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix='.' + os.path.basename(path) + '.')
         os.fchmod(fd, 0o666 & ~current_umask())  # what open() would give, not mkstemp's owner-only 0600
         with os.fdopen(fd, 'wb') as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
+        dir_fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except BaseException as error:
+        if tmp is not None and os.path.exists(tmp):
             os.remove(tmp)
+        refused = system_error_in(error)
+        if refused is not None:
+            raise UserError(f'{path}: cannot be written ({refused.strerror or refused})') from error
         raise
-    dir_fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
-def remove_partial_writes(folder, names):
+def system_error_in(error):
+    """The OSError that `error` is, or that it was raised while handling (torch.save's writer reports a full
+    disk as a RuntimeError raised while handling the OSError); None if there is none."""
+    while error is not None and not isinstance(error, OSError):
+        error = error.__context__
+    return error
+
+
+def remove_partial_writes(folder, names, idle_seconds=0):
     """Delete the temporary files that `atomic_write` leaves beside `names` (glob patterns of files in `folder`)
-    when a process dies while writing; returns how many. Call it only where no other process writes."""
+    when a process dies while writing; returns how many. Call it only where no other process writes, or give
+    `idle_seconds`: only files unchanged for that long are removed (a live writer keeps its file changing)."""
     found = [p for name in names for p in glob.glob(os.path.join(glob.escape(folder), f'.{name}.*'))]
+    removed = 0
     for path in found:
-        os.remove(path)
-    return len(found)
+        try:
+            if time.time() - os.path.getmtime(path) >= idle_seconds:
+                os.remove(path)
+                removed += 1
+        except FileNotFoundError:  # its writer finished or another process removed it
+            pass
+    return removed
 
 
 def atomic_torch_save(obj, path):
@@ -102,13 +123,19 @@ class FolderLock:
             return None
 
     def acquire(self):
-        os.makedirs(self.folder, exist_ok=True)
+        try:
+            os.makedirs(self.folder, exist_ok=True)
+        except OSError as error:
+            why = 'a file, not a folder' if os.path.isfile(self.folder) else error.strerror
+            raise UserError(f'{self.folder}: cannot hold a run ({why})') from None
         while True:
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
                 self.take_over_if_stale()
                 continue
+            except OSError as error:  # a read-only folder or file system
+                raise UserError(f'{self.folder}: cannot hold a run ({error.strerror})') from None
             with os.fdopen(fd, 'w') as f:
                 f.write(self.me)
             return self
@@ -222,7 +249,8 @@ NUMPY_SCALAR_GLOBALS = [np._core.multiarray.scalar, np.dtype, type(np.dtype(np.f
 @dataclasses.dataclass
 class ResumeState:
     """resume.pt: the state after `epoch` complete epochs. `rng` and `cuda_rng` hold one generator state per
-    process; `partial_epoch`, when a run stopped inside epoch + 1, each process's `EpochProgress` as a dict.
+    process; `partial_epoch`, when a run stopped inside epoch + 1, each process's `EpochProgress` as a dict;
+    `unevaluated`, when `epoch` is trained but not yet evaluated and recorded, its `EpochRecord` as a dict.
     Only tensors, numbers, strings, lists and dicts, so that it loads with `weights_only=True`."""
     epoch: int
     model: dict
@@ -232,6 +260,7 @@ class ResumeState:
     scaler: dict
     eers: list
     partial_epoch: Optional[list] = None
+    unevaluated: Optional[dict] = None
 
     def save(self, path):
         fields = {field.name: getattr(self, field.name) for field in dataclasses.fields(self)}

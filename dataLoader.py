@@ -10,10 +10,11 @@ Stages, each usable alone:
                        augmenter it is given; PairDataset -> two views of one speaker
   EpochSampler, SpeakerPairSampler -> each epoch's order as a pure function of (seed, epoch), sharded
                        over torchrun's processes
-  EvalDataset       -> whole utterances for embedding
+  EvalDataset       -> whole utterances for embedding, with what is wrong with each (unreadable, near-silent)
 Features are not computed here: the model computes them.
 """
 
+import concurrent.futures
 import functools
 import math
 import os
@@ -105,6 +106,18 @@ def duration_problem(seconds):
     return None
 
 
+def unreadable_headers(root, relative_paths, threads=8):
+    """[(relative path, why)] of the files under `root` whose header does not decode or that are too short to
+    embed. Reads headers only, on a few threads: a cluster's file system answers slowly one file at a time."""
+    def problem(relative_path):
+        try:
+            return duration_problem(audio_duration(os.path.join(root, relative_path)))
+        except (OSError, RuntimeError, ValueError) as error:  # soundfile's errors are RuntimeErrors
+            return f'unreadable: {error}'
+    with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+        return [(path, why) for path, why in zip(relative_paths, pool.map(problem, relative_paths)) if why]
+
+
 def audio_problem(audio, skip_silent=True):
     """Why decoded audio cannot be trained on (no samples, NaN or infinite samples, all zeros when
     `skip_silent`), or None."""
@@ -115,6 +128,16 @@ def audio_problem(audio, skip_silent=True):
     if skip_silent and not np.any(audio):
         return 'silent: every sample read is zero'
     return None
+
+
+# Below -80 dBFS RMS an utterance holds next to nothing of a speaker; all-zero ones all get the same embedding,
+# so two of them score 1.0 against each other (and the fainter a file, the closer it comes to that one).
+SILENCE_RMS = 1e-4
+NEAR_SILENT = 'silent or nearly (RMS below -80 dBFS)'
+
+
+def near_silent(audio):
+    return float(np.sqrt(np.mean(np.square(audio, dtype=np.float64)))) < SILENCE_RMS
 
 
 def read_usable_crop(path, length, sampling_rate, rng, skip_silent=True):
@@ -185,7 +208,7 @@ class TrainDataset(torch.utils.data.Dataset):
             except UnusableAudio as problem:
                 skipped.append((self.paths[candidate], str(problem)))
         scope = 'its speaker\'s utterances' if same_speaker_only else 'the substitutes tried'
-        raise RuntimeError(f'{self.paths[index]}: no usable audio among {scope}; first problems: {skipped[:3]} '
+        raise UserError(f'{self.paths[index]}: no usable audio among {scope}; first problems: {skipped[:3]} '
                            f'(--check_data lists every unusable file)')
 
     def __getitem__(self, item):
@@ -322,7 +345,9 @@ class SpeakerPairSampler(ShardedEpochs):
 
 
 class EvalDataset(torch.utils.data.Dataset):
-    """Whole utterances for embedding: (relative path, mono float32 waveform at `sampling_rate`)."""
+    """Whole utterances for embedding: (relative path, mono float32 waveform at `sampling_rate`, problem).
+    The problem is None, `NEAR_SILENT` (embedded all the same, and reported), or why the file cannot be
+    embedded (unreadable, too short, NaN samples; the waveform is then empty)."""
 
     def __init__(self, relative_paths, eval_path, sampling_rate):
         self.relative_paths = relative_paths
@@ -333,5 +358,12 @@ class EvalDataset(torch.utils.data.Dataset):
         return len(self.relative_paths)
 
     def __getitem__(self, i):
-        path = os.path.join(self.eval_path, self.relative_paths[i])
-        return self.relative_paths[i], torch.from_numpy(read_audio(path, self.sampling_rate))
+        name = self.relative_paths[i]
+        try:
+            audio = read_audio(os.path.join(self.eval_path, name), self.sampling_rate)
+        except (OSError, RuntimeError, ValueError) as error:  # soundfile's errors are RuntimeErrors
+            return name, torch.zeros(0), f'unreadable: {error}'
+        problem = duration_problem(len(audio) / self.sampling_rate) or audio_problem(audio, skip_silent=False)
+        if problem:
+            return name, torch.zeros(0), problem
+        return name, torch.from_numpy(audio), NEAR_SILENT if near_silent(audio) else None

@@ -9,6 +9,7 @@ function here is the identity, or says "rank 0 of 1", when the script runs witho
   gather_batch()   -> tensors concatenated over ranks, gradients flowing back to each rank's part
   gather_objects() -> picklable objects from every rank
   any_rank()       -> whether a flag (a stop request) is set on any rank
+  share_buffers_of_main() -> rank 0's batch-norm statistics on every rank, before a checkpoint is evaluated
 """
 
 import datetime
@@ -90,3 +91,11 @@ def any_rank(flag):
     flags = torch.tensor([int(flag)], device=device)
     dist.all_reduce(flags, op=dist.ReduceOp.MAX)
     return bool(flags.item())
+
+
+def share_buffers_of_main(module):
+    """Copy rank 0's buffers (batch-norm statistics) into every rank's `module`. Each rank's last training pass
+    updates its own; the checkpoint rank 0 saves holds rank 0's, and every rank must evaluate those."""
+    if world_size() > 1:
+        for buffer in module.buffers():
+            dist.broadcast(buffer, 0)

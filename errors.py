@@ -4,11 +4,13 @@ A module of its own because every layer raises it (list readers, checkpoint load
 flags), so it sits below all of them in the import graph. Library code raises `UserError` naming the flag,
 file or list line; each command-line entry point runs inside `reported_as_exit`, which prints that message as
 one line and exits with the error's status: 2 for a usage mistake (flags), 1 for bad data. A notebook user
-sees a `ValueError` with the same message.
+sees a `ValueError` with the same message. A `UserError` raised in a DataLoader worker reaches the main
+process wrapped in the worker's traceback; the handler prints only the original message.
 """
 
 import argparse
 import contextlib
+import re
 import sys
 
 
@@ -29,11 +31,20 @@ class ArgumentParser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
+def message_of(error):
+    """The error's own message: for one re-raised from a DataLoader worker ("Caught UserError in DataLoader
+    worker process 0. Original Traceback ..."), the message on the traceback's last line."""
+    message = str(error)
+    if '\nOriginal Traceback' in message:
+        message = re.sub(r'^[\w.]+: ', '', message.rstrip().splitlines()[-1])
+    return message
+
+
 @contextlib.contextmanager
 def reported_as_exit(program):
     """A `UserError` raised inside becomes `program: error: message` on stderr and exit status 1 or 2."""
     try:
         yield
     except UserError as error:
-        print(f'{program}: error: {error}', file=sys.stderr, flush=True)
+        print(f'{program}: error: {message_of(error)}', file=sys.stderr, flush=True)
         raise SystemExit(error.exit_status) from None

@@ -31,14 +31,17 @@ class ListLine(NamedTuple):
     text: str
 
 
-def list_lines(path, what):
-    """The non-blank lines of the list file `path` (a `what`: 'training list', 'trial list', ...)."""
+def list_lines(path, what, drop_unfinished=False):
+    """The non-blank lines of the list file `path` (a `what`: 'training list', 'trial list', ...). With
+    `drop_unfinished`, a last line without its newline (an append that a crash cut short) is left out."""
     try:
         f = open(path, 'rb')
     except OSError as error:
         raise UserError(f'{path}: cannot read the {what}: {error.strerror}') from error
     with f:
         for number, raw in enumerate(f, start=1):
+            if drop_unfinished and not raw.endswith(b'\n'):
+                return
             try:
                 text = raw.decode('utf-8')
             except UnicodeDecodeError as error:
@@ -119,7 +122,7 @@ class TrialList:
 
 def read_trials(path):
     """`<0|1> <enroll> <test>` lines, or `<enroll> <test>` throughout (the official test-phase format);
-    raises naming a malformed line, or an empty list."""
+    raises naming a malformed line, an empty list, or labels of one class only."""
     rows, width = [], None
     for line in list_lines(path, 'trial list'):
         width = width or len(line.fields)
@@ -129,6 +132,8 @@ def read_trials(path):
     if not rows:
         raise UserError(f'{path}: the trial list is empty')
     labels = np.array([int(line.fields[0]) for line in rows]) if width == 3 else None
+    if labels is not None:
+        require_both_classes(path, labels)
     return TrialList(path, labels, [line.fields[-2] for line in rows], [line.fields[-1] for line in rows],
                      [line.number for line in rows], os.path.basename(path))
 
@@ -157,7 +162,7 @@ def read_path_list(path):
 
 
 def read_score_file(path):
-    """(scores, labels) of a score file with `enroll test score label` lines."""
+    """(scores, labels) of a score file with `enroll test score label` lines, of both classes."""
     scores, labels = [], []
     for line in list_lines(path, 'score file'):
         fields = line.fields
@@ -170,7 +175,15 @@ def read_score_file(path):
             raise malformed(path, line, "'<enroll> <test> <finite score> <0|1>'") from None
     if not scores:
         raise UserError(f"{path}: no scores")
-    return np.array(scores), np.array(labels)
+    return np.array(scores), require_both_classes(path, np.array(labels))
+
+
+def require_both_classes(path, labels):
+    """`labels`, unless they are all of one class, which makes EER and minDCF meaningless."""
+    if labels.min() == labels.max():
+        raise UserError(f'{path}: every trial has label {labels[0]}; EER and minDCF need target (1) and '
+                        f'non-target (0) trials')
+    return labels
 
 
 def write_score_file(path, enroll, test, scores, labels=None):

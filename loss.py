@@ -49,6 +49,7 @@ class InfoNCE(nn.Module):
     (AAM-InfoNCE) each positive cosine cos(theta) becomes cos(theta + margin) before scaling.
     `forward(u, v)` returns (loss, logits [B, B] with the margin applied)."""
 
+    INITIAL_SCALE = 1 / 0.07
     MAX_SCALE = 100.0
 
     def __init__(self, margin=0.0, scale=None):
@@ -56,7 +57,7 @@ class InfoNCE(nn.Module):
         self.margin = margin
         self.fixed_scale = scale
         if scale is None:
-            self.log_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+            self.log_scale = nn.Parameter(torch.tensor(math.log(self.INITIAL_SCALE)))
 
     def scale(self):
         """The logit scale: a float when fixed, else exp of the clamped learnable log-scale (a tensor)."""
@@ -129,7 +130,11 @@ class JointObjective(nn.Module):
             self.classifier = AAMsoftmax(n_class, m, s, embedding_dim)
         self.contrastive_margin = loss == 'aam_infonce'
         if contrastive_weight > 0 or matching_weight > 0:
-            self.contrastive = InfoNCE(m if self.contrastive_margin else 0.0, s if fixed_scale else None)
+            # Without the contrastive term a learnable scale would get no gradient (and DistributedDataParallel
+            # would wait for one): the hard negatives are then drawn at the scale it starts from.
+            learnable = contrastive_weight > 0 and not fixed_scale
+            self.contrastive = InfoNCE(m if self.contrastive_margin else 0.0,
+                                       None if learnable else (s if fixed_scale else InfoNCE.INITIAL_SCALE))
         if matching_weight > 0:
             self.matching = PairMatchingHead(embedding_dim)
 

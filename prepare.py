@@ -16,6 +16,7 @@ PyPI, FFmpeg's libraries built into its wheel); everything else is read with sou
 
 import argparse
 import collections
+import concurrent.futures
 import multiprocessing
 import os
 import shutil
@@ -65,13 +66,40 @@ def convert_one(job):
         return f'{source}: {type(error).__name__}: {error}'
 
 
+def apply_to_chunk(function, jobs):
+    return [function(job) for job in jobs]
+
+
+def map_in_processes(function, jobs, workers, description, chunk=16, **progress):
+    """[function(job) for job in jobs], computed in `workers` spawned processes (in this one for 1) with a
+    progress bar (`progress`: tqdm's options). A worker that dies (the OOM killer, a crashing decoder) ends
+    the map: a `UserError` naming the files (each job's first item) that were not processed."""
+    if workers <= 1:
+        return [function(job) for job in tqdm.tqdm(jobs, desc=description, unit='file', **progress)]
+    results = [None] * len(jobs)
+    finished = [False] * len(jobs)
+    context = multiprocessing.get_context('spawn')
+    with tqdm.tqdm(total=len(jobs), desc=description, unit='file', **progress) as bar, \
+            concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
+        futures = {pool.submit(apply_to_chunk, function, jobs[start:start + chunk]): start
+                   for start in range(0, len(jobs), chunk)}
+        try:
+            for future in concurrent.futures.as_completed(futures):
+                start = futures[future]
+                done = future.result()
+                results[start:start + len(done)] = done
+                finished[start:start + len(done)] = [True] * len(done)
+                bar.update(len(done))
+        except concurrent.futures.process.BrokenProcessPool:
+            left = [job[0] for job, complete in zip(jobs, finished) if not complete]
+            raise UserError(f'{description}: a worker process died (killed for memory?); {len(left)} files were '
+                            f'not processed, e.g. {", ".join(map(str, left[:PROBLEMS_SHOWN]))}') from None
+    return results
+
+
 def run_jobs(function, jobs, workers, description):
     """`function` over `jobs` in `workers` processes with a progress bar; returns the non-None results."""
-    if workers <= 1:
-        return [failure for failure in map(function, tqdm.tqdm(jobs, desc=description, unit='file')) if failure]
-    with multiprocessing.get_context('spawn').Pool(workers) as pool:
-        return [failure for failure in tqdm.tqdm(pool.imap_unordered(function, jobs, chunksize=8), total=len(jobs),
-                                                  desc=description, unit='file') if failure]
+    return [failure for failure in map_in_processes(function, jobs, workers, description) if failure]
 
 
 def convert_m4a(source_root, target_root, sampling_rate=16000, workers=1, extension='.m4a'):
@@ -282,13 +310,9 @@ def check_data(args, out=None):
             continue
         decode = evenly_spread(len(paths), args.check_decode)
         jobs = [(path, i in decode, skip_silent) for i, path in enumerate(paths)]
-        workers = max(1, args.n_cpu)
-        if workers > 1 and len(jobs) > 64:
-            with multiprocessing.get_context('spawn').Pool(workers) as pool:
-                results = list(tqdm.tqdm(pool.imap(inspect_file, jobs, chunksize=32), total=len(jobs), desc='check',
-                                         unit='file', file=out, disable=len(jobs) < 1000))
-        else:
-            results = [inspect_file(job) for job in jobs]
+        workers = max(1, args.n_cpu) if len(jobs) > 64 else 1
+        results = map_in_processes(inspect_file, jobs, workers, 'check', chunk=32, file=out,
+                                   disable=len(jobs) < 1000)
         found = sorted(((references[path] or ('', 0))[1], path, result['problem'])
                        for path, result in zip(paths, results) if 'problem' in result)
         for line, path, problem in found:

@@ -96,10 +96,16 @@ def append_metrics(path, record):
 
 
 def read_metrics(path):
+    """The records of metrics.jsonl, without a last line that a crash left unfinished."""
     if not os.path.exists(path):
         return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    records = []
+    for line in list_lines(path, 'metrics log', drop_unfinished=True):
+        try:
+            records.append(json.loads(line.text))
+        except json.JSONDecodeError:
+            raise malformed(path, line, 'one JSON object a line') from None
+    return records
 
 
 def forget_epochs_after(epoch, score_path, metrics_path):
@@ -107,7 +113,7 @@ def forget_epochs_after(epoch, score_path, metrics_path):
     resume state), so that the continued run does not log them twice."""
     if os.path.exists(score_path):
         lines = []
-        for line in list_lines(score_path, 'score log'):
+        for line in list_lines(score_path, 'score log', drop_unfinished=True):
             if not line.fields[0].isdigit():
                 raise malformed(score_path, line, "'<epoch> epoch, ...'")
             if int(line.fields[0]) <= epoch:

@@ -10,6 +10,7 @@ is stored as one vector v = [f, mean_i c_i] / sqrt(2), and a trial's score is th
 import copy
 import dataclasses
 import hashlib
+import importlib.util
 import json
 import math
 import os
@@ -26,7 +27,7 @@ import tqdm
 import distributed
 from checkpoints import (atomic_torch_save, atomic_write, encoder_config_path, encoder_weights,
                          load_state_dict_file, mismatches)
-from dataLoader import EvalDataset, leave_signals_to_parent, read_audio, resample, wrap_pad
+from dataLoader import NEAR_SILENT, EvalDataset, leave_signals_to_parent, read_audio, resample, wrap_pad
 from errors import UserError
 from model import ConvMelSpectrogram, build_encoder, crop_samples
 
@@ -147,23 +148,49 @@ def utterance_vectors(encoder, waveforms, device, max_seconds=60.0):
 
 
 def transpose(items):
-    """[(name, waveform), ...] -> ([names], [waveforms]): a batch of unequal lengths, kept as lists."""
+    """[(name, waveform, problem), ...] -> ([names], [waveforms], [problems]): a batch of unequal lengths."""
     return tuple(list(column) for column in zip(*items))
 
 
-def embed_files(encoder, relative_paths, root, device, n_cpu=0, batch_size=16, progress=True):
-    """Protocol vectors for every file, read by `n_cpu` loader workers; returns {relative path: vector}."""
+def embed_files(encoder, relative_paths, root, device, n_cpu=0, batch_size=16, progress=True, unusable=None):
+    """Protocol vectors for every file, read by `n_cpu` loader workers; returns {relative path: vector}.
+
+    A file that cannot be embedded (unreadable, shorter than a window, NaN samples, or giving a non-finite
+    embedding) is a `UserError` naming every such file, or, given an `unusable` list, is appended to it as
+    (path, why) and left out. Near-silent files are embedded and reported on stdout (with `progress`): all-zero
+    files all get the same vector, so two of them score 1.0, and fainter files come closer to it."""
     encoder.eval()
     dataset = EvalDataset(relative_paths, root, encoder.sampling_rate)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=n_cpu,
                                          collate_fn=transpose, worker_init_fn=leave_signals_to_parent)
-    vectors = {}
+    vectors, problems, silent = {}, [], []
     with tqdm.tqdm(total=len(dataset), desc='embedding', unit='utt', disable=not progress) as bar:
-        for names, waveforms in loader:
-            for name, vector in zip(names, utterance_vectors(encoder, waveforms, device)):
-                vectors[name] = vector
+        for names, waveforms, found in loader:
+            silent += [name for name, problem in zip(names, found) if problem == NEAR_SILENT]
+            problems += [(name, problem) for name, problem in zip(names, found) if problem not in (None, NEAR_SILENT)]
+            usable = [i for i, problem in enumerate(found) if problem in (None, NEAR_SILENT)]
+            if usable:
+                batch = utterance_vectors(encoder, [waveforms[i] for i in usable], device)
+                for i, vector in zip(usable, batch):
+                    if torch.isfinite(vector).all():
+                        vectors[names[i]] = vector
+                    else:
+                        problems.append((names[i], 'its embedding is not finite: are the weights?'))
             bar.update(len(names))
+    if silent and progress:
+        print(f'{root}: {len(silent)} files are {NEAR_SILENT}, e.g. {", ".join(silent[:3])}: they hold next to '
+              f'nothing of a speaker, and all-zero files score 1.0 against each other', flush=True)
+    if problems and unusable is None:
+        raise unembeddable(root, problems)
+    if unusable is not None:
+        unusable += problems
     return vectors
+
+
+def unembeddable(root, problems):
+    """The `UserError` for files of `root` that cannot be embedded, [(path, why), ...]."""
+    return UserError(f'{root}: {len(problems)} files cannot be embedded, e.g. '
+                     + '; '.join(f'{name} ({why})' for name, why in problems[:3]))
 
 
 def score_trials(vectors, enroll, test):
@@ -311,10 +338,15 @@ class ListResult:
 def embed_for(encoder, files, root, device, n_cpu=0, cache_dir=None, identity=None):
     """{file: protocol vector}. Under torchrun each process embeds every world_size-th file and all of them
     receive every vector; otherwise, given a `cache_dir` and the checkpoint's `identity`, vectors are cached."""
-    if distributed.world_size() > 1:
+    if distributed.world_size() > 1:  # every process raises alike, none is left waiting for the others
+        unusable = []
         part = embed_files(encoder, files[distributed.rank()::distributed.world_size()], root, device,
-                           n_cpu=n_cpu, progress=distributed.is_main())
-        return {name: vector for vectors in distributed.gather_objects(part) for name, vector in vectors.items()}
+                           n_cpu=n_cpu, progress=distributed.is_main(), unusable=unusable)
+        gathered = distributed.gather_objects((part, unusable))
+        problems = [problem for _, found in gathered for problem in found]
+        if problems:
+            raise unembeddable(root, problems)
+        return {name: vector for vectors, _ in gathered for name, vector in vectors.items()}
     if identity is None:
         return embed_files(encoder, files, root, device, n_cpu=n_cpu)
     return cached_embed_files(encoder, files, root, device, cache_dir, identity, n_cpu=n_cpu)
@@ -418,6 +450,8 @@ def export_torchscript(encoder, path):
 
 def export_onnx(encoder, path):
     """An ONNX graph (opset 17) with input `waveform` [batch, samples] and output `embedding`."""
+    if importlib.util.find_spec('onnx') is None:
+        raise UserError(f'{path}: ONNX export needs the onnx package (pip install -r requirements-extras.txt)')
     module = ExportableEncoder(encoder)
     directory = os.path.dirname(os.path.abspath(path))
     with tempfile.TemporaryDirectory(dir=directory) as tmp:

@@ -71,8 +71,7 @@ def build_parser():
     data.add_argument('--skip_silent', default='on', choices=['on', 'off'],
                       help='on: a training crop that is all zeros is replaced like an unreadable file; off: it is '
                            'trained on (it yields finite features and losses)')
-    data.add_argument('--cache_dir', default=default_cache_dir(),
-                      help='where decoded noise and impulse-response banks are kept')
+    data.add_argument('--cache_dir', default=default_cache_dir(), help='decoded noise and impulse-response banks')
     data.add_argument('--check_data', action='store_true',
                       help='check that every file the given lists and folders name decodes to usable audio; '
                            'report counts, durations, rates, speakers and problems with their list lines')
@@ -103,10 +102,8 @@ def build_parser():
                            help='number of classes (default: the speakers in the training list)')
     objective.add_argument('--classifier_weight', type=float, default=0.8,
                            help='clip/blip: weight of the AAM-softmax term on view 1 (0: no classifier)')
-    objective.add_argument('--contrastive_weight', type=float, default=0.2,
-                           help='clip/blip: weight of the InfoNCE / AAM-InfoNCE term')
-    objective.add_argument('--matching_weight', type=float, default=0.2,
-                           help='blip: weight of the pair-matching cross-entropy')
+    objective.add_argument('--contrastive_weight', type=float, default=0.2, help='clip/blip: InfoNCE weight')
+    objective.add_argument('--matching_weight', type=float, default=0.2, help='blip: pair-matching weight')
     objective.add_argument('--hard_negative', default='softmax', choices=['softmax', 'argmax'],
                            help='blip: draw each negative with probability softmax(similarity), or take the '
                                 'most similar')
@@ -150,8 +147,7 @@ def build_parser():
                           help='mixed precision of the encoder\'s forward pass (default: bf16 on CUDA, off on CPU); '
                                'features and losses stay float32; fp16 adds dynamic loss scaling')
     training.add_argument('--compile', action='store_true', help='torch.compile the encoder for training steps')
-    training.add_argument('--grad_clip', type=float, default=0.0,
-                          help='clip the gradients\' global L2 norm to this value (0: no clipping)')
+    training.add_argument('--grad_clip', type=float, default=0.0, help='clip the global gradient L2 norm (0: off)')
     training.add_argument('--gpu_augment', action='store_true',
                           help='add noise and reverberation on --device, batch by batch, not in the loader workers')
 
@@ -318,8 +314,6 @@ def run_score_files(args):
     results = {}
     for path in args.score_file:
         scores, labels = read_score_file(path)
-        if labels.min() == labels.max():
-            raise UserError(f'{path}: every trial has label {labels[0]}; EER and minDCF need both 0 and 1')
         results[path] = verification_metrics(scores, labels)
         print(f'{path}: {len(scores)} trials, {results[path].text()}')
     return results
@@ -363,17 +357,23 @@ def run_eval(args):
 
 def run_extract(args):
     """Embed every file of a folder or a list (one path per line, its last field, relative to --eval_path or
-    else to the list's folder) and save {'paths', 'embeddings', 'vectors', 'model'} to --out."""
+    else to the list's folder) and save {'paths', 'embeddings', 'vectors', 'model', 'skipped'} to --out; files
+    that cannot be embedded are skipped and listed."""
     device = torch.device(args.device)
     encoder = load_initial_encoder(args, device)
     root, references = files_to_embed(args.extract, args.eval_path)
-    paths = list(references)
-    vectors = embed_files(encoder, paths, root, device, n_cpu=args.n_cpu)
-    stacked = torch.stack([vectors[p] for p in paths])
+    skipped = []
+    vectors = embed_files(encoder, list(references), root, device, n_cpu=args.n_cpu, unusable=skipped)
+    print(''.join(f'{args.extract}: skipped {path} ({why})\n' for path, why in skipped), end='')
+    if not vectors:
+        raise UserError(f'--extract {args.extract}: none of its {len(references)} files can be embedded')
+    paths = list(vectors)  # in the order of --extract
+    stacked = torch.stack(list(vectors.values()))
     atomic_torch_save({'paths': paths, 'embeddings': F.normalize(stacked[:, :encoder.embedding_dim], dim=1),
-                       'vectors': stacked, 'model': args.initial_model, 'sampling_rate': encoder.sampling_rate},
-                      args.out)
-    print(f'{args.out}: {len(paths)} embeddings of {encoder.embedding_dim} dimensions')
+                       'vectors': stacked, 'model': args.initial_model, 'sampling_rate': encoder.sampling_rate,
+                       'skipped': [list(problem) for problem in skipped]}, args.out)
+    print(f'{args.out}: {len(paths)} embeddings of {encoder.embedding_dim} dimensions'
+          + (f', {len(skipped)} files skipped' if skipped else ''))
 
 
 def check_check_data(args):

@@ -25,8 +25,9 @@ import tqdm
 import distributed
 from augment import Augmenter, DeviceAugmenter
 from checkpoints import FolderLock, ResumeState, load_encoder_weights, remove_partial_writes, save_checkpoint
-from dataLoader import EpochSampler, PairDataset, SpeakerPairSampler, TrainDataset, collate, leave_signals_to_parent
-from errors import UsageError, UserError
+from dataLoader import (EpochSampler, PairDataset, SpeakerPairSampler, TrainDataset, collate, leave_signals_to_parent,
+                        unreadable_headers)
+from errors import UsageError, UserError, message_of
 from lists import cohort_entries, distinct_names, read_train_list, read_trials, require_files, speaker_labels
 from loss import AAMsoftmax, build_objective
 from model import build_encoder
@@ -144,8 +145,10 @@ class TrainingStep:
 
 class StopRequest:
     """Set by SIGINT or SIGTERM while installed: training then finishes its current step, saves its state and
-    exits 0. A second signal interrupts at once. Under torchrun `requested()` is true on every process as
-    soon as one of them got a signal, so all stop after the same step."""
+    exits 0. A second Ctrl-C (SIGINT) interrupts at once; further SIGTERMs are ignored, since launchers pass
+    on the scheduler's SIGTERM that the whole process group already got (torchrun does). Under torchrun
+    `requested()` is true on every process as soon as one of them got a signal, so all stop after the same
+    step."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -164,9 +167,12 @@ class StopRequest:
 
     def handle(self, number, _frame):
         if self.received is not None:
-            raise KeyboardInterrupt
+            if number == signal.SIGINT:
+                raise KeyboardInterrupt
+            return
         self.received = signal.Signals(number).name
-        print(f'\n{self.received} received: stopping after this step (again to stop at once)', flush=True)
+        print(f'\n{self.received} received: stopping after this step'
+              + (' (Ctrl-C again to stop at once)' if number == signal.SIGINT else ''), flush=True)
 
     def requested(self):
         return distributed.any_rank(self.received is not None)
@@ -273,10 +279,16 @@ def training_loader(args, entries, augmenter, device):
 
 
 def read_trial_lists(args):
-    """Every --eval_list, after checking that each file it names is under --eval_path."""
+    """Every --eval_list, after checking that each file it names is under --eval_path and has a header that
+    decodes, so that a bad file stops a run before its first step, not at its first evaluation."""
     trial_lists = distinct_names([read_trials(path) for path in args.eval_list])
     for trials in trial_lists:
-        require_files(trials.references(), args.eval_path, trials.path)
+        references = trials.references()
+        require_files(references, args.eval_path, trials.path)
+        problems = unreadable_headers(args.eval_path, list(references))
+        if problems:
+            raise UserError(f'{trials.path}: {len(problems)} files cannot be used, e.g. '
+                            + '; '.join(f'line {references[path]}: {path} ({why})' for path, why in problems[:3]))
     return trial_lists
 
 
@@ -328,6 +340,8 @@ class TrainingRun:
             + (f', {distributed.world_size()} processes' if distributed.world_size() > 1 else ''))
         self.resume = self.restore()
         augmenter = Augmenter(args.musan_path, args.rir_path, args.sampling_rate, args.cache_dir)
+        for path, why in augmenter.skipped:
+            log(f'augmentation: skipped {path} ({why})')
         device_augmenter = None
         if args.gpu_augment:  # the loader workers only read and crop
             device_augmenter, augmenter = DeviceAugmenter(augmenter, self.device), None
@@ -348,7 +362,8 @@ class TrainingRun:
                     log(f'{folder}: removed {removed} temporary files of writes a stopped run left unfinished')
             write_config(os.path.join(args.save_path, 'config.json'), args, self.device, distributed.world_size(),
                          self.first_epoch - 1)
-            forget_epochs_after(self.first_epoch - 1, self.score_path, self.metrics_path)
+            recorded = self.first_epoch - 1 - (1 if self.resume and self.resume.unevaluated else 0)
+            forget_epochs_after(recorded, self.score_path, self.metrics_path)
             if args.tensorboard:
                 self.tensorboard = TensorBoard(os.path.join(args.save_path, 'tensorboard'))
 
@@ -411,16 +426,17 @@ class TrainingRun:
                              f'from --initial_model {given or "(none)"}: give that run\'s --initial_model to '
                              f'continue it, or another --save_path to start a new run')
 
-    def save_resume(self, epoch, partial=None):
+    def save_resume(self, epoch, partial=None, unevaluated=None):
         """resume.pt: the state after `epoch` complete epochs and, when stopped inside the next one, every
-        process's `EpochProgress` of that epoch."""
+        process's `EpochProgress` of that epoch; or, when `epoch` is still to evaluate, its EpochRecord."""
         rng = distributed.gather_objects(torch.get_rng_state())
         cuda_rng = (distributed.gather_objects(torch.cuda.get_rng_state(self.device))
                     if self.device.type == 'cuda' else None)
         partials = distributed.gather_objects(dataclasses.asdict(partial)) if partial is not None else None
         if distributed.is_main():
             ResumeState(epoch, self.model.state_dict(), self.optimizer.state_dict(), rng, cuda_rng,
-                        self.step_fn.scaler.state_dict(), self.eers, partials).save(self.resume_path)
+                        self.step_fn.scaler.state_dict(), self.eers, partials,
+                        unevaluated and dataclasses.asdict(unevaluated)).save(self.resume_path)
 
     def progress_at(self, epoch):
         """This process's EpochProgress to continue `epoch` from: the stopped one's on resume, else fresh."""
@@ -439,6 +455,8 @@ class TrainingRun:
         stopped = train_one_epoch(self.step_fn, self.loader, epoch, self.schedule, self.args.seed, progress, stop,
                                   self.reported)
         torch.backends.cudnn.benchmark = False  # evaluation sees every utterance length once
+        if not stopped:
+            distributed.share_buffers_of_main(self.model)
         return progress, stopped
 
     def epoch_record(self, epoch, progress, started):
@@ -464,13 +482,27 @@ class TrainingRun:
             log(f'epoch {epoch}: {record.bad_steps} steps skipped for a non-finite loss or gradients')
         return record
 
-    def checkpoint_and_evaluate(self, record):
-        """Save model_XXXX.model, score the trial lists with it, and log the score.txt line."""
-        epoch = record.epoch
+    def evaluated(self, epoch):
+        return epoch % self.args.test_step == 0 or epoch == self.args.max_epoch
+
+    def save_trained(self, record):
+        """Before an evaluation: model_XXXX.model, and resume.pt holding the epoch as trained, not evaluated,
+        so that an evaluation that fails loses no training."""
         if distributed.is_main():
             save_checkpoint(self.model.checkpoint_state(), encoder_config(self.args),
-                            os.path.join(self.model_dir, f'model_{epoch:04d}.model'))
-        results = evaluate_encoder(self.model.speaker_encoder, self.args, self.device, self.trial_lists, self.cohort)
+                            os.path.join(self.model_dir, f'model_{record.epoch:04d}.model'))
+        self.save_resume(record.epoch, unevaluated=record)
+
+    def evaluate_epoch(self, record):
+        """Score the trial lists with the model as trained to `record.epoch`; log the score.txt line."""
+        epoch = record.epoch
+        try:
+            results = evaluate_encoder(self.model.speaker_encoder, self.args, self.device, self.trial_lists,
+                                       self.cohort)
+        except UserError as error:
+            raise UserError(f'epoch {epoch} is trained and saved in {self.resume_path}, but its evaluation failed: '
+                            f'{message_of(error)}; once that is put right, run the same command again to evaluate '
+                            f'epoch {epoch} and continue') from error
         self.eers.append(next(r.metrics.eer for r in results.values() if r.metrics))
         line = score_line(record, results, min(self.eers))
         log(time.strftime('%Y-%m-%d %H:%M:%S'), line)
@@ -479,6 +511,13 @@ class TrainingRun:
             with open(self.score_path, 'a') as f:
                 f.write(line + '\n')
         return results
+
+    def finish_epoch(self, record, started):
+        """Evaluate a trained epoch when it is due, write its records, and save resume.pt after it."""
+        results = self.evaluate_epoch(record) if self.evaluated(record.epoch) else None
+        record.epoch_seconds = time.time() - started
+        self.write_records(record, results)
+        self.save_resume(record.epoch)
 
     def write_records(self, record, results):
         """metrics.jsonl, TensorBoard and, for an evaluated epoch, the plots."""
@@ -496,6 +535,10 @@ class TrainingRun:
         """Epochs from the first unfinished one to --max_epoch; returns False when stopped by a signal."""
         args = self.args
         with StopRequest() as stop:
+            if self.resume is not None and self.resume.unevaluated:
+                record = EpochRecord(**self.resume.unevaluated)
+                log(f'Evaluating epoch {record.epoch}, trained before the last run stopped')
+                self.finish_epoch(record, time.time() - record.train_seconds)
             for epoch in range(self.first_epoch, args.max_epoch + 1):
                 started = time.time()
                 try:
@@ -509,12 +552,9 @@ class TrainingRun:
                         f'saved in {self.resume_path}. Run the same command again to continue.')
                     return False
                 record = self.epoch_record(epoch, progress, started)
-                results = None
-                if epoch % args.test_step == 0 or epoch == args.max_epoch:
-                    results = self.checkpoint_and_evaluate(record)
-                record.epoch_seconds = time.time() - started
-                self.write_records(record, results)
-                self.save_resume(epoch)
+                if self.evaluated(epoch):
+                    self.save_trained(record)
+                self.finish_epoch(record, started)
                 if epoch < args.max_epoch and stop.requested():
                     log(f'Stopped by {stop.describe()} after epoch {epoch}; the state is saved in '
                         f'{self.resume_path}. Run the same command again to continue.')
@@ -543,6 +583,8 @@ def run_training(args):
             return run.run()
         finally:
             run.close()
+    except OSError as error:  # what the system refused: a full disk, a file system gone read-only, ...
+        raise UserError(f'{error.filename or args.save_path}: {error.strerror or error}') from error
     finally:
         if distributed.is_main():
             lock.release()

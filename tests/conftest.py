@@ -6,6 +6,7 @@
   cli_error        runs trainECAPAModel.main expecting a user error: (exit status, stderr, stdout)
   shared_data      a path under ../shared/data, or a skip when that folder is not beside the checkout
   broken_corpus    the tiny corpus with one unusable file of each BROKEN kind listed under its first speaker
+assert_same_checkpoints(a, b)  two checkpoint files hold bit-identical tensors
 The long-running modules are collected first (`pytest_collection_modifyitems`).
 """
 
@@ -26,6 +27,13 @@ import trainECAPAModel  # noqa: E402
 
 if os.environ.get('PYTEST_XDIST_WORKER'):
     torch.set_num_threads(1)  # one process per core (pytest -n): no two workers fight over a core
+
+
+def assert_same_checkpoints(a, b):
+    a, b = torch.load(a, weights_only=True), torch.load(b, weights_only=True)
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
 
 
 @pytest.fixture(scope='session')

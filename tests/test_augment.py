@@ -175,11 +175,11 @@ def test_device_augmentation_draws_kinds_as_the_cpu_path(banks, cache_dir):
 def test_banks_decode_once_and_match_the_files(banks, cache_dir, monkeypatch):
     musan, _ = banks
     files = sorted(os.path.join(d, f) for d, _, fs in os.walk(os.path.join(musan, 'music')) for f in fs)
-    bank = SignalBank(files, 8000, cache_dir)
+    bank = SignalBank(files, 8000, cache_dir, 'test files')
     for i, path in enumerate(files):
         np.testing.assert_array_equal(bank[i], read_audio(path, 8000))
     monkeypatch.setattr(SignalBank, '_build', lambda *a: pytest.fail('decoded again'))
-    again = SignalBank(files, 8000, cache_dir)
+    again = SignalBank(files, 8000, cache_dir, 'test files')
     np.testing.assert_array_equal(again[1], bank[1])
     # Workers receive the file name, not a copy of the samples.
     shipped = pickle.dumps(bank)
@@ -196,3 +196,65 @@ def test_missing_musan_categories_are_reported(tmp_path, cache_dir):
     (tmp_path / 'rirs').mkdir()
     with pytest.raises(UserError, match='--rir_path .*rirs: no <room type>/<room>/'):
         Augmenter(None, str(tmp_path / 'rirs'), RATE, cache_dir)
+
+
+def test_unusable_noise_and_impulse_response_files_are_named_and_left_out_of_their_banks(banks, cache_dir):
+    musan, rirs = banks
+    broken = {os.path.join(musan, 'noise', 'sub', 'noise0', '00001.wav'): np.full(RATE, np.nan, np.float32),
+              os.path.join(musan, 'music', 'sub', 'music0', '00001.wav'): np.zeros(RATE, np.float32),
+              os.path.join(rirs, 'smallroom', 'Room0', 'zero.wav'): np.zeros(4000, np.float32)}
+    for path, audio in broken.items():
+        soundfile.write(path, audio, RATE, subtype='FLOAT')
+    undecodable = os.path.join(rirs, 'smallroom', 'Room1', 'bad.wav')
+    with open(undecodable, 'wb') as f:
+        f.write(b'RIFF not really a wave file')
+    augmenter = Augmenter(musan, rirs, RATE, cache_dir)
+    reasons = dict(augmenter.skipped)
+    assert sorted(reasons) == sorted([*broken, undecodable])
+    assert reasons[os.path.join(musan, 'noise', 'sub', 'noise0', '00001.wav')] == 'NaN or infinite samples'
+    assert reasons[os.path.join(rirs, 'smallroom', 'Room0', 'zero.wav')].startswith('silent')
+    assert reasons[undecodable].startswith('unreadable')
+    assert len(augmenter.noise_banks['noise']) == 3 and len(augmenter.rir_bank) == 2
+    rng = np.random.default_rng(0)
+    for _ in range(20):  # every kind draws only usable files now
+        assert np.isfinite(augmenter(speech_like(), rng)).all()
+    for path in rir_files_of(rirs):
+        if path not in broken and path != undecodable:
+            os.remove(path)
+    with pytest.raises(UserError, match=r'--rir_path .*rirs: none of its 2 files is usable, e\.g\. .*bad\.wav'):
+        Augmenter(None, rirs, RATE, cache_dir)
+
+
+def rir_files_of(rirs):
+    return [os.path.join(d, f) for d, _, fs in os.walk(rirs) for f in fs]
+
+
+def test_a_bank_build_cut_short_leaves_nothing_after_the_next_build(banks, cache_dir):
+    musan, _ = banks
+    Augmenter(musan, None, RATE, cache_dir)
+    stale = os.path.join(cache_dir, '.bank-0123456789abcdef.f32.k2j3h4')  # as a killed build leaves it
+    live = os.path.join(cache_dir, '.bank-fedcba9876543210.f32.a1b2c3')   # another run building right now
+    for path in (stale, live):
+        with open(path, 'wb') as f:
+            f.write(b'\0' * 1024)
+    os.utime(stale, (0, 0))
+    new_noise = os.path.join(musan, 'noise', 'sub', 'noise9', '00000.wav')
+    os.makedirs(os.path.dirname(new_noise))
+    soundfile.write(new_noise, speech_like(), RATE)  # a changed set: its bank is built
+    Augmenter(musan, None, RATE, cache_dir)
+    assert not os.path.exists(stale) and os.path.exists(live)
+
+
+@pytest.mark.parametrize('damage', ['truncated samples', 'corrupt JSON'])
+def test_a_damaged_bank_in_the_cache_is_built_again(banks, cache_dir, damage):
+    musan, _ = banks
+    files = sorted(os.path.join(d, f) for d, _, fs in os.walk(os.path.join(musan, 'music')) for f in fs)
+    bank = SignalBank(files, RATE, cache_dir, 'test files')
+    if damage == 'truncated samples':
+        os.truncate(bank.path, os.path.getsize(bank.path) // 2)
+    else:
+        with open(bank.path[:-len('.f32')] + '.json', 'w') as f:
+            f.write('{"offsets": [0, ')
+    again = SignalBank(files, RATE, cache_dir, 'test files')
+    for i, path in enumerate(files):
+        np.testing.assert_array_equal(again[i], read_audio(path, RATE))

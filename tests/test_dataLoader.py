@@ -127,7 +127,7 @@ def test_a_pair_speaker_without_any_usable_utterance_is_an_error_naming_it(tmp_p
     entries = [TrainEntry('a', 'silent.wav'), TrainEntry('a', 'nan.wav'), TrainEntry('b', 'good.wav')]
     dataset = PairDataset(entries, str(tmp_path), 40, 16000,
                           None, seed=0)
-    with pytest.raises(RuntimeError, match="silent.wav: no usable audio among its speaker's utterances"):
+    with pytest.raises(UserError, match="silent.wav: no usable audio among its speaker's utterances"):
         dataset[(0, 1, 1)]
     view_a, view_b, label, skipped = dataset[(2, 2, 1)]
     assert label == 1 and skipped == []

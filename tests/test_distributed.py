@@ -1,11 +1,18 @@
 """distributed.py: torchrun with the gloo backend on CPU, two processes, as a user would launch them."""
 
 import os
+import re
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
+
+import trainECAPAModel
+from conftest import assert_same_checkpoints
+from records import read_metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -39,16 +46,78 @@ def test_gathered_contrastive_loss_and_gradients_equal_one_process_over_the_glob
     assert all(abs(float(rank['loss'] - single['loss'])) > 1e-3 for rank in local)
 
 
-@pytest.mark.parametrize('mode', ['classifier', 'clip'])
-def test_torchrun_trains_with_two_processes_and_one_writer(tiny_corpus, train_argv, tmp_path, mode):
-    args = train_argv(tiny_corpus, tmp_path, '--mode', mode, '--batch_size', '3', '--max_epoch', '1')
-    output = torchrun(os.path.join(ROOT, 'trainECAPAModel.py'), *args)
+@pytest.fixture(scope='module')
+def torchrun_argv(tiny_corpus, train_argv):
+    """torchrun_argv(save_path, *extra): trainECAPAModel.py and the flags of a tiny run on two processes."""
+    def argv(save_path, *extra):
+        return [os.path.join(ROOT, 'trainECAPAModel.py'),
+                *train_argv(tiny_corpus, save_path, '--batch_size', '3', '--n_cpu', '1', *extra)]
+    return argv
+
+
+@pytest.fixture(scope='module')
+def straight_torchrun_run(torchrun_argv, tmp_path_factory):
+    """(save_path, output) of a three-epoch classifier run on two processes, never stopped."""
+    path = tmp_path_factory.mktemp('straight_torchrun_run')
+    return path, torchrun(*torchrun_argv(path, '--max_epoch', '3'))
+
+
+def test_torchrun_trains_with_two_processes_and_one_writer(straight_torchrun_run):
+    path, output = straight_torchrun_run
     assert output.count('1 epoch, LR') == 1 and '2 processes' in output
-    assert sorted(os.listdir(tmp_path / 'model')) == ['model_0001.json', 'model_0001.model', 'resume.pt']
-    assert len((tmp_path / 'score.txt').read_text().splitlines()) == 1
-    resume = torch.load(tmp_path / 'model' / 'resume.pt', weights_only=True)
+    assert sorted(os.listdir(path / 'model')) == ['model_0001.json', 'model_0001.model', 'model_0002.json',
+                                                  'model_0002.model', 'model_0003.json', 'model_0003.model',
+                                                  'resume.pt']
+    assert len((path / 'score.txt').read_text().splitlines()) == 3
+    resume = torch.load(path / 'model' / 'resume.pt', weights_only=True)
     assert len(resume['rng']) == 2 and not torch.equal(resume['rng'][0], resume['rng'][1])
-    if mode == 'clip':
-        output = torchrun(os.path.join(ROOT, 'trainECAPAModel.py'), *args[:-1], '2')
-        assert 'Resuming from' in output and output.count('Resuming from') == 1
-        assert len((tmp_path / 'score.txt').read_text().splitlines()) == 2
+
+
+def test_score_txt_under_torchrun_describes_the_saved_checkpoint(straight_torchrun_run, tiny_corpus, tmp_path):
+    """Each process's last steps update its own batch-norm statistics; the evaluation must use those of the
+    checkpoint (rank 0's), so that --eval of the checkpoint reproduces what the run logged."""
+    path, _ = straight_torchrun_run
+    logged = [record['eval'] for record in read_metrics(path / 'metrics.jsonl')]
+    for epoch in (1, 2, 3):
+        results = trainECAPAModel.main(['--eval', '--initial_model', str(path / 'model' / f'model_{epoch:04d}.model'),
+                                        '--eval_list', tiny_corpus['eval_list'], '--eval_path',
+                                        tiny_corpus['eval_path'], '--save_path', str(tmp_path), '--n_cpu', '0'])
+        result, = results.values()
+        assert result.metrics.as_record() == pytest.approx(logged[epoch - 1][result.trials.name]['metrics'], abs=1e-9)
+
+
+@pytest.mark.parametrize('mode,extra', [('clip', ()), ('blip', ('--contrastive_weight', '0'))])
+def test_torchrun_trains_the_contrastive_modes_and_resumes(torchrun_argv, tmp_path, mode, extra):
+    args = torchrun_argv(tmp_path, '--mode', mode, *extra, '--max_epoch')
+    torchrun(*args, '1')
+    assert len((tmp_path / 'score.txt').read_text().splitlines()) == 1
+    output = torchrun(*args, '2')
+    assert 'Resuming from' in output and output.count('Resuming from') == 1
+    assert len((tmp_path / 'score.txt').read_text().splitlines()) == 2
+
+
+def test_sigterm_to_a_torchrun_process_group_stops_every_process_after_a_step_and_the_rerun_is_exact(
+        torchrun_argv, straight_torchrun_run, tmp_path):
+    """As `timeout`, Slurm's scancel and `kill -- -PGID` stop a job: torchrun, both training processes and
+    their loader workers all get SIGTERM, and torchrun passes it on once more."""
+    command = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+               *torchrun_argv(tmp_path, '--max_epoch', '3')]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                               start_new_session=True, env={**os.environ, 'OMP_NUM_THREADS': '1'})
+    deadline = time.time() + 300
+    while not (tmp_path / 'model' / 'resume.pt').exists() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.5)
+    assert process.poll() is None, 'the run ended before it could be stopped'
+    os.killpg(process.pid, signal.SIGTERM)
+    out, err = process.communicate(timeout=300)
+    assert out.count('SIGTERM received: stopping after this step') == 2, err[-3000:]
+    assert re.search(r'Stopped by SIGTERM (in epoch [23] after step \d|after epoch [12])', out)
+    # torchrun itself reports the signal it got (its own traceback, exit status 1); neither process failed.
+    assert 'KeyboardInterrupt' not in err and 'trainer.py' not in err and 'ChildFailedError' not in err
+    assert not (tmp_path / 'model' / 'model_0003.model').exists()
+    output = torchrun(*torchrun_argv(tmp_path, '--max_epoch', '3'))
+    assert 'Resuming from' in output
+    straight, _ = straight_torchrun_run
+    assert_same_checkpoints(straight / 'model' / 'model_0003.model', tmp_path / 'model' / 'model_0003.model')
+    assert (straight / 'score.txt').read_text() == (tmp_path / 'score.txt').read_text()

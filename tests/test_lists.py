@@ -61,6 +61,15 @@ def test_trial_lists_with_and_without_labels(tmp_path):
     assert read_trials(str(path)).labels is None
 
 
+@pytest.mark.parametrize('reader,text', [(read_trials, '1 a.wav b.wav\n1 a.wav c.wav\n'),
+                                         (read_score_file, 'a.wav b.wav 0.5 0\na.wav c.wav 0.1 0\n')])
+def test_labels_of_one_class_only_are_an_error(tmp_path, reader, text):
+    (tmp_path / 'one_class.txt').write_text(text)
+    with pytest.raises(UserError, match=r'one_class.txt: every trial has label [01]; EER and minDCF need target '
+                                        r'\(1\) and non-target \(0\) trials'):
+        reader(str(tmp_path / 'one_class.txt'))
+
+
 def test_lists_of_one_file_name_get_distinct_output_names():
     lists = [TrialList(path, None, [], [], [], path.split('/')[-1])
              for path in ('/data/vox1/O/trials.txt', '/data/vox1/E/trials.txt', '/data/vox1/veri_test2.txt')]

@@ -2,6 +2,7 @@
 
 import os
 import shutil
+import signal
 
 import av
 import numpy as np
@@ -12,6 +13,7 @@ import prepare
 import trainECAPAModel
 from augment import Augmenter, musan_files, rir_files
 from dataLoader import resample
+from errors import UserError
 
 
 def write_m4a(path, seconds, frequency, rate=16000):
@@ -178,3 +180,23 @@ def test_check_data_names_a_malformed_line(tiny_corpus, tmp_path, capsys, cli_er
     status, _, printed = cli_error(['--check_data', '--train_list', str(bad), '--train_path', str(tmp_path),
                                     '--n_cpu', '0'])
     assert status == 1 and f"{bad}:2: expected '<speaker> <relative path>'" in printed
+
+
+def sigkill_on_c(job):
+    if job[0] == 'c':
+        os.kill(os.getpid(), signal.SIGKILL)  # as the OOM killer ends a process
+    return job[0].upper()
+
+
+def test_a_worker_process_that_dies_ends_the_run_with_the_files_not_processed():
+    jobs = [(name,) for name in 'abcdefgh']
+    assert prepare.map_in_processes(sigkill_on_c, jobs[:2], 2, 'test', chunk=1) == ['A', 'B']
+    previous = signal.signal(signal.SIGALRM, lambda *_: pytest.fail('waits forever for the dead worker'))
+    signal.alarm(240)
+    try:
+        with pytest.raises(UserError, match=r'test: a worker process died .*; \d files were not processed, e\.g\. '
+                                            r'.*\bc\b'):
+            prepare.map_in_processes(sigkill_on_c, jobs, 2, 'test', chunk=1)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)

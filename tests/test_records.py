@@ -61,3 +61,16 @@ def test_an_unreadable_score_line_is_named_on_resume(tmp_path):
     with pytest.raises(UserError, match=r"score.txt:2: expected '<epoch> epoch, \.\.\.', got 'notes I added'"):
         forget_epochs_after(1, score, tmp_path / 'metrics.jsonl')
     assert score.read_text() == '1 epoch, LR 0.001\nnotes I added\n'
+
+
+def test_a_last_log_line_cut_short_by_a_crash_is_dropped_and_other_bad_lines_are_named(tmp_path):
+    score, metrics = tmp_path / 'score.txt', tmp_path / 'metrics.jsonl'
+    score.write_text('1 epoch, LR 0.001\n2 epoch, LR 0.001\n1')  # "1" of "12 epoch, ..." cut short
+    metrics.write_text(json.dumps({'epoch': 1}) + '\n' + json.dumps({'epoch': 2})[:5])
+    assert [r['epoch'] for r in read_metrics(metrics)] == [1]
+    forget_epochs_after(2, score, metrics)
+    assert score.read_text() == '1 epoch, LR 0.001\n2 epoch, LR 0.001\n'
+    assert metrics.read_text() == json.dumps({'epoch': 1}) + '\n'
+    metrics.write_text('{"epoch": 1}\n{"epo\n{"epoch": 3}\n')
+    with pytest.raises(UserError, match=r"metrics.jsonl:2: expected one JSON object a line, got '\{\"epo'"):
+        read_metrics(metrics)

@@ -12,7 +12,7 @@ from errors import UserError
 from lists import TrainEntry, TrialList
 from loss import AAMsoftmax
 from model import ConvMelSpectrogram, ECAPA_TDNN, build_encoder, crop_samples
-from tools import (Cohort, as_norm, build_cohort, cohort_statistics, embed, evaluate, export_onnx,
+from tools import (Cohort, as_norm, build_cohort, cohort_statistics, embed, embed_files, evaluate, export_onnx,
                    export_torchscript, load_model, score, utterance_vectors, verification_metrics)
 from trainer import SpeakerModel
 
@@ -132,6 +132,50 @@ def test_evaluate_scores_each_list_and_normalises_against_the_cohort(tmp_path, e
     # A cohort of two has a tiny spread: the 1e-7 differences between batched and single embeddings grow here.
     np.testing.assert_allclose(results['l.txt'].snorm_scores, normalised, atol=1e-3)
     assert [suffix for suffix, _, _ in results['l.txt'].score_sets()] == ['', '_asnorm']
+
+
+@pytest.fixture
+def odd_files(tmp_path):
+    """Two noises, two silent files, one near-silent (-90 dBFS) file and three that cannot be embedded."""
+    rng = np.random.default_rng(3)
+    for name in ('voice1.wav', 'voice2.wav'):
+        soundfile.write(tmp_path / name, (0.1 * rng.standard_normal(24000)).astype(np.float32), 16000)
+    soundfile.write(tmp_path / 'silent1.wav', np.zeros(24000, np.float32), 16000)
+    soundfile.write(tmp_path / 'silent2.wav', np.zeros(40000, np.float32), 16000)
+    soundfile.write(tmp_path / 'hum.wav', (3e-5 * rng.standard_normal(24000)).astype(np.float32), 16000,
+                    subtype='FLOAT')
+    soundfile.write(tmp_path / 'nan.wav', np.full(16000, np.nan, np.float32), 16000, subtype='FLOAT')
+    soundfile.write(tmp_path / 'short.wav', np.full(100, 0.1, np.float32), 16000)
+    (tmp_path / 'garbage.wav').write_bytes(b'RIFF\x00\x00not audio at all')
+    return tmp_path
+
+
+def test_silent_files_are_reported_and_score_about_one_against_each_other(encoder, odd_files, capsys):
+    names = ['voice1.wav', 'silent1.wav', 'hum.wav', 'silent2.wav', 'voice2.wav']
+    vectors = embed_files(encoder, names, str(odd_files), torch.device('cpu'), progress=True)
+    printed = capsys.readouterr().out
+    assert f'{odd_files}: 3 files are silent or nearly (RMS below -80 dBFS), e.g. silent1.wav, hum.wav, ' \
+           f'silent2.wav: they hold next to nothing of a speaker, and all-zero files score 1.0 against each ' \
+           f'other' in printed
+    assert float(vectors['silent1.wav'] @ vectors['silent2.wav']) == pytest.approx(1.0, abs=1e-5)
+    assert float(vectors['voice1.wav'] @ vectors['silent1.wav']) < 0.99
+
+
+def test_files_that_cannot_be_embedded_are_named_or_skipped_and_listed(encoder, odd_files):
+    names = ['voice1.wav', 'nan.wav', 'short.wav', 'garbage.wav', 'voice2.wav']
+    with pytest.raises(UserError, match=rf'{odd_files}: 3 files cannot be embedded, e\.g\. nan\.wav \(NaN or '
+                                        rf'infinite samples\); short\.wav \(6\.2 ms long, .*\); garbage\.wav '
+                                        rf'\(unreadable: '):
+        embed_files(encoder, names, str(odd_files), torch.device('cpu'), n_cpu=1)
+    unusable = []
+    vectors = embed_files(encoder, names, str(odd_files), torch.device('cpu'), unusable=unusable)
+    assert list(vectors) == ['voice1.wav', 'voice2.wav'] and [name for name, _ in unusable] == names[1:4]
+    broken = ECAPA_TDNN(32, 16000).eval()
+    with torch.no_grad():
+        next(broken.parameters()).fill_(float('nan'))
+    with pytest.raises(UserError, match=r'2 files cannot be embedded, e\.g\. voice1\.wav \(its embedding is not '
+                                        r'finite: are the weights\?\)'):
+        embed_files(broken, ['voice1.wav', 'voice2.wav'], str(odd_files), torch.device('cpu'))
 
 
 def test_waveform_without_a_rate_is_an_error():

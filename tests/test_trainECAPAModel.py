@@ -1,6 +1,7 @@
 """trainECAPAModel.py: flags, their defaults and checks, user errors as one line, and the one-shot commands
 (--eval, --score_file, --extract, --export). Training itself is tested in test_trainer.py."""
 
+import importlib.util
 import os
 import re
 import shutil
@@ -287,6 +288,41 @@ def test_extract_writes_embeddings_for_a_folder_and_a_list(tiny_corpus, checkpoi
                           '--eval_path', tiny_corpus['train_path'], '--out', str(listed), '--n_cpu', '0'])
     assert torch.load(listed, weights_only=True)['paths'] == [
         entry.path for entry in read_train_list(tiny_corpus['train_list'])]
+
+
+def test_extract_skips_and_lists_files_it_cannot_embed_and_writes_the_rest(tiny_corpus, checkpoint, tmp_path,
+                                                                           broken_audio, capsys, cli_error):
+    folder = tmp_path / 'audio'
+    shutil.copytree(tiny_corpus['eval_path'], folder)
+    good = sorted(str(p.relative_to(folder)) for p in folder.rglob('*.wav'))
+    for name, (write, _) in broken_audio.items():
+        write(str(folder / name))
+    out = tmp_path / 'embeddings.pt'
+    trainECAPAModel.main(['--initial_model', checkpoint, '--extract', str(folder), '--out', str(out), '--n_cpu', '1'])
+    printed = capsys.readouterr().out
+    saved = torch.load(out, weights_only=True)
+    unembeddable = {'garbage.wav', 'empty.wav', 'short.wav', 'nan.wav'}  # silent.wav is embedded and reported
+    assert saved['paths'] == sorted(good + ['silent.wav']) and len(saved['embeddings']) == len(good) + 1
+    assert sorted(path for path, _ in saved['skipped']) == sorted(unembeddable)
+    for name in unembeddable:
+        assert f'{folder}: skipped {name} (' in printed
+    assert f'{out}: {len(good) + 1} embeddings of 192 dimensions, 4 files skipped' in printed
+    only_broken = tmp_path / 'broken.txt'
+    only_broken.write_text(''.join(f'{name}\n' for name in sorted(unembeddable)))
+    status, message, _ = cli_error(['--initial_model', checkpoint, '--extract', str(only_broken), '--eval_path',
+                                    str(folder), '--out', str(tmp_path / 'none.pt'), '--n_cpu', '0'])
+    assert status == 1 and message.splitlines()[-1].endswith(f'--extract {only_broken}: none of its 4 files can be '
+                                                             f'embedded')
+
+
+def test_onnx_export_without_the_onnx_package_is_one_line(checkpoint, tmp_path, cli_error, monkeypatch):
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, 'find_spec', lambda name, *a: None if name == 'onnx' else
+                        real_find_spec(name, *a))
+    status, message, _ = cli_error(['--initial_model', checkpoint, '--export', str(tmp_path / 'e.onnx')])
+    assert status == 1 and message == (f'trainECAPAModel.py: error: {tmp_path / "e.onnx"}: ONNX export needs the onnx '
+                                       f'package (pip install -r requirements-extras.txt)\n')
+    assert not (tmp_path / 'e.onnx').exists()
 
 
 def test_export_writes_a_torchscript_encoder_of_a_training_checkpoint(tmp_path):

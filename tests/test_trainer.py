@@ -5,6 +5,8 @@ import copy
 import json
 import os
 import re
+import resource
+import shutil
 import signal
 import subprocess
 import sys
@@ -12,11 +14,14 @@ import time
 
 import numpy as np
 import pytest
+import soundfile
 import torch
 
 import trainECAPAModel
 import trainer
+from conftest import assert_same_checkpoints
 from loss import AAMsoftmax
+from lists import read_trials
 from model import ECAPA_TDNN, build_encoder
 from records import read_metrics
 from schedules import warmup_exp
@@ -32,13 +37,6 @@ def warmup_run(tiny_corpus, train_argv, tmp_path_factory):
     path = tmp_path_factory.mktemp('warmup_run')
     trainECAPAModel.main(train_argv(tiny_corpus, path, '--max_epoch', '2', *WARMUP_FLAGS, '--tensorboard'))
     return path
-
-
-def assert_same_checkpoints(a, b):
-    a, b = torch.load(a, weights_only=True), torch.load(b, weights_only=True)
-    assert a.keys() == b.keys()
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
 
 
 # ---------------------------------------------------------------- a run's outputs
@@ -149,10 +147,23 @@ def test_a_signal_stops_after_the_step_and_the_run_resumes_exactly(tiny_corpus, 
     assert (reference_run / 'score.txt').read_text() == (tmp_path / 'score.txt').read_text()
 
 
+def test_a_second_ctrl_c_interrupts_at_once_but_a_repeated_sigterm_is_ignored():
+    with trainer.StopRequest() as stop:
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGTERM)  # what torchrun passes on after the process group got it
+        assert stop.received == 'SIGTERM' and stop.requested()
+    with trainer.StopRequest() as stop:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert stop.received == 'SIGINT'
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)
+
+
 @pytest.fixture(scope='module')
 def process_command(tiny_corpus, train_argv, root):
     """process_command(save_path): a tiny three-epoch training run as a shell would start it, one loader worker.
-    Stopped anywhere in epoch 2 or its evaluation, it must stop before the end."""
+    Stopped anywhere from epoch 1's evaluation to epoch 2's, it must stop before the end."""
     def command(save_path):
         return [sys.executable, os.path.join(root, 'trainECAPAModel.py'),
                 *train_argv(tiny_corpus, save_path, '--max_epoch', '3', '--n_cpu', '1')]
@@ -187,7 +198,8 @@ def test_a_run_killed_or_stopped_by_a_scheduler_resumes_to_the_same_final_checkp
     assert not (tmp_path / 'model' / 'model_0003.model').exists()
     if how == 'SIGTERM to the process group':
         assert process.returncode == 0, err[-3000:]
-        assert re.search(r'Stopped by SIGTERM (in epoch 2 after step \d|after epoch 2)', out) and 'Traceback' not in err
+        assert re.search(r'Stopped by SIGTERM (in epoch 2 after step \d|after epoch [12])', out)
+        assert 'Traceback' not in err
     (tmp_path / 'model' / '.resume.pt.x1y2').write_bytes(b'partial')  # as a write cut short leaves it
     finished = subprocess.run(process_command(tmp_path), capture_output=True, text=True, cwd=root)
     assert finished.returncode == 0, finished.stderr
@@ -198,6 +210,22 @@ def test_a_run_killed_or_stopped_by_a_scheduler_resumes_to_the_same_final_checkp
     assert_same_checkpoints(straight_process_run / 'model' / 'model_0003.model',
                             tmp_path / 'model' / 'model_0003.model')
     assert (straight_process_run / 'score.txt').read_text() == (tmp_path / 'score.txt').read_text()
+
+
+def test_a_full_disk_ends_the_run_with_one_line_and_leaves_no_partial_file(process_command, tmp_path, root):
+    """RLIMIT_FSIZE makes the system refuse writes past 1 MB (EFBIG) as a full disk refuses them (ENOSPC)."""
+    def small_files_only():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (2 ** 20, 2 ** 20))
+
+    result = subprocess.run(process_command(tmp_path), capture_output=True, text=True, cwd=root,
+                            preexec_fn=small_files_only)
+    assert result.returncode == 1 and 'Traceback' not in result.stderr
+    # The noise bank, when this is the session's first run to build it, or else the first checkpoint.
+    assert re.fullmatch(r'trainECAPAModel\.py: error: \S+(bank-\w+\.f32|model_0001\.model): cannot be written '
+                        r'\(File too large\)', result.stderr.splitlines()[-1])
+    assert not (tmp_path / 'model').exists() or os.listdir(tmp_path / 'model') == []
+    assert not (tmp_path / '.lock').exists()
 
 
 @pytest.mark.parametrize('mode,loss', [('clip', 'infonce'), ('blip', 'aam_infonce')])
@@ -321,6 +349,48 @@ def test_an_epoch_in_which_every_step_was_skipped_is_an_error(tiny_corpus, train
     assert not (tmp_path / 'score.txt').exists()
 
 
+def test_a_failing_evaluation_loses_no_trained_epoch(tiny_corpus, train_argv, reference_run, tmp_path, cli_error,
+                                                    capsys):
+    eval_path = tmp_path / 'eval'
+    shutil.copytree(tiny_corpus['eval_path'], eval_path)
+    trials = read_trials(tiny_corpus['eval_list'])
+    bad = eval_path / trials.test[0]
+    shutil.copy(bad, tmp_path / 'good.wav')
+    soundfile.write(bad, np.full(16000, np.nan, np.float32), 16000, subtype='FLOAT')  # its header reads fine
+    argv = train_argv({**tiny_corpus, 'eval_path': str(eval_path)}, tmp_path / 'run', '--max_epoch', '2')
+    for attempt in range(2):  # the second run evaluates the saved epoch again; it trains nothing
+        status, printed, _ = cli_error(argv)
+        message = printed.splitlines()[-1]  # after the evaluation's progress bar
+        assert status == 1 and message.startswith('trainECAPAModel.py: error: ') and 'Traceback' not in printed
+        assert (f'epoch 1 is trained and saved in {tmp_path / "run" / "model" / "resume.pt"}, but its evaluation '
+                f'failed: {eval_path}: 1 files cannot be embedded, e.g. {trials.test[0]} (NaN or infinite samples)'
+                in message)
+        state = torch.load(tmp_path / 'run' / 'model' / 'resume.pt', weights_only=True)
+        assert state['epoch'] == 1 and state['unevaluated']['epoch'] == 1
+        assert_same_checkpoints(reference_run / 'model' / 'model_0001.model',
+                                tmp_path / 'run' / 'model' / 'model_0001.model')
+        assert not (tmp_path / 'run' / 'score.txt').exists() or not (tmp_path / 'run' / 'score.txt').read_text()
+    shutil.copy(tmp_path / 'good.wav', bad)
+    trainECAPAModel.main(argv)
+    assert 'Evaluating epoch 1, trained before the last run stopped' in capsys.readouterr().out
+    run = tmp_path / 'run'
+    assert_same_checkpoints(reference_run / 'model' / 'model_0002.model', run / 'model' / 'model_0002.model')
+    assert (reference_run / 'score.txt').read_text() == (run / 'score.txt').read_text()
+    assert [r['epoch'] for r in read_metrics(tmp_path / 'run' / 'metrics.jsonl')] == [1, 2]
+
+
+def test_trial_files_that_do_not_decode_stop_training_before_its_first_step(tiny_corpus, train_argv, tmp_path,
+                                                                            cli_error):
+    eval_path = tmp_path / 'eval'
+    shutil.copytree(tiny_corpus['eval_path'], eval_path)
+    trials = read_trials(tiny_corpus['eval_list'])
+    (eval_path / trials.enroll[0]).write_bytes(b'RIFF\x00\x00not audio at all')
+    status, message, _ = cli_error(train_argv({**tiny_corpus, 'eval_path': str(eval_path)}, tmp_path / 'run'))
+    assert status == 1 and message.count('\n') == 1
+    assert f'{tiny_corpus["eval_list"]}: 1 files cannot be used, e.g. line 1: {trials.enroll[0]} (unreadable' in message
+    assert not (tmp_path / 'run' / 'model').exists()
+
+
 # ---------------------------------------------------------------- unusable files and diverging runs
 
 def test_training_over_broken_files_skips_counts_and_lists_them(broken_corpus, train_argv, tmp_path):
@@ -333,6 +403,19 @@ def test_training_over_broken_files_skips_counts_and_lists_them(broken_corpus, t
                                                                  'silent.wav'}
     assert all(epoch == '1' for epoch, _, _ in listed)
     assert np.isfinite(record['loss'])
+
+
+def test_a_list_of_nothing_usable_stops_with_one_line_from_the_loader_worker(broken_corpus, broken_audio,
+                                                                             train_argv, tmp_path, cli_error):
+    corpus, _ = broken_corpus
+    train_list = tmp_path / 'unusable.txt'
+    train_list.write_text(''.join(f'spk{i % 2} bad/{name}\n' for i, name in enumerate(broken_audio)))
+    argv = train_argv({**corpus, 'train_list': str(train_list)}, tmp_path / 'run', '--max_epoch', '1',
+                      '--batch_size', '2', '--n_cpu', '1')
+    status, message, _ = cli_error(argv)
+    assert status == 1 and message.count('\n') == 1 and 'DataLoader worker' not in message
+    assert re.match(r'trainECAPAModel\.py: error: \S+/bad/\w+\.wav: no usable audio among the substitutes tried; '
+                    r'first problems: ', message)
 
 
 def test_a_diverging_run_stops_after_max_bad_steps_with_one_line(tiny_corpus, train_argv, tmp_path, cli_error):
