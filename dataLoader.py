@@ -17,6 +17,7 @@ Features are not computed here: the model computes them.
 import concurrent.futures
 import functools
 import math
+import multiprocessing
 import os
 import signal
 
@@ -223,6 +224,15 @@ def leave_signals_to_parent(_worker_id):
     saves and exits 0); a scheduler that signals the whole process group must not kill the workers first."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def end_loader_workers():
+    """Kill (SIGKILL) the loader workers still alive when a command ends, say after an error left a loader
+    unfinished. They ignore SIGTERM, so the exit's terminate-and-join would wait forever for one that does not
+    end by itself (one stuck reading a file); workers hold nothing that needs saving."""
+    for worker in multiprocessing.active_children():
+        worker.kill()
+        worker.join()
 
 
 def collate(items):

@@ -42,9 +42,13 @@ def message_of(error):
 
 @contextlib.contextmanager
 def reported_as_exit(program):
-    """A `UserError` raised inside becomes `program: error: message` on stderr and exit status 1 or 2."""
+    """A `UserError` raised inside becomes `program: error: message` on stderr and exit status 1 or 2; Ctrl-C
+    becomes `program: interrupted` and exit status 130."""
     try:
         yield
     except UserError as error:
         print(f'{program}: error: {message_of(error)}', file=sys.stderr, flush=True)
         raise SystemExit(error.exit_status) from None
+    except KeyboardInterrupt:  # Ctrl-C outside training steps, or twice inside: stop now, as the shell expects
+        print(f'\n{program}: interrupted', file=sys.stderr, flush=True)
+        raise SystemExit(130) from None

@@ -78,6 +78,20 @@ def read_train_list(path):
     return entries
 
 
+def without_repeats(entries, path):
+    """(`entries` without the lines that repeat an earlier one, how many did). A file listed under two
+    speakers is a `UserError` naming both lines of `path`."""
+    first, kept = {}, []
+    for entry in entries:
+        earlier = first.setdefault(entry.path, entry)
+        if earlier is entry:
+            kept.append(entry)
+        elif earlier.speaker != entry.speaker:
+            raise UserError(f'{path}:{entry.line}: {entry.path} is listed under speaker {entry.speaker} here and '
+                            f'under {earlier.speaker} on line {earlier.line}')
+    return kept, len(entries) - len(kept)
+
+
 def speaker_labels(entries):
     """Speaker name -> class index, in sorted order of the names (as the original assigns them)."""
     return {name: i for i, name in enumerate(sorted({entry.speaker for entry in entries}))}

@@ -20,6 +20,7 @@ import demo
 import distributed
 from augment import default_cache_dir
 from checkpoints import atomic_torch_save, file_digest
+from dataLoader import end_loader_workers
 from errors import ArgumentParser, UsageError, UserError, reported_as_exit
 from lists import files_to_embed, read_score_file, write_score_file
 from model import MODELS
@@ -69,8 +70,7 @@ def build_parser():
     data.add_argument('--num_frames', type=int, default=200, help='training crop in 10 ms frames (200 = 2 s)')
     data.add_argument('--sampling_rate', type=int, default=16000, help='all audio is resampled to this rate')
     data.add_argument('--skip_silent', default='on', choices=['on', 'off'],
-                      help='on: a training crop that is all zeros is replaced like an unreadable file; off: it is '
-                           'trained on (it yields finite features and losses)')
+                      help='on: an all-zero training crop is replaced like an unreadable file; off: it is trained on')
     data.add_argument('--cache_dir', default=default_cache_dir(), help='decoded noise and impulse-response banks')
     data.add_argument('--check_data', action='store_true',
                       help='check that every file the given lists and folders name decodes to usable audio; '
@@ -155,8 +155,7 @@ def build_parser():
     evaluation.add_argument('--eval', action='store_true', help='only score --eval_list with --initial_model')
     evaluation.add_argument('--export', metavar='FILE',
                             help='write --initial_model\'s encoder as TorchScript (FILE.pt) or ONNX (FILE.onnx)')
-    evaluation.add_argument('--snorm', action='store_true',
-                            help='also report AS-Norm scores, with a cohort of speaker means from --train_list')
+    evaluation.add_argument('--snorm', action='store_true', help='also report AS-Norm scores (cohort: --train_list)')
     evaluation.add_argument('--cohort_top_k', type=int, default=300, help='AS-Norm: top cohort scores used')
     evaluation.add_argument('--cohort', default='speaker', choices=['speaker', 'utterance'],
                             help='AS-Norm cohort: speaker means or single utterances of the training list')
@@ -217,7 +216,7 @@ def resolve_defaults(args):
 # ---------------------------------------------------------------- checks: each raises UsageError
 
 def check_ranges(args):
-    least = {'num_frames': 1, 'batch_size': 1, 'max_epoch': 1, 'test_step': 1, 'max_bad_steps': 1, 'embedding_dim': 1,
+    least = {'num_frames': 1, 'batch_size': 2, 'max_epoch': 1, 'test_step': 1, 'max_bad_steps': 1, 'embedding_dim': 1,
              'n_class': 2, 'cohort_top_k': 2, 'C': 8 if args.model == 'ecapa-tdnn' else 1}  # 8: Res2Net's scale
     for name, low in least.items():
         if getattr(args, name) is not None and getattr(args, name) < low:
@@ -443,6 +442,7 @@ def main(argv=None):
             distributed.barrier()
             return COMMANDS[command].run(args)
         finally:
+            end_loader_workers()
             distributed.cleanup()
 
 

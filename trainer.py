@@ -11,6 +11,7 @@ trainECAPAModel.py parses the flags and calls `run_training(args)`; nothing here
 """
 
 import dataclasses
+import glob
 import os
 import signal
 import sys
@@ -28,7 +29,8 @@ from checkpoints import FolderLock, ResumeState, load_encoder_weights, remove_pa
 from dataLoader import (EpochSampler, PairDataset, SpeakerPairSampler, TrainDataset, collate, leave_signals_to_parent,
                         unreadable_headers)
 from errors import UsageError, UserError, message_of
-from lists import cohort_entries, distinct_names, read_train_list, read_trials, require_files, speaker_labels
+from lists import (cohort_entries, distinct_names, read_train_list, read_trials, require_files, speaker_labels,
+                   without_repeats)
 from loss import AAMsoftmax, build_objective
 from model import build_encoder
 from plots import evaluation_plots, training_curve
@@ -370,7 +372,9 @@ class TrainingRun:
     def read_inputs(self):
         """The training entries and trial lists, after checking every file they name and the class count."""
         args = self.args
-        entries = read_train_list(args.train_list)
+        entries, repeats = without_repeats(read_train_list(args.train_list), args.train_list)
+        if repeats:
+            log(f'{args.train_list}: {repeats} lines repeat an earlier line and are left out')
         require_files({e.path: e.line for e in entries}, args.train_path, args.train_list)
         speakers = len(speaker_labels(entries))
         if speakers < 2:
@@ -392,6 +396,7 @@ class TrainingRun:
         """The ResumeState of save_path, loaded into the model, optimiser and generators; or None, after
         loading --initial_model's weights when given."""
         if not os.path.exists(self.resume_path):
+            self.check_no_other_results()
             if self.args.initial_model:
                 loaded = load_encoder_weights(self.model.speaker_encoder, self.model.classifier(),
                                               self.args.initial_model, self.args.allow_partial_load)
@@ -413,6 +418,16 @@ class TrainingRun:
         log(f'Resuming from {self.resume_path} after epoch {resume.epoch}'
             + (f' and {partial[0]["step"]} steps of epoch {resume.epoch + 1}' if partial else ''))
         return resume
+
+    def check_no_other_results(self):
+        """A run without resume.pt starts afresh: it must not overwrite another run's checkpoints and log (the
+        original code's, say, which writes no resume.pt)."""
+        found = sorted(glob.glob(os.path.join(glob.escape(self.model_dir), 'model_*.model')))
+        if os.path.exists(self.score_path) and os.path.getsize(self.score_path):
+            found.insert(0, self.score_path)
+        if found:
+            raise UserError(f'{self.args.save_path} holds the results of another run ({found[0]}, {len(found)} files) '
+                            f'but no model/resume.pt to continue it: choose another --save_path or move them away')
 
     def check_same_start(self):
         """A run continues only from the weights it was started from: --initial_model into a save_path that
@@ -534,6 +549,9 @@ class TrainingRun:
     def run(self):
         """Epochs from the first unfinished one to --max_epoch; returns False when stopped by a signal."""
         args = self.args
+        if self.first_epoch > args.max_epoch and not (self.resume and self.resume.unevaluated):
+            log(f'{self.resume_path} holds epoch {self.first_epoch - 1}: nothing to train up to --max_epoch '
+                f'{args.max_epoch}')
         with StopRequest() as stop:
             if self.resume is not None and self.resume.unevaluated:
                 record = EpochRecord(**self.resume.unevaluated)

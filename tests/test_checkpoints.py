@@ -1,6 +1,7 @@
 """checkpoints.py: atomic writes, checkpoints in the original code's format, weight loading, and resume.pt
 loaded without executing anything."""
 
+import errno
 import os
 import pickle
 import socket
@@ -25,12 +26,21 @@ def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
 
     def failing(f):
         f.write(b'partial')
-        raise OSError('disk full')
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    with pytest.raises(OSError):
-        atomic_write(str(path), failing)
-    assert path.read_bytes() == b'old'
-    assert os.listdir(tmp_path) == ['model_0001.model']
+    def failing_as_torch_save_does(f):  # its writer reports the OSError again as a RuntimeError
+        try:
+            failing(f)
+        except OSError:
+            raise RuntimeError('[enforce fail at inline_container.cc] unexpected pos')
+
+    for write in (failing, failing_as_torch_save_does):
+        with pytest.raises(UserError, match=f'^{path}: cannot be written \\(No space left on device\\)$'):
+            atomic_write(str(path), write)
+        assert path.read_bytes() == b'old'
+        assert os.listdir(tmp_path) == ['model_0001.model']
+    with pytest.raises(ZeroDivisionError):  # a fault of the code, not of the system, stays itself
+        atomic_write(str(path), lambda f: 1 / 0)
 
 
 def test_partial_writes_of_a_killed_process_are_removed_and_nothing_else(tmp_path):

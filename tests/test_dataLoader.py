@@ -2,15 +2,20 @@
 epoch samplers."""
 
 import math
+import multiprocessing
 import os
+import signal
+import time
 
 import numpy as np
 import pytest
 import soundfile
+import torch
 
 from augment import Augmenter
 from dataLoader import (EpochSampler, PairDataset, SpeakerPairSampler, TrainDataset, UnusableAudio, collate,
-                        random_crop, read_audio, read_random_crop, read_usable_crop)
+                        end_loader_workers, leave_signals_to_parent, random_crop, read_audio, read_random_crop,
+                        read_usable_crop)
 from errors import UserError
 from lists import TrainEntry, read_train_list
 from model import crop_samples
@@ -204,3 +209,31 @@ def test_real_eight_kilohertz_digits_are_resampled(shared_data):
     assert soundfile.info(path).samplerate == 8000
     audio = read_audio(path, 16000)
     assert len(audio) == pytest.approx(2 * soundfile.info(path).frames, abs=1)
+
+
+class Stuck(torch.utils.data.Dataset):
+    """Item 0 at once; every other item only after an hour, as a read from a file system that stopped."""
+
+    def __len__(self):
+        return 8
+
+    def __getitem__(self, i):
+        if i:
+            time.sleep(3600)
+        return i
+
+
+def test_loader_workers_left_stuck_are_ended_at_exit_though_they_ignore_sigterm():
+    loader = torch.utils.data.DataLoader(Stuck(), num_workers=2, worker_init_fn=leave_signals_to_parent)
+    batches = iter(loader)
+    assert next(batches).tolist() == [0]
+    workers = multiprocessing.active_children()
+    assert len(workers) == 2
+    for worker in workers:
+        os.kill(worker.pid, signal.SIGTERM)  # what terminate() sends: ignored
+    time.sleep(0.5)
+    assert all(worker.is_alive() for worker in workers)
+    started = time.time()
+    end_loader_workers()
+    assert not multiprocessing.active_children() and time.time() - started < 30
+    del batches

@@ -18,11 +18,17 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def torchrun(*argv, processes=2):
+    """torchrun's output; a run that is not done in 10 minutes is killed with every process it started."""
     command = [sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={processes}']
-    result = subprocess.run(command + list(argv), capture_output=True, text=True, cwd=ROOT, timeout=600,
-                            env={**os.environ, 'OMP_NUM_THREADS': '1'})
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return result.stdout
+    process = subprocess.Popen(command + list(argv), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               cwd=ROOT, env={**os.environ, 'OMP_NUM_THREADS': '1'}, start_new_session=True)
+    try:
+        out, err = process.communicate(timeout=600)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        raise
+    assert process.returncode == 0, out[-3000:] + err[-3000:]
+    return out
 
 
 def loss_check(out, *flags, processes):

@@ -5,7 +5,8 @@ import pytest
 
 from errors import UserError
 from lists import (TrainEntry, TrialList, cohort_entries, distinct_names, files_under, read_path_list,
-                   read_score_file, read_train_list, read_trials, require_files, speaker_labels, write_score_file)
+                   read_score_file, read_train_list, read_trials, require_files, speaker_labels, without_repeats,
+                   write_score_file)
 
 
 def test_a_byte_order_mark_crlf_endings_and_blank_lines_change_nothing(tmp_path):
@@ -68,6 +69,17 @@ def test_labels_of_one_class_only_are_an_error(tmp_path, reader, text):
     with pytest.raises(UserError, match=r'one_class.txt: every trial has label [01]; EER and minDCF need target '
                                         r'\(1\) and non-target \(0\) trials'):
         reader(str(tmp_path / 'one_class.txt'))
+
+
+def test_repeated_training_lines_are_left_out_and_a_file_of_two_speakers_is_an_error(tmp_path):
+    path = tmp_path / 'train.txt'
+    path.write_text('a a/1.wav\nb b/1.wav\na a/1.wav\na a/2.wav\n')
+    kept, repeats = without_repeats(read_train_list(str(path)), str(path))
+    assert [(e.speaker, e.path, e.line) for e in kept] == [('a', 'a/1.wav', 1), ('b', 'b/1.wav', 2),
+                                                           ('a', 'a/2.wav', 4)] and repeats == 1
+    path.write_text('a a/1.wav\nb a/1.wav\n')
+    with pytest.raises(UserError, match=r'train.txt:2: a/1.wav is listed under speaker b here and under a on line 1'):
+        without_repeats(read_train_list(str(path)), str(path))
 
 
 def test_lists_of_one_file_name_get_distinct_output_names():

@@ -112,8 +112,9 @@ def test_a_run_interrupted_in_epoch_2_resumes_to_the_uninterrupted_result(tiny_c
 
     monkeypatch.setattr(trainer, 'train_one_epoch', stopped_in_epoch_2)
     interrupted = tmp_path / 'interrupted'
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(SystemExit) as stopped:  # KeyboardInterrupt, reported as "interrupted"
         trainECAPAModel.main(train_argv(tiny_corpus, interrupted, *argv))
+    assert stopped.value.code == 130
     monkeypatch.setattr(trainer, 'train_one_epoch', train_one_epoch)
     trainECAPAModel.main(train_argv(tiny_corpus, interrupted, *argv))
     assert_same_checkpoints(straight / 'model' / 'model_0002.model', interrupted / 'model' / 'model_0002.model')
@@ -158,6 +159,38 @@ def test_a_second_ctrl_c_interrupts_at_once_but_a_repeated_sigterm_is_ignored():
         with pytest.raises(KeyboardInterrupt):
             os.kill(os.getpid(), signal.SIGINT)
             time.sleep(1)
+
+
+def test_ctrl_c_twice_stops_at_once_with_one_line_and_keeps_the_last_saved_state(tiny_corpus, train_argv, tmp_path,
+                                                                                  monkeypatch, cli_error):
+    original_step = TrainingStep.__call__
+    calls = []
+
+    def twice_at_step_6(self, batch, rng):  # epoch 2, step 2
+        calls.append(1)
+        if len(calls) == 6:
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)
+        return original_step(self, batch, rng)
+
+    monkeypatch.setattr(TrainingStep, '__call__', twice_at_step_6)
+    status, message, _ = cli_error(train_argv(tiny_corpus, tmp_path, '--max_epoch', '2'))
+    assert status == 130 and message.endswith('\ntrainECAPAModel.py: interrupted\n') and len(calls) == 6
+    state = torch.load(tmp_path / 'model' / 'resume.pt', weights_only=True)
+    assert state['epoch'] == 1 and state['partial_epoch'] is None and state['unevaluated'] is None
+    assert not (tmp_path / '.lock').exists()
+
+
+def test_a_folder_with_another_runs_results_but_no_resume_state_is_refused(tiny_corpus, train_argv, reference_run,
+                                                                           tmp_path, cli_error):
+    (tmp_path / 'model').mkdir()
+    shutil.copy(reference_run / 'model' / 'model_0001.model', tmp_path / 'model')  # as the original code leaves it
+    shutil.copy(reference_run / 'score.txt', tmp_path)
+    status, message, _ = cli_error(train_argv(tiny_corpus, tmp_path, '--max_epoch', '1'))
+    assert status == 1 and message == (f'trainECAPAModel.py: error: {tmp_path} holds the results of another run '
+                                       f'({tmp_path / "score.txt"}, 2 files) but no model/resume.pt to continue it: '
+                                       f'choose another --save_path or move them away\n')
+    assert (tmp_path / 'score.txt').read_text() == (reference_run / 'score.txt').read_text()
 
 
 @pytest.fixture(scope='module')
@@ -213,13 +246,14 @@ def test_a_run_killed_or_stopped_by_a_scheduler_resumes_to_the_same_final_checkp
 
 
 def test_a_full_disk_ends_the_run_with_one_line_and_leaves_no_partial_file(process_command, tmp_path, root):
-    """RLIMIT_FSIZE makes the system refuse writes past 1 MB (EFBIG) as a full disk refuses them (ENOSPC)."""
+    """RLIMIT_FSIZE makes the system refuse writes past 1 MB (EFBIG) as a full disk refuses them (ENOSPC). No
+    loader worker: the limit would also stop one writing its batches to shared memory."""
     def small_files_only():
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (2 ** 20, 2 ** 20))
 
-    result = subprocess.run(process_command(tmp_path), capture_output=True, text=True, cwd=root,
-                            preexec_fn=small_files_only)
+    result = subprocess.run(process_command(tmp_path) + ['--n_cpu', '0'], capture_output=True, text=True, cwd=root,
+                            preexec_fn=small_files_only, timeout=300)
     assert result.returncode == 1 and 'Traceback' not in result.stderr
     # The noise bank, when this is the session's first run to build it, or else the first checkpoint.
     assert re.fullmatch(r'trainECAPAModel\.py: error: \S+(bank-\w+\.f32|model_0001\.model): cannot be written '
