@@ -1,6 +1,7 @@
 """Speed of scoring after the embeddings: metrics and AS-Norm at VoxCeleb1-E/H scale, beside the original
 code's way of computing the same numbers (timed on a subset and extrapolated where it would take hours).
 
+  pip install -r bench/requirements.txt    # scikit-learn, which the original's EER needs
   python bench/bench_scoring.py [--json FILE] [--quick]
 
 Random unit vectors stand in for embeddings (the time does not depend on their values). Prints a table; peak

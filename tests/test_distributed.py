@@ -93,13 +93,11 @@ def test_score_txt_under_torchrun_describes_the_saved_checkpoint(straight_torchr
 
 
 @pytest.mark.parametrize('mode,extra', [('clip', ()), ('blip', ('--contrastive_weight', '0'))])
-def test_torchrun_trains_the_contrastive_modes_and_resumes(torchrun_argv, tmp_path, mode, extra):
-    args = torchrun_argv(tmp_path, '--mode', mode, *extra, '--max_epoch')
-    torchrun(*args, '1')
-    assert len((tmp_path / 'score.txt').read_text().splitlines()) == 1
-    output = torchrun(*args, '2')
-    assert 'Resuming from' in output and output.count('Resuming from') == 1
-    assert len((tmp_path / 'score.txt').read_text().splitlines()) == 2
+def test_torchrun_trains_the_contrastive_modes(torchrun_argv, tmp_path, mode, extra):
+    """Two steps on each process; without a contrastive term nothing may wait for a gradient that never comes."""
+    torchrun(*torchrun_argv(tmp_path, '--mode', mode, *extra, '--max_epoch', '2'))
+    lines = (tmp_path / 'score.txt').read_text().splitlines()
+    assert [line.split()[0] for line in lines] == ['1', '2'] and all(' EER ' in line for line in lines)
 
 
 def test_sigterm_to_a_torchrun_process_group_stops_every_process_after_a_step_and_the_rerun_is_exact(
