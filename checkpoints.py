@@ -183,13 +183,17 @@ def save_checkpoint(state_dict, encoder_config, path):
 
 
 def load_state_dict_file(path):
-    """A checkpoint's state_dict, loaded without executing anything it holds."""
+    """A checkpoint's state_dict (names to tensors), loaded without executing anything it holds."""
     try:
         state = torch.load(path, map_location='cpu', weights_only=True)
     except Exception as error:
         raise UserError(f"{path}: not a readable PyTorch checkpoint ({str(error).splitlines()[0]})") from error
     if not isinstance(state, dict):
         raise UserError(f"{path}: expected a state_dict, found {type(state).__name__}")
+    other = next((key for key, value in state.items() if not isinstance(value, torch.Tensor)), None)
+    if other is not None:
+        raise UserError(f"{path}: expected a state_dict of tensors, found a {type(state[other]).__name__} under "
+                        f"{other!r}")
     return state
 
 

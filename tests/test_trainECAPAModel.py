@@ -143,6 +143,20 @@ def test_unreadable_score_files_and_checkpoints_are_named(tmp_path, tiny_corpus,
     garbage.write_bytes(b'not a checkpoint')
     status, printed, _ = cli_error(eval_argv(str(garbage), tiny_corpus, tmp_path))
     assert status == 1 and printed.count('\n') == 1 and 'garbage.model: not a readable PyTorch checkpoint' in printed
+    torch.save({'speaker_encoder.conv1.weight': 'a string, not a tensor'}, tmp_path / 'strings.model')
+    status, printed, _ = cli_error(eval_argv(str(tmp_path / 'strings.model'), tiny_corpus, tmp_path))
+    assert status == 1 and printed.count('\n') == 1
+    assert ("strings.model: expected a state_dict of tensors, found a str under 'speaker_encoder.conv1.weight'"
+            in printed)
+
+
+def test_a_save_path_that_is_a_file_is_one_line(tiny_corpus, train_argv, tmp_path, cli_error):
+    (tmp_path / 'taken').write_text('a file')
+    for save_path in (tmp_path / 'taken', tmp_path / 'taken' / 'run'):
+        status, printed, _ = cli_error(train_argv(tiny_corpus, save_path))
+        assert status == 1 and printed.count('\n') == 1
+        assert printed.startswith(f'trainECAPAModel.py: error: {save_path}: cannot hold a run (')
+    assert (tmp_path / 'taken').read_text() == 'a file'
 
 
 # ---------------------------------------------------------------- --eval, --score_file
