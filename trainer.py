@@ -497,9 +497,6 @@ class TrainingRun:
             log(f'epoch {epoch}: {record.bad_steps} steps skipped for a non-finite loss or gradients')
         return record
 
-    def evaluated(self, epoch):
-        return epoch % self.args.test_step == 0 or epoch == self.args.max_epoch
-
     def save_trained(self, record):
         """Before an evaluation: model_XXXX.model, and resume.pt holding the epoch as trained, not evaluated,
         so that an evaluation that fails loses no training."""
@@ -527,9 +524,9 @@ class TrainingRun:
                 f.write(line + '\n')
         return results
 
-    def finish_epoch(self, record, started):
-        """Evaluate a trained epoch when it is due, write its records, and save resume.pt after it."""
-        results = self.evaluate_epoch(record) if self.evaluated(record.epoch) else None
+    def finish_epoch(self, record, started, evaluate):
+        """Evaluate a trained epoch if `evaluate`, write its records, and save resume.pt after it."""
+        results = self.evaluate_epoch(record) if evaluate else None
         record.epoch_seconds = time.time() - started
         self.write_records(record, results)
         self.save_resume(record.epoch)
@@ -556,7 +553,7 @@ class TrainingRun:
             if self.resume is not None and self.resume.unevaluated:
                 record = EpochRecord(**self.resume.unevaluated)
                 log(f'Evaluating epoch {record.epoch}, trained before the last run stopped')
-                self.finish_epoch(record, time.time() - record.train_seconds)
+                self.finish_epoch(record, time.time() - record.train_seconds, evaluate=True)
             for epoch in range(self.first_epoch, args.max_epoch + 1):
                 started = time.time()
                 try:
@@ -570,9 +567,10 @@ class TrainingRun:
                         f'saved in {self.resume_path}. Run the same command again to continue.')
                     return False
                 record = self.epoch_record(epoch, progress, started)
-                if self.evaluated(epoch):
+                evaluate = epoch % args.test_step == 0 or epoch == args.max_epoch
+                if evaluate:
                     self.save_trained(record)
-                self.finish_epoch(record, started)
+                self.finish_epoch(record, started, evaluate)
                 if epoch < args.max_epoch and stop.requested():
                     log(f'Stopped by {stop.describe()} after epoch {epoch}; the state is saved in '
                         f'{self.resume_path}. Run the same command again to continue.')
