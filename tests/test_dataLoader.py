@@ -223,10 +223,25 @@ class Stuck(torch.utils.data.Dataset):
         return i
 
 
-def test_loader_workers_left_stuck_are_ended_at_exit_though_they_ignore_sigterm():
-    loader = torch.utils.data.DataLoader(Stuck(), num_workers=2, worker_init_fn=leave_signals_to_parent)
+class StartMarked:
+    """A worker start that leaves signals to the parent, then marks the start with a file: the test signals
+    the workers only once both have set their handlers (a worker signalled sooner dies of the default one)."""
+
+    def __init__(self, folder):
+        self.folder = folder
+
+    def __call__(self, worker_id):
+        leave_signals_to_parent(worker_id)
+        (self.folder / f'started{worker_id}').touch()
+
+
+def test_loader_workers_left_stuck_are_ended_at_exit_though_they_ignore_sigterm(tmp_path):
+    loader = torch.utils.data.DataLoader(Stuck(), num_workers=2, worker_init_fn=StartMarked(tmp_path))
     batches = iter(loader)
     assert next(batches).tolist() == [0]
+    waited = time.time()
+    while len(list(tmp_path.glob('started*'))) < 2 and time.time() - waited < 60:
+        time.sleep(0.05)
     workers = multiprocessing.active_children()
     assert len(workers) == 2
     for worker in workers:
