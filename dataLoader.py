@@ -1,7 +1,8 @@
 """From a training list's entries to batches: read, resample, crop (augmentation is `augment.py`'s).
 
 Stages, each usable alone:
-  read_audio        -> mono float32 at the target rate, reading only the frames asked for
+  read_audio        -> mono float32 at the target rate, reading only the frames asked for (wav, flac, ...
+                       through libsndfile; .m4a and other FFmpeg formats through PyAV)
   random_crop       -> a fixed-length window, wrap-padded when the file is short
   read_usable_crop  -> a crop, or `UnusableAudio` saying why the file cannot train (unreadable, empty,
                        shorter than a 25 ms window, non-finite samples, silent); datasets then use another
@@ -15,6 +16,7 @@ Features are not computed here: the model computes them.
 """
 
 import concurrent.futures
+import errno
 import functools
 import math
 import multiprocessing
@@ -44,24 +46,64 @@ def resample(audio, orig_rate, new_rate):
         return resampler(orig_rate, new_rate)(torch.from_numpy(np.ascontiguousarray(audio))).numpy()
 
 
+def decode_with_av(path):
+    """(float32 samples [channels, frames], rate) of a file libsndfile does not read (AAC in .m4a, what FFmpeg
+    reads), decoded whole by PyAV; samples as the codec gives them, no resampling or mixing."""
+    import av  # FFmpeg is needed only for these formats
+    try:
+        with av.open(os.fspath(path)) as container:
+            stream = container.streams.audio[0]
+            to_float = av.AudioResampler(format='fltp')
+            planes = [out.to_ndarray() for frame in container.decode(stream) for out in to_float.resample(frame)]
+            planes += [out.to_ndarray() for out in to_float.resample(None)]
+            rate = stream.rate
+    except (av.FFmpegError, IndexError) as error:  # IndexError: no audio stream
+        raise ValueError(f'{path}: neither libsndfile nor FFmpeg reads it as audio ({error})') from None
+    if not planes:
+        raise ValueError(f'{path}: no audio decoded')
+    return np.concatenate(planes, axis=1), rate
+
+
+def not_for_libsndfile(path, error):
+    """Whether soundfile's `error` opening `path` says only that libsndfile does not know its format; a missing
+    file raises FileNotFoundError here (libsndfile says "System error")."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), os.fspath(path)) from None
+    return isinstance(error, soundfile.LibsndfileError) and 'Format not recognised' in str(error)
+
+
 def read_audio(path, sampling_rate, start=0.0, seconds=None):
     """Mono float32 audio of `path` at `sampling_rate`, from `start` seconds for `seconds` (None: to the
-    end). Only the frames needed are decoded; channels are averaged."""
-    with soundfile.SoundFile(path) as f:
-        native_rate = f.samplerate
+    end). Only the frames needed are decoded (formats libsndfile does not read, such as .m4a, are decoded
+    whole by PyAV); channels are averaged."""
+    try:
+        with soundfile.SoundFile(path) as f:
+            native_rate = f.samplerate
+            first = int(start * native_rate)
+            count = -1 if seconds is None else int(math.ceil(seconds * native_rate)) + 1
+            f.seek(min(first, f.frames))
+            audio = f.read(count, dtype='float32', always_2d=True).T
+    except RuntimeError as error:
+        if not not_for_libsndfile(path, error):
+            raise
+        audio, native_rate = decode_with_av(path)
         first = int(start * native_rate)
-        count = -1 if seconds is None else int(math.ceil(seconds * native_rate)) + 1
-        f.seek(min(first, f.frames))
-        audio = f.read(count, dtype='float32', always_2d=True)
-    audio = audio.mean(axis=1) if audio.shape[1] > 1 else audio[:, 0]
-    audio = resample(audio, native_rate, sampling_rate)
+        audio = audio[:, first:None if seconds is None else first + int(math.ceil(seconds * native_rate)) + 1]
+    audio = audio.mean(axis=0) if len(audio) > 1 else audio[0]
+    audio = resample(np.ascontiguousarray(audio, dtype=np.float32), native_rate, sampling_rate)
     if seconds is not None:
         audio = audio[:int(round(seconds * sampling_rate))]
     return audio
 
 
 def audio_duration(path):
-    info = soundfile.info(path)
+    try:
+        info = soundfile.info(path)
+    except RuntimeError as error:
+        if not not_for_libsndfile(path, error):
+            raise
+        audio, rate = decode_with_av(path)
+        return audio.shape[1] / rate
     return info.frames / info.samplerate
 
 

@@ -359,3 +359,33 @@ def build_encoder(name, C=None, sampling_rate=16000, embedding_dim=None):
         raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")
     spec = MODELS[name]
     return spec.build(C or spec.width, sampling_rate, embedding_dim or spec.embedding_dim)
+
+
+MEL_FILTERS = 'torchfbank.1.mel_scale.fb'
+COMMON_RATES = (16000, 8000, 11025, 22050, 24000, 32000, 44100, 48000)
+
+
+def mel_filters(sampling_rate):
+    return log_mel_frontend(sampling_rate)[1].mel_scale.fb
+
+
+def same_tensor(a, b):
+    return a.shape == b.shape and torch.allclose(a.float(), b.float(), atol=1e-6)
+
+
+def architecture_of(weights):
+    """{'model', 'C', 'embedding_dim', 'sampling_rate'} of the registered encoder that an encoder state_dict
+    fits, read from its names and shapes: the architecture from the set of names, the width and the embedding
+    size from the first and last tensors that follow them, the rate from the mel filters (which depend on it;
+    16000 when no common rate fits). None when no architecture has these names."""
+    for name in (n for n in MODELS if n != 'resnet'):  # 'resnet' is another name of resnet34
+        probe = build_encoder(name, 8, 16000, 5).state_dict()  # width 8, embedding 5: their tensors stand out
+        if probe.keys() != weights.keys():
+            continue
+        width_key = next(k for k, v in probe.items() if v.ndim and v.shape[0] == 8)
+        embedding_key = [k for k, v in probe.items() if v.ndim and v.shape[0] == 5][-1]
+        rate = next((r for r in COMMON_RATES if same_tensor(weights[MEL_FILTERS], mel_filters(r))), 16000)
+        return {'model': name, 'C': weights[width_key].shape[0], 'embedding_dim': weights[embedding_key].shape[0],
+                'sampling_rate': rate}
+    return None
+

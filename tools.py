@@ -27,9 +27,10 @@ import tqdm
 import distributed
 from checkpoints import (atomic_torch_save, atomic_write, encoder_config_path, encoder_weights,
                          load_state_dict_file, mismatches)
-from dataLoader import NEAR_SILENT, EvalDataset, leave_signals_to_parent, read_audio, resample, wrap_pad
+from dataLoader import (MIN_SECONDS, NEAR_SILENT, EvalDataset, audio_problem, leave_signals_to_parent, near_silent,
+                        read_audio, resample, wrap_pad)
 from errors import UserError
-from model import ConvMelSpectrogram, build_encoder, crop_samples
+from model import ConvMelSpectrogram, architecture_of, build_encoder, crop_samples
 
 EVAL_CROPS = 5
 EVAL_CROP_FRAMES = 300
@@ -129,8 +130,29 @@ def _embed_equal_length(encoder, waveforms, device, max_samples):
 
 
 @torch.no_grad()
-def utterance_vectors(encoder, waveforms, device, max_seconds=60.0):
-    """The protocol vectors v = [f, mean crops] / sqrt(2) of a list of 1-D waveforms, as [N, 2D]."""
+def whole_embeddings(encoder, waveforms, device):
+    """The encoder's embedding of each whole 1-D waveform, [N, D], unnormalised: what `--extract` writes and the
+    exported models compute. Equally long waveforms share a forward pass; nothing is padded."""
+    embeddings = [None] * len(waveforms)
+    for indices in indices_by_length(waveforms).values():
+        batch = torch.stack([waveforms[i] for i in indices]).to(device)
+        for i, embedding in zip(indices, encoder(batch, False).float().cpu()):
+            embeddings[i] = embedding
+    return torch.stack(embeddings)
+
+
+def indices_by_length(waveforms):
+    by_length = {}
+    for i, w in enumerate(waveforms):
+        by_length.setdefault(len(w), []).append(i)
+    return by_length
+
+
+@torch.no_grad()
+def protocol_vectors_of(encoder, waveforms, device, max_seconds=60.0, whole=None):
+    """The protocol vectors v = [f, mean crops] / sqrt(2) of a list of 1-D waveforms, as [N, 2D]. f is the
+    normalised `whole_embeddings` (taken from `whole` when given) of a waveform up to `max_seconds`; a longer
+    one is cut into equal chunks whose normalised embeddings are averaged, so memory stays bounded."""
     rate = encoder.sampling_rate
     crop_length = crop_samples(EVAL_CROP_FRAMES, rate)
     max_samples = int(max_seconds * rate)
@@ -138,13 +160,19 @@ def utterance_vectors(encoder, waveforms, device, max_seconds=60.0):
     crop_embeddings = F.normalize(encoder(crops.to(device), False).float(), dim=1).cpu()
     crop_mean = crop_embeddings.view(len(waveforms), EVAL_CROPS, -1).mean(dim=1)
     full = torch.empty_like(crop_mean)
-    by_length = {}
-    for i, w in enumerate(waveforms):
-        by_length.setdefault(len(w), []).append(i)
-    for indices in by_length.values():
-        full[indices] = _embed_equal_length(encoder, torch.stack([waveforms[i] for i in indices]), device,
-                                            max_samples)
+    for length, indices in indices_by_length(waveforms).items():
+        if whole is not None and length <= max_samples:
+            full[indices] = F.normalize(whole[indices], dim=1)
+        else:
+            full[indices] = _embed_equal_length(encoder, torch.stack([waveforms[i] for i in indices]), device,
+                                                max_samples)
     return torch.cat((full, crop_mean), dim=1) / math.sqrt(2)
+
+
+def embeddings_and_protocol_vectors(encoder, waveforms, device):
+    """[`whole_embeddings`, `protocol_vectors_of`] side by side, [N, 3D], the whole utterance embedded once."""
+    whole = whole_embeddings(encoder, waveforms, device)
+    return torch.cat((whole, protocol_vectors_of(encoder, waveforms, device, whole=whole)), dim=1)
 
 
 def transpose(items):
@@ -152,8 +180,10 @@ def transpose(items):
     return tuple(list(column) for column in zip(*items))
 
 
-def embed_files(encoder, relative_paths, root, device, n_cpu=0, batch_size=16, progress=True, unusable=None):
-    """Protocol vectors for every file, read by `n_cpu` loader workers; returns {relative path: vector}.
+def embed_files(encoder, relative_paths, root, device, n_cpu=0, batch_size=16, progress=True, unusable=None,
+                represent=protocol_vectors_of):
+    """`represent(encoder, waveforms, device)` (the protocol vectors) of every file, read by `n_cpu` loader
+    workers; returns {relative path: vector}.
 
     A file that cannot be embedded (unreadable, shorter than a window, NaN samples, or giving a non-finite
     embedding) is a `UserError` naming every such file, or, given an `unusable` list, is appended to it as
@@ -170,7 +200,7 @@ def embed_files(encoder, relative_paths, root, device, n_cpu=0, batch_size=16, p
             problems += [(name, problem) for name, problem in zip(names, found) if problem not in (None, NEAR_SILENT)]
             usable = [i for i, problem in enumerate(found) if problem in (None, NEAR_SILENT)]
             if usable:
-                batch = utterance_vectors(encoder, [waveforms[i] for i in usable], device)
+                batch = represent(encoder, [waveforms[i] for i in usable], device)
                 for i, vector in zip(usable, batch):
                     if torch.isfinite(vector).all():
                         vectors[names[i]] = vector
@@ -382,16 +412,24 @@ def evaluate(encoder, trial_lists, eval_path, device, n_cpu=0, cohort=None, cach
 # ---------------------------------------------------------------- notebook helpers
 
 def load_model(path, model=None, C=None, sampling_rate=None, device='cpu'):
-    """An encoder in eval mode from a checkpoint. The architecture comes from the JSON written beside the
-    checkpoint; for a checkpoint without one (e.g. the original ECAPA-TDNN code's), give `model`, `C` and
-    `sampling_rate` (default ECAPA-TDNN, 1024, 16000)."""
-    config = {'model': 'ecapa-tdnn', 'C': 1024, 'sampling_rate': 16000, 'embedding_dim': None}
+    """An encoder in eval mode from a checkpoint (this toolkit's or the original ECAPA-TDNN code's). The
+    architecture comes from the JSON written beside the checkpoint or, without one, from the weights' names and
+    shapes (`model.architecture_of`; what it found is printed); `model`, `C` and `sampling_rate`, when given,
+    override either."""
+    weights = encoder_weights(load_state_dict_file(path))
     if os.path.exists(encoder_config_path(path)):
         with open(encoder_config_path(path)) as f:
-            config.update(json.load(f))
+            config = {'embedding_dim': None, **json.load(f)}
+    else:
+        config = architecture_of(weights)
+        if config is None:
+            config = {'model': 'ecapa-tdnn', 'C': 1024, 'sampling_rate': 16000, 'embedding_dim': None}
+        else:
+            print(f'{path}: no {os.path.basename(encoder_config_path(path))} beside it; its weights are those of '
+                  f'{config["model"]} C={config["C"]}, embedding {config["embedding_dim"]}, '
+                  f'{config["sampling_rate"]} Hz')
     config.update({k: v for k, v in (('model', model), ('C', C), ('sampling_rate', sampling_rate)) if v})
     encoder = build_encoder(config['model'], config['C'], config['sampling_rate'], config['embedding_dim'])
-    weights = encoder_weights(load_state_dict_file(path))
     try:
         encoder.load_state_dict(weights)
     except RuntimeError:
@@ -401,23 +439,81 @@ def load_model(path, model=None, C=None, sampling_rate=None, device='cpu'):
     return encoder.to(device).eval()
 
 
-def embed(encoder, audio, sampling_rate=None):
-    """The protocol vector of a file path, or of a 1-D waveform at `sampling_rate` (resampled to the
-    encoder's rate)."""
-    device = next(encoder.parameters()).device
+def as_recordings(audio, sampling_rate, rate, lengths=None, channels=False):
+    """(1-D float32 waveforms at `rate`, whether `audio` was one recording) for `embed`; see there."""
+    if isinstance(audio, (list, tuple)):
+        if lengths is not None or not audio:
+            raise ValueError('give lengths with a [N, T] batch, not a list' if audio else 'an empty list')
+        return [as_recordings(item, sampling_rate, rate, channels=True)[0][0] for item in audio], False
     if isinstance(audio, (str, os.PathLike)):
-        waveform = read_audio(audio, encoder.sampling_rate)
-    else:
-        if sampling_rate is None:
-            raise ValueError("give the sampling_rate of a waveform")
-        waveform = resample(np.asarray(audio, dtype=np.float32), sampling_rate, encoder.sampling_rate)
+        return [checked_waveform(read_audio(audio, rate), os.fspath(audio), rate, rate)], True
+    samples = audio.detach().cpu().numpy() if isinstance(audio, torch.Tensor) else np.asarray(audio)
+    if sampling_rate is None:
+        raise ValueError(f'give the sampling_rate of a waveform (the model takes {rate} Hz)')
+    if np.issubdtype(samples.dtype, np.signedinteger):
+        samples = samples / float(2 ** (8 * samples.dtype.itemsize - 1))
+    elif not np.issubdtype(samples.dtype, np.floating):
+        raise ValueError(f'a waveform of {samples.dtype}: give float or signed integer samples')
+    samples = samples.astype(np.float32)
+    if samples.ndim == 2 and (channels or samples.shape[0] > samples.shape[1]):
+        samples = samples.mean(axis=1 if samples.shape[0] > samples.shape[1] else 0)
+    if samples.ndim == 1:
+        if lengths is not None:
+            raise ValueError('lengths are for a [N, T] batch')
+        return [checked_waveform(samples, 'the waveform', sampling_rate, rate)], True
+    if samples.ndim != 2:
+        raise ValueError(f'a waveform of shape {list(samples.shape)}: give [T], [T, C], [C, T] or [N, T]')
+    lengths = [samples.shape[1]] * len(samples) if lengths is None else [int(n) for n in lengths]
+    if len(lengths) != len(samples) or not all(0 <= n <= samples.shape[1] for n in lengths):
+        raise ValueError(f'lengths {lengths} do not fit a batch of shape {list(samples.shape)}')
+    return [checked_waveform(row[:n], f'row {i} of the batch', sampling_rate, rate)
+            for i, (row, n) in enumerate(zip(samples, lengths))], False
+
+
+def checked_waveform(waveform, name, sampling_rate, rate):
+    """`waveform` resampled to `rate` as a tensor, wrap-padded to one analysis window (as training pads short
+    files); a ValueError naming it when it is empty or not finite, a warning when it is near silent."""
+    problem = audio_problem(waveform, skip_silent=False)
+    if problem:
+        raise ValueError(f'{name}: {problem}')
+    if near_silent(waveform):
+        warnings.warn(f'{name}: {NEAR_SILENT}; it holds next to nothing of a speaker', stacklevel=4)
+    waveform = resample(np.ascontiguousarray(waveform), sampling_rate, rate)
+    return torch.from_numpy(np.ascontiguousarray(wrap_pad(waveform, math.ceil(MIN_SECONDS * rate))))
+
+
+def embed(encoder, audio, sampling_rate=None, lengths=None, channels=False):
+    """The encoder's embedding of whole utterances (192-d for ECAPA-TDNN, unnormalised): the vector `--extract`
+    writes and the exported TorchScript and ONNX models compute. `audio` is
+      - a path (wav, flac, ... read by libsndfile; m4a, mp3 and other FFmpeg formats by PyAV),
+      - a waveform at `sampling_rate` (resampled to the model's), numpy or torch, float or integer PCM:
+        [T]; or 2-D with time on the longer axis: [T, C] (soundfile.read's layout) is one recording whose
+        channels are averaged; [N, T] is a batch of N waveforms, one per row, of `lengths[i]` samples each
+        when given; with `channels=True` the rows of [C, T] are instead the channels of one recording
+        (torchaudio.load's layout), averaged;
+      - or a list of paths and waveforms, one recording each.
+    Returns [D] for one recording, [N, D] for a batch or a list. Inputs shorter than one 25 ms window are
+    wrap-padded to it; an empty or non-finite input is a ValueError naming it, a missing file a
+    FileNotFoundError; near-silent input warns."""
     encoder.eval()
-    return utterance_vectors(encoder, [torch.from_numpy(np.ascontiguousarray(waveform))], device)[0]
+    waveforms, single = as_recordings(audio, sampling_rate, encoder.sampling_rate, lengths, channels)
+    embeddings = whole_embeddings(encoder, waveforms, next(encoder.parameters()).device)
+    return embeddings[0] if single else embeddings
+
+
+def protocol_vectors(encoder, audio, sampling_rate=None, lengths=None, channels=False):
+    """The evaluation protocol's vectors (module docstring: the normalised whole-utterance embedding and the
+    mean of five 3 s crops, [2D]), whose dot product is the score `--eval` and `score` give; same inputs and
+    shapes as `embed`."""
+    encoder.eval()
+    waveforms, single = as_recordings(audio, sampling_rate, encoder.sampling_rate, lengths, channels)
+    vectors = protocol_vectors_of(encoder, waveforms, next(encoder.parameters()).device)
+    return vectors[0] if single else vectors
 
 
 def score(encoder, audio_1, audio_2, sampling_rate=None):
-    """The protocol score of two files (or two waveforms at `sampling_rate`): about 1 for one speaker."""
-    return float(embed(encoder, audio_1, sampling_rate) @ embed(encoder, audio_2, sampling_rate))
+    """The protocol score of two recordings (paths, or waveforms at `sampling_rate`): about 1 for one speaker."""
+    return float(protocol_vectors(encoder, audio_1, sampling_rate) @ protocol_vectors(encoder, audio_2, sampling_rate))
 
 
 # ---------------------------------------------------------------- export

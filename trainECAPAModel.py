@@ -3,31 +3,26 @@
   python trainECAPAModel.py --demo                          # generated corpus, train + evaluate
   python trainECAPAModel.py --train_list ... --train_path ... --eval_list ... --eval_path ...
   python trainECAPAModel.py --eval --initial_model M --eval_list L --eval_path P [--snorm ...]
+  python trainECAPAModel.py --score_pair A.wav B.wav --initial_model M
 
-Here: flags, defaults, checks and one short function per command (`COMMANDS`); training is trainer.py. A rerun
-continues from save_path/model/resume.pt; a mistake ends in one line naming the flag, file or list line.
+Here: flags, their defaults and their checks; what each command then does is commands.py (`COMMANDS`), training
+trainer.py. A rerun continues from save_path/model/resume.pt; a mistake ends in one line naming the flag, file
+or list line.
 """
 
 import argparse
 import math
 import os
-from typing import Callable, NamedTuple
 
 import torch
-import torch.nn.functional as F
 
 import demo
 import distributed
 from augment import default_cache_dir
-from checkpoints import atomic_torch_save, file_digest
+from commands import COMMANDS
 from dataLoader import end_loader_workers
-from errors import ArgumentParser, UsageError, UserError, reported_as_exit
-from lists import files_to_embed, read_score_file, write_score_file
+from errors import ArgumentParser, UsageError, reported_as_exit
 from model import MODELS
-from plots import evaluation_plots
-from prepare import check_data
-from tools import embed_files, export_onnx, export_torchscript, load_model, verification_metrics
-from trainer import cohort_of, evaluate_encoder, read_trial_lists, run_training
 
 DEMO_DEFAULTS = {'save_path': 'exps/demo', 'max_epoch': 7, 'batch_size': 32, 'num_frames': 150,
                  'test_step': 1, 'lr': 0.002, 'n_cpu': 1}
@@ -164,7 +159,11 @@ def build_parser():
     evaluation.add_argument('--extract', metavar='LIST_OR_DIR',
                             help='embed every file of a folder, or of a list (last field of each line, relative '
                                  'to --eval_path or the list\'s folder), with --initial_model; needs --out')
-    evaluation.add_argument('--out', help='--extract: file to write {paths, embeddings, vectors} to (torch.save)')
+    evaluation.add_argument('--out', help='--extract: file to write {paths, embeddings, protocol_vectors, ...} to: '
+                                          'FILE.pt (torch.save) or FILE.npz (numpy)')
+    evaluation.add_argument('--score_pair', nargs=2, metavar='FILE',
+                            help='print the cosine of two recordings\' embeddings and their protocol score '
+                                 '(as --eval scores a trial), with --initial_model')
     evaluation.add_argument('--score_file', nargs='+', metavar='FILE',
                             help='only compute EER and minDCF of existing "enroll test score label" files')
 
@@ -305,111 +304,6 @@ def check_device(args):
 
 CHECKS = (check_ranges, check_schedule, check_objective, check_one_command, check_command_flags, check_paths,
           check_device)
-
-
-# ---------------------------------------------------------------- commands
-
-def run_score_files(args):
-    results = {}
-    for path in args.score_file:
-        scores, labels = read_score_file(path)
-        results[path] = verification_metrics(scores, labels)
-        print(f'{path}: {len(scores)} trials, {results[path].text()}')
-    return results
-
-
-def run_check_data(args):
-    problems = check_data(args)
-    if problems:
-        raise UserError(f'--check_data found {len(problems)} problems (listed above)')
-    return problems
-
-
-def load_initial_encoder(args, device):
-    """The encoder of --initial_model, built as recorded beside it unless --model/--C/--sampling_rate say."""
-    overrides = {name: getattr(args, name) for name in ('model', 'C', 'sampling_rate') if name in args.given}
-    return load_model(args.initial_model, device=device, **overrides)
-
-
-def run_export(args):
-    encoder = load_initial_encoder(args, 'cpu')
-    (export_onnx if args.export.endswith('.onnx') else export_torchscript)(encoder, args.export)
-    print(f'{args.export}: {type(encoder).__name__} at {encoder.sampling_rate} Hz, waveform [batch, samples] in, '
-          f'embedding [batch, {encoder.embedding_dim}] out')
-
-
-def run_eval(args):
-    encoder = load_initial_encoder(args, args.device)
-    print(f'Model {args.initial_model} loaded: {type(encoder).__name__} at {encoder.sampling_rate} Hz')
-    results = evaluate_encoder(encoder, args, args.device, read_trial_lists(args), cohort_of(args),
-                               file_digest(args.initial_model))
-    for path, result in results.items():
-        score_path = os.path.join(args.save_path, 'scores', result.trials.name)
-        for suffix, scores, _ in result.score_sets():
-            write_score_file(score_path + suffix.replace('_', '.'), result.trials.enroll, result.trials.test, scores,
-                             result.trials.labels)
-        print(f'{path}: {len(result.scores)} trials, {result.text()}\n'
-              f'  scores (enroll test score [label]): {score_path}' + (' and .asnorm' if args.snorm else ''))
-    evaluation_plots(results, os.path.join(args.save_path, 'plots'))
-    return results
-
-
-def run_extract(args):
-    """Embed every file of a folder or a list (one path per line, its last field, relative to --eval_path or
-    else to the list's folder) and save {'paths', 'embeddings', 'vectors', 'model', 'skipped'} to --out; files
-    that cannot be embedded are skipped and listed."""
-    device = torch.device(args.device)
-    encoder = load_initial_encoder(args, device)
-    root, references = files_to_embed(args.extract, args.eval_path)
-    skipped = []
-    vectors = embed_files(encoder, list(references), root, device, n_cpu=args.n_cpu, unusable=skipped)
-    print(''.join(f'{args.extract}: skipped {path} ({why})\n' for path, why in skipped), end='')
-    if not vectors:
-        raise UserError(f'--extract {args.extract}: none of its {len(references)} files can be embedded')
-    paths = list(vectors)  # in the order of --extract
-    stacked = torch.stack(list(vectors.values()))
-    atomic_torch_save({'paths': paths, 'embeddings': F.normalize(stacked[:, :encoder.embedding_dim], dim=1),
-                       'vectors': stacked, 'model': args.initial_model, 'sampling_rate': encoder.sampling_rate,
-                       'skipped': [list(problem) for problem in skipped]}, args.out)
-    print(f'{args.out}: {len(paths)} embeddings of {encoder.embedding_dim} dimensions'
-          + (f', {len(skipped)} files skipped' if skipped else ''))
-
-
-def check_check_data(args):
-    if not any(getattr(args, n) for n in ('train_list', 'eval_list', 'musan_path', 'rir_path')):
-        raise UsageError('--check_data needs something to check: --train_list, --eval_list, --musan_path or '
-                         '--rir_path')
-    for listed, folder in (('train_list', 'train_path'), ('eval_list', 'eval_path')):
-        if getattr(args, listed) and not getattr(args, folder):
-            raise UsageError(f'--check_data of --{listed} needs --{folder}')
-
-
-def check_export(args):
-    if os.path.splitext(args.export)[1] not in ('.pt', '.onnx'):
-        raise UsageError(f'--export {args.export}: name a .pt (TorchScript) or .onnx file')
-
-
-def check_extract(args):
-    if not os.path.exists(args.extract):
-        raise UsageError(f'--extract {args.extract}: no such file or folder')
-    if os.path.isdir(args.out):
-        raise UsageError(f'--out {args.out}: a folder; name the file to write')
-
-
-class Command(NamedTuple):
-    run: Callable
-    needs: tuple               # flags that must be given
-    check: Callable = None     # further checks of its flags
-
-
-COMMANDS = {  # the flag that selects each command (training: none of them)
-    'score_file': Command(run_score_files, ()),
-    'check_data': Command(run_check_data, (), check_check_data),
-    'export': Command(run_export, ('initial_model',), check_export),
-    'extract': Command(run_extract, ('initial_model', 'out'), check_extract),
-    'eval': Command(run_eval, ('initial_model', 'eval_list', 'eval_path')),
-    'train': Command(run_training, ('train_list', 'train_path', 'eval_list', 'eval_path')),
-}
 
 
 def command_of(args):

@@ -20,14 +20,14 @@ from common import environment, synchronize, write_json
 import demo
 from dataLoader import read_audio
 from model import build_encoder
-from tools import embed_files, utterance_vectors
+from tools import embed_files, protocol_vectors_of
 
 
 def one_at_a_time(encoder, paths, root, device):
     vectors = {}
     for path in paths:
         waveform = torch.from_numpy(read_audio(os.path.join(root, path), encoder.sampling_rate))
-        vectors[path] = utterance_vectors(encoder, [waveform], device)[0]
+        vectors[path] = protocol_vectors_of(encoder, [waveform], device)[0]
     return vectors
 
 

@@ -1,6 +1,8 @@
 """tools.py: the evaluation protocol, scoring, AS-Norm, evaluation of trial lists, the notebook helpers and
 export. The metrics have their own file, test_tools_metrics.py."""
 
+import os
+
 import numpy as np
 import pytest
 import soundfile
@@ -13,7 +15,8 @@ from lists import TrainEntry, TrialList
 from loss import AAMsoftmax
 from model import ConvMelSpectrogram, ECAPA_TDNN, build_encoder, crop_samples
 from tools import (Cohort, as_norm, build_cohort, cohort_statistics, embed, embed_files, evaluate, export_onnx,
-                   export_torchscript, load_model, score, utterance_vectors, verification_metrics)
+                   export_torchscript, load_model, protocol_vectors, protocol_vectors_of, score,
+                   verification_metrics)
 from trainer import SpeakerModel
 
 
@@ -76,14 +79,14 @@ def test_vectors_reproduce_the_original_protocol(encoder):
     a = (0.1 * rng.standard_normal(20000)).astype(np.float32)   # shorter than a crop: wrap-padded
     b = (0.1 * rng.standard_normal(70000)).astype(np.float32)
     c = (0.1 * rng.standard_normal(70000)).astype(np.float32)   # same length as b: batched with it
-    vectors = utterance_vectors(encoder, [torch.from_numpy(x) for x in (a, b, c)], torch.device('cpu'))
+    vectors = protocol_vectors_of(encoder, [torch.from_numpy(x) for x in (a, b, c)], torch.device('cpu'))
     assert float(vectors[0] @ vectors[1]) == pytest.approx(original_protocol_score(encoder, a, b), abs=1e-5)
     assert float(vectors[1] @ vectors[2]) == pytest.approx(original_protocol_score(encoder, b, c), abs=1e-5)
 
 
 def test_long_files_are_embedded_in_chunks(encoder):
     x = (0.1 * np.random.default_rng(2).standard_normal(48000)).astype(np.float32)
-    vector = utterance_vectors(encoder, [torch.from_numpy(x)], torch.device('cpu'), max_seconds=1.0)[0]
+    vector = protocol_vectors_of(encoder, [torch.from_numpy(x)], torch.device('cpu'), max_seconds=1.0)[0]
     with torch.no_grad():
         chunks = F.normalize(encoder(torch.from_numpy(x).view(3, 16000)), dim=1)
     full = F.normalize(chunks.mean(dim=0), dim=0)
@@ -120,7 +123,7 @@ def test_evaluate_scores_each_list_and_normalises_against_the_cohort(tmp_path, e
     blind = TrialList('b.txt', None, ['a.wav'], ['d.wav'], [1])
     cohort = Cohort([TrainEntry('s', 'c.wav'), TrainEntry('t', 'd.wav')], str(tmp_path), 'utterance', 2)
     results = evaluate(encoder, [labelled, blind], str(tmp_path), 'cpu', cohort=cohort)
-    vectors = {n: embed(encoder, str(tmp_path / n)) for n in ('a.wav', 'b.wav', 'c.wav', 'd.wav')}
+    vectors = {n: protocol_vectors(encoder, str(tmp_path / n)) for n in ('a.wav', 'b.wav', 'c.wav', 'd.wav')}
     expected = [float(vectors[e] @ vectors[t]) for e, t in zip(labelled.enroll, labelled.test)]
     np.testing.assert_allclose(results['l.txt'].scores, expected, atol=1e-6)
     assert results['l.txt'].metrics == verification_metrics(results['l.txt'].scores, labelled.labels)
@@ -191,8 +194,8 @@ def test_a_checkpoint_of_another_width_is_a_clear_error(tmp_path):
         load_model(str(tmp_path / 'm.model'), C=64)
 
 
-@pytest.mark.parametrize('name,C,rate', [('ecapa-tdnn', 32, 16000), ('tdnn', 64, 8000), ('resnet18', 8, 16000)])
-def test_checkpoint_round_trip_through_the_notebook_helpers(tmp_path, name, C, rate):
+@pytest.mark.parametrize('name,C,rate', [('ecapa-tdnn', 32, 16000), ('tdnn', 64, 8000), ('resnet18', 8, 44100)])
+def test_checkpoint_round_trip_through_the_notebook_helpers(tmp_path, name, C, rate, capsys):
     torch.manual_seed(0)
     encoder = build_encoder(name, C, rate, embedding_dim=40).eval()
     speaker_model = SpeakerModel(encoder, AAMsoftmax(7, 0.2, 30, 40))
@@ -206,9 +209,17 @@ def test_checkpoint_round_trip_through_the_notebook_helpers(tmp_path, name, C, r
     # A file at another rate is resampled to the encoder's.
     other_rate = 16000 if rate == 8000 else 8000
     soundfile.write(tmp_path / 'a.wav', (0.1 * np.random.default_rng(1).standard_normal(other_rate)), other_rate)
-    vector = embed(loaded, str(tmp_path / 'a.wav'))
-    assert vector.shape == (80,)
+    vector = protocol_vectors(loaded, str(tmp_path / 'a.wav'))
+    assert vector.shape == (80,) and embed(loaded, str(tmp_path / 'a.wav')).shape == (40,)
     assert score(loaded, str(tmp_path / 'a.wav'), str(tmp_path / 'a.wav')) == pytest.approx(float(vector @ vector))
+    # Without the JSON beside it, the architecture is read from the weights' names and shapes, and said.
+    os.remove(tmp_path / 'model_0003.json')
+    capsys.readouterr()
+    alone = load_model(path)
+    assert capsys.readouterr().out == f'{path}: no model_0003.json beside it; its weights are those of {name} C={C}, ' \
+                                      f'embedding 40, {rate} Hz\n'
+    assert type(alone) is type(encoder) and alone.sampling_rate == rate
+    torch.testing.assert_close(embed(alone, waveform, rate), embed(encoder, waveform, rate), rtol=0, atol=0)
 
 
 ENCODERS = [('ecapa-tdnn', 48), ('tdnn', 64), ('resnet18', 8)]

@@ -1,5 +1,5 @@
 """trainECAPAModel.py: flags, their defaults and checks, user errors as one line, and the one-shot commands
-(--eval, --score_file, --extract, --export). Training itself is tested in test_trainer.py."""
+(--eval, --score_file, --extract, --export, --score_pair). Training itself is tested in test_trainer.py."""
 
 import importlib.util
 import os
@@ -10,8 +10,10 @@ import sys
 
 import numpy as np
 import pytest
+import soundfile
 import torch
 
+import commands
 import tools
 import trainECAPAModel
 from checkpoints import save_checkpoint
@@ -42,7 +44,7 @@ def embed_calls(monkeypatch):
         calls.extend(relative_paths)
         return original(encoder, relative_paths, *args, **kwargs)
     monkeypatch.setattr(tools, 'embed_files', counting)
-    monkeypatch.setattr(trainECAPAModel, 'embed_files', counting)
+    monkeypatch.setattr(commands, 'embed_files', counting)
     return calls
 
 
@@ -193,9 +195,9 @@ def test_as_norm_scores_equal_a_direct_computation_with_either_cohort(tiny_corpu
     encoder = tools.load_model(checkpoint)
     trials = read_trials(tiny_corpus['eval_list'])
     files = sorted(set(trials.enroll + trials.test))
-    vectors = torch.stack([tools.embed(encoder, os.path.join(tiny_corpus['eval_path'], f)) for f in files])
+    vectors = torch.stack([tools.protocol_vectors(encoder, os.path.join(tiny_corpus['eval_path'], f)) for f in files])
     entries = cohort_entries(read_train_list(tiny_corpus['train_list']), 20, seed=10)  # --seed's default
-    train = {e.path: tools.embed(encoder, os.path.join(tiny_corpus['train_path'], e.path)) for e in entries}
+    train = {e.path: tools.protocol_vectors(encoder, os.path.join(tiny_corpus['train_path'], e.path)) for e in entries}
     if cohort == 'utterance':
         members = torch.stack([train[e.path] for e in entries])
         assert len(members) == 20
@@ -292,16 +294,65 @@ def test_extract_writes_embeddings_for_a_folder_and_a_list(tiny_corpus, checkpoi
     trials = read_trials(tiny_corpus['eval_list'])
     files = sorted(set(trials.enroll + trials.test))
     assert saved['paths'] == files
-    assert saved['embeddings'].shape == (len(files), 192)
-    torch.testing.assert_close(saved['embeddings'].norm(dim=1), torch.ones(len(files)))
+    assert saved['embeddings'].shape == (len(files), 192) and saved['protocol_vectors'].shape == (len(files), 384)
     encoder = tools.load_model(checkpoint)
-    torch.testing.assert_close(saved['vectors'][0], tools.embed(encoder, os.path.join(tiny_corpus['eval_path'],
-                                                                                       files[0])), atol=1e-6, rtol=0)
+    first = os.path.join(tiny_corpus['eval_path'], files[0])
+    torch.testing.assert_close(saved['embeddings'][0], tools.embed(encoder, first), atol=1e-5, rtol=0)
+    torch.testing.assert_close(saved['protocol_vectors'][0], tools.protocol_vectors(encoder, first), atol=1e-6, rtol=0)
     listed = tmp_path / 'listed.pt'
     trainECAPAModel.main(['--initial_model', checkpoint, '--extract', tiny_corpus['train_list'],
                           '--eval_path', tiny_corpus['train_path'], '--out', str(listed), '--n_cpu', '0'])
     assert torch.load(listed, weights_only=True)['paths'] == [
         entry.path for entry in read_train_list(tiny_corpus['train_list'])]
+
+
+def test_embed_extract_torchscript_and_onnx_give_one_embedding(tiny_corpus, checkpoint, tmp_path):
+    out = tmp_path / 'embeddings.npz'
+    trainECAPAModel.main(['--initial_model', checkpoint, '--extract', tiny_corpus['eval_path'], '--out', str(out),
+                          '--n_cpu', '0'])
+    saved = np.load(out)  # no pickle needed
+    assert saved['skipped'].shape == (0, 2) and int(saved['sampling_rate']) == 16000
+    path = os.path.join(tiny_corpus['eval_path'], str(saved['paths'][0]))
+    encoder = tools.load_model(checkpoint)
+    embedding = tools.embed(encoder, path).numpy()
+    np.testing.assert_allclose(saved['embeddings'][0], embedding, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(saved['protocol_vectors'][0], tools.protocol_vectors(encoder, path), rtol=0, atol=1e-5)
+    waveform = soundfile.read(path, dtype='float32')[0][None]
+    trainECAPAModel.main(['--initial_model', checkpoint, '--export', str(tmp_path / 'encoder.pt')])
+    with torch.no_grad():
+        scripted = torch.jit.load(str(tmp_path / 'encoder.pt'))(torch.from_numpy(waveform))[0].numpy()
+    np.testing.assert_allclose(scripted, embedding, rtol=0, atol=1e-5)
+    pytest.importorskip('onnx', reason='onnx is an optional extra (requirements-extras.txt)')
+    onnxruntime = pytest.importorskip('onnxruntime', reason='onnxruntime is an optional extra')
+    trainECAPAModel.main(['--initial_model', checkpoint, '--export', str(tmp_path / 'encoder.onnx')])
+    session = onnxruntime.InferenceSession(str(tmp_path / 'encoder.onnx'))
+    np.testing.assert_allclose(session.run(['embedding'], {'waveform': waveform})[0][0], embedding, rtol=0, atol=1e-5)
+
+
+def test_an_exported_model_embeds_from_any_folder_with_plain_torch(checkpoint, tmp_path):
+    trainECAPAModel.main(['--initial_model', checkpoint, '--export', str(tmp_path / 'encoder.pt')])
+    elsewhere = tmp_path / 'notebook'
+    elsewhere.mkdir()
+    program = ("import sys, torch; assert 'model' not in sys.modules; "
+               "m = torch.jit.load(sys.argv[1]); print(tuple(m(0.1 * torch.randn(2, 16000)).shape))")
+    env = {k: v for k, v in os.environ.items() if k != 'PYTHONPATH'}
+    ran = subprocess.run([sys.executable, '-c', program, str(tmp_path / 'encoder.pt')], cwd=elsewhere, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert ran.returncode == 0, ran.stderr
+    assert ran.stdout.split() == ['(2,', '192)']
+
+
+def test_score_pair_prints_the_cosine_and_the_protocol_score(tiny_corpus, checkpoint, capsys, cli_error):
+    trials = read_trials(tiny_corpus['eval_list'])
+    pair = [os.path.join(tiny_corpus['eval_path'], f) for f in (trials.enroll[0], trials.test[0])]
+    cosine, protocol = trainECAPAModel.main(['--initial_model', checkpoint, '--score_pair', *pair])
+    encoder = tools.load_model(checkpoint)
+    a, b = (tools.embed(encoder, p) for p in pair)
+    assert cosine == pytest.approx(float(a @ b / (a.norm() * b.norm())), abs=1e-5)
+    assert protocol == pytest.approx(tools.score(encoder, *pair), abs=1e-5)
+    assert f'protocol score (as --eval scores a trial) {protocol:.4f}' in capsys.readouterr().out
+    status, message, _ = cli_error(['--initial_model', checkpoint, '--score_pair', pair[0], 'missing.wav'])
+    assert status == 2 and message.rstrip().endswith('--score_pair missing.wav: no such file')
 
 
 def test_extract_skips_and_lists_files_it_cannot_embed_and_writes_the_rest(tiny_corpus, checkpoint, tmp_path,

@@ -1,0 +1,165 @@
+"""What each command of trainECAPAModel.py does once its flags are checked: one short function per command,
+and the checks of its own flags (`COMMANDS`). Training itself is trainer.py's `run_training`.
+
+A module of its own so that the entry script holds the flags, their defaults and their checks, and this one
+what the commands do with them.
+"""
+
+import os
+from typing import Callable, NamedTuple
+
+import numpy as np
+import torch
+
+from checkpoints import atomic_torch_save, atomic_write, file_digest
+from errors import UsageError, UserError
+from lists import files_to_embed, read_score_file, write_score_file
+from plots import evaluation_plots
+from prepare import check_data
+from tools import (embed, embed_files, embeddings_and_protocol_vectors, export_onnx, export_torchscript, load_model,
+                   protocol_vectors, verification_metrics)
+from trainer import cohort_of, evaluate_encoder, read_trial_lists, run_training
+
+EXTRACT_FORMATS = ('.pt', '.npz')
+
+
+def run_score_files(args):
+    results = {}
+    for path in args.score_file:
+        scores, labels = read_score_file(path)
+        results[path] = verification_metrics(scores, labels)
+        print(f'{path}: {len(scores)} trials, {results[path].text()}')
+    return results
+
+
+def run_check_data(args):
+    problems = check_data(args)
+    if problems:
+        raise UserError(f'--check_data found {len(problems)} problems (listed above)')
+    return problems
+
+
+def load_initial_encoder(args, device):
+    """The encoder of --initial_model, built as recorded beside it unless --model/--C/--sampling_rate say."""
+    overrides = {name: getattr(args, name) for name in ('model', 'C', 'sampling_rate') if name in args.given}
+    return load_model(args.initial_model, device=device, **overrides)
+
+
+def run_export(args):
+    encoder = load_initial_encoder(args, 'cpu')
+    (export_onnx if args.export.endswith('.onnx') else export_torchscript)(encoder, args.export)
+    print(f'{args.export}: {type(encoder).__name__} at {encoder.sampling_rate} Hz, waveform [batch, samples] in, '
+          f'embedding [batch, {encoder.embedding_dim}] out')
+
+
+def run_eval(args):
+    encoder = load_initial_encoder(args, args.device)
+    print(f'Model {args.initial_model} loaded: {type(encoder).__name__} at {encoder.sampling_rate} Hz')
+    results = evaluate_encoder(encoder, args, args.device, read_trial_lists(args), cohort_of(args),
+                               file_digest(args.initial_model))
+    for path, result in results.items():
+        score_path = os.path.join(args.save_path, 'scores', result.trials.name)
+        for suffix, scores, _ in result.score_sets():
+            write_score_file(score_path + suffix.replace('_', '.'), result.trials.enroll, result.trials.test, scores,
+                             result.trials.labels)
+        print(f'{path}: {len(result.scores)} trials, {result.text()}\n'
+              f'  scores (enroll test score [label]): {score_path}' + (' and .asnorm' if args.snorm else ''))
+    evaluation_plots(results, os.path.join(args.save_path, 'plots'))
+    return results
+
+
+def run_extract(args):
+    """Embed every file of a folder or a list (one path per line, its last field, relative to --eval_path or
+    else to the list's folder) and write `write_extracted`'s fields to --out; files that cannot be embedded
+    are skipped and listed."""
+    device = torch.device(args.device)
+    encoder = load_initial_encoder(args, device)
+    root, references = files_to_embed(args.extract, args.eval_path)
+    skipped = []
+    vectors = embed_files(encoder, list(references), root, device, n_cpu=args.n_cpu, unusable=skipped,
+                          represent=embeddings_and_protocol_vectors)
+    print(''.join(f'{args.extract}: skipped {path} ({why})\n' for path, why in skipped), end='')
+    if not vectors:
+        raise UserError(f'--extract {args.extract}: none of its {len(references)} files can be embedded')
+    stacked = torch.stack(list(vectors.values()))
+    write_extracted(args.out, {'paths': list(vectors), 'embeddings': stacked[:, :encoder.embedding_dim],
+                               'protocol_vectors': stacked[:, encoder.embedding_dim:], 'model': args.initial_model,
+                               'sampling_rate': encoder.sampling_rate, 'skipped': [list(p) for p in skipped]})
+    print(f'{args.out}: {len(vectors)} embeddings of {encoder.embedding_dim} dimensions'
+          + (f', {len(skipped)} files skipped' if skipped else ''))
+
+
+def write_extracted(path, fields):
+    """--extract's output: `paths` (in the order of --extract), `embeddings` [N, D] (the encoder's, unnormalised,
+    as `tools.embed` and the exported models give them), `protocol_vectors` [N, 2D] (the evaluation protocol's,
+    whose dot products are --eval's scores), `model`, `sampling_rate` and `skipped` ([path, why] pairs); with
+    torch.save for .pt, numpy's savez for .npz (strings as unicode arrays: np.load needs no pickle)."""
+    if path.endswith('.npz'):
+        arrays = {name: value.numpy() if isinstance(value, torch.Tensor) else np.array(value, dtype=None)
+                  for name, value in fields.items()}
+        arrays['skipped'] = np.array(fields['skipped'], dtype=str).reshape(-1, 2)
+        atomic_write(path, lambda f: np.savez(f, **arrays))
+    else:
+        atomic_torch_save(fields, path)
+
+
+def run_score_pair(args):
+    """The embeddings of two recordings, their cosine, and the evaluation protocol's score (--eval's)."""
+    encoder = load_initial_encoder(args, torch.device(args.device))
+    try:
+        embeddings = embed(encoder, args.score_pair)
+        vectors = protocol_vectors(encoder, args.score_pair)
+    except (OSError, RuntimeError, ValueError) as error:  # soundfile's errors are RuntimeErrors
+        raise UserError(f'--score_pair: {error}') from None
+    for path, embedding in zip(args.score_pair, embeddings):
+        print(f'{path}: embedding of {len(embedding)} dimensions, norm {embedding.norm():.4f}')
+    cosine = float(torch.nn.functional.cosine_similarity(embeddings[0], embeddings[1], dim=0))
+    protocol = float(vectors[0] @ vectors[1])
+    print(f'cosine of the embeddings {cosine:.4f}; protocol score (as --eval scores a trial) {protocol:.4f}')
+    return cosine, protocol
+
+
+def check_check_data(args):
+    if not any(getattr(args, n) for n in ('train_list', 'eval_list', 'musan_path', 'rir_path')):
+        raise UsageError('--check_data needs something to check: --train_list, --eval_list, --musan_path or '
+                         '--rir_path')
+    for listed, folder in (('train_list', 'train_path'), ('eval_list', 'eval_path')):
+        if getattr(args, listed) and not getattr(args, folder):
+            raise UsageError(f'--check_data of --{listed} needs --{folder}')
+
+
+def check_export(args):
+    if os.path.splitext(args.export)[1] not in ('.pt', '.onnx'):
+        raise UsageError(f'--export {args.export}: name a .pt (TorchScript) or .onnx file')
+
+
+def check_extract(args):
+    if not os.path.exists(args.extract):
+        raise UsageError(f'--extract {args.extract}: no such file or folder')
+    if os.path.isdir(args.out):
+        raise UsageError(f'--out {args.out}: a folder; name the file to write')
+    if os.path.splitext(args.out)[1] not in EXTRACT_FORMATS:
+        raise UsageError(f'--out {args.out}: name a .pt (torch.save) or .npz (numpy) file')
+
+
+def check_score_pair(args):
+    for path in args.score_pair:
+        if not os.path.isfile(path):
+            raise UsageError(f'--score_pair {path}: no such file')
+
+
+class Command(NamedTuple):
+    run: Callable
+    needs: tuple               # flags that must be given
+    check: Callable = None     # further checks of its flags
+
+
+COMMANDS = {  # the flag that selects each command (training: none of them)
+    'score_file': Command(run_score_files, ()),
+    'check_data': Command(run_check_data, (), check_check_data),
+    'export': Command(run_export, ('initial_model',), check_export),
+    'extract': Command(run_extract, ('initial_model', 'out'), check_extract),
+    'score_pair': Command(run_score_pair, ('initial_model',), check_score_pair),
+    'eval': Command(run_eval, ('initial_model', 'eval_list', 'eval_path')),
+    'train': Command(run_training, ('train_list', 'train_path', 'eval_list', 'eval_path')),
+}
