@@ -68,11 +68,12 @@ def git_commit():
 
 
 def write_config(path, args, device, processes, resumed_after):
-    """Every argument, the code's commit, library versions and the device, as JSON."""
+    """Every argument (and which were given, on the command line or by --config: what `--config` of this file
+    sets), the code's commit, library versions and the device, as JSON."""
     device = torch.device(device)
     atomic_json_save({
         'arguments': {k: v for k, v in sorted(vars(args).items()) if k != 'given'},
-        'given_on_command_line': args.given, 'command': sys.argv, 'git_commit': git_commit(),
+        'given_flags': args.given, 'command': sys.argv, 'git_commit': git_commit(),
         'torch': torch.__version__, 'torchaudio': torchaudio.__version__, 'cuda': torch.version.cuda,
         'device': str(device),
         'device_name': torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu',

@@ -11,10 +11,13 @@ or list line.
 """
 
 import argparse
+import json
 import math
 import os
+import sys
 
 import torch
+import yaml
 
 import demo
 import distributed
@@ -168,6 +171,10 @@ def build_parser():
                             help='only compute EER and minDCF of existing "enroll test score label" files')
 
     system = parser.add_argument_group('system')
+    system.add_argument('--config', metavar='FILE',
+                        help='flags from a JSON or YAML mapping (names as in this help, without the dashes), or a '
+                             'run\'s save_path/config.json (the flags that run was given); flags on the command '
+                             'line override it')
     system.add_argument('--save_path', default='exps/exp1', help='checkpoints, score.txt and score files')
     system.add_argument('--n_cpu', type=int, default=distributed.available_cores(), help='data loader workers')
     system.add_argument('--device', default=None, help='torch device (default: cuda when available, else cpu)')
@@ -310,9 +317,47 @@ def command_of(args):
     return next((name for name in COMMANDS if name != 'train' and getattr(args, name)), 'train')
 
 
+def config_words(path):
+    """The flags a --config file sets, as command-line words. The file is a JSON (or, named .yaml/.yml, YAML)
+    mapping of flag names to values (true/false for switches, lists for flags of several values), or a run's
+    config.json, of which the flags that run was given are taken (its defaults are this code's own)."""
+    try:
+        with open(path) as f:
+            settings = yaml.safe_load(f) if path.endswith(('.yaml', '.yml')) else json.load(f)
+    except (OSError, ValueError, yaml.YAMLError) as error:
+        raise UsageError(f'--config {path}: {error}') from None
+    if isinstance(settings, dict) and 'arguments' in settings:  # a run's own config.json
+        settings = {name: settings['arguments'][name] for name in settings['given_flags'] if name != 'config'}
+    if not isinstance(settings, dict):
+        raise UsageError(f'--config {path}: not a mapping of flag names to values')
+    actions = {action.dest: action for action in build_parser()._actions if action.dest not in ('help', 'config')}
+    words = []
+    for name, value in settings.items():
+        if name not in actions:
+            raise UsageError(f'--config {path}: {name!r} is not a flag (names as in --help, without the dashes)')
+        if isinstance(actions[name], argparse._StoreTrueAction):
+            if not isinstance(value, bool):
+                raise UsageError(f'--config {path}: {name} is a switch: true or false, not {value!r}')
+            words += [f'--{name}'] if value else []
+        elif value is not None:
+            words += [f'--{name}', *(str(v) for v in (value if isinstance(value, list) else [value]))]
+    return words
+
+
 def parse_args(argv=None):
-    """The checked flags, with every default resolved."""
-    args = build_parser().parse_args(argv)
+    """The checked flags, with every default resolved; a --config file's flags come before the command line's,
+    which therefore override them."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser()
+    config = parser.parse_args(argv).config
+    if config:
+        words = config_words(config)
+        try:
+            parser.parse_args(words)
+        except UsageError as error:
+            raise UsageError(f'--config {config}: {error}') from None
+        argv = words + argv
+    args = parser.parse_args(argv)
     args.given = sorted(explicit_flags(argv))
     resolve_defaults(args)
     for check in CHECKS:

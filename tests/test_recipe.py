@@ -30,6 +30,9 @@ def test_demo_recipe_prepares_checks_trains_finetunes_and_evaluates(tiny_corpus,
     finetune = json.loads((exp / 'ecapa_lm' / 'config.json').read_text())['arguments']
     assert finetune['m'] == 0.5 and finetune['num_frames'] == 300 and finetune['spec_augment'] == 'off'
     assert finetune['initial_model'].endswith('ecapa/model/model_0002.model')
+    trained = json.loads((exp / 'ecapa' / 'config.json').read_text())['arguments']
+    assert trained['config'] == 'exps/voxceleb/conf/ecapa_tdnn.yaml' and finetune['large_margin']
+    assert (trained['C'], trained['max_epoch'], trained['lr_decay']) == (128, 2, 0.97)  # flags over the file's
     results = (exp / 'eval' / 'results.txt').read_text()
     assert re.search(r'trials.txt: \d+ trials, EER [\d.]+%.*, AS-Norm EER [\d.]+%', results)
     assert 'ecapa_lm/model/model_0001.model' in results

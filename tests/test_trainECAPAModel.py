@@ -2,6 +2,7 @@
 (--eval, --score_file, --extract, --export, --score_pair). Training itself is tested in test_trainer.py."""
 
 import importlib.util
+import json
 import os
 import re
 import shutil
@@ -54,6 +55,39 @@ def eval_argv(checkpoint, corpus, save_path, *lists):
 
 
 # ---------------------------------------------------------------- flags
+
+def test_a_config_file_sets_flags_and_the_command_line_overrides_it(tmp_path):
+    config = tmp_path / 'run.yaml'
+    config.write_text('demo: true\nmax_epoch: 3\nlr: 1e-3\nspec_augment: "off"\ntensorboard: false\n'
+                      'eval_list: [a.txt, b.txt]\nmargin_schedule: [2, 4]\n')
+    args = trainECAPAModel.parse_args(['--config', str(config), '--max_epoch', '5', '--save_path', str(tmp_path)])
+    assert (args.max_epoch, args.lr, args.spec_augment, args.tensorboard) == (5, 0.001, 'off', False)
+    assert args.eval_list == ['a.txt', 'b.txt'] and args.margin_schedule == [2, 4]
+    assert args.batch_size == trainECAPAModel.DEMO_DEFAULTS['batch_size']  # --demo from the file, with its defaults
+    assert {'demo', 'max_epoch', 'lr', 'eval_list', 'config', 'save_path'} <= set(args.given)
+    as_json = tmp_path / 'run.json'
+    as_json.write_text(json.dumps({'demo': True, 'max_epoch': 3, 'lr': 0.001, 'spec_augment': 'off',
+                                   'eval_list': ['a.txt', 'b.txt'], 'margin_schedule': [2, 4]}))
+    same = trainECAPAModel.parse_args(['--config', str(as_json), '--max_epoch', '5', '--save_path', str(tmp_path)])
+    assert {k: v for k, v in vars(same).items() if k != 'config'} == {
+        k: v for k, v in vars(args).items() if k != 'config'}
+
+
+@pytest.mark.parametrize('text,error', [
+    ('{"max_epochs": 3}', r"'max_epochs' is not a flag \(names as in --help, without the dashes\)"),
+    ('{"lr": "fast"}', r"argument --lr: invalid float value: 'fast'"),
+    ('{"model": "lstm"}', r"argument --model: invalid choice: 'lstm'"),
+    ('{"demo": "yes"}', r"demo is a switch: true or false, not 'yes'"),
+    ('[1, 2]', r'not a mapping of flag names to values'),
+    ('{"lr": ', r'Expecting value'),
+])
+def test_a_config_mistake_is_one_line_naming_the_file(tmp_path, cli_error, text, error):
+    (tmp_path / 'c.json').write_text(text)
+    status, message, _ = cli_error(['--config', str(tmp_path / 'c.json')])
+    assert status == 2 and re.search(rf'--config {re.escape(str(tmp_path / "c.json"))}: {error}', message), message
+    status, message, _ = cli_error(['--config', str(tmp_path / 'none.yaml')])
+    assert status == 2 and 'none.yaml: [Errno 2] No such file or directory' in message
+
 
 def test_demo_defaults_yield_to_given_flags(tmp_path):
     args = trainECAPAModel.parse_args(['--demo', '--max_epoch', '2', '--C', '256', '--save_path', str(tmp_path)])

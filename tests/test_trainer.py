@@ -61,10 +61,16 @@ def test_a_run_writes_checkpoints_score_lines_records_and_its_resume_state(refer
         assert f"LOSS {record['loss']:f}" in line and f"ACC {record['accuracy']:2.2f}%" in line
 
 
+def test_a_runs_config_json_reruns_the_same_run(reference_run, tmp_path):
+    trainECAPAModel.main(['--config', str(reference_run / 'config.json'), '--save_path', str(tmp_path)])
+    assert_same_checkpoints(reference_run / 'model' / 'model_0002.model', tmp_path / 'model' / 'model_0002.model')
+    assert (tmp_path / 'score.txt').read_text() == (reference_run / 'score.txt').read_text()
+
+
 def test_config_and_metrics_record_the_schedules(warmup_run, root):
     config = json.loads((warmup_run / 'config.json').read_text())
     assert config['arguments']['scheduler'] == 'warmup_exp' and config['arguments']['max_epoch'] == 2
-    assert 'margin_schedule' in config['given_on_command_line'] and 'lr' not in config['given_on_command_line']
+    assert 'margin_schedule' in config['given_flags'] and 'lr' not in config['given_flags']
     assert config['torch'] == torch.__version__ and config['device'] == 'cpu' and config['processes'] == 1
     head = subprocess.run(['git', 'rev-parse', 'HEAD'], cwd=root, capture_output=True, text=True).stdout.strip()
     assert config['git_commit'].split('-')[0] == head

@@ -8,9 +8,14 @@
 # work is skipped, and training continues from its resume.pt):
 #   1 prepare   VoxCeleb2 m4a -> wav, train list, MUSAN 5 s chunks, RIR layout
 #   2 check     trainECAPAModel.py --check_data over every list and folder; stops the recipe on problems
-#   3 train     ECAPA-TDNN C=1024, AAM-softmax, 2 s crops, batch 400, 80 epochs (the original recipe)
-#   4 finetune  --large_margin from the last stage-3 checkpoint: 6 s crops, margin 0.5, 5 epochs
-#   5 eval      Vox1-O, Vox1-E, Vox1-H, each without and with AS-Norm (cohort from the VoxCeleb2 list)
+#   3 train     ECAPA-TDNN C=1024, AAM-softmax, 2 s crops, batch 400, 80 epochs (the original recipe):
+#               conf/ecapa_tdnn.yaml
+#   4 finetune  --large_margin from the last stage-3 checkpoint: 6 s crops, margin 0.5, 5 epochs:
+#               conf/ecapa_tdnn_lm.yaml
+#   5 eval      Vox1-O, Vox1-E, Vox1-H, each without and with AS-Norm (cohort from the VoxCeleb2 list):
+#               conf/eval.yaml
+# A stage's flags come from its config file; flags given after it (the data paths, --demo's smaller settings)
+# override the file's.
 #
 # Expected time and GPU memory on one GPU: ESTIMATES. No GPU was lent to the sessions that wrote this recipe,
 # so none of it is measured on one yet; each line says how it is estimated.
@@ -65,9 +70,9 @@ if [ "$demo" = 1 ]; then
     trials=("$corpus/voxceleb/trials.txt")          # one held-out list stands for O, E and H
     musan=$corpus/musan_split
     rirs_source=$corpus/RIRS_NOISES
-    model_flags=(--C 128)
-    train_flags=(--max_epoch 2 --batch_size 32 --num_frames 150 --lr 0.002 --n_cpu 1)
-    finetune_flags=(--max_epoch 1 --num_frames 300 --batch_size 32 --n_cpu 1)
+    # The recipe's configs, scaled down: given flags override a --config file's.
+    train_flags=(--C 128 --max_epoch 2 --batch_size 32 --num_frames 150 --lr 0.002 --n_cpu 1)
+    finetune_flags=(--C 128 --max_epoch 1 --num_frames 300 --batch_size 32 --n_cpu 1)
     eval_flags=(--n_cpu 1 --cohort_top_k 20)
 else
     voxceleb2_wav=$data/voxceleb2/wav
@@ -75,9 +80,8 @@ else
     trials=("$data/voxceleb1/veri_test2.txt" "$data/voxceleb1/list_test_all2.txt" "$data/voxceleb1/list_test_hard2.txt")
     musan=$data/musan_split
     rirs_source=$data/RIRS_NOISES
-    model_flags=(--C 1024)
-    train_flags=(--max_epoch 80 --batch_size 400 --num_frames 200)
-    finetune_flags=(--batch_size 128)
+    train_flags=()
+    finetune_flags=()
     eval_flags=()
 fi
 train_list=$exp/data/train_list.txt
@@ -126,8 +130,8 @@ fi
 
 if runs 3; then
     started 3 train
-    train "${data_flags[@]}" --eval_list "${trials[0]}" "${model_flags[@]}" "${train_flags[@]}" \
-        --save_path "$exp/ecapa"
+    train --config exps/voxceleb/conf/ecapa_tdnn.yaml "${data_flags[@]}" --eval_list "${trials[0]}" \
+        "${train_flags[@]}" --save_path "$exp/ecapa"
     finished 3 train
 fi
 
@@ -135,8 +139,8 @@ if runs 4; then
     started 4 finetune
     initial=$(last_checkpoint "$exp/ecapa")
     [ -n "$initial" ] || { echo "stage 4 needs a checkpoint of stage 3 in $exp/ecapa/model" >&2; exit 1; }
-    train "${data_flags[@]}" --eval_list "${trials[0]}" "${model_flags[@]}" "${finetune_flags[@]}" \
-        --large_margin --initial_model "$initial" --save_path "$exp/ecapa_lm"
+    train --config exps/voxceleb/conf/ecapa_tdnn_lm.yaml "${data_flags[@]}" --eval_list "${trials[0]}" \
+        "${finetune_flags[@]}" --initial_model "$initial" --save_path "$exp/ecapa_lm"
     finished 4 finetune
 fi
 
@@ -146,8 +150,8 @@ if runs 5; then
     final=${final:-$(last_checkpoint "$exp/ecapa")}
     [ -n "$final" ] || { echo "stage 5 needs a checkpoint of stage 3 or 4" >&2; exit 1; }
     mkdir -p "$exp/eval"
-    "$PYTHON" trainECAPAModel.py --eval --initial_model "$final" --eval_list "${trials[@]}" \
-        --eval_path "$voxceleb1_wav" --snorm --train_list "$train_list" --train_path "$voxceleb2_wav" \
+    "$PYTHON" trainECAPAModel.py --eval --config exps/voxceleb/conf/eval.yaml --initial_model "$final" \
+        --eval_list "${trials[@]}" --eval_path "$voxceleb1_wav" --train_list "$train_list" --train_path "$voxceleb2_wav" \
         "${eval_flags[@]}" --save_path "$exp/eval" | tee "$exp/eval/results.txt"
     finished 5 eval
 fi
