@@ -6,7 +6,7 @@ The sizes were chosen on this corpus so that each encoder learns clearly in the 
 1.5 s crops. Shorter runs were tried and did not learn reliably (with 1 s crops ECAPA-TDNN ended at 45.00%
 EER against 44.44% untrained, TDNN blip at 50.00% against 55.00%; ECAPA-TDNN in 4 or 5 epochs, at C=32 or
 128, at lr 0.005 or 0.01, did not improve). When this was written every case ended 12 to 30 points below its
-untrained encoder. README ("Training objectives") has the figures."""
+untrained encoder. bench/RESULTS.md ("Training modes") has the figures."""
 import pytest
 import torch
 
