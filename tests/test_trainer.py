@@ -2,6 +2,7 @@
 signal, and what a run does with unusable files, diverging losses and initial weights."""
 
 import copy
+import importlib.util
 import json
 import os
 import re
@@ -33,9 +34,11 @@ WARMUP_FLAGS = ('--scheduler', 'warmup_exp', '--warmup_epochs', '1', '--margin_s
 
 @pytest.fixture(scope='module')
 def warmup_run(tiny_corpus, train_argv, tmp_path_factory):
-    """Two epochs with the warm-up schedule, a margin schedule and TensorBoard records."""
+    """Two epochs with the warm-up schedule, a margin schedule and, where the optional package is installed,
+    TensorBoard records."""
     path = tmp_path_factory.mktemp('warmup_run')
-    trainECAPAModel.main(train_argv(tiny_corpus, path, '--max_epoch', '2', *WARMUP_FLAGS, '--tensorboard'))
+    tensorboard = ['--tensorboard'] if importlib.util.find_spec('tensorboard') else []
+    trainECAPAModel.main(train_argv(tiny_corpus, path, '--max_epoch', '2', *WARMUP_FLAGS, *tensorboard))
     return path
 
 
