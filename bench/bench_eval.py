@@ -2,6 +2,12 @@
 a time (the original's loop), with the same protocol vectors (full utterance + 5 evenly spaced 3 s crops).
 
   python bench/bench_eval.py [--device cuda] [--files 24] [--C 1024] [--workers N] [--json FILE]
+  python bench/bench_eval.py --reference DIR [--files 48] [--C 512] [--rounds 2]
+
+With --reference (a checkout of TaoRuijie/ECAPA-TDNN, see bench/reference.py) it times instead a whole trial
+list scored by ours (`tools.evaluate`, `--workers` readers) beside the original's `eval_network`, with the
+same weights, on LibriSpeech recordings from ../shared/data (generated speech without it), in one process,
+alternating rounds; it prints files per second of each, their ratio and both EERs (which must agree).
 
 Files: generated speech of 4-10 s at 16 kHz, every length distinct as in VoxCeleb1 (so full-utterance
 passes cannot share a batch; crops can). ECAPA-TDNN with random weights. Both ways are timed after a
@@ -9,6 +15,7 @@ warm-up on the first file; the largest difference between their vectors is print
 """
 
 import argparse
+import contextlib
 import os
 import tempfile
 import time
@@ -16,11 +23,13 @@ import time
 import numpy as np
 import torch
 
-from common import environment, synchronize, write_json
+import reference
+from common import SHARED_DATA, environment, synchronize, write_json
 import demo
 from dataLoader import read_audio
+from lists import read_trials
 from model import build_encoder
-from tools import embed_files, protocol_vectors_of
+from tools import embed_files, evaluate, protocol_vectors_of
 
 
 def one_at_a_time(encoder, paths, root, device):
@@ -39,6 +48,63 @@ def timed(function, device):
     return result, time.perf_counter() - start
 
 
+def trial_set(root, files):
+    """(eval_path, trial list path, file count): `files` LibriSpeech recordings (generated speech without
+    ../shared/data), each paired with the next, labels alternating."""
+    librispeech = os.path.join(SHARED_DATA, 'librispeech_251')
+    if os.path.isdir(librispeech):
+        eval_path = librispeech
+        paths = sorted(os.path.relpath(os.path.join(folder, name), librispeech)
+                       for folder, _, names in os.walk(librispeech) for name in names if name.endswith('.flac'))
+        paths = paths[:files]
+    else:
+        eval_path = root
+        paths = [rel for _, rel in demo.write_speakers(root, 1, files // 8 + 1, 8, np.random.default_rng(0),
+                                                        seconds=(4.0, 10.0))[:files]]
+    trial_list = os.path.join(root, 'trials.txt')
+    with open(trial_list, 'w') as f:
+        f.writelines(f'{i % 2} {a} {b}\n' for i, (a, b) in enumerate(zip(paths, paths[1:] + paths[:1])))
+    return eval_path, trial_list, len(paths)
+
+
+def compare_with_reference(args, device):
+    original = reference.load(args.reference)
+    torch.manual_seed(0)
+    encoder = build_encoder('ecapa-tdnn', args.C, 16000).to(device).eval()
+    with reference.cpu_patches():
+        theirs = original['ECAPAModel'].ECAPAModel(lr=0.001, lr_decay=0.97, C=args.C, n_class=10, m=0.2, s=30,
+                                                   test_step=1).to(device)
+    theirs.speaker_encoder.load_state_dict(encoder.state_dict())
+    with tempfile.TemporaryDirectory() as root:
+        eval_path, trial_list, files = trial_set(root, args.files or 48)
+        trials = read_trials(trial_list)
+        seconds = sum(len(read_audio(os.path.join(eval_path, p), 16000)) for p in set(trials.enroll)) / 16000
+
+        def ours():
+            return evaluate(encoder, [trials], eval_path, device, n_cpu=args.workers)[trial_list].metrics.eer
+
+        def original_eval():
+            with reference.cpu_patches(), open(os.devnull, 'w') as devnull, \
+                    contextlib.redirect_stderr(devnull), contextlib.redirect_stdout(devnull):
+                return theirs.eval_network(trial_list, eval_path)[0]
+        times = {'ours': [], 'original': []}
+        for _ in range(args.rounds):
+            our_eer, elapsed = timed(ours, device)
+            times['ours'].append(elapsed)
+            their_eer, elapsed = timed(original_eval, device)
+            times['original'].append(elapsed)
+    ours_rate, their_rate = files / float(np.median(times['ours'])), files / float(np.median(times['original']))
+    print(f'{files} files ({seconds / files:.1f} s each on average), ECAPA-TDNN C={args.C} on {device}, '
+          f'{args.rounds} alternating rounds')
+    print(f'ours ({args.workers} readers) {ours_rate:.2f} files/s, original {their_rate:.2f} files/s: '
+          f'{ours_rate / their_rate:.2f}x; EER ours {our_eer:.4f}%, original {their_eer:.4f}%')
+    write_json(args.json, {**environment(device), 'reference': args.reference, 'files': files,
+                           'mean_seconds': seconds / files, 'C': args.C, 'workers': args.workers,
+                           'ours_files_per_s': ours_rate, 'original_files_per_s': their_rate,
+                           'ratio': ours_rate / their_rate, 'eer_ours': our_eer, 'eer_original': float(their_eer),
+                           'rounds': times})
+
+
 def main():
     cuda = torch.cuda.is_available()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -49,8 +115,13 @@ def main():
     parser.add_argument('--workers', type=int, default=min(4, len(os.sched_getaffinity(0))),
                         help='reader processes of the batched way')
     parser.add_argument('--json', help='also write the figures here')
+    parser.add_argument('--reference', metavar='DIR', help='score a trial list beside the original code in DIR')
+    parser.add_argument('--rounds', type=int, default=2, help='--reference: alternating rounds')
     args = parser.parse_args()
     device = torch.device(args.device)
+    if args.reference:
+        compare_with_reference(args, device)
+        return
     files = args.files or (240 if device.type == 'cuda' else 24)
     encoder = build_encoder('ecapa-tdnn', args.C, 16000).to(device).eval()
     with tempfile.TemporaryDirectory() as root:

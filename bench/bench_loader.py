@@ -1,6 +1,6 @@
-"""Training-loader throughput: augmented 2 s crops per second, ours beside a naive loader, 1 and N workers.
+"""Training-loader throughput: augmented 2 s crops per second, ours beside the original's, 1 and N workers.
 
-  python bench/bench_loader.py [--workers N] [--seconds 6] [--device cuda] [--json FILE]
+  python bench/bench_loader.py [--reference DIR] [--workers N] [--seconds 6] [--device cuda] [--json FILE]
 
 Data: a generated VoxCeleb-like set (64 files of 8 s at 16 kHz, synthetic MUSAN and RIRs), and, when
 ../shared/data is beside the checkout, LibriSpeech files with musan_mini and rirs_mini. Loaders:
@@ -8,14 +8,16 @@ Data: a generated VoxCeleb-like set (64 files of 8 s at 16 kHz, synthetic MUSAN 
   ours        TrainDataset + Augmenter: crops read with soundfile start/frames, noise and RIR banks decoded
               once into a memory-mapped cache, FFT reverberation, one resampler per rate pair.
   ours, read  the same dataset without augmentation: what the workers do under --gpu_augment.
-  naive       written here the original's way: the whole file read for every crop, noise and RIR files read
-              from disk for every example, direct convolution, a resampler built per call.
+  original    with --reference DIR (a checkout of TaoRuijie/ECAPA-TDNN, see bench/reference.py): its own
+              `dataLoader.train_loader`, imported from DIR.
+  original's way  the same data path written here (OriginalWay): the whole file read by soundfile for every
+              crop, noise and RIR files read from disk for every example, scipy.signal.convolve (which picks
+              FFT for long inputs), SNRs against power + 1e-4, float64, nothing resampled at 16 kHz.
 
-Each loader runs for about `--seconds` after its first batch (batch 32). The naive loader runs with one
-worker only: its figure is the per-worker baseline that the speed-up column divides by. (On the 2-core
-development VM, two processes doing long float64 direct convolutions at once stalled each other: one
-np.convolve of 32240 x 14024 samples took 0.09 s alone and up to 210 s beside another.) The last row per
-set times DeviceAugmenter on `--device` alone, on batches already in memory.
+Each loader runs for about `--seconds` after its first batch (batch 32). The original's loaders run with one
+worker only: the speed-up column divides each loader's rate per worker by the original's (by the rewrite's
+without --reference). The last row per set times DeviceAugmenter on `--device` alone, on batches already in
+memory.
 """
 
 import argparse
@@ -31,6 +33,7 @@ import torch
 import torchaudio
 from scipy import signal
 
+import reference
 from common import SHARED_DATA, environment, synchronize, write_json
 import demo
 from augment import Augmenter, DeviceAugmenter
@@ -41,8 +44,8 @@ from model import crop_samples
 BATCH = 32
 
 
-class NaiveDataset(torch.utils.data.Dataset):
-    """The original loader's way of working, kept here only as the baseline."""
+class OriginalWay(torch.utils.data.Dataset):
+    """The original loader's data path, written here as the baseline when no checkout of it is given."""
 
     def __init__(self, paths, musan_path, rir_path, length, sampling_rate):
         self.paths = paths
@@ -58,6 +61,8 @@ class NaiveDataset(torch.utils.data.Dataset):
 
     def read(self, path):
         audio, rate = soundfile.read(path)
+        if rate == self.sampling_rate:
+            return audio
         return torchaudio.functional.resample(torch.from_numpy(audio), rate, self.sampling_rate).numpy()
 
     def crop(self, audio):
@@ -80,7 +85,7 @@ class NaiveDataset(torch.utils.data.Dataset):
     def reverb(self, audio):
         rir = self.read(random.choice(self.rir_files))
         rir = rir / np.sqrt(np.sum(rir ** 2))
-        return signal.convolve(audio, rir, mode='full', method='direct')[:self.length]
+        return signal.convolve(audio, rir, mode='full')[:self.length]
 
     def __getitem__(self, index):
         audio = self.crop(self.read(self.paths[index]))
@@ -155,35 +160,44 @@ def main():
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu',
                         help='where the device-augmentation row runs')
     parser.add_argument('--json', help='also write the figures here')
+    parser.add_argument('--reference', metavar='DIR', help='also time the original loader of this checkout')
     args = parser.parse_args()
     torch.set_num_threads(1)  # a loader worker's torch uses one thread
     length = crop_samples(200, 16000)
     rows = []
-    print(f'{"data":<44} {"loader":<12} {"workers":>7} {"crops/s":>9} {"per worker":>10} {"÷ naive":>8}')
+    original = reference.load(args.reference) if args.reference else None
+    print(f'{"data":<44} {"loader":<16} {"workers":>7} {"crops/s":>9} {"per worker":>10} {"÷ original":>10}')
     with tempfile.TemporaryDirectory() as root:
         sets = [generated_set(root)] + ([shared_set(root)] if os.path.isdir(SHARED_DATA) else [])
         for data in sets:
             entries = read_train_list(data['train_list'])
             paths = [os.path.join(data['train_path'], entry.path) for entry in entries]
             augmenter = Augmenter(data['musan_path'], data['rir_path'], 16000, os.path.join(root, 'cache'))
-            naive = NaiveDataset(paths, data['musan_path'], data['rir_path'], length, 16000)
-            runs = [('naive', naive, list(range(len(paths))), 1)] + [
-                (name, TrainDataset(entries, data['train_path'], 200, 16000, aug, 0), EpochSampler(len(paths), 0),
-                 workers) for workers in sorted({1, args.workers}) for name, aug in (('ours', augmenter),
-                                                                                     ('ours, read', None))]
+            every = list(range(len(paths)))
+            runs = [("original's way", OriginalWay(paths, data['musan_path'], data['rir_path'], length, 16000),
+                     every, 1)]
+            if original:
+                with reference.cpu_patches():
+                    runs.insert(0, ('original', original['dataLoader'].train_loader(
+                        data['train_list'], data['train_path'], data['musan_path'], data['rir_path'], 200), every, 1))
+            runs += [(name, TrainDataset(entries, data['train_path'], 200, 16000, aug, 0), EpochSampler(len(paths), 0),
+                      workers) for workers in sorted({1, args.workers}) for name, aug in (('ours', augmenter),
+                                                                                          ('ours, read', None))]
+            baseline = None
             for name, dataset, sampler, workers in runs:
-                rate = loader_rate(dataset, sampler, workers, args.seconds)
-                if name == 'naive':
-                    baseline = rate
+                with reference.cpu_patches():  # numpy.float, which the original's reverberation uses
+                    rate = loader_rate(dataset, sampler, workers, args.seconds)
+                baseline = baseline or rate
                 rows.append({'data': data['name'], 'loader': name, 'workers': workers, 'crops_per_s': rate,
-                             'per_worker': rate / workers, 'per_worker_vs_naive': rate / workers / baseline})
-                print(f'{data["name"]:<44} {name:<12} {workers:>7} {rate:>9.1f} {rate / workers:>10.1f} '
-                      f'{rate / workers / baseline:>8.1f}x', flush=True)
+                             'per_worker': rate / workers, 'per_worker_vs_original': rate / workers / baseline})
+                print(f'{data["name"]:<44} {name:<16} {workers:>7} {rate:>9.1f} {rate / workers:>10.1f} '
+                      f'{rate / workers / baseline:>9.2f}x', flush=True)
             rate = device_augment_rate(augmenter, args.device, length, args.seconds)
             rows.append({'data': data['name'], 'loader': f'device augmentation on {args.device}', 'workers': 0,
                          'crops_per_s': rate})
-            print(f'{data["name"]:<44} {"DeviceAugmenter on " + args.device:<31} {rate:>9.1f}', flush=True)
-    write_json(args.json, {**environment(args.device), 'batch': BATCH, 'crop_samples': length, 'rows': rows})
+            print(f'{data["name"]:<44} {"DeviceAugmenter on " + args.device:<24} {rate:>9.1f}', flush=True)
+    write_json(args.json, {**environment(args.device), 'batch': BATCH, 'crop_samples': length,
+                           'reference': args.reference, 'rows': rows})
 
 
 if __name__ == '__main__':

@@ -2,6 +2,13 @@
 
   python bench/bench_train_step.py [--device cuda] [--batch_sizes 32 128] [--amp off bf16]
                                    [--compile off|on|both] [--encoders ...] [--seconds 5] [--json FILE]
+  python bench/bench_train_step.py --reference DIR [--widths 512 1024] [--rounds 3] [--steps 3]
+
+With --reference (a checkout of TaoRuijie/ECAPA-TDNN, see bench/reference.py) it times instead ECAPA-TDNN
+steps of ours (SpeakerModel + TrainingStep: non-finite check, batch-norm rollback, exact-resume state) beside
+the original's `ECAPAModel.train_network`, on the same batches of 2 s crops (batch 32, AAM-softmax over 5994
+speakers, Adam), in one process, alternating: each round times `--steps` steps of each. The ratio is ours'
+median step time over the original's (below 1: ours is faster).
 
 On CPU each configuration runs in its own process (so peak memory is its own): warm-up steps (one on CPU, two on
 CUDA for cuDNN's autotuning, three when compiled), then at least two steps and about `--seconds`, timed to
@@ -14,7 +21,9 @@ encoder).
 """
 
 import argparse
+import contextlib
 import json
+import os
 import subprocess
 import sys
 import time
@@ -23,6 +32,7 @@ import warnings
 import numpy as np
 import torch
 
+import reference
 from common import environment, peak_rss_gib, synchronize, write_json
 from loss import AAMsoftmax
 from model import MODELS, build_encoder, crop_samples
@@ -84,6 +94,49 @@ def run_one(config, args):
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def compare_with_reference(directory, widths, batch_size, rounds, steps, device):
+    """Rows of (width, our median step seconds, the original's, ratio), alternating rounds in this process."""
+    original = reference.load(directory)
+    rng = torch.Generator().manual_seed(0)
+    waveforms = 0.1 * torch.randn(batch_size, crop_samples(200, 16000), generator=rng)
+    labels = torch.randint(0, SPEAKERS, (batch_size,), generator=rng)
+    rows = []
+    for C in widths:
+        torch.manual_seed(0)
+        model = SpeakerModel(build_encoder('ecapa-tdnn', C, 16000, 192), AAMsoftmax(SPEAKERS, 0.2, 30, 192))
+        ours = TrainingStep(model.to(device).train(), torch.optim.Adam(model.parameters(), lr=0.001, weight_decay=2e-5),
+                            device)
+        with reference.cpu_patches():
+            theirs = original['ECAPAModel'].ECAPAModel(lr=0.001, lr_decay=0.97, C=C, n_class=SPEAKERS, m=0.2, s=30,
+                                                       test_step=1).to(device)
+        ours((waveforms, labels), None)  # warm-up
+        run_theirs(theirs, [(waveforms, labels)])
+        times = {'ours': [], 'original': []}
+        for _ in range(rounds):
+            start = time.perf_counter()
+            for _ in range(steps):
+                ours((waveforms, labels), None)
+            synchronize(device)
+            times['ours'].append((time.perf_counter() - start) / steps)
+            start = time.perf_counter()
+            run_theirs(theirs, [(waveforms, labels)] * steps)
+            synchronize(device)
+            times['original'].append((time.perf_counter() - start) / steps)
+        ours_s, theirs_s = float(np.median(times['ours'])), float(np.median(times['original']))
+        rows.append({'C': C, 'batch': batch_size, 'ours_step_s': ours_s, 'original_step_s': theirs_s,
+                     'ratio': ours_s / theirs_s, 'rounds': times})
+        print(f'ecapa-tdnn C={C:<5} batch {batch_size}: ours {ours_s:.3f} s/step, original {theirs_s:.3f} s/step, '
+              f'ours / original {ours_s / theirs_s:.2f}x', flush=True)
+    return rows
+
+
+def run_theirs(model, batches):
+    """The original's training loop over `batches`, its progress line (written to stderr per step) discarded."""
+    with reference.cpu_patches(), open(os.devnull, 'w') as devnull, contextlib.redirect_stderr(devnull), \
+            contextlib.redirect_stdout(devnull):
+        model.train_network(1, batches)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
@@ -95,7 +148,17 @@ def main():
     parser.add_argument('--seconds', type=float, default=5.0)
     parser.add_argument('--json', help='also write the figures here')
     parser.add_argument('--one', help=argparse.SUPPRESS)
+    parser.add_argument('--reference', metavar='DIR', help='time ours beside the original code in DIR')
+    parser.add_argument('--widths', type=int, nargs='+', default=[512, 1024], help='--reference: ECAPA-TDNN C')
+    parser.add_argument('--rounds', type=int, default=3, help='--reference: alternating rounds')
+    parser.add_argument('--steps', type=int, default=3, help='--reference: steps of each per round')
     args = parser.parse_args()
+    if args.reference:
+        rows = compare_with_reference(args.reference, args.widths, (args.batch_sizes or [32])[0], args.rounds,
+                                      args.steps, args.device)
+        write_json(args.json, {**environment(args.device), 'speakers': SPEAKERS, 'reference': args.reference,
+                               'rows': rows})
+        return
     if args.one:
         name, C, batch_size, amp, compile = json.loads(args.one)
         print(json.dumps(measure(name, C, batch_size, amp, compile, args.device, args.seconds)))
