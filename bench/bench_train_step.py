@@ -7,8 +7,8 @@
 With --reference (a checkout of TaoRuijie/ECAPA-TDNN, see bench/reference.py) it times instead ECAPA-TDNN
 steps of ours (SpeakerModel + TrainingStep: non-finite check, batch-norm rollback, exact-resume state) beside
 the original's `ECAPAModel.train_network`, on the same batches of 2 s crops (batch 32, AAM-softmax over 5994
-speakers, Adam), in one process, alternating: each round times `--steps` steps of each. The ratio is ours'
-median step time over the original's (below 1: ours is faster).
+speakers, Adam), in one process, alternating: each round times `--steps` steps of each, the two taking turns
+at going first. The ratio is ours' median step time over the original's (below 1: ours is faster).
 
 On CPU each configuration runs in its own process (so peak memory is its own): warm-up steps (one on CPU, two on
 CUDA for cuDNN's autotuning, three when compiled), then at least two steps and about `--seconds`, timed to
@@ -111,17 +111,15 @@ def compare_with_reference(directory, widths, batch_size, rounds, steps, device)
                                                        test_step=1).to(device)
         ours((waveforms, labels), None)  # warm-up
         run_theirs(theirs, [(waveforms, labels)])
+        runs = {'ours': lambda: [ours((waveforms, labels), None) for _ in range(steps)],
+                'original': lambda: run_theirs(theirs, [(waveforms, labels)] * steps)}
         times = {'ours': [], 'original': []}
-        for _ in range(rounds):
-            start = time.perf_counter()
-            for _ in range(steps):
-                ours((waveforms, labels), None)
-            synchronize(device)
-            times['ours'].append((time.perf_counter() - start) / steps)
-            start = time.perf_counter()
-            run_theirs(theirs, [(waveforms, labels)] * steps)
-            synchronize(device)
-            times['original'].append((time.perf_counter() - start) / steps)
+        for round_ in range(rounds):
+            for name in (('ours', 'original') if round_ % 2 == 0 else ('original', 'ours')):  # each first by turns
+                start = time.perf_counter()
+                runs[name]()
+                synchronize(device)
+                times[name].append((time.perf_counter() - start) / steps)
         ours_s, theirs_s = float(np.median(times['ours'])), float(np.median(times['original']))
         rows.append({'C': C, 'batch': batch_size, 'ours_step_s': ours_s, 'original_step_s': theirs_s,
                      'ratio': ours_s / theirs_s, 'rounds': times})
@@ -150,7 +148,7 @@ def main():
     parser.add_argument('--one', help=argparse.SUPPRESS)
     parser.add_argument('--reference', metavar='DIR', help='time ours beside the original code in DIR')
     parser.add_argument('--widths', type=int, nargs='+', default=[512, 1024], help='--reference: ECAPA-TDNN C')
-    parser.add_argument('--rounds', type=int, default=3, help='--reference: alternating rounds')
+    parser.add_argument('--rounds', type=int, default=4, help='--reference: alternating rounds')
     parser.add_argument('--steps', type=int, default=3, help='--reference: steps of each per round')
     args = parser.parse_args()
     if args.reference:
