@@ -47,6 +47,10 @@ def test_every_waveform_form_gives_the_vector_of_the_path(encoder, tmp_path):
             'list of a path and an array': tools.embed(encoder, [path, read], rate)[1]}
     for form, vector in same.items():
         torch.testing.assert_close(vector, expected, rtol=0, atol=ATOL, msg=form)
+    soundfile.write(tmp_path / 'stereo.flac', read, 16000)  # 16-bit FLAC: its own samples, read back
+    flac, _ = soundfile.read(tmp_path / 'stereo.flac', dtype='float32')
+    torch.testing.assert_close(tools.embed(encoder, str(tmp_path / 'stereo.flac')), tools.embed(encoder, flac, 16000),
+                               rtol=0, atol=ATOL)
     pcm = np.round(read * 20000).astype(np.int16)
     torch.testing.assert_close(tools.embed(encoder, pcm, rate), tools.embed(encoder, pcm / 32768.0, rate), rtol=0,
                                atol=ATOL, msg='int16 PCM is scaled by 1/32768')
