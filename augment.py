@@ -119,10 +119,16 @@ class SignalBank:
         return np.asarray(self.samples[self.offsets[i]:self.offsets[i + 1]])
 
 
-def mix_at_snr(speech, noise, snr_db):
-    """`noise` scaled so that 10 log10(P_speech / P_noise) = `snr_db`; a silent noise adds nothing."""
-    speech_power = np.mean(speech.astype(np.float64) ** 2)
-    noise_power = np.mean(noise.astype(np.float64) ** 2)
+def power(signal):
+    """Mean square, accumulated in float64."""
+    return np.mean(np.square(signal, dtype=np.float64))
+
+
+def mix_at_snr(speech, noise, snr_db, speech_power=None):
+    """`noise` scaled so that 10 log10(P_speech / P_noise) = `snr_db`; a silent noise adds nothing.
+    `speech_power`: P_speech when already known."""
+    speech_power = power(speech) if speech_power is None else speech_power
+    noise_power = power(noise)
     if noise_power == 0.0:
         return np.zeros_like(noise)
     return (noise * np.sqrt(speech_power / (noise_power * 10 ** (snr_db / 10)))).astype(np.float32)
@@ -196,9 +202,10 @@ class Augmenter:
         count = min(int(rng.integers(low, high + 1)), len(bank))
         noise = np.zeros_like(audio)
         snrs = []
+        speech_power = power(audio)
         for i in rng.choice(len(bank), size=count, replace=False):
             snr = float(rng.uniform(*MUSAN_CATEGORIES[category].snr_db))
-            noise += mix_at_snr(audio, random_crop(bank[int(i)], len(audio), rng), snr)
+            noise += mix_at_snr(audio, random_crop(bank[int(i)], len(audio), rng), snr, speech_power)
             snrs.append(snr)
         return audio + noise, snrs
 

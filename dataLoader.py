@@ -74,11 +74,14 @@ def not_for_libsndfile(path, error):
 
 def read_audio(path, sampling_rate, start=0.0, seconds=None):
     """Mono float32 audio of `path` at `sampling_rate`, from `start` seconds for `seconds` (None: to the
-    end). Only the frames needed are decoded (formats libsndfile does not read, such as .m4a, are decoded
-    whole by PyAV); channels are averaged."""
+    end); `start` may be a function of the file's duration in seconds, called once the file is open. Only the
+    frames needed are decoded (formats libsndfile does not read, such as .m4a, are decoded whole by PyAV);
+    channels are averaged."""
     try:
         with soundfile.SoundFile(path) as f:
             native_rate = f.samplerate
+            if callable(start):
+                start = start(f.frames / native_rate)
             first = int(start * native_rate)
             count = -1 if seconds is None else int(math.ceil(seconds * native_rate)) + 1
             f.seek(min(first, f.frames))
@@ -87,6 +90,8 @@ def read_audio(path, sampling_rate, start=0.0, seconds=None):
         if not not_for_libsndfile(path, error):
             raise
         audio, native_rate = decode_with_av(path)
+        if callable(start):
+            start = start(audio.shape[1] / native_rate)
         first = int(start * native_rate)
         audio = audio[:, first:None if seconds is None else first + int(math.ceil(seconds * native_rate)) + 1]
     audio = audio.mean(axis=0) if len(audio) > 1 else audio[0]
@@ -125,12 +130,15 @@ def random_crop(audio, length, rng):
 
 def read_random_crop(path, length, sampling_rate, rng):
     """`random_crop` of a file, decoding only about `length` samples of it."""
-    duration = audio_duration(path)
+    return wrap_pad(read_random_window(path, length, sampling_rate, rng), length)
+
+
+def read_random_window(path, length, sampling_rate, rng):
+    """A random `length`-sample window of a file (the whole file when it is not longer), unpadded: the file is
+    opened once and only the window decoded."""
     seconds = length / sampling_rate
-    if duration <= seconds:
-        return wrap_pad(read_audio(path, sampling_rate), length)
-    start = rng.uniform(0.0, duration - seconds)
-    return wrap_pad(read_audio(path, sampling_rate, start, seconds), length)
+    return read_audio(path, sampling_rate, lambda duration: rng.uniform(0.0, duration - seconds)
+                      if duration > seconds else 0.0, seconds)
 
 
 MIN_SECONDS = 0.025  # one analysis window of the front-end: a shorter file has no frame of its own
@@ -187,16 +195,14 @@ def read_usable_crop(path, length, sampling_rate, rng, skip_silent=True):
     """`read_random_crop`, or `UnusableAudio` when the file does not decode, is shorter than MIN_SECONDS, or
     the crop has an `audio_problem`. Multichannel files are averaged to mono, as everywhere."""
     try:
-        problem = duration_problem(audio_duration(path))
-        if problem:
-            raise UnusableAudio(problem)
-        audio = read_random_crop(path, length, sampling_rate, rng)
+        audio = read_random_window(path, length, sampling_rate, rng)
     except (OSError, RuntimeError, ValueError) as error:  # soundfile's errors are RuntimeErrors
         raise UnusableAudio(f'unreadable: {error}') from error
-    problem = audio_problem(audio, skip_silent)
+    problem = (duration_problem(len(audio) / sampling_rate) if len(audio) < length else None) or \
+        audio_problem(audio, skip_silent)
     if problem:
         raise UnusableAudio(problem)
-    return audio
+    return wrap_pad(audio, length)
 
 
 class TrainDataset(torch.utils.data.Dataset):
@@ -278,9 +284,12 @@ def end_loader_workers():
 
 
 def collate(items):
-    """Items (view, ..., label, skipped files) -> (stacked views, ..., labels, every skipped (path, reason))."""
+    """Items (view, ..., label, skipped files) -> (stacked views, ..., labels, every skipped (path, reason)).
+    In a loader worker the views are stacked straight into shared memory (`default_collate`), saving the copy
+    that sending the batch to the training process would otherwise make."""
     *views, labels, skipped = zip(*items)
-    return (*(torch.stack(v) for v in views), torch.tensor(labels), [s for item in skipped for s in item])
+    return (*(torch.utils.data.default_collate(v) for v in views), torch.tensor(labels),
+            [s for item in skipped for s in item])
 
 
 class ShardedEpochs(torch.utils.data.Sampler):
