@@ -18,7 +18,7 @@ from plots import evaluation_plots
 from prepare import check_data
 from tools import (embed, embed_files, embeddings_and_protocol_vectors, export_onnx, export_torchscript, load_model,
                    protocol_vectors, verification_metrics)
-from trainer import cohort_of, evaluate_encoder, read_trial_lists, run_training
+from trainer import cohort_of, embedding_readers, evaluate_encoder, read_trial_lists, run_training
 
 EXTRACT_FORMATS = ('.pt', '.npz')
 
@@ -76,8 +76,8 @@ def run_extract(args):
     encoder = load_initial_encoder(args, device)
     root, references = files_to_embed(args.extract, args.eval_path)
     skipped = []
-    vectors = embed_files(encoder, list(references), root, device, n_cpu=args.n_cpu, unusable=skipped,
-                          represent=embeddings_and_protocol_vectors)
+    vectors = embed_files(encoder, list(references), root, device, n_cpu=embedding_readers(args, device),
+                          unusable=skipped, represent=embeddings_and_protocol_vectors)
     print(''.join(f'{args.extract}: skipped {path} ({why})\n' for path, why in skipped), end='')
     if not vectors:
         raise UserError(f'--extract {args.extract}: none of its {len(references)} files can be embedded')

@@ -180,10 +180,11 @@ def transpose(items):
     return tuple(list(column) for column in zip(*items))
 
 
-def embed_files(encoder, relative_paths, root, device, n_cpu=0, batch_size=16, progress=True, unusable=None,
+def embed_files(encoder, relative_paths, root, device, n_cpu=0, batch_size=None, progress=True, unusable=None,
                 represent=protocol_vectors_of):
     """`represent(encoder, waveforms, device)` (the protocol vectors) of every file, read by `n_cpu` loader
-    workers; returns {relative path: vector}.
+    workers, `batch_size` files a forward pass (default: 16 on a GPU; one on the CPU, where larger batches
+    measured slower, bench/RESULTS.md); returns {relative path: vector}.
 
     A file that cannot be embedded (unreadable, shorter than a window, NaN samples, or giving a non-finite
     embedding) is a `UserError` naming every such file, or, given an `unusable` list, is appended to it as
@@ -191,6 +192,7 @@ def embed_files(encoder, relative_paths, root, device, n_cpu=0, batch_size=16, p
     files all get the same vector, so two of them score 1.0, and fainter files come closer to it."""
     encoder.eval()
     dataset = EvalDataset(relative_paths, root, encoder.sampling_rate)
+    batch_size = batch_size or (16 if torch.device(device).type == 'cuda' else 1)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=n_cpu,
                                          collate_fn=transpose, worker_init_fn=leave_signals_to_parent)
     vectors, problems, silent = {}, [], []

@@ -176,7 +176,8 @@ def build_parser():
                              'run\'s save_path/config.json (the flags that run was given); flags on the command '
                              'line override it')
     system.add_argument('--save_path', default='exps/exp1', help='checkpoints, score.txt and score files')
-    system.add_argument('--n_cpu', type=int, default=distributed.available_cores(), help='data loader workers')
+    system.add_argument('--n_cpu', type=int, default=distributed.available_cores(),
+                        help='data loader workers (for embedding on the CPU: none unless given)')
     system.add_argument('--device', default=None, help='torch device (default: cuda when available, else cpu)')
     system.add_argument('--tensorboard', action='store_true',
                         help='also write each epoch\'s metrics to save_path/tensorboard (needs tensorboard)')

@@ -307,8 +307,14 @@ def cohort_of(args, train_entries=None):
 def evaluate_encoder(encoder, args, device, trial_lists, cohort, identity=None):
     """`tools.evaluate` with the flags' settings and the AS-Norm `cohort` (or None); embeddings are cached under
     save_path/embeddings when the checkpoint's `identity` is given."""
-    return evaluate(encoder, trial_lists, args.eval_path, device, args.n_cpu, cohort,
+    return evaluate(encoder, trial_lists, args.eval_path, device, embedding_readers(args, device), cohort,
                     os.path.join(args.save_path, 'embeddings'), identity)
+
+
+def embedding_readers(args, device):
+    """Reader processes for embedding files: --n_cpu where given or on a GPU; on the CPU by default none, since
+    the network takes every core there and readers only slowed it (bench/RESULTS.md)."""
+    return args.n_cpu if 'n_cpu' in args.given or torch.device(device).type == 'cuda' else 0
 
 
 def log(*parts):
