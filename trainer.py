@@ -78,6 +78,12 @@ def encoder_config(args):
             'sampling_rate': args.sampling_rate}
 
 
+def adam(parameters, lr):
+    """Adam with the original's weight decay, 2e-5, in its fused form: one pass over all parameters instead of
+    a loop over them (6 ms against 35 ms a step for ECAPA-TDNN C=512 on a 2-core CPU, bench/RESULTS.md)."""
+    return torch.optim.Adam(parameters, lr=lr, weight_decay=2e-5, fused=True)
+
+
 class NonFiniteTraining(UserError):
     """Too many steps in a row had a non-finite loss or gradients."""
 
@@ -341,7 +347,7 @@ class TrainingRun:
         self.reported = set()  # unusable files already printed
         encoder = build_encoder(args.model, args.C, args.sampling_rate, args.embedding_dim)
         self.model = SpeakerModel(encoder, build_objective(args, encoder.embedding_dim)).to(self.device)
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=args.lr, weight_decay=2e-5)
+        self.optimizer = adam(self.model.parameters(), args.lr)
         log(f'{args.model}: {sum(p.numel() for p in encoder.parameters()) / 1e6:.2f} M parameters, '
             f'{len(self.entries)} utterances of {len(speaker_labels(self.entries))} speakers, {args.n_class} '
             f'classes, device {self.device}'

@@ -36,7 +36,7 @@ import reference
 from common import environment, peak_rss_gib, synchronize, write_json
 from loss import AAMsoftmax
 from model import MODELS, build_encoder, crop_samples
-from trainer import SpeakerModel, TrainingStep
+from trainer import SpeakerModel, TrainingStep, adam
 
 ENCODERS = [('ecapa-tdnn', 1024), ('resnet34', 32), ('tdnn', 512)]
 SPEAKERS = 5994
@@ -48,7 +48,7 @@ def measure(name, C, batch_size, amp, compile, device, seconds):
     embedding_dim = MODELS[name].embedding_dim
     model = SpeakerModel(build_encoder(name, C, 16000, embedding_dim),
                          AAMsoftmax(SPEAKERS, 0.2, 30, embedding_dim)).to(device).train()
-    optimizer = torch.optim.Adam(model.parameters(), lr=0.001, weight_decay=2e-5)
+    optimizer = adam(model.parameters(), 0.001)
     step = TrainingStep(model, optimizer, device, amp, compile)
     batch = (0.1 * torch.randn(batch_size, crop_samples(200, 16000)), torch.randint(0, SPEAKERS, (batch_size,)))
     if device.type == 'cuda':
@@ -104,7 +104,7 @@ def compare_with_reference(directory, widths, batch_size, rounds, steps, device)
     for C in widths:
         torch.manual_seed(0)
         model = SpeakerModel(build_encoder('ecapa-tdnn', C, 16000, 192), AAMsoftmax(SPEAKERS, 0.2, 30, 192))
-        ours = TrainingStep(model.to(device).train(), torch.optim.Adam(model.parameters(), lr=0.001, weight_decay=2e-5),
+        ours = TrainingStep(model.to(device).train(), adam(model.parameters(), 0.001),
                             device)
         with reference.cpu_patches():
             theirs = original['ECAPAModel'].ECAPAModel(lr=0.001, lr_decay=0.97, C=C, n_class=SPEAKERS, m=0.2, s=30,

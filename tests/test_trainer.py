@@ -506,7 +506,7 @@ def test_bf16_forward_is_close_to_float32_but_not_equal():
 def test_fp16_uses_dynamic_loss_scaling_and_updates_the_weights():
     model = small_model()
     before = copy.deepcopy(model)
-    step = TrainingStep(model, torch.optim.Adam(model.parameters(), lr=1e-3), 'cpu', amp='fp16')
+    step = TrainingStep(model, trainer.adam(model.parameters(), 1e-3), 'cpu', amp='fp16')  # the trainer's Adam
     initial_scale = step.scaler.get_scale()
     losses = [step(batch(), None)[0] for _ in range(20)]
     # Steps whose fp16 gradients overflow are skipped and halve the scale; the others update the weights.
@@ -527,7 +527,7 @@ def test_gradient_clipping_bounds_the_update_norm():
 
 def test_a_step_with_non_finite_gradients_changes_nothing_and_too_many_in_a_row_stop_training():
     model = small_model()
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    optimizer = trainer.adam(model.parameters(), 1e-3)
     step = TrainingStep(model, optimizer, 'cpu', max_bad_steps=3)
     step(batch(), None)
     weights, moments = copy.deepcopy(model.state_dict()), copy.deepcopy(optimizer.state_dict())
