@@ -72,6 +72,14 @@ def not_for_libsndfile(path, error):
     return isinstance(error, soundfile.LibsndfileError) and 'Format not recognised' in str(error)
 
 
+def frame_window(start, seconds, rate, frames):
+    """(first frame, frame count or -1 for the rest) that `read_audio` decodes of a file of `frames` frames at
+    `rate`: from `start` (seconds, or a function of the duration) for `seconds` and one frame more."""
+    if callable(start):
+        start = start(frames / rate)
+    return min(int(start * rate), frames), -1 if seconds is None else int(math.ceil(seconds * rate)) + 1
+
+
 def read_audio(path, sampling_rate, start=0.0, seconds=None):
     """Mono float32 audio of `path` at `sampling_rate`, from `start` seconds for `seconds` (None: to the
     end); `start` may be a function of the file's duration in seconds, called once the file is open. Only the
@@ -80,20 +88,15 @@ def read_audio(path, sampling_rate, start=0.0, seconds=None):
     try:
         with soundfile.SoundFile(path) as f:
             native_rate = f.samplerate
-            if callable(start):
-                start = start(f.frames / native_rate)
-            first = int(start * native_rate)
-            count = -1 if seconds is None else int(math.ceil(seconds * native_rate)) + 1
-            f.seek(min(first, f.frames))
+            first, count = frame_window(start, seconds, native_rate, f.frames)
+            f.seek(first)
             audio = f.read(count, dtype='float32', always_2d=True).T
     except RuntimeError as error:
         if not not_for_libsndfile(path, error):
             raise
         audio, native_rate = decode_with_av(path)
-        if callable(start):
-            start = start(audio.shape[1] / native_rate)
-        first = int(start * native_rate)
-        audio = audio[:, first:None if seconds is None else first + int(math.ceil(seconds * native_rate)) + 1]
+        first, count = frame_window(start, seconds, native_rate, audio.shape[1])
+        audio = audio[:, first:None if count < 0 else first + count]
     audio = audio.mean(axis=0) if len(audio) > 1 else audio[0]
     audio = resample(np.ascontiguousarray(audio, dtype=np.float32), native_rate, sampling_rate)
     if seconds is not None:
@@ -126,11 +129,6 @@ def random_crop(audio, length, rng):
     audio = wrap_pad(audio, length)
     start = int(rng.integers(0, len(audio) - length + 1))
     return audio[start:start + length]
-
-
-def read_random_crop(path, length, sampling_rate, rng):
-    """`random_crop` of a file, decoding only about `length` samples of it."""
-    return wrap_pad(read_random_window(path, length, sampling_rate, rng), length)
 
 
 def read_random_window(path, length, sampling_rate, rng):
@@ -192,8 +190,9 @@ def near_silent(audio):
 
 
 def read_usable_crop(path, length, sampling_rate, rng, skip_silent=True):
-    """`read_random_crop`, or `UnusableAudio` when the file does not decode, is shorter than MIN_SECONDS, or
-    the crop has an `audio_problem`. Multichannel files are averaged to mono, as everywhere."""
+    """`random_crop` of a file (`read_random_window`, wrap-padded), or `UnusableAudio` when the file does not
+    decode, is shorter than MIN_SECONDS, or the crop has an `audio_problem`. Multichannel files are averaged to
+    mono, as everywhere."""
     try:
         audio = read_random_window(path, length, sampling_rate, rng)
     except (OSError, RuntimeError, ValueError) as error:  # soundfile's errors are RuntimeErrors

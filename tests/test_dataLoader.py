@@ -14,8 +14,7 @@ import torch
 
 from augment import Augmenter
 from dataLoader import (EpochSampler, PairDataset, SpeakerPairSampler, TrainDataset, UnusableAudio, collate,
-                        end_loader_workers, leave_signals_to_parent, random_crop, read_audio, read_random_crop,
-                        read_usable_crop)
+                        end_loader_workers, leave_signals_to_parent, random_crop, read_audio, read_usable_crop)
 from errors import UserError
 from lists import TrainEntry, read_train_list
 from model import crop_samples
@@ -54,12 +53,12 @@ def test_file_crop_reads_a_contiguous_window(tmp_path):
     rng = np.random.default_rng(1)
     starts = set()
     for _ in range(10):
-        crop = read_random_crop(path, 8000, RATE, rng)
+        crop = read_usable_crop(path, 8000, RATE, rng)
         start = int(np.flatnonzero(audio == crop[0])[0])
         assert np.array_equal(crop, audio[start:start + 8000])
         starts.add(start)
     assert len(starts) > 5
-    short = read_random_crop(path, 4 * RATE, RATE, rng)
+    short = read_usable_crop(path, 4 * RATE, RATE, rng)
     assert len(short) == 4 * RATE and np.array_equal(short[3 * RATE:], audio[:RATE])
 
 
