@@ -16,8 +16,8 @@ from errors import UsageError, UserError
 from lists import files_to_embed, read_score_file, write_score_file
 from plots import evaluation_plots
 from prepare import check_data
-from tools import (embed, embed_files, embeddings_and_protocol_vectors, export_onnx, export_torchscript, load_model,
-                   protocol_vectors, verification_metrics)
+from tools import (as_recordings, embed_files, embeddings_and_protocol_vectors, export_onnx, export_torchscript,
+                   load_model, verification_metrics)
 from trainer import cohort_of, embedding_readers, evaluate_encoder, read_trial_lists, run_training
 
 EXTRACT_FORMATS = ('.pt', '.npz')
@@ -105,12 +105,14 @@ def write_extracted(path, fields):
 
 def run_score_pair(args):
     """The embeddings of two recordings, their cosine, and the evaluation protocol's score (--eval's)."""
-    encoder = load_initial_encoder(args, torch.device(args.device))
+    device = torch.device(args.device)
+    encoder = load_initial_encoder(args, device)
     try:
-        embeddings = embed(encoder, args.score_pair)
-        vectors = protocol_vectors(encoder, args.score_pair)
+        waveforms, _ = as_recordings(args.score_pair, None, encoder.sampling_rate)
     except (OSError, RuntimeError, ValueError) as error:  # soundfile's errors are RuntimeErrors
         raise UserError(f'--score_pair: {error}') from None
+    both = embeddings_and_protocol_vectors(encoder, waveforms, device)  # each file read and embedded once
+    embeddings, vectors = both[:, :encoder.embedding_dim], both[:, encoder.embedding_dim:]
     for path, embedding in zip(args.score_pair, embeddings):
         print(f'{path}: embedding of {len(embedding)} dimensions, norm {embedding.norm():.4f}')
     cosine = float(torch.nn.functional.cosine_similarity(embeddings[0], embeddings[1], dim=0))
