@@ -446,6 +446,8 @@ def as_recordings(audio, sampling_rate, rate, lengths=None, channels=False):
     if isinstance(audio, (list, tuple)):
         if lengths is not None or not audio:
             raise ValueError('give lengths with a [N, T] batch, not a list' if audio else 'an empty list')
+        if any(isinstance(item, (list, tuple)) for item in audio):  # its recordings would be cut to the first
+            raise ValueError('a list of paths and waveforms (arrays or tensors), not of lists')
         return [as_recordings(item, sampling_rate, rate, channels=True)[0][0] for item in audio], False
     if isinstance(audio, (str, os.PathLike)):
         return [checked_waveform(read_audio(audio, rate), os.fspath(audio), rate, rate)], True

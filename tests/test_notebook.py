@@ -119,6 +119,8 @@ def test_bad_inputs_are_errors_naming_them_and_silence_warns(encoder, tmp_path):
         tools.embed(encoder, np.stack([np.ones(800), np.full(800, np.nan)]), 16000)
     with pytest.raises(ValueError, match=r'give the sampling_rate of a waveform \(the model takes 16000 Hz\)'):
         tools.embed(encoder, np.zeros(16000, np.float32))
+    with pytest.raises(ValueError, match=r'a list of paths and waveforms \(arrays or tensors\), not of lists'):
+        tools.embed(encoder, [np.ones(800, np.float32), [np.ones(800, np.float32)] * 2], 16000)
     with pytest.raises(ValueError, match=r'shape \[2, 3, 400\]'):
         tools.embed(encoder, np.zeros((2, 3, 400), np.float32), 16000)
     (tmp_path / 'notes.wav').write_text('not audio')
