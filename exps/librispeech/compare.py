@@ -1,0 +1,216 @@
+"""This toolkit's trainer beside the original's on real speech: the same LibriSpeech split, flags and
+augmentation sources for both, several runs of each, and every `--test_step`th epoch's checkpoint of every
+run scored by one evaluation, then one table (mean, spread) and one plot of EER against epoch.
+
+  python exps/librispeech/compare.py --reference /tmp/orig                 # the full setting: hours on 2 cores
+  python exps/librispeech/compare.py --reference /tmp/orig --reduced       # minutes: everything runs once
+  python exps/librispeech/compare.py --variant speed "--speed_perturb on"  # a technique, beside the plain recipe
+
+Systems and runs:
+  ours      trainECAPAModel.py with `--seed 1..--runs`.
+  original  TaoRuijie/ECAPA-TDNN's trainer from the checkout `--reference DIR` names (fetch it; it is never
+            copied here), run by original.py under the CPU/numpy patches of bench/reference.py. It has no seed
+            flag: each run draws its own (torch's unseeded default), so its runs differ as ours do by seed.
+  NAME      each `--variant NAME FLAGS`: ours with FLAGS added, the same seeds.
+Runs are interleaved (ours 1, original 1, variants 1, ours 2, ...) so that a machine shared with other work
+slows all systems alike; a finished run is not trained again, and an interrupted one continues from its last
+checkpoint (both trainers resume).
+
+Evaluation: during training both trainers score a two-trial list only (the original evaluates at every test
+step and cannot be told not to); afterwards each saved checkpoint is scored on every trial with this toolkit's
+`tools.evaluate`, which gives the original's own scores for the same weights to 1e-7 and also reports minDCF at
+p_target 0.01. Results are cached beside each checkpoint's run (scores.json).
+
+Output in `--out`: table.md, results.json (every run's EER and minDCF per epoch) and eer_by_epoch.png.
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), '..', '..'))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import plots  # noqa: E402
+import tools  # noqa: E402
+from lists import read_trials  # noqa: E402
+from make_lists import make_lists  # noqa: E402
+
+SHARED = os.path.join(ROOT, '..', 'shared', 'data')
+RECIPE = {'C': 512, 'batch_size': 32, 'lr': 0.001, 'lr_decay': 0.97, 'test_step': 10, 'max_epoch': 60,
+          'num_frames': 200, 'm': 0.2, 's': 30, 'n_cpu': 1}
+REDUCED = {'C': 64, 'max_epoch': 2, 'test_step': 1}
+
+
+def arguments(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--reference', help='checkout of TaoRuijie/ECAPA-TDNN (without it: ours and variants)')
+    parser.add_argument('--corpus', default=os.path.join(SHARED, 'librispeech_251'))
+    parser.add_argument('--musan_path', default=os.path.join(SHARED, 'musan_mini'))
+    parser.add_argument('--rir_path', default=os.path.join(SHARED, 'rirs_mini', 'simulated_rirs'))
+    parser.add_argument('--out', default=os.path.join(ROOT, 'exps', 'librispeech', 'compare'))
+    parser.add_argument('--runs', type=int, default=3, help='runs of each system (ours: seeds 1..RUNS)')
+    parser.add_argument('--train_speakers', type=int, default=200)
+    parser.add_argument('--pieces', type=int, default=3, help='parts each held-out recording is cut into')
+    parser.add_argument('--variant', nargs=2, action='append', default=[], metavar=('NAME', 'FLAGS'),
+                        help='also train ours with these extra flags, e.g. --variant speed "--speed_perturb on"')
+    parser.add_argument('--only', nargs='+', metavar='SYSTEM', help='train and report these systems only')
+    parser.add_argument('--reduced', action='store_true', help=f'a quick check: {REDUCED}, one run each')
+    for name, value in RECIPE.items():
+        parser.add_argument(f'--{name}', type=type(value), default=value)
+    args = parser.parse_args(argv)
+    if args.reduced:
+        for name, value in REDUCED.items():
+            if getattr(args, name) == RECIPE[name]:
+                setattr(args, name, value)
+        args.runs = 1
+    for name in ('reference', 'corpus', 'musan_path', 'rir_path', 'out'):
+        if getattr(args, name):
+            setattr(args, name, os.path.abspath(getattr(args, name)))
+    return args
+
+
+def recipe_flags(args, data):
+    """The flags both trainers are given, in the original's spelling (ours accepts all of them)."""
+    flags = ['--train_list', os.path.join(data, 'train_list.txt'), '--train_path', args.corpus,
+             '--eval_list', os.path.join(data, 'two_trials.txt'), '--eval_path', os.path.join(data, 'test'),
+             '--musan_path', args.musan_path, '--rir_path', args.rir_path]
+    for name in RECIPE:
+        flags += [f'--{name}', str(getattr(args, name))]
+    return flags
+
+
+def systems(args):
+    """{name: (command prefix, extra flags per run)}."""
+    ours = [sys.executable, os.path.join(ROOT, 'trainECAPAModel.py')]
+    found = {'ours': (ours, lambda run: ['--seed', str(run)])}
+    if args.reference:
+        found['original'] = ([sys.executable, os.path.join(os.path.dirname(__file__), 'original.py'),
+                              args.reference, '--n_class', str(args.train_speakers)], lambda run: [])
+    for name, flags in args.variant:
+        found[name] = (ours, lambda run, extra=flags.split(): ['--seed', str(run)] + extra)
+    if args.only:
+        unknown = sorted(set(args.only) - set(found))
+        if unknown:
+            raise SystemExit(f'--only {unknown}: not among the systems {sorted(found)}')
+        found = {name: found[name] for name in args.only}
+    return found
+
+
+def write_two_trials(data):
+    """The trial list both trainers score during training: the first target and the first non-target."""
+    with open(os.path.join(data, 'trials.txt')) as f:
+        lines = f.read().splitlines()
+    chosen = [next(line for line in lines if line.startswith(label)) for label in ('1 ', '0 ')]
+    with open(os.path.join(data, 'two_trials.txt'), 'w') as f:
+        f.write('\n'.join(chosen) + '\n')
+
+
+def checkpoint(folder, epoch):
+    return os.path.join(folder, 'model', f'model_{epoch:04d}.model')
+
+
+def train(command, folder, args):
+    """Run one training to the last epoch unless its last checkpoint exists; its output goes to log.txt."""
+    if os.path.exists(checkpoint(folder, args.max_epoch)):
+        return
+    os.makedirs(folder, exist_ok=True)
+    print(' '.join(command), flush=True)
+    with open(os.path.join(folder, 'log.txt'), 'a') as log:
+        result = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT)
+    if result.returncode != 0 or not os.path.exists(checkpoint(folder, args.max_epoch)):
+        raise SystemExit(f'{folder}: training stopped (exit {result.returncode}); see {folder}/log.txt')
+
+
+def score_checkpoints(folder, epochs, data):
+    """{epoch: {'eer', 'min_dcf_0.05', 'min_dcf_0.01'}} of the run's checkpoints, cached in scores.json."""
+    cache_path = os.path.join(folder, 'scores.json')
+    cache = json.load(open(cache_path)) if os.path.exists(cache_path) else {}
+    trials = read_trials(os.path.join(data, 'trials.txt'))
+    for epoch in epochs:
+        path = checkpoint(folder, epoch)
+        key = f'{epoch}:{os.path.getmtime(path)}'
+        if key not in cache:
+            encoder = tools.load_model(path)
+            result = tools.evaluate(encoder, [trials], os.path.join(data, 'test'), 'cpu')[trials.path]
+            cache[key] = result.metrics.as_record()
+            with open(cache_path + '.tmp', 'w') as f:
+                json.dump(cache, f, indent=1)
+            os.replace(cache_path + '.tmp', cache_path)
+    return {epoch: cache[f'{epoch}:{os.path.getmtime(checkpoint(folder, epoch))}'] for epoch in epochs}
+
+
+def summary(values):
+    values = np.asarray(values, dtype=float)
+    return {'mean': float(values.mean()), 'sd': float(values.std(ddof=1)) if len(values) > 1 else 0.0,
+            'min': float(values.min()), 'max': float(values.max()), 'n': int(len(values))}
+
+
+def table(results, epochs):
+    """Markdown: EER mean ± sd [min-max] per system (rows) and epoch (columns), then minDCFs at the last."""
+    last = epochs[-1]
+    lines = ['| system | runs | ' + ' | '.join(f'EER @{e}' for e in epochs) +
+             f' | minDCF(0.01) @{last} | minDCF(0.05) @{last} |',
+             '|---|---|' + '---|' * (len(epochs) + 2)]
+    for name, runs in results.items():
+        cells = []
+        for epoch in epochs:
+            s = summary([run[epoch]['eer'] for run in runs.values()])
+            cells.append(f'{s["mean"]:.2f}% ± {s["sd"]:.2f} [{s["min"]:.2f}-{s["max"]:.2f}]')
+        for key in ('min_dcf_0.01', 'min_dcf_0.05'):
+            s = summary([run[last][key] for run in runs.values()])
+            cells.append(f'{s["mean"]:.3f} ± {s["sd"]:.3f}')
+        lines.append(f'| {name} | {len(runs)} | ' + ' | '.join(cells) + ' |')
+    if 'original' in results:
+        base = summary([run[last]['eer'] for run in results['original'].values()])['mean']
+        for name, runs in results.items():
+            if name != 'original':
+                mean = summary([run[last]['eer'] for run in runs.values()])['mean']
+                lines.append(f'\n{name}: mean EER at epoch {last} is {mean / base:.2f}x the original\'s.')
+    return '\n'.join(lines) + '\n'
+
+
+def plot(results, epochs, path):
+    figure, axes = plots.plt.subplots(figsize=(7, 4.5))
+    for colour, (name, runs) in zip(plots.plt.rcParams['axes.prop_cycle'].by_key()['color'], results.items()):
+        curves = np.array([[run[e]['eer'] for e in epochs] for run in runs.values()])
+        for curve in curves:
+            axes.plot(epochs, curve, color=colour, alpha=0.3, lw=0.8)
+        axes.plot(epochs, curves.mean(axis=0), color=colour, lw=2, marker='o', label=f'{name} (mean of {len(curves)})')
+    axes.set_xlabel('epoch')
+    axes.set_ylabel('EER (%)')
+    axes.grid(alpha=0.3)
+    axes.legend()
+    plots.save_figure(figure, path)
+
+
+def main(argv=None):
+    args = arguments(argv)
+    data = os.path.join(args.out, 'data')
+    if not os.path.exists(os.path.join(data, 'trials.txt')):
+        make_lists(args.corpus, data, args.train_speakers, args.pieces)
+        write_two_trials(data)
+    found = systems(args)
+    flags = recipe_flags(args, data)
+    for run in range(1, args.runs + 1):
+        for name, (command, per_run) in found.items():
+            folder = os.path.join(args.out, 'runs', f'{name}_{run}')
+            train(command + flags + per_run(run) + ['--save_path', os.path.abspath(folder)], folder, args)
+    epochs = list(range(args.test_step, args.max_epoch + 1, args.test_step))
+    results = {name: {run: score_checkpoints(os.path.join(args.out, 'runs', f'{name}_{run}'), epochs, data)
+                      for run in range(1, args.runs + 1)} for name in found}
+    text = table(results, epochs)
+    print(text)
+    with open(os.path.join(args.out, 'table.md'), 'w') as f:
+        f.write(text)
+    with open(os.path.join(args.out, 'results.json'), 'w') as f:
+        json.dump({'flags': flags, 'results': results}, f, indent=1)
+    plot(results, epochs, os.path.join(args.out, 'eer_by_epoch.png'))
+
+
+if __name__ == '__main__':
+    main()
