@@ -5,6 +5,7 @@
                       writes them) and the JSON beside it that says how to rebuild the encoder
   load_state_dict_file / encoder_weights / load_encoder_weights
                       checkpoints of this toolkit or of the original code, loaded with `weights_only=True`
+  average_checkpoints the element-wise mean of several checkpoints' weights (--average, --average_checkpoints)
   ResumeState         resume.pt: the whole training state after an epoch (or inside one), plain types only
   FolderLock          one training run per save_path
 
@@ -195,6 +196,21 @@ def load_state_dict_file(path):
         raise UserError(f"{path}: expected a state_dict of tensors, found a {type(state[other]).__name__} under "
                         f"{other!r}")
     return state
+
+
+def average_checkpoints(paths):
+    """The element-wise mean of the checkpoints' weights, accumulated in float64 and stored in each weight's
+    dtype; integer entries (batch-norm's counters) are the last checkpoint's. Every checkpoint must have the
+    first one's names and shapes."""
+    states = [load_state_dict_file(path) for path in paths]
+    first = states[0]
+    for path, state in zip(paths[1:], states[1:]):
+        differing = sorted(set(state) ^ set(first)) or [k for k in first if state[k].shape != first[k].shape]
+        if differing:
+            raise UserError(f'{path}: its weights differ from those of {paths[0]} in names or shapes (e.g. '
+                            f'{differing[0]}); only checkpoints of one model can be averaged')
+    return {key: torch.stack([state[key].double() for state in states]).mean(dim=0).to(value.dtype)
+            if value.is_floating_point() else states[-1][key].clone() for key, value in first.items()}
 
 
 def encoder_weights(state):

@@ -5,13 +5,15 @@ A module of its own so that the entry script holds the flags, their defaults and
 what the commands do with them.
 """
 
+import json
 import os
 from typing import Callable, NamedTuple
 
 import numpy as np
 import torch
 
-from checkpoints import atomic_torch_save, atomic_write, file_digest
+from checkpoints import (atomic_json_save, atomic_torch_save, atomic_write, average_checkpoints, encoder_config_path,
+                         file_digest)
 from errors import UsageError, UserError
 from lists import files_to_embed, read_score_file, write_score_file
 from plots import evaluation_plots
@@ -121,6 +123,17 @@ def run_score_pair(args):
     return cosine, protocol
 
 
+def run_average_checkpoints(args):
+    """--out: the mean of the given checkpoints' weights, with the encoder JSON of the first beside it when it
+    has one (what --average N writes at the end of training, for runs that are already over)."""
+    atomic_torch_save(average_checkpoints(args.average_checkpoints), args.out)
+    config = encoder_config_path(args.average_checkpoints[0])
+    if os.path.exists(config):
+        with open(config) as f:
+            atomic_json_save(json.load(f), encoder_config_path(args.out))
+    print(f'{args.out}: the mean of the weights of {len(args.average_checkpoints)} checkpoints')
+
+
 def check_check_data(args):
     if not any(getattr(args, n) for n in ('train_list', 'eval_list', 'musan_path', 'rir_path')):
         raise UsageError('--check_data needs something to check: --train_list, --eval_list, --musan_path or '
@@ -144,6 +157,16 @@ def check_extract(args):
         raise UsageError(f'--out {args.out}: name a .pt (torch.save) or .npz (numpy) file')
 
 
+def check_average_checkpoints(args):
+    if len(args.average_checkpoints) < 2:
+        raise UsageError('--average_checkpoints needs at least two checkpoints to average')
+    for path in args.average_checkpoints:
+        if not os.path.isfile(path):
+            raise UsageError(f'--average_checkpoints {path}: no such file')
+    if args.out in args.average_checkpoints or os.path.isdir(args.out):
+        raise UsageError(f'--out {args.out}: name a new file for the average')
+
+
 def check_score_pair(args):
     for path in args.score_pair:
         if not os.path.isfile(path):
@@ -162,6 +185,7 @@ COMMANDS = {  # the flag that selects each command (training: none of them)
     'export': Command(run_export, ('initial_model',), check_export),
     'extract': Command(run_extract, ('initial_model', 'out'), check_extract),
     'score_pair': Command(run_score_pair, ('initial_model',), check_score_pair),
+    'average_checkpoints': Command(run_average_checkpoints, ('out',), check_average_checkpoints),
     'eval': Command(run_eval, ('initial_model', 'eval_list', 'eval_path')),
     'train': Command(run_training, ('train_list', 'train_path', 'eval_list', 'eval_path')),
 }

@@ -46,6 +46,15 @@ def resample(audio, orig_rate, new_rate):
         return resampler(orig_rate, new_rate)(torch.from_numpy(np.ascontiguousarray(audio))).numpy()
 
 
+SPEED_PERTURBATION = (1.0, 0.9, 1.1)  # --speed_perturb on: the speeds drawn, in the order of their label offsets
+
+
+def change_speed(audio, speed):
+    """`audio` played `speed` times faster, pitch and tempo together (sox's `speed`): resampled by 1/speed,
+    so that it is len(audio) / speed samples long. `speed` has at most two decimals."""
+    return resample(audio, round(speed * 100), 100)
+
+
 def decode_with_av(path):
     """(float32 samples [channels, frames], rate) of a file libsndfile does not read (AAC in .m4a, what FFmpeg
     reads), decoded whole by PyAV; samples as the codec gives them, no resampling or mixing."""
@@ -212,12 +221,21 @@ class TrainDataset(torch.utils.data.Dataset):
     An unusable file (`read_usable_crop`) is replaced by another utterance of its speaker drawn with the same
     generator, or, when none of the speaker's is usable, by any utterance (its label with it); the item
     carries the (path, reason) of every file it skipped, which `collate` gathers per batch. Batches therefore
-    keep their size and their speakers."""
+    keep their size and their speakers.
+
+    `speeds` other than (1.0,): speed perturbation as wespeaker and 3D-Speaker do it. Each item draws one of
+    `speeds` (uniformly, first from its generator), its crop is read `speed` times as long and resampled to the
+    crop length, so that it plays `speed` times faster, pitch included; and its label becomes
+    `label + k * speakers` for the k-th speed, a new speaker per speed (so the classifier needs
+    `len(speeds) * speakers` classes). With (1.0,) nothing is drawn: items are those of a run without it."""
 
     SUBSTITUTE_ATTEMPTS = 20  # random utterances of other speakers tried before giving up
 
-    def __init__(self, entries, train_path, num_frames, sampling_rate, augmenter, seed, skip_silent=True):
+    def __init__(self, entries, train_path, num_frames, sampling_rate, augmenter, seed, skip_silent=True,
+                 speeds=(1.0,)):
         labels = speaker_labels(entries)
+        self.speakers = len(labels)
+        self.speeds = speeds
         self.paths = [os.path.join(train_path, entry.path) for entry in entries]
         self.labels = [labels[entry.speaker] for entry in entries]
         self.by_label = {}
@@ -232,9 +250,14 @@ class TrainDataset(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.paths)
 
-    def crop(self, index, rng):
-        """An augmented random crop of utterance `index`, drawn with `rng`, as a float32 tensor."""
-        audio = read_usable_crop(self.paths[index], self.length, self.sampling_rate, rng, self.skip_silent)
+    def crop(self, index, rng, speed=1.0):
+        """An augmented random crop of utterance `index` at `speed`, drawn with `rng`, as a float32 tensor."""
+        if speed == 1.0:
+            audio = read_usable_crop(self.paths[index], self.length, self.sampling_rate, rng, self.skip_silent)
+        else:
+            audio = read_usable_crop(self.paths[index], math.ceil(self.length * speed), self.sampling_rate, rng,
+                                     self.skip_silent)
+            audio = change_speed(audio, speed)[:self.length]
         if self.augmenter is not None:
             audio = self.augmenter(audio, rng)
         return torch.from_numpy(np.ascontiguousarray(audio, dtype=np.float32))
@@ -247,12 +270,19 @@ class TrainDataset(torch.utils.data.Dataset):
         if not same_speaker_only:
             yield from (int(i) for i in rng.integers(len(self.paths), size=self.SUBSTITUTE_ATTEMPTS))
 
-    def usable_crop(self, index, rng, skipped, same_speaker_only=False):
+    def draw_speed(self, rng):
+        """(speed, label offset) of an item: drawn from `speeds` when there is more than one."""
+        if len(self.speeds) == 1:
+            return self.speeds[0], 0
+        k = int(rng.integers(len(self.speeds)))
+        return self.speeds[k], k * self.speakers
+
+    def usable_crop(self, index, rng, skipped, same_speaker_only=False, speed=1.0):
         """(crop, label) of the first usable candidate of `index`; appends (path, reason) of each unusable
         file met to `skipped`."""
         for candidate in self.candidates(index, rng, same_speaker_only):
             try:
-                return self.crop(candidate, rng), self.labels[candidate]
+                return self.crop(candidate, rng, speed), self.labels[candidate]
             except UnusableAudio as problem:
                 skipped.append((self.paths[candidate], str(problem)))
         scope = 'its speaker\'s utterances' if same_speaker_only else 'the substitutes tried'
@@ -262,8 +292,10 @@ class TrainDataset(torch.utils.data.Dataset):
     def __getitem__(self, item):
         index, epoch = item
         skipped = []
-        audio, label = self.usable_crop(index, np.random.default_rng((self.seed, epoch, index)), skipped)
-        return audio, label, skipped
+        rng = np.random.default_rng((self.seed, epoch, index))
+        speed, offset = self.draw_speed(rng)
+        audio, label = self.usable_crop(index, rng, skipped, speed=speed)
+        return audio, label + offset, skipped
 
 
 def leave_signals_to_parent(_worker_id):
@@ -326,20 +358,93 @@ class EpochSampler(ShardedEpochs):
         return iter([(int(i), self.epoch) for i in order[self.skip:]])
 
 
+def speaker_groups(centres, size, rng):
+    """Speakers in groups of `size` whose `centres` (rows: the classifier's weight of each speaker) lie close
+    together: from a random speaker not yet grouped, its group is it and the `size` - 1 ungrouped speakers of
+    highest cosine similarity to it, until every speaker has a group (the last may be smaller)."""
+    unit = centres / np.maximum(np.linalg.norm(centres, axis=1, keepdims=True), 1e-12)
+    left = np.ones(len(unit), dtype=bool)
+    groups = []
+    for start in rng.permutation(len(unit)):
+        if not left[start]:
+            continue
+        left[start] = False
+        others = np.flatnonzero(left)
+        nearest = others[np.argsort(-(unit[others] @ unit[start]), kind='stable')[:size - 1]]
+        left[nearest] = False
+        groups.append([int(start)] + [int(i) for i in nearest])
+    return groups
+
+
+class HardNegativeBatches(EpochSampler):
+    """--sampler chns (classifier mode): clustering-based hard-negative batches (after Masztalski et al.,
+    arXiv 2507.17540). Each epoch uses the utterances EpochSampler's would (a random `size // batch_size`
+    batches' worth: each utterance at most once), but `hard` items of every batch are utterances of speakers
+    whose classifier weights lie close together (`speaker_groups` of the weights at the epoch's start, which
+    the trainer sets as `groups`), one per speaker while the group has speakers left, and the other items are
+    drawn at random. Yields (index, epoch) items in batch order, batch_size at a time; a pure function of
+    (seed, epoch, groups). Under torchrun, rank r takes batches r, r + world_size, ... `skip` counts items."""
+
+    def __init__(self, labels, batch_size, hard_fraction, seed, world_size=1, rank=0):
+        super().__init__(len(labels), seed, world_size, rank)
+        self.labels = np.asarray(labels)
+        self.speakers = int(self.labels.max()) + 1
+        self.batch_size = batch_size
+        self.hard = max(1, round(hard_fraction * batch_size))
+        self.groups = [list(range(self.speakers))]
+
+    def group_speakers(self, weights):
+        """`speaker_groups` of `hard` speakers from the classifier's weights (a tensor [classes, D]; the first
+        rows are the speakers')."""
+        centres = weights.detach()[:self.speakers].float().cpu().numpy()
+        return speaker_groups(centres, self.hard, np.random.default_rng((self.seed, self.epoch, 1)))
+
+    def batches(self):
+        count = self.size // self.world_size // self.batch_size * self.world_size
+        rng = np.random.default_rng((self.seed, self.epoch))
+        chosen = rng.permutation(self.size)[:count * self.batch_size]
+        hard, easy = chosen[:count * self.hard], chosen[count * self.hard:]
+        group_of = np.zeros(self.speakers, dtype=np.int64)
+        for number, members in enumerate(self.groups):
+            group_of[members] = number
+        group_rank = rng.permutation(len(self.groups))
+        speaker_rank = rng.permutation(self.speakers)
+        speaker = self.labels[hard]
+        by_speaker = np.argsort(speaker, kind='stable')
+        first = np.searchsorted(speaker[by_speaker], speaker[by_speaker])
+        turn = np.empty(len(hard), dtype=np.int64)
+        turn[by_speaker] = np.arange(len(hard)) - first  # the k-th of its speaker's hard items takes turn k
+        hard = hard[np.lexsort((speaker_rank[speaker], turn, group_rank[group_of[speaker]]))]
+        easy_size = self.batch_size - self.hard
+        batches = [np.concatenate([hard[j * self.hard:(j + 1) * self.hard], easy[j * easy_size:(j + 1) * easy_size]])
+                   for j in range(count)]
+        return [batches[j] for j in rng.permutation(count)]
+
+    def __len__(self):
+        return self.size // self.world_size // self.batch_size * self.batch_size - self.skip
+
+    def __iter__(self):
+        mine = self.batches()[self.rank::self.world_size]
+        order = np.concatenate(mine)[self.skip:] if mine else np.zeros(0, dtype=np.int64)
+        return iter([(int(i), self.epoch) for i in order])
+
+
 class PairDataset(TrainDataset):
     """Two views of one speaker per item: items are (index_a, index_b, epoch) from `SpeakerPairSampler`,
     each view cropped and augmented with its own generator; returns (view a, view b, label, skipped files).
     An unusable file is replaced by another utterance of the same speaker only, so the batch's speakers stay
-    distinct; a speaker with no usable utterance at all stops training with an error naming it."""
+    distinct; a speaker with no usable utterance at all stops training with an error naming it. Under speed
+    perturbation both views take the speed view a draws, so that they share their label."""
 
     def __getitem__(self, item):
         index_a, index_b, epoch = item
         skipped = []
-        view_a, label = self.usable_crop(index_a, np.random.default_rng((self.seed, epoch, index_a, 0)), skipped,
-                                         same_speaker_only=True)
+        rng_a = np.random.default_rng((self.seed, epoch, index_a, 0))
+        speed, offset = self.draw_speed(rng_a)
+        view_a, label = self.usable_crop(index_a, rng_a, skipped, same_speaker_only=True, speed=speed)
         view_b, _ = self.usable_crop(index_b, np.random.default_rng((self.seed, epoch, index_b, 1)), skipped,
-                                     same_speaker_only=True)
-        return view_a, view_b, label, skipped
+                                     same_speaker_only=True, speed=speed)
+        return view_a, view_b, label + offset, skipped
 
 
 class SpeakerPairSampler(ShardedEpochs):

@@ -46,11 +46,20 @@ class EpochRecord:
         return {k: v for k, v in dataclasses.asdict(self).items() if v is not None and (k != 'eval' or v)}
 
 
+def results_text(results):
+    """Each trial list's metrics, named when there are several."""
+    return ', '.join((f'{r.trials.name} ' if len(results) > 1 else '') + r.text() for r in results.values())
+
+
 def score_line(record, results, best_eer):
     """score.txt's line for an evaluated epoch, in the original code's format with one part per trial list."""
     return (f'{record.epoch} epoch, LR {record.lr:f}, LOSS {record.loss:f}, ACC {record.accuracy:2.2f}%, '
-            + ', '.join((f'{r.trials.name} ' if len(results) > 1 else '') + r.text() for r in results.values())
-            + f', bestEER {best_eer:2.2f}%')
+            + results_text(results) + f', bestEER {best_eer:2.2f}%')
+
+
+def average_line(first, last, results):
+    """score.txt's line for --average's model: it starts with the last epoch, as the lines of epochs do."""
+    return f'{last} epoch, average of epochs {first}-{last}, ' + results_text(results)
 
 
 def git_commit():

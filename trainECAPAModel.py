@@ -23,7 +23,7 @@ import demo
 import distributed
 from augment import default_cache_dir
 from commands import COMMANDS
-from dataLoader import end_loader_workers
+from dataLoader import SPEED_PERTURBATION, end_loader_workers
 from errors import ArgumentParser, UsageError, reported_as_exit
 from model import MODELS
 
@@ -36,8 +36,9 @@ LARGE_MARGIN_DEFAULTS = {'num_frames': 600, 'm': 0.5, 'max_epoch': 5, 'scheduler
                          'final_lr': 2.5e-5, 'warmup_epochs': 1, 'spec_augment': 'off'}
 CONTRASTIVE_FLAGS = ('classifier_weight', 'contrastive_weight', 'matching_weight', 'hard_negative',
                      'fixed_contrastive_scale', 'local_negatives')
-ONLY_WITH = {'out': 'extract', 'check_decode': 'check_data', 'cohort': 'snorm', 'cohort_top_k': 'snorm',
-             'cohort_size': 'snorm', 'allow_partial_load': 'initial_model'}  # flag -> the flag it refines
+ONLY_WITH = {'out': ('extract', 'average_checkpoints'), 'check_decode': 'check_data', 'cohort': 'snorm',
+             'cohort_top_k': 'snorm', 'cohort_size': 'snorm',
+             'allow_partial_load': 'initial_model'}  # flag -> the flag(s) it refines
 NEEDS = {'large_margin': ('initial_model',),        # it fine-tunes a trained model
          'snorm': ('train_list', 'train_path')}     # the cohort comes from the training list
 
@@ -128,10 +129,21 @@ def build_parser():
                           help='margin 0 until epoch START, then rising linearly (per step) to --m at epoch END')
     training.add_argument('--spec_augment', default='on', choices=['on', 'off'],
                           help='time and frequency masks on the training features')
+    training.add_argument('--sampler', default='random', choices=['random', 'chns'],
+                          help='--mode classifier batches: random, or chns: --hard_fraction of each batch from '
+                               'speakers whose classifier weights lie close together (hard negatives)')
+    training.add_argument('--hard_fraction', type=float, default=0.5,
+                          help='--sampler chns: the share of each batch taken from one group of close speakers')
+    training.add_argument('--speed_perturb', default='off', choices=['on', 'off'],
+                          help=f'on: each crop played at a speed drawn from {SPEED_PERTURBATION}, each speed a '
+                               f'speaker of its own (so 3x the classes)')
     training.add_argument('--large_margin', action='store_true',
                           help=f'large-margin fine-tuning of --initial_model: flags not given take '
                                f'{LARGE_MARGIN_DEFAULTS}')
     training.add_argument('--test_step', type=int, default=1, help='evaluate and save every this many epochs')
+    training.add_argument('--average', type=int, default=0, metavar='N',
+                          help='also save the last N epochs and, after the last, model/model_average.model: the mean '
+                               'of their weights, evaluated on a score.txt line of its own (0: off)')
     training.add_argument('--seed', type=int, default=10, help='seed of every random choice')
     training.add_argument('--initial_model', default='',
                           help='start from these weights (this toolkit\'s or the original code\'s checkpoints); '
@@ -163,7 +175,11 @@ def build_parser():
                             help='embed every file of a folder, or of a list (last field of each line, relative '
                                  'to --eval_path or the list\'s folder), with --initial_model; needs --out')
     evaluation.add_argument('--out', help='--extract: file to write {paths, embeddings, protocol_vectors, ...} to: '
-                                          'FILE.pt (torch.save) or FILE.npz (numpy)')
+                                          'FILE.pt (torch.save) or FILE.npz (numpy); --average_checkpoints: the '
+                                          'averaged checkpoint')
+    evaluation.add_argument('--average_checkpoints', nargs='+', metavar='FILE',
+                            help='write the mean of these checkpoints\' weights to --out (what --average N does at '
+                                 'the end of training)')
     evaluation.add_argument('--score_pair', nargs=2, metavar='FILE',
                             help='print the cosine of two recordings\' embeddings and their protocol score '
                                  '(as --eval scores a trial), with --initial_model')
@@ -231,6 +247,8 @@ def check_ranges(args):
     for name in ('cohort_size', 'n_cpu', 'grad_clip', 'check_decode'):
         if getattr(args, name) < 0:
             raise UsageError(f'--{name} cannot be negative, got {getattr(args, name)}')
+    if args.average == 1 or not 0 <= args.average <= args.max_epoch:
+        raise UsageError(f'--average must be 0 (off) or from 2 to --max_epoch {args.max_epoch}, got {args.average}')
     if args.sampling_rate < 8000:
         raise UsageError(f'--sampling_rate must be at least 8000 Hz, got {args.sampling_rate}')
 
@@ -249,6 +267,12 @@ def check_objective(args):
     if not (0 <= args.m < math.pi / 2 and 0 < args.s < math.inf):
         raise UsageError('--m must be in [0, pi/2) and --s positive and finite')
     contrastive = args.mode != 'classifier'
+    if args.sampler == 'chns' and contrastive:
+        raise UsageError(f'--sampler chns builds --mode classifier batches; --mode {args.mode} has its own sampler')
+    if 'hard_fraction' in args.given and args.sampler != 'chns':
+        raise UsageError('--hard_fraction only applies with --sampler chns')
+    if not 0 < args.hard_fraction <= 1:
+        raise UsageError(f'--hard_fraction must be in (0, 1], got {args.hard_fraction}')
     if contrastive != (args.loss != 'aamsoftmax'):
         raise UsageError(f'--mode {args.mode} trains with ' + ('--loss infonce or aam_infonce' if contrastive else
                                                                 '--loss aamsoftmax') + f', not --loss {args.loss}')
@@ -282,8 +306,9 @@ def check_command_flags(args):
     if command.check is not None:
         command.check(args)
     for flag, refined in ONLY_WITH.items():
-        if flag in args.given and not getattr(args, refined):
-            raise UsageError(f'--{flag} only applies with --{refined}')
+        refined = (refined,) if isinstance(refined, str) else refined
+        if flag in args.given and not any(getattr(args, r) for r in refined):
+            raise UsageError(f'--{flag} only applies with ' + ' or '.join(f'--{r}' for r in refined))
     for flag, needed in NEEDS.items():
         if getattr(args, flag) and not all(getattr(args, n) for n in needed):
             raise UsageError(f"--{flag} needs {' and '.join(f'--{n}' for n in needed)}")

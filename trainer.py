@@ -17,6 +17,7 @@ import signal
 import sys
 import threading
 import time
+from typing import Optional
 
 import numpy as np
 import torch
@@ -25,17 +26,18 @@ import tqdm
 
 import distributed
 from augment import Augmenter, DeviceAugmenter
-from checkpoints import FolderLock, ResumeState, load_encoder_weights, remove_partial_writes, save_checkpoint
-from dataLoader import (EpochSampler, PairDataset, SpeakerPairSampler, TrainDataset, collate, leave_signals_to_parent,
-                        unreadable_headers)
+from checkpoints import (FolderLock, ResumeState, average_checkpoints, encoder_weights, load_encoder_weights,
+                         remove_partial_writes, save_checkpoint)
+from dataLoader import (SPEED_PERTURBATION, EpochSampler, HardNegativeBatches, PairDataset, SpeakerPairSampler,
+                        TrainDataset, collate, leave_signals_to_parent, unreadable_headers)
 from errors import UsageError, UserError, message_of
 from lists import (cohort_entries, distinct_names, read_train_list, read_trials, require_files, speaker_labels,
                    without_repeats)
 from loss import AAMsoftmax, build_objective
 from model import build_encoder
 from plots import evaluation_plots, training_curve
-from records import (EpochRecord, TensorBoard, append_metrics, forget_epochs_after, recorded_initial_model,
-                     score_line, write_config)
+from records import (EpochRecord, TensorBoard, append_metrics, average_line, forget_epochs_after,
+                     recorded_initial_model, score_line, write_config)
 from schedules import training_schedule
 from tools import Cohort, evaluate
 
@@ -200,6 +202,7 @@ class EpochProgress:
     seconds: float = 0.0
     bad_steps: int = 0
     skipped: list = dataclasses.field(default_factory=list)  # (path, reason) of each unusable file met
+    speaker_groups: Optional[list] = None  # --sampler chns: the epoch's speaker groups
 
     @property
     def loss(self):
@@ -264,6 +267,11 @@ def train_one_epoch(step_fn, loader, epoch, schedule, seed, progress, stop=None,
     return stopped
 
 
+def speeds(args):
+    """The speeds training crops are played at: SPEED_PERTURBATION under --speed_perturb on, else (1.0,)."""
+    return SPEED_PERTURBATION if args.speed_perturb == 'on' else (1.0,)
+
+
 def training_loader(args, entries, augmenter, device):
     """(sampler, loader, items the sampler yields per step) for --mode: crops of single utterances
     (`EpochSampler`) or pairs of views of distinct speakers (`SpeakerPairSampler`), batched by `collate`."""
@@ -275,9 +283,11 @@ def training_loader(args, entries, augmenter, device):
                       'generator': torch.Generator().manual_seed(args.seed)}
     dataset_type = TrainDataset if args.mode == 'classifier' else PairDataset
     dataset = dataset_type(entries, args.train_path, args.num_frames, args.sampling_rate, augmenter, args.seed,
-                           args.skip_silent == 'on')
+                           args.skip_silent == 'on', speeds(args))
     if args.mode == 'classifier':
-        sampler = EpochSampler(len(dataset), args.seed, distributed.world_size(), distributed.rank())
+        sampler = HardNegativeBatches(dataset.labels, args.batch_size, args.hard_fraction, args.seed,
+                                      distributed.world_size(), distributed.rank()) if args.sampler == 'chns' else \
+            EpochSampler(len(dataset), args.seed, distributed.world_size(), distributed.rank())
         loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, drop_last=True,
                                              **loader_options)
         return sampler, loader, args.batch_size
@@ -389,6 +399,7 @@ class TrainingRun:
             log(f'{args.train_list}: {repeats} lines repeat an earlier line and are left out')
         require_files({e.path: e.line for e in entries}, args.train_path, args.train_list)
         speakers = len(speaker_labels(entries))
+        classes = speakers * len(speeds(args))
         if speakers < 2:
             raise UsageError(f'{args.train_list}: every utterance is of speaker {entries[0].speaker}; training a '
                              f'speaker encoder needs at least two speakers')
@@ -396,9 +407,11 @@ class TrainingRun:
             raise UsageError(f'--batch_size {args.batch_size} on {distributed.world_size()} processes is more than '
                              f'the {len(entries)} utterances of {args.train_list}')
         if args.n_class is None:
-            args.n_class = speakers
-        elif args.n_class < speakers:
-            raise UsageError(f'--n_class {args.n_class} is smaller than the {speakers} speakers in {args.train_list}')
+            args.n_class = classes
+        elif args.n_class < classes:
+            raise UsageError(f'--n_class {args.n_class} is smaller than the {speakers} speakers in {args.train_list}'
+                             if classes == speakers else f'--n_class {args.n_class} is smaller than the {classes} '
+                             f'classes of --speed_perturb on ({speakers} speakers in {args.train_list} x 3 speeds)')
         trial_lists = read_trial_lists(args)
         if all(trials.labels is None for trials in trial_lists):
             raise UsageError('training needs an --eval_list with labels to report EER')
@@ -476,6 +489,10 @@ class TrainingRun:
         """Train `epoch`; returns (this process's EpochProgress, whether a stop was requested inside it)."""
         progress = self.progress_at(epoch)
         self.sampler.set_epoch(epoch, progress.step * self.items_per_step)
+        if isinstance(self.sampler, HardNegativeBatches):  # the groups of the epoch's start, kept for a resume
+            if progress.speaker_groups is None:
+                progress.speaker_groups = self.sampler.group_speakers(self.model.classifier().weight)
+            self.sampler.groups = progress.speaker_groups
         torch.backends.cudnn.benchmark = True  # fixed crop shapes: let cuDNN pick its fastest kernels
         if self.device.type == 'cuda':
             torch.cuda.reset_peak_memory_stats(self.device)
@@ -509,13 +526,41 @@ class TrainingRun:
             log(f'epoch {epoch}: {record.bad_steps} steps skipped for a non-finite loss or gradients')
         return record
 
+    def checkpoint_path(self, epoch):
+        return os.path.join(self.model_dir, f'model_{epoch:04d}.model')
+
+    def save_weights(self, epoch):
+        if distributed.is_main():
+            save_checkpoint(self.model.checkpoint_state(), encoder_config(self.args), self.checkpoint_path(epoch))
+
     def save_trained(self, record):
         """Before an evaluation: model_XXXX.model, and resume.pt holding the epoch as trained, not evaluated,
         so that an evaluation that fails loses no training."""
-        if distributed.is_main():
-            save_checkpoint(self.model.checkpoint_state(), encoder_config(self.args),
-                            os.path.join(self.model_dir, f'model_{record.epoch:04d}.model'))
+        self.save_weights(record.epoch)
         self.save_resume(record.epoch, unevaluated=record)
+
+    def evaluate_average(self):
+        """--average N, after the last epoch: model/model_average.model, the mean of the last N epochs' weights,
+        scored on a score.txt line of its own; once (a rerun of a finished run leaves it be)."""
+        args = self.args
+        path = os.path.join(self.model_dir, 'model_average.model')
+        if not distributed.is_main() or os.path.exists(path):
+            return
+        first = args.max_epoch - args.average + 1
+        paths = [self.checkpoint_path(epoch) for epoch in range(first, args.max_epoch + 1)]
+        missing = [p for p in paths if not os.path.exists(p)]
+        if missing:
+            raise UserError(f'--average {args.average}: {missing[0]} is missing (a run saves the last epochs only when '
+                            f'given --average from its start); average those there are with --average_checkpoints')
+        state = average_checkpoints(paths)
+        encoder = build_encoder(args.model, args.C, args.sampling_rate, args.embedding_dim)
+        encoder.load_state_dict(encoder_weights(state))
+        results = evaluate_encoder(encoder.to(self.device).eval(), args, self.device, self.trial_lists, self.cohort)
+        line = average_line(first, args.max_epoch, results)
+        log(time.strftime('%Y-%m-%d %H:%M:%S'), line)
+        with open(self.score_path, 'a') as f:
+            f.write(line + '\n')
+        save_checkpoint(state, encoder_config(args), path)
 
     def evaluate_epoch(self, record):
         """Score the trial lists with the model as trained to `record.epoch`; log the score.txt line."""
@@ -582,11 +627,15 @@ class TrainingRun:
                 evaluate = epoch % args.test_step == 0 or epoch == args.max_epoch
                 if evaluate:
                     self.save_trained(record)
+                elif epoch > args.max_epoch - args.average:
+                    self.save_weights(epoch)
                 self.finish_epoch(record, started, evaluate)
                 if epoch < args.max_epoch and stop.requested():
                     log(f'Stopped by {stop.describe()} after epoch {epoch}; the state is saved in '
                         f'{self.resume_path}. Run the same command again to continue.')
                     return False
+        if args.average:
+            self.evaluate_average()
         log(f'score.txt: {self.score_path}\ncheckpoints: {self.model_dir}')
         return True
 

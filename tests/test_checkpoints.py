@@ -12,8 +12,8 @@ import pytest
 import soundfile
 import torch
 
-from checkpoints import (FolderLock, ResumeState, atomic_write, encoder_weights, load_encoder_weights,
-                         load_state_dict_file, remove_partial_writes, save_checkpoint)
+from checkpoints import (FolderLock, ResumeState, atomic_write, average_checkpoints, encoder_weights,
+                         load_encoder_weights, load_state_dict_file, remove_partial_writes, save_checkpoint)
 from errors import UserError
 from loss import AAMsoftmax
 from model import ECAPA_TDNN, build_encoder
@@ -198,3 +198,22 @@ print(embedding.shape)
     exec(compile(snippet, 'README snippet', 'exec'), namespace)
     assert namespace['embedding'].shape == (1, 192)
     torch.testing.assert_close(namespace['embedding'].norm(dim=1), torch.ones(1))
+
+
+def test_averaged_checkpoints_are_the_mean_of_their_weights(tmp_path):
+    generator = torch.Generator().manual_seed(0)
+    states = [{'speaker_encoder.w': torch.randn(4, 3, generator=generator),
+               'speaker_encoder.bn.num_batches_tracked': torch.tensor(10 * (i + 1)),
+               'speaker_loss.weight': torch.randn(5, 2, generator=generator)} for i in range(3)]
+    paths = []
+    for i, state in enumerate(states):
+        paths.append(str(tmp_path / f'model_{i}.model'))
+        torch.save(state, paths[-1])
+    average = average_checkpoints(paths)
+    for key in ('speaker_encoder.w', 'speaker_loss.weight'):
+        assert torch.allclose(average[key], sum(s[key] for s in states) / 3, atol=1e-7)
+        assert average[key].dtype == torch.float32
+    assert average['speaker_encoder.bn.num_batches_tracked'] == 30
+    torch.save({**states[0], 'speaker_loss.weight': torch.zeros(6, 2)}, tmp_path / 'other.model')
+    with pytest.raises(UserError, match='other.model: its weights differ .* speaker_loss.weight'):
+        average_checkpoints([paths[0], str(tmp_path / 'other.model')])

@@ -13,8 +13,9 @@ import soundfile
 import torch
 
 from augment import Augmenter
-from dataLoader import (EpochSampler, PairDataset, SpeakerPairSampler, TrainDataset, UnusableAudio, collate,
-                        end_loader_workers, leave_signals_to_parent, random_crop, read_audio, read_usable_crop)
+from dataLoader import (SPEED_PERTURBATION, EpochSampler, HardNegativeBatches, PairDataset, SpeakerPairSampler,
+                        TrainDataset, UnusableAudio, change_speed, speaker_groups, collate, end_loader_workers, leave_signals_to_parent, random_crop, read_audio,
+                        read_usable_crop)
 from errors import UserError
 from lists import TrainEntry, read_train_list
 from model import crop_samples
@@ -250,3 +251,96 @@ def test_loader_workers_left_stuck_are_ended_at_exit_though_they_ignore_sigterm(
     end_loader_workers()
     assert not multiprocessing.active_children() and time.time() - started < 30
     del batches
+
+
+def dominant_frequency(audio, rate):
+    spectrum = np.abs(np.fft.rfft(audio * np.hanning(len(audio))))
+    return np.argmax(spectrum) * rate / len(audio)
+
+
+def test_change_speed_plays_faster_by_the_factor_in_pitch_and_duration():
+    t = np.arange(16000) / 16000
+    tone = (0.5 * np.sin(2 * np.pi * 500 * t)).astype(np.float32)
+    for speed in (0.9, 1.1):
+        faster = change_speed(tone, speed)
+        assert abs(len(faster) - 16000 / speed) <= 1
+        assert abs(dominant_frequency(faster, 16000) - 500 * speed) < 3, speed
+
+
+def test_speed_perturbed_items_have_the_crop_length_and_one_speaker_label_per_speed(tmp_path):
+    """Speaker s at the k-th speed is class s + k * speakers; its crop is the utterance played k-th speed times
+    faster (a 400 Hz tone of speaker 0 and 700 Hz of speaker 1 come out at 400 or 700 times that speed)."""
+    t = np.arange(3 * 16000) / 16000
+    entries = []
+    for speaker, pitch in (('a', 400), ('b', 700)):
+        for n in range(2):
+            soundfile.write(tmp_path / f'{speaker}{n}.wav', 0.3 * np.sin(2 * np.pi * pitch * t), 16000)
+            entries.append(TrainEntry(speaker, f'{speaker}{n}.wav'))
+    plain = TrainDataset(entries, str(tmp_path), 100, 16000, None, seed=5)
+    perturbed = TrainDataset(entries, str(tmp_path), 100, 16000, None, seed=5, speeds=SPEED_PERTURBATION)
+    seen = set()
+    for epoch in range(1, 13):
+        for index in range(len(entries)):
+            audio, label, _ = perturbed[(index, epoch)]
+            speaker, k = label % 2, label // 2
+            assert speaker == plain.labels[index] and audio.shape == (plain.length,)
+            pitch = (400, 700)[speaker] * SPEED_PERTURBATION[k]
+            assert abs(dominant_frequency(audio.numpy(), 16000) - pitch) < 4, (label, pitch)
+            seen.add(label)
+    assert seen == set(range(6))
+    assert all(plain[(i, 1)][1] == plain.labels[i] for i in range(len(entries)))
+    pair = PairDataset(entries, str(tmp_path), 100, 16000, None, seed=5, speeds=SPEED_PERTURBATION)
+    for epoch in range(1, 7):
+        view_a, view_b, label, _ = pair[(0, 1, epoch)]
+        pitch = 400 * SPEED_PERTURBATION[label // 2]
+        assert abs(dominant_frequency(view_a.numpy(), 16000) - pitch) < 4
+        assert abs(dominant_frequency(view_b.numpy(), 16000) - pitch) < 4
+
+
+def clustered_centres(clusters, per_cluster, seed=0):
+    """Speaker centres in `clusters` tight clusters of `per_cluster` speakers, cluster c holding speakers
+    c, c + clusters, c + 2 * clusters, ... (so that neighbours by number are in different clusters)."""
+    rng = np.random.default_rng(seed)
+    directions = np.linalg.qr(rng.standard_normal((16, clusters)))[0].T
+    speakers = clusters * per_cluster
+    return np.stack([directions[s % clusters] + 0.05 * rng.standard_normal(16) for s in range(speakers)])
+
+
+def test_speaker_groups_gather_speakers_whose_centres_lie_close_together():
+    centres = clustered_centres(4, 5)
+    groups = speaker_groups(centres, 5, np.random.default_rng(1))
+    assert sorted(sorted(g) for g in groups) == [[c + 4 * k for k in range(5)] for c in range(4)]
+    assert sorted(s for g in speaker_groups(centres, 3, np.random.default_rng(1)) for s in g) == list(range(20))
+
+
+def test_hard_negative_batches_fill_each_batch_with_one_group_and_use_each_utterance_as_the_plain_sampler():
+    speakers, utterances, batch = 20, 6, 10
+    labels = [s for s in range(speakers) for _ in range(utterances)]
+    sampler = HardNegativeBatches(labels, batch, 0.5, seed=3)
+    sampler.set_epoch(2)
+    sampler.groups = sampler.group_speakers(torch.from_numpy(clustered_centres(4, 5)))
+    items = [i for i, epoch in sampler]
+    plain = [i for i, _ in EpochSampler(len(labels), seed=3)]
+    assert sorted(items) == sorted(plain) == list(range(len(labels)))  # each utterance once, as plain
+    group_of = {s: g for g, members in enumerate(sampler.groups) for s in members}
+    within_one_group, distinct = 0, 0
+    for start in range(0, len(items), batch):
+        hard = [labels[i] for i in items[start:start + sampler.hard]]
+        assert len({group_of[s] for s in hard}) <= 2  # random batches of 5 from 4 groups span 3 on average
+        within_one_group += len({group_of[s] for s in hard}) == 1
+        distinct += len(set(hard))
+    assert within_one_group >= len(items) // batch // 2
+    assert distinct >= 0.7 * sampler.hard * (len(items) // batch)  # speakers take turns within a group
+    assert items == [i for i, _ in sampler]  # a pure function of (seed, epoch, groups)
+    sampler.set_epoch(2, skip=2 * batch)
+    assert [i for i, _ in sampler] == items[2 * batch:] and len(sampler) == len(items) - 2 * batch
+    sampler.set_epoch(3)
+    assert [i for i, _ in sampler] != items
+
+
+def test_hard_negative_batches_of_torchrun_ranks_are_disjoint_and_equally_long():
+    labels = [s for s in range(12) for _ in range(5)]
+    ranks = [HardNegativeBatches(labels, 4, 0.5, seed=1, world_size=2, rank=r) for r in range(2)]
+    parts = [[i for i, _ in sampler] for sampler in ranks]
+    assert len(parts[0]) == len(parts[1]) == len(ranks[0]) == 60 // 2 // 4 * 4
+    assert not set(parts[0]) & set(parts[1])

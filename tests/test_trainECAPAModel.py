@@ -159,6 +159,7 @@ def test_a_trial_list_naming_a_missing_file_stops_before_training(tiny_corpus, t
 
 @pytest.mark.parametrize('extra,message', [
     (['--n_class', '3'], '--n_class 3 is smaller than the 6 speakers'),
+    (['--n_class', '6', '--speed_perturb', 'on'], '--n_class 6 is smaller than the 18 classes of --speed_perturb on'),
     (['--mode', 'clip'], 'needs at least 8 speakers; the list has 6 (lower --batch_size)'),
 ])
 def test_training_flags_that_do_not_fit_the_list(tiny_corpus, train_argv, tmp_path, cli_error, extra, message):

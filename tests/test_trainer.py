@@ -157,6 +157,31 @@ def test_a_signal_stops_after_the_step_and_the_run_resumes_exactly(tiny_corpus, 
     assert (reference_run / 'score.txt').read_text() == (tmp_path / 'score.txt').read_text()
 
 
+def test_hard_negative_batches_train_and_a_run_stopped_inside_an_epoch_resumes_exactly(tiny_corpus, train_argv,
+                                                                                          tmp_path, monkeypatch):
+    argv = ('--max_epoch', '2', '--sampler', 'chns', '--hard_fraction', '0.5')
+    trainECAPAModel.main(train_argv(tiny_corpus, tmp_path / 'straight', *argv))
+    original_step = TrainingStep.__call__
+    calls = []
+
+    def stopped_at_step_6(self, batch, rng):  # epoch 2, step 2
+        calls.append(1)
+        if len(calls) == 6:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original_step(self, batch, rng)
+
+    monkeypatch.setattr(TrainingStep, '__call__', stopped_at_step_6)
+    assert trainECAPAModel.main(train_argv(tiny_corpus, tmp_path / 'resumed', *argv)) is False
+    state = torch.load(tmp_path / 'resumed' / 'model' / 'resume.pt', weights_only=True)
+    groups = state['partial_epoch'][0]['speaker_groups']
+    assert sorted(s for group in groups for s in group) == list(range(6)) and len(groups[0]) == 4
+    monkeypatch.setattr(TrainingStep, '__call__', original_step)
+    trainECAPAModel.main(train_argv(tiny_corpus, tmp_path / 'resumed', *argv))
+    assert_same_checkpoints(tmp_path / 'straight' / 'model' / 'model_0002.model',
+                            tmp_path / 'resumed' / 'model' / 'model_0002.model')
+    assert (tmp_path / 'straight' / 'score.txt').read_text() == (tmp_path / 'resumed' / 'score.txt').read_text()
+
+
 def test_a_second_ctrl_c_interrupts_at_once_but_a_repeated_sigterm_is_ignored():
     with trainer.StopRequest() as stop:
         os.kill(os.getpid(), signal.SIGTERM)
@@ -351,6 +376,30 @@ def test_large_margin_fine_tunes_a_trained_model(tiny_corpus, train_argv, refere
     assert records[1]['lr'] == pytest.approx(2.5e-5)
     config = json.loads((tmp_path / 'config.json').read_text())
     assert config['arguments']['large_margin'] and config['arguments']['initial_model'] == checkpoint
+
+
+def test_average_saves_the_last_epochs_and_scores_the_mean_of_their_weights(tiny_corpus, train_argv, tmp_path,
+                                                                              capsys):
+    run = tmp_path / 'run'
+    trainECAPAModel.main(train_argv(tiny_corpus, run, '--max_epoch', '4', '--test_step', '4', '--average', '2'))
+    saved = sorted(p.name for p in (run / 'model').glob('model_*.model'))
+    assert saved == ['model_0003.model', 'model_0004.model', 'model_average.model']
+    last = open(run / 'score.txt').read().splitlines()[-1]
+    assert last.startswith('4 epoch, average of epochs 3-4, EER ')
+    averaged = torch.load(run / 'model' / 'model_average.model')
+    epochs = [torch.load(run / 'model' / f'model_000{e}.model') for e in (3, 4)]
+    for key, value in averaged.items():
+        if value.is_floating_point():
+            assert torch.allclose(value, (epochs[0][key] + epochs[1][key]) / 2, atol=1e-6), key
+    encoder = load_model(str(run / 'model' / 'model_average.model'))
+    assert sum(p.numel() for p in encoder.parameters()) > 0
+    trainECAPAModel.main(['--average_checkpoints', str(run / 'model' / 'model_0003.model'),
+                          str(run / 'model' / 'model_0004.model'), '--out', str(tmp_path / 'tool.model')])
+    assert 'the mean of the weights of 2 checkpoints' in capsys.readouterr().out
+    tool = torch.load(tmp_path / 'tool.model')
+    assert all(torch.equal(tool[k], averaged[k]) for k in averaged) and (tmp_path / 'tool.json').exists()
+    trainECAPAModel.main(train_argv(tiny_corpus, run, '--max_epoch', '4', '--test_step', '4', '--average', '2'))
+    assert open(run / 'score.txt').read().count('average of epochs') == 1  # a rerun of a finished run adds nothing
 
 
 def test_a_run_continues_only_from_the_weights_it_started_from(tiny_corpus, train_argv, reference_run, tmp_path,

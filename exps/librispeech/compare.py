@@ -58,6 +58,9 @@ def arguments(argv=None):
     parser.add_argument('--pieces', type=int, default=3, help='parts each held-out recording is cut into')
     parser.add_argument('--variant', nargs=2, action='append', default=[], metavar=('NAME', 'FLAGS'),
                         help='also train ours with these extra flags, e.g. --variant speed "--speed_perturb on"')
+    parser.add_argument('--average', type=int, default=5, metavar='N',
+                        help='ours and variants also write the mean of their last N epochs (--average N, which '
+                             'changes no training), reported as a row of its own (0: off)')
     parser.add_argument('--only', nargs='+', metavar='SYSTEM', help='train and report these systems only')
     parser.add_argument('--reduced', action='store_true', help=f'a quick check: {REDUCED}, one run each')
     for name, value in RECIPE.items():
@@ -68,6 +71,7 @@ def arguments(argv=None):
             if getattr(args, name) == RECIPE[name]:
                 setattr(args, name, value)
         args.runs = 1
+        args.average = min(args.average, args.max_epoch)
     for name in ('reference', 'corpus', 'musan_path', 'rir_path', 'out'):
         if getattr(args, name):
             setattr(args, name, os.path.abspath(getattr(args, name)))
@@ -86,7 +90,8 @@ def recipe_flags(args, data):
 
 def systems(args):
     """{name: (command prefix, extra flags per run)}."""
-    ours = [sys.executable, os.path.join(ROOT, 'trainECAPAModel.py')]
+    ours = [sys.executable, os.path.join(ROOT, 'trainECAPAModel.py')] + (
+        ['--average', str(args.average)] if args.average else [])
     found = {'ours': (ours, lambda run: ['--seed', str(run)])}
     if args.reference:
         found['original'] = ([sys.executable, os.path.join(os.path.dirname(__file__), 'original.py'),
@@ -111,7 +116,8 @@ def write_two_trials(data):
 
 
 def checkpoint(folder, epoch):
-    return os.path.join(folder, 'model', f'model_{epoch:04d}.model')
+    """A run's checkpoint of `epoch`, or of its last epochs' average for epoch 'average'."""
+    return os.path.join(folder, 'model', f'model_{epoch:04d}.model' if epoch != 'average' else 'model_average.model')
 
 
 def train(command, folder, args):
@@ -133,6 +139,8 @@ def score_checkpoints(folder, epochs, data):
     trials = read_trials(os.path.join(data, 'trials.txt'))
     for epoch in epochs:
         path = checkpoint(folder, epoch)
+        if not os.path.exists(path):
+            continue
         key = f'{epoch}:{os.path.getmtime(path)}'
         if key not in cache:
             encoder = tools.load_model(path)
@@ -141,7 +149,8 @@ def score_checkpoints(folder, epochs, data):
             with open(cache_path + '.tmp', 'w') as f:
                 json.dump(cache, f, indent=1)
             os.replace(cache_path + '.tmp', cache_path)
-    return {epoch: cache[f'{epoch}:{os.path.getmtime(checkpoint(folder, epoch))}'] for epoch in epochs}
+    return {epoch: cache[f'{epoch}:{os.path.getmtime(checkpoint(folder, epoch))}'] for epoch in epochs
+            if os.path.exists(checkpoint(folder, epoch))}
 
 
 def summary(values):
@@ -159,6 +168,9 @@ def table(results, epochs):
     for name, runs in results.items():
         cells = []
         for epoch in epochs:
+            if not all(epoch in run for run in runs.values()):
+                cells.append('')
+                continue
             s = summary([run[epoch]['eer'] for run in runs.values()])
             cells.append(f'{s["mean"]:.2f}% ± {s["sd"]:.2f} [{s["min"]:.2f}-{s["max"]:.2f}]')
         for key in ('min_dcf_0.01', 'min_dcf_0.05'):
@@ -177,10 +189,12 @@ def table(results, epochs):
 def plot(results, epochs, path):
     figure, axes = plots.plt.subplots(figsize=(7, 4.5))
     for colour, (name, runs) in zip(plots.plt.rcParams['axes.prop_cycle'].by_key()['color'], results.items()):
-        curves = np.array([[run[e]['eer'] for e in epochs] for run in runs.values()])
+        shown = [e for e in epochs if all(e in run for run in runs.values())]
+        curves = np.array([[run[e]['eer'] for e in shown] for run in runs.values()])
         for curve in curves:
-            axes.plot(epochs, curve, color=colour, alpha=0.3, lw=0.8)
-        axes.plot(epochs, curves.mean(axis=0), color=colour, lw=2, marker='o', label=f'{name} (mean of {len(curves)})')
+            axes.plot(shown, curve, color=colour, alpha=0.3, lw=0.8)
+        axes.plot(shown, curves.mean(axis=0), color=colour, lw=2, marker='o' if len(shown) > 1 else '*',
+                  markersize=6 if len(shown) > 1 else 12, label=f'{name} (mean of {len(curves)})')
     axes.set_xlabel('epoch')
     axes.set_ylabel('EER (%)')
     axes.grid(alpha=0.3)
@@ -192,7 +206,10 @@ def main(argv=None):
     args = arguments(argv)
     data = os.path.join(args.out, 'data')
     if not os.path.exists(os.path.join(data, 'trials.txt')):
-        make_lists(args.corpus, data, args.train_speakers, args.pieces)
+        try:
+            make_lists(args.corpus, data, args.train_speakers, args.pieces)
+        except ValueError as error:
+            raise SystemExit(f'--corpus: {error}') from None
         write_two_trials(data)
     found = systems(args)
     flags = recipe_flags(args, data)
@@ -201,8 +218,14 @@ def main(argv=None):
             folder = os.path.join(args.out, 'runs', f'{name}_{run}')
             train(command + flags + per_run(run) + ['--save_path', os.path.abspath(folder)], folder, args)
     epochs = list(range(args.test_step, args.max_epoch + 1, args.test_step))
-    results = {name: {run: score_checkpoints(os.path.join(args.out, 'runs', f'{name}_{run}'), epochs, data)
-                      for run in range(1, args.runs + 1)} for name in found}
+    results = {}
+    for name in found:
+        runs = {run: score_checkpoints(os.path.join(args.out, 'runs', f'{name}_{run}'), epochs + ['average'], data)
+                for run in range(1, args.runs + 1)}
+        results[name] = {run: {e: v for e, v in scores.items() if e != 'average'} for run, scores in runs.items()}
+        if all('average' in scores for scores in runs.values()):  # reported at the last epoch's column
+            results[f'{name}, average of the last {args.average} epochs'] = {
+                run: {epochs[-1]: scores['average']} for run, scores in runs.items()}
     text = table(results, epochs)
     print(text)
     with open(os.path.join(args.out, 'table.md'), 'w') as f:
