@@ -376,7 +376,29 @@ def speaker_groups(centres, size, rng):
     return groups
 
 
-class HardNegativeBatches(EpochSampler):
+class SpeakerGroups:
+    """What both hard-negative samplers share: `hard` speakers a batch takes from one group, and the epoch's
+    `groups`, which the trainer sets from the classifier's weights (`group_speakers`) after `set_epoch`."""
+
+    def init_groups(self, speakers, batch_size, hard_fraction):
+        self.speakers = speakers
+        self.hard = max(1, round(hard_fraction * batch_size))
+        self.groups = [list(range(speakers))]
+
+    def group_speakers(self, weights):
+        """`speaker_groups` of `hard` speakers from the classifier's weights (a tensor [classes, D]; the first
+        rows are the speakers')."""
+        centres = weights.detach()[:self.speakers].float().cpu().numpy()
+        return speaker_groups(centres, self.hard, np.random.default_rng((self.seed, self.epoch, 1)))
+
+    def group_of(self):
+        found = np.zeros(self.speakers, dtype=np.int64)
+        for number, members in enumerate(self.groups):
+            found[members] = number
+        return found
+
+
+class HardNegativeBatches(SpeakerGroups, EpochSampler):
     """--sampler chns (classifier mode): clustering-based hard-negative batches (after Masztalski et al.,
     arXiv 2507.17540). Each epoch uses the utterances EpochSampler's would (a random `size // batch_size`
     batches' worth: each utterance at most once), but `hard` items of every batch are utterances of speakers
@@ -386,27 +408,17 @@ class HardNegativeBatches(EpochSampler):
     (seed, epoch, groups). Under torchrun, rank r takes batches r, r + world_size, ... `skip` counts items."""
 
     def __init__(self, labels, batch_size, hard_fraction, seed, world_size=1, rank=0):
-        super().__init__(len(labels), seed, world_size, rank)
+        EpochSampler.__init__(self, len(labels), seed, world_size, rank)
         self.labels = np.asarray(labels)
-        self.speakers = int(self.labels.max()) + 1
         self.batch_size = batch_size
-        self.hard = max(1, round(hard_fraction * batch_size))
-        self.groups = [list(range(self.speakers))]
-
-    def group_speakers(self, weights):
-        """`speaker_groups` of `hard` speakers from the classifier's weights (a tensor [classes, D]; the first
-        rows are the speakers')."""
-        centres = weights.detach()[:self.speakers].float().cpu().numpy()
-        return speaker_groups(centres, self.hard, np.random.default_rng((self.seed, self.epoch, 1)))
+        self.init_groups(int(self.labels.max()) + 1, batch_size, hard_fraction)
 
     def batches(self):
         count = self.size // self.world_size // self.batch_size * self.world_size
         rng = np.random.default_rng((self.seed, self.epoch))
         chosen = rng.permutation(self.size)[:count * self.batch_size]
         hard, easy = chosen[:count * self.hard], chosen[count * self.hard:]
-        group_of = np.zeros(self.speakers, dtype=np.int64)
-        for number, members in enumerate(self.groups):
-            group_of[members] = number
+        group_of = self.group_of()
         group_rank = rng.permutation(len(self.groups))
         speaker_rank = rng.permutation(self.speakers)
         speaker = self.labels[hard]
@@ -507,6 +519,57 @@ class SpeakerPairSampler(ShardedEpochs):
 
     def __len__(self):
         return len(self.batches()) - self.skip
+
+
+class HardNegativePairBatches(SpeakerGroups, SpeakerPairSampler):
+    """--sampler chns in --mode clip|blip: SpeakerPairSampler's batches of distinct speakers, each pair used
+    at most once, but each process's batch takes `hard` of its speakers from one group of speakers whose
+    classifier weights lie close together (the group drawn in proportion to its pairs left, its speakers in
+    proportion to theirs), then the rest as SpeakerPairSampler draws them. The InfoNCE negatives of those
+    speakers are then each other: hard negatives, the paper's setting. A pure function of (seed, epoch, groups)."""
+
+    def __init__(self, labels, batch_size, hard_fraction, seed, world_size=1, rank=0):
+        SpeakerPairSampler.__init__(self, labels, batch_size, seed, world_size, rank)
+        self.init_groups(max(self.by_speaker) + 1, batch_size, hard_fraction)
+
+    def batches(self):
+        key = (self.epoch, id(self.groups))
+        if self.planned[0] != key:
+            self.planned = (key, self.plan())
+        return self.planned[1]
+
+    def draw(self, rng, candidates, count, remaining):
+        weights = remaining[candidates]
+        return rng.choice(candidates, size=count, replace=False, p=weights / weights.sum())
+
+    def plan(self):
+        rng = np.random.default_rng((self.seed, self.epoch))
+        pairs = self.pairs(rng)
+        remaining = np.zeros(self.speakers)
+        for speaker, listed in pairs.items():
+            remaining[speaker] = len(listed)
+        group_of = self.group_of()
+        batches = []
+        while np.count_nonzero(remaining) >= self.batch_size * self.world_size:
+            taken = np.zeros(self.speakers, dtype=bool)
+            order = []
+            for _ in range(self.world_size):
+                open_ = (remaining > 0) & ~taken
+                per_group = np.bincount(group_of, weights=remaining * open_, minlength=len(self.groups))
+                group = rng.choice(len(self.groups), p=per_group / per_group.sum())
+                members = np.flatnonzero(open_ & (group_of == group))
+                hard = self.draw(rng, members, min(self.hard, len(members)), remaining)
+                taken[hard] = True
+                easy = self.draw(rng, np.flatnonzero((remaining > 0) & ~taken), self.batch_size - len(hard),
+                                 remaining)
+                taken[easy] = True
+                order += [int(k) for k in hard] + [int(k) for k in easy]
+            batch = []
+            for k in order:
+                remaining[k] -= 1
+                batch.append(pairs[k][int(remaining[k])] + (self.epoch,))
+            batches.append(batch)
+        return batches
 
 
 class EvalDataset(torch.utils.data.Dataset):

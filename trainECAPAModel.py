@@ -130,8 +130,8 @@ def build_parser():
     training.add_argument('--spec_augment', default='on', choices=['on', 'off'],
                           help='time and frequency masks on the training features')
     training.add_argument('--sampler', default='random', choices=['random', 'chns'],
-                          help='--mode classifier batches: random, or chns: --hard_fraction of each batch from '
-                               'speakers whose classifier weights lie close together (hard negatives)')
+                          help='random batches, or chns: --hard_fraction of each batch from speakers whose '
+                               'classifier weights lie close together (hard negatives)')
     training.add_argument('--hard_fraction', type=float, default=0.5,
                           help='--sampler chns: the share of each batch taken from one group of close speakers')
     training.add_argument('--speed_perturb', default='off', choices=['on', 'off'],
@@ -267,8 +267,8 @@ def check_objective(args):
     if not (0 <= args.m < math.pi / 2 and 0 < args.s < math.inf):
         raise UsageError('--m must be in [0, pi/2) and --s positive and finite')
     contrastive = args.mode != 'classifier'
-    if args.sampler == 'chns' and contrastive:
-        raise UsageError(f'--sampler chns builds --mode classifier batches; --mode {args.mode} has its own sampler')
+    if args.sampler == 'chns' and contrastive and args.classifier_weight == 0:
+        raise UsageError('--sampler chns groups speakers by the classifier\'s weights: --classifier_weight 0 has none')
     if 'hard_fraction' in args.given and args.sampler != 'chns':
         raise UsageError('--hard_fraction only applies with --sampler chns')
     if not 0 < args.hard_fraction <= 1:

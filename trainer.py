@@ -28,8 +28,9 @@ import distributed
 from augment import Augmenter, DeviceAugmenter
 from checkpoints import (FolderLock, ResumeState, average_checkpoints, encoder_weights, load_encoder_weights,
                          remove_partial_writes, save_checkpoint)
-from dataLoader import (SPEED_PERTURBATION, EpochSampler, HardNegativeBatches, PairDataset, SpeakerPairSampler,
-                        TrainDataset, collate, leave_signals_to_parent, unreadable_headers)
+from dataLoader import (SPEED_PERTURBATION, EpochSampler, HardNegativeBatches, HardNegativePairBatches, PairDataset,
+                        SpeakerGroups, SpeakerPairSampler, TrainDataset, collate, leave_signals_to_parent,
+                        unreadable_headers)
 from errors import UsageError, UserError, message_of
 from lists import (cohort_entries, distinct_names, read_train_list, read_trials, require_files, speaker_labels,
                    without_repeats)
@@ -291,8 +292,9 @@ def training_loader(args, entries, augmenter, device):
         loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, drop_last=True,
                                              **loader_options)
         return sampler, loader, args.batch_size
-    sampler = SpeakerPairSampler(dataset.labels, args.batch_size, args.seed, distributed.world_size(),
-                                 distributed.rank())
+    sampler = HardNegativePairBatches(dataset.labels, args.batch_size, args.hard_fraction, args.seed,
+                                      distributed.world_size(), distributed.rank()) if args.sampler == 'chns' else \
+        SpeakerPairSampler(dataset.labels, args.batch_size, args.seed, distributed.world_size(), distributed.rank())
     return sampler, torch.utils.data.DataLoader(dataset, batch_sampler=sampler, **loader_options), 1
 
 
@@ -489,7 +491,7 @@ class TrainingRun:
         """Train `epoch`; returns (this process's EpochProgress, whether a stop was requested inside it)."""
         progress = self.progress_at(epoch)
         self.sampler.set_epoch(epoch, progress.step * self.items_per_step)
-        if isinstance(self.sampler, HardNegativeBatches):  # the groups of the epoch's start, kept for a resume
+        if isinstance(self.sampler, SpeakerGroups):  # the groups of the epoch's start, kept for a resume
             if progress.speaker_groups is None:
                 progress.speaker_groups = self.sampler.group_speakers(self.model.classifier().weight)
             self.sampler.groups = progress.speaker_groups

@@ -13,9 +13,9 @@ import soundfile
 import torch
 
 from augment import Augmenter
-from dataLoader import (SPEED_PERTURBATION, EpochSampler, HardNegativeBatches, PairDataset, SpeakerPairSampler,
-                        TrainDataset, UnusableAudio, change_speed, speaker_groups, collate, end_loader_workers, leave_signals_to_parent, random_crop, read_audio,
-                        read_usable_crop)
+from dataLoader import (SPEED_PERTURBATION, EpochSampler, HardNegativeBatches, HardNegativePairBatches, PairDataset,
+                        SpeakerPairSampler, TrainDataset, UnusableAudio, change_speed, collate, end_loader_workers,
+                        leave_signals_to_parent, random_crop, read_audio, read_usable_crop, speaker_groups)
 from errors import UserError
 from lists import TrainEntry, read_train_list
 from model import crop_samples
@@ -344,3 +344,31 @@ def test_hard_negative_batches_of_torchrun_ranks_are_disjoint_and_equally_long()
     parts = [[i for i, _ in sampler] for sampler in ranks]
     assert len(parts[0]) == len(parts[1]) == len(ranks[0]) == 60 // 2 // 4 * 4
     assert not set(parts[0]) & set(parts[1])
+
+
+def test_hard_negative_pair_batches_take_part_of_each_batch_from_one_group_of_distinct_speakers():
+    speakers, utterances, batch = 20, 8, 6
+    labels = [s for s in range(speakers) for _ in range(utterances)]
+    plain = SpeakerPairSampler(labels, batch, seed=2)
+    sampler = HardNegativePairBatches(labels, batch, 0.5, seed=2)
+    for epoch in (1, 2):
+        for each in (plain, sampler):
+            each.set_epoch(epoch)
+        sampler.groups = sampler.group_speakers(torch.from_numpy(clustered_centres(4, 5)))
+        group_of = {s: g for g, members in enumerate(sampler.groups) for s in members}
+        batches = list(sampler)
+        used = [pair[:2] for b in batches for pair in b]
+        assert len(set(used)) == len(used)  # each pair at most once
+        per_speaker = np.bincount([labels[a] for a, _ in used], minlength=speakers)
+        plain_per_speaker = np.bincount([labels[a] for b in plain for a, _, _ in b], minlength=speakers)
+        assert abs(len(batches) - len(list(plain))) <= 1 and np.abs(per_speaker - plain_per_speaker).max() <= 1
+        one_group = 0
+        for b in batches:
+            speakers_of = [labels[a] for a, _, _ in b]
+            assert len(set(speakers_of)) == batch and all(labels[a] == labels[c] for a, c, _ in b)
+            one_group += len({group_of[s] for s in speakers_of[:sampler.hard]}) == 1
+        assert one_group >= len(batches) // 2  # random batches: almost never (groups of 3 among 20 speakers)
+        assert list(sampler) == batches
+    ranks = [HardNegativePairBatches(labels, 3, 0.5, seed=2, world_size=2, rank=r) for r in range(2)]
+    for rank_batches in zip(*[list(r) for r in ranks]):
+        assert len({labels[a] for b in rank_batches for a, _, _ in b}) == 6  # no speaker twice in a step

@@ -130,19 +130,27 @@ def test_a_run_interrupted_in_epoch_2_resumes_to_the_uninterrupted_result(tiny_c
     assert (straight / 'score.txt').read_text() == (interrupted / 'score.txt').read_text()
 
 
-@pytest.mark.parametrize('number', [signal.SIGTERM, signal.SIGINT])
-def test_a_signal_stops_after_the_step_and_the_run_resumes_exactly(tiny_corpus, train_argv, reference_run, tmp_path,
-                                                                   monkeypatch, capsys, number):
+def signal_at_step(monkeypatch, step, *numbers):
+    """Patch TrainingStep so that its `step`-th call first sends `numbers` to this process; returns the list
+    that counts the calls and the unpatched step, to patch back."""
     original_step = TrainingStep.__call__
     calls = []
 
-    def signalled_at_step_6(self, batch, rng):  # epoch 2, step 2 (4 steps an epoch)
+    def signalling(self, batch, rng):
         calls.append(1)
-        if len(calls) == 6:
-            os.kill(os.getpid(), number)
+        if len(calls) == step:
+            for number in numbers:
+                os.kill(os.getpid(), number)
         return original_step(self, batch, rng)
 
-    monkeypatch.setattr(TrainingStep, '__call__', signalled_at_step_6)
+    monkeypatch.setattr(TrainingStep, '__call__', signalling)
+    return calls, original_step
+
+
+@pytest.mark.parametrize('number', [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_stops_after_the_step_and_the_run_resumes_exactly(tiny_corpus, train_argv, reference_run, tmp_path,
+                                                                   monkeypatch, capsys, number):
+    calls, original_step = signal_at_step(monkeypatch, 6, number)  # epoch 2, step 2 (4 steps an epoch)
     assert trainECAPAModel.main(train_argv(tiny_corpus, tmp_path, '--max_epoch', '2')) is False
     printed = capsys.readouterr().out
     name = signal.Signals(number).name
@@ -161,16 +169,7 @@ def test_hard_negative_batches_train_and_a_run_stopped_inside_an_epoch_resumes_e
                                                                                           tmp_path, monkeypatch):
     argv = ('--max_epoch', '2', '--sampler', 'chns', '--hard_fraction', '0.5')
     trainECAPAModel.main(train_argv(tiny_corpus, tmp_path / 'straight', *argv))
-    original_step = TrainingStep.__call__
-    calls = []
-
-    def stopped_at_step_6(self, batch, rng):  # epoch 2, step 2
-        calls.append(1)
-        if len(calls) == 6:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return original_step(self, batch, rng)
-
-    monkeypatch.setattr(TrainingStep, '__call__', stopped_at_step_6)
+    _, original_step = signal_at_step(monkeypatch, 6, signal.SIGTERM)  # epoch 2, step 2
     assert trainECAPAModel.main(train_argv(tiny_corpus, tmp_path / 'resumed', *argv)) is False
     state = torch.load(tmp_path / 'resumed' / 'model' / 'resume.pt', weights_only=True)
     groups = state['partial_epoch'][0]['speaker_groups']
@@ -197,17 +196,7 @@ def test_a_second_ctrl_c_interrupts_at_once_but_a_repeated_sigterm_is_ignored():
 
 def test_ctrl_c_twice_stops_at_once_with_one_line_and_keeps_the_last_saved_state(tiny_corpus, train_argv, tmp_path,
                                                                                   monkeypatch, cli_error):
-    original_step = TrainingStep.__call__
-    calls = []
-
-    def twice_at_step_6(self, batch, rng):  # epoch 2, step 2
-        calls.append(1)
-        if len(calls) == 6:
-            os.kill(os.getpid(), signal.SIGINT)
-            os.kill(os.getpid(), signal.SIGINT)
-        return original_step(self, batch, rng)
-
-    monkeypatch.setattr(TrainingStep, '__call__', twice_at_step_6)
+    calls, _ = signal_at_step(monkeypatch, 6, signal.SIGINT, signal.SIGINT)  # epoch 2, step 2
     status, message, _ = cli_error(train_argv(tiny_corpus, tmp_path, '--max_epoch', '2'))
     assert status == 130 and message.endswith('\ntrainECAPAModel.py: interrupted\n') and len(calls) == 6
     state = torch.load(tmp_path / 'model' / 'resume.pt', weights_only=True)
@@ -296,10 +285,11 @@ def test_a_full_disk_ends_the_run_with_one_line_and_leaves_no_partial_file(proce
     assert not (tmp_path / '.lock').exists()
 
 
-@pytest.mark.parametrize('mode,loss', [('clip', 'infonce'), ('blip', 'aam_infonce')])
-def test_contrastive_modes_train_evaluate_and_resume_exactly(tiny_corpus, train_argv, tmp_path, mode, loss):
+@pytest.mark.parametrize('mode,loss,extra', [('clip', 'infonce', ()), ('blip', 'aam_infonce', ()),
+                                              ('blip', 'infonce', ('--sampler', 'chns', '--speed_perturb', 'on'))])
+def test_contrastive_modes_train_evaluate_and_resume_exactly(tiny_corpus, train_argv, tmp_path, mode, loss, extra):
     def run(save_path, epochs):
-        argv = train_argv(tiny_corpus, save_path, '--max_epoch', epochs, '--mode', mode, '--loss', loss)
+        argv = train_argv(tiny_corpus, save_path, '--max_epoch', epochs, '--mode', mode, '--loss', loss, *extra)
         argv[argv.index('--batch_size') + 1] = '4'
         trainECAPAModel.main(argv)
 

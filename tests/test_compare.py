@@ -1,0 +1,73 @@
+"""exps/librispeech: the lists it cuts from a LibriSpeech-style tree and the side-by-side harness, run on
+generated speech in its reduced setting (ours and a variant; the original code is not here to run)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import soundfile
+
+import demo
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, 'exps', 'librispeech'))
+import compare  # noqa: E402
+from make_lists import make_lists  # noqa: E402
+
+
+@pytest.fixture(scope='module')
+def librispeech_like(tmp_path_factory):
+    """6 speakers with one 4 s flac each, as <speaker>/<chapter>/<utt>.flac with numeric ids."""
+    root = tmp_path_factory.mktemp('librispeech')
+    rng = np.random.default_rng(0)
+    for number in range(6):
+        speaker = str(100 + number * 7)
+        folder = root / speaker / '1'
+        folder.mkdir(parents=True)
+        audio = demo.synthesize(demo.draw_speaker(rng), demo.draw_session(rng), 4.0, rng)
+        soundfile.write(folder / f'{speaker}-1-0000.flac', audio, 16000)
+    return root
+
+
+def test_lists_train_on_the_first_speakers_and_pair_every_part_of_the_others(librispeech_like, tmp_path):
+    trials = make_lists(str(librispeech_like), str(tmp_path), train_speakers=4, pieces=3)
+    train = (tmp_path / 'train_list.txt').read_text().splitlines()
+    assert [line.split()[0] for line in train] == ['100', '107', '114', '121']
+    lines = [line.split() for line in (tmp_path / 'trials.txt').read_text().splitlines()]
+    assert trials == len(lines) == 15 and sum(label == '1' for label, _, _ in lines) == 2 * 3
+    parts = [soundfile.info(str(tmp_path / 'test' / '128' / f'{p}.wav')).frames for p in 'abc']
+    assert sum(parts) == soundfile.info(str(librispeech_like / '128' / '1' / '128-1-0000.flac')).frames
+    with pytest.raises(ValueError, match='6 speakers .* need more than 6'):
+        make_lists(str(librispeech_like), str(tmp_path / 'no'), train_speakers=6)
+
+
+def test_the_harness_trains_scores_every_checkpoint_and_writes_the_table(librispeech_like, tiny_corpus, tmp_path,
+                                                                         capsys):
+    out = tmp_path / 'compare'
+    compare.main(['--reduced', '--only', 'ours', 'speed', '--variant', 'speed', '--speed_perturb on',
+                  '--corpus', str(librispeech_like), '--train_speakers', '4', '--musan_path', tiny_corpus['musan_path'],
+                  '--rir_path', tiny_corpus['rir_path'], '--C', '16', '--batch_size', '2', '--num_frames', '40',
+                  '--out', str(out)])
+    table = (out / 'table.md').read_text()
+    rows = [line for line in table.splitlines() if line.startswith('| ')]
+    assert [row.split(' | ')[0] for row in rows] == ['| system', '| ours', '| ours, average of the last 2 epochs',
+                                                      '| speed', '| speed, average of the last 2 epochs']
+    results = json.loads((out / 'results.json').read_text())['results']
+    assert set(results['ours']['1']) == {'1', '2'} and 0 <= results['ours']['1']['2']['eer'] <= 100
+    speed = json.loads((out / 'runs' / 'speed_1' / 'config.json').read_text())['arguments']
+    assert speed['speed_perturb'] == 'on' and speed['n_class'] == 12 and speed['seed'] == 1
+    assert (out / 'eer_by_epoch.png').stat().st_size > 0
+    scores = (out / 'runs' / 'ours_1' / 'scores.json').read_text()
+    compare.main(['--reduced', '--only', 'ours', '--corpus', str(librispeech_like), '--train_speakers', '4',
+                  '--C', '16', '--batch_size', '2', '--num_frames', '40', '--out', str(out)])
+    assert (out / 'runs' / 'ours_1' / 'scores.json').read_text() == scores  # nothing trained or scored again
+    assert 'trainECAPAModel.py' not in capsys.readouterr().out.split('| system')[1]
+
+
+def test_the_original_runner_names_a_folder_that_is_not_a_checkout(tmp_path):
+    runner = os.path.join(ROOT, 'exps', 'librispeech', 'original.py')
+    done = subprocess.run([sys.executable, runner, str(tmp_path)], capture_output=True, text=True)
+    assert done.returncode == 1 and 'not a checkout of TaoRuijie/ECAPA-TDNN' in done.stderr
