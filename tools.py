@@ -180,6 +180,23 @@ def transpose(items):
     return tuple(list(column) for column in zip(*items))
 
 
+class Autocast(torch.nn.Module):
+    """`encoder` run under `dtype` autocast on its input's device, its output float32; its features stay float32
+    (`model.Encoder.features` turns autocast off). --eval_precision bf16: on CPUs with AMX or AVX-512 BF16 the
+    evaluation is faster, and vectors move by about 1e-3 (bench/RESULTS.md)."""
+
+    def __init__(self, encoder, dtype=torch.bfloat16):
+        super().__init__()
+        self.encoder = encoder
+        self.dtype = dtype
+        self.sampling_rate = encoder.sampling_rate
+        self.embedding_dim = encoder.embedding_dim
+
+    def forward(self, x, aug=False):
+        with torch.autocast(x.device.type, dtype=self.dtype):
+            return self.encoder(x, aug).float()
+
+
 def embed_files(encoder, relative_paths, root, device, n_cpu=0, batch_size=None, progress=True, unusable=None,
                 represent=protocol_vectors_of):
     """`represent(encoder, waveforms, device)` (the protocol vectors) of every file, read by `n_cpu` loader

@@ -40,7 +40,7 @@ from plots import evaluation_plots, training_curve
 from records import (EpochRecord, TensorBoard, append_metrics, average_line, forget_epochs_after,
                      recorded_initial_model, score_line, write_config)
 from schedules import training_schedule
-from tools import Cohort, evaluate
+from tools import Autocast, Cohort, evaluate
 
 
 class SpeakerModel(nn.Module):
@@ -323,8 +323,11 @@ def cohort_of(args, train_entries=None):
 
 
 def evaluate_encoder(encoder, args, device, trial_lists, cohort, identity=None):
-    """`tools.evaluate` with the flags' settings and the AS-Norm `cohort` (or None); embeddings are cached under
-    save_path/embeddings when the checkpoint's `identity` is given."""
+    """`tools.evaluate` with the flags' settings (--eval_precision bf16: under `Autocast`) and the AS-Norm
+    `cohort` (or None); embeddings are cached under save_path/embeddings when the checkpoint's `identity` is
+    given, apart for each precision."""
+    if args.eval_precision == 'bf16':
+        encoder, identity = Autocast(encoder), identity and f'{identity} bf16'
     return evaluate(encoder, trial_lists, args.eval_path, device, embedding_readers(args, device), cohort,
                     os.path.join(args.save_path, 'embeddings'), identity)
 

@@ -14,8 +14,8 @@ from errors import UserError
 from lists import TrainEntry, TrialList
 from loss import AAMsoftmax
 from model import ConvMelSpectrogram, ECAPA_TDNN, build_encoder, crop_samples
-from tools import (Cohort, as_norm, build_cohort, cohort_statistics, embed, embed_files, evaluate, export_onnx,
-                   export_torchscript, load_model, protocol_vectors, protocol_vectors_of, score,
+from tools import (Autocast, Cohort, as_norm, build_cohort, cohort_statistics, embed, embed_files, evaluate,
+                   export_onnx, export_torchscript, load_model, protocol_vectors, protocol_vectors_of, score,
                    verification_metrics)
 from trainer import SpeakerModel
 
@@ -260,3 +260,15 @@ def test_onnx_matches_eager(tmp_path, name, C):
     x = 0.1 * torch.randn(3, 13000)
     out = session.run(['embedding'], {'waveform': x.numpy()})[0]
     np.testing.assert_allclose(out, eager(encoder, x).numpy(), rtol=0, atol=1e-4)
+
+
+def test_bf16_evaluation_moves_protocol_vectors_slightly_and_keeps_features_in_float32():
+    torch.manual_seed(0)
+    encoder = ECAPA_TDNN(C=64).eval()
+    waveforms = [torch.randn(n) * 0.1 for n in (40000, 52000)]
+    exact = protocol_vectors_of(encoder, waveforms, 'cpu')
+    fast = protocol_vectors_of(Autocast(encoder), waveforms, 'cpu')
+    assert fast.dtype == torch.float32 and not torch.equal(fast, exact)
+    assert (fast - exact).abs().max() < 2e-2
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        assert encoder.features(waveforms[0][None], False).dtype == torch.float32

@@ -311,12 +311,16 @@ def test_embeddings_are_cached_per_checkpoint(tiny_corpus, checkpoint, tmp_path,
     second = trainECAPAModel.main(argv)[tiny_corpus['eval_list']]
     assert len(embed_calls) == count
     np.testing.assert_array_equal(first.scores, second.scores)
+    # Another precision: the cache does not apply, and the scores move only a little.
+    bf16 = trainECAPAModel.main(argv + ['--eval_precision', 'bf16'])[tiny_corpus['eval_list']]
+    assert len(embed_calls) == 2 * count and len(os.listdir(tmp_path / 'run' / 'embeddings')) == 2
+    assert not np.array_equal(bf16.scores, first.scores) and np.abs(bf16.scores - first.scores).max() < 0.02
     # Other weights: the cache does not apply.
     state = torch.load(checkpoint, weights_only=True)
     state['speaker_encoder.fc6.bias'] += 1
     torch.save(state, checkpoint)
     trainECAPAModel.main(argv)
-    assert len(embed_calls) == 2 * count
+    assert len(embed_calls) == 3 * count
 
 
 # ---------------------------------------------------------------- --extract, --export
