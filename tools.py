@@ -181,13 +181,19 @@ def transpose(items):
 
 
 class Autocast(torch.nn.Module):
-    """`encoder` run under `dtype` autocast on its input's device, its output float32; its features stay float32
-    (`model.Encoder.features` turns autocast off). --eval_precision bf16: on CPUs with AMX or AVX-512 BF16 the
-    evaluation is faster, and vectors move by about 1e-3 (bench/RESULTS.md)."""
+    """A copy of `encoder` run under `dtype` autocast on its input's device, its output float32; its features
+    stay float32 (`model.Encoder.features` turns autocast off). Its convolutions and linear layers hold their
+    weights in `dtype` already: the values autocast would cast them to at every call, cast once. For
+    --eval_precision bf16: on CPUs with AMX or AVX-512 BF16 the evaluation is faster, and vectors move by about
+    1e-3 (bench/RESULTS.md)."""
 
     def __init__(self, encoder, dtype=torch.bfloat16):
         super().__init__()
-        self.encoder = encoder
+        self.encoder = copy.deepcopy(encoder)
+        for name, module in self.encoder.named_modules():
+            if isinstance(module, (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Linear)) and \
+                    not name.startswith('torchfbank'):
+                module.to(dtype)
         self.dtype = dtype
         self.sampling_rate = encoder.sampling_rate
         self.embedding_dim = encoder.embedding_dim

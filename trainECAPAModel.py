@@ -167,9 +167,9 @@ def build_parser():
                             help='write --initial_model\'s encoder as TorchScript (FILE.pt) or ONNX (FILE.onnx)')
     evaluation.add_argument('--eval_precision', default='float32', choices=['float32', 'bf16'],
                             help='bf16: score trial lists (--eval and training\'s evaluations) under bfloat16 '
-                                 'autocast, features in float32: about 1.4x faster on CPUs with AMX or AVX-512 '
-                                 'BF16, slower on others; scores move by about 1e-3 and the demo\'s EER by less '
-                                 'than 0.1 (bench/RESULTS.md)')
+                                 'autocast, features in float32: 1.4x as fast on a CPU with AMX (may be slower '
+                                 'without AVX-512 BF16); scores move by about 1e-3: the demo\'s final EER is the '
+                                 'same, its EER at other epochs within one trial (0.14) (bench/RESULTS.md)')
     evaluation.add_argument('--snorm', action='store_true', help='also report AS-Norm scores (cohort: --train_list)')
     evaluation.add_argument('--cohort_top_k', type=int, default=300, help='AS-Norm: top cohort scores used')
     evaluation.add_argument('--cohort', default='speaker', choices=['speaker', 'utterance'],

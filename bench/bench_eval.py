@@ -7,7 +7,8 @@ a time (the original's loop), with the same protocol vectors (full utterance + 5
 With --reference (a checkout of TaoRuijie/ECAPA-TDNN, see bench/reference.py) it times instead a whole trial
 list scored by ours (`tools.evaluate`, `--workers` readers) beside the original's `eval_network`, with the
 same weights, on LibriSpeech recordings from ../shared/data (generated speech without it), in one process,
-alternating rounds; it prints files per second of each, their ratio and both EERs (which must agree).
+alternating rounds: ours in float32 and with --eval_precision bf16 (`tools.Autocast`), then the original; it
+prints files per second of each, the ratios and the EERs (float32's must agree with the original's).
 
 Files: generated speech of 4-10 s at 16 kHz, every length distinct as in VoxCeleb1 (so full-utterance
 passes cannot share a batch; crops can). ECAPA-TDNN with random weights. Both ways are timed after a
@@ -29,7 +30,7 @@ import demo
 from dataLoader import read_audio
 from lists import read_trials
 from model import build_encoder
-from tools import embed_files, evaluate, protocol_vectors_of
+from tools import Autocast, embed_files, evaluate, protocol_vectors_of
 
 
 def one_at_a_time(encoder, paths, root, device):
@@ -80,29 +81,29 @@ def compare_with_reference(args, device):
         trials = read_trials(trial_list)
         seconds = sum(len(read_audio(os.path.join(eval_path, p), 16000)) for p in set(trials.enroll)) / 16000
 
-        def ours():
-            return evaluate(encoder, [trials], eval_path, device, n_cpu=args.workers)[trial_list].metrics.eer
+        def ours(model):
+            return lambda: evaluate(model, [trials], eval_path, device, n_cpu=args.workers)[trial_list].metrics.eer
 
         def original_eval():
             with reference.cpu_patches(), open(os.devnull, 'w') as devnull, \
                     contextlib.redirect_stderr(devnull), contextlib.redirect_stdout(devnull):
-                return theirs.eval_network(trial_list, eval_path)[0]
-        times = {'ours': [], 'original': []}
+                return float(theirs.eval_network(trial_list, eval_path)[0])
+        ways = {'ours': ours(encoder), 'ours, --eval_precision bf16': ours(Autocast(encoder)),
+                'original': original_eval}
+        times, eers = {name: [] for name in ways}, {}
         for _ in range(args.rounds):
-            our_eer, elapsed = timed(ours, device)
-            times['ours'].append(elapsed)
-            their_eer, elapsed = timed(original_eval, device)
-            times['original'].append(elapsed)
-    ours_rate, their_rate = files / float(np.median(times['ours'])), files / float(np.median(times['original']))
+            for name, way in ways.items():
+                eers[name], elapsed = timed(way, device)
+                times[name].append(elapsed)
+    rates = {name: files / float(np.median(elapsed)) for name, elapsed in times.items()}
     print(f'{files} files ({seconds / files:.1f} s each on average), ECAPA-TDNN C={args.C} on {device}, '
-          f'{args.rounds} alternating rounds')
-    print(f'ours ({args.workers} readers) {ours_rate:.2f} files/s, original {their_rate:.2f} files/s: '
-          f'{ours_rate / their_rate:.2f}x; EER ours {our_eer:.4f}%, original {their_eer:.4f}%')
+          f'{args.rounds} alternating rounds, ours with {args.workers} readers')
+    for name, rate in rates.items():
+        print(f'{name}: {rate:.2f} files/s, {rate / rates["original"]:.2f}x the original; EER {eers[name]:.4f}%')
     write_json(args.json, {**environment(device), 'reference': args.reference, 'files': files,
                            'mean_seconds': seconds / files, 'C': args.C, 'workers': args.workers,
-                           'ours_files_per_s': ours_rate, 'original_files_per_s': their_rate,
-                           'ratio': ours_rate / their_rate, 'eer_ours': our_eer, 'eer_original': float(their_eer),
-                           'rounds': times})
+                           'files_per_s': rates, 'ratio': {n: r / rates['original'] for n, r in rates.items()},
+                           'eer': eers, 'rounds': times})
 
 
 def main():

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torchaudio
 
-from model import ECAPA_TDNN, FbankAug, build_encoder, crop_samples, frame_geometry
+from model import ECAPA_TDNN, FbankAug, PreEmphasis, build_encoder, crop_samples, frame_geometry
 
 
 def reference_ecapa_keys(C):
@@ -100,3 +100,14 @@ def test_specaugment_masks_stay_within_their_widths():
     assert zero_frames.max() <= 9 and zero_bins.max() <= 7
     assert zero_frames.float().mean() > 2 and zero_bins.float().mean() > 1
     assert ((masked == 0) == ((masked == 0).all(dim=1, keepdim=True) | (masked == 0).all(dim=2, keepdim=True))).all()
+
+
+def test_pre_emphasis_is_the_original_two_tap_filter_with_the_first_sample_reflected():
+    torch.manual_seed(0)
+    emphasis = PreEmphasis()
+    x = torch.randn(3, 4000) * 0.1
+    filtered = torch.nn.functional.conv1d(torch.nn.functional.pad(x.unsqueeze(1), (1, 0), 'reflect'),
+                                          torch.tensor([[[-0.97, 1.0]]])).squeeze(1)
+    torch.testing.assert_close(emphasis(x), filtered, rtol=0, atol=1e-7)
+    assert emphasis(x)[0, 0] == x[0, 0] - torch.tensor(0.97) * x[0, 1]
+    assert list(emphasis.state_dict()) == ['flipped_filter']  # the original's checkpoints hold it
