@@ -4,7 +4,7 @@ batch by batch (`DeviceAugmenter`, --gpu_augment), with the same kinds, probabil
   MUSAN_CATEGORIES  -> the one table of MUSAN categories: SNR range and how many files one draw adds
   AUGMENTATIONS     -> each kind drawn (uniformly) and the MUSAN categories it adds, in order
   SignalBank        -> MUSAN/RIR files decoded and resampled once, kept in a memory-mapped cache
-  mix_at_snr, reverberate -> the two operations, on one signal
+  mix_at_snr, reverberate -> the two operations, on one signal (snr_gain: the scale both augmenters use)
 
 A module of its own because both augmenters share the tables and banks, and dataLoader.py stays the path
 from a list line to a crop.
@@ -124,14 +124,19 @@ def power(signal):
     return np.mean(np.square(signal, dtype=np.float64))
 
 
-def mix_at_snr(speech, noise, snr_db, speech_power=None):
-    """`noise` scaled so that 10 log10(P_speech / P_noise) = `snr_db`; a silent noise adds nothing.
-    `speech_power`: P_speech when already known."""
+def snr_gain(speech_power, noise_power, snr_db, power_floor=0.0):
+    """The power gain that puts noise `snr_db` below speech: (P_speech + floor) / ((P_noise + floor) 10^(snr/10)),
+    the true SNR with `power_floor` 0 (the original code adds 1e-4). Numbers or tensors, for both augmenters."""
+    return (speech_power + power_floor) / ((noise_power + power_floor) * 10 ** (snr_db / 10))
+
+
+def mix_at_snr(speech, noise, snr_db, speech_power=None, power_floor=0.0):
+    """`noise` scaled by `snr_gain`; a silent noise adds nothing. `speech_power`: P_speech when already known."""
     speech_power = power(speech) if speech_power is None else speech_power
     noise_power = power(noise)
     if noise_power == 0.0:
         return np.zeros_like(noise)
-    return (noise * np.sqrt(speech_power / (noise_power * 10 ** (snr_db / 10)))).astype(np.float32)
+    return (noise * np.sqrt(snr_gain(speech_power, noise_power, snr_db, power_floor))).astype(np.float32)
 
 
 def normalised_rir(rir):
@@ -164,9 +169,11 @@ def rir_files(rir_path):
 
 class Augmenter:
     """Picks one of `AUGMENTATIONS` uniformly and applies it. `musan_path`/`rir_path` may be None; the
-    kinds that would need them are then not drawn. `skipped`: the (path, why) of the banks' unusable files."""
+    kinds that would need them are then not drawn. `skipped`: the (path, why) of the banks' unusable files.
+    `power_floor` (--noise_power_floor): added to both powers of each SNR, as the original code adds 1e-4."""
 
-    def __init__(self, musan_path, rir_path, sampling_rate, cache_dir):
+    def __init__(self, musan_path, rir_path, sampling_rate, cache_dir, power_floor=0.0):
+        self.power_floor = power_floor
         self.noise_banks = {}
         if musan_path:
             found = musan_files(musan_path)
@@ -205,7 +212,8 @@ class Augmenter:
         speech_power = power(audio)
         for i in rng.choice(len(bank), size=count, replace=False):
             snr = float(rng.uniform(*MUSAN_CATEGORIES[category].snr_db))
-            noise += mix_at_snr(audio, random_crop(bank[int(i)], len(audio), rng), snr, speech_power)
+            noise += mix_at_snr(audio, random_crop(bank[int(i)], len(audio), rng), snr, speech_power,
+                                self.power_floor)
             snrs.append(snr)
         return audio + noise, snrs
 
@@ -231,6 +239,7 @@ class DeviceAugmenter:
 
     def __init__(self, augmenter, device):
         self.kinds = augmenter.kinds
+        self.power_floor = augmenter.power_floor
         self.device = torch.device(device)
         self.banks = {category: self._upload(bank) for category, bank in augmenter.noise_banks.items()}
         self.rirs = None
@@ -302,6 +311,6 @@ class DeviceAugmenter:
                 bank['offsets'][picked], lengths, starts, np.array([drawn[r][slot] for r in rows])))
             crops = bank['samples'][offsets[:, None] + (starts[:, None] + steps) % lengths[:, None]]
             noise_power = crops.pow(2).mean(dim=1)
-            scale = torch.sqrt(speech_power[index] / (noise_power * 10 ** (snr.float() / 10)))
+            scale = torch.sqrt(snr_gain(speech_power[index], noise_power, snr.float(), self.power_floor))
             noise[index] += crops * torch.where(noise_power > 0, scale, torch.zeros_like(scale))[:, None]
         return audio + noise, [list(map(float, d)) for d in drawn]

@@ -134,6 +134,9 @@ def build_parser():
                                'classifier weights lie close together (hard negatives)')
     training.add_argument('--hard_fraction', type=float, default=0.5,
                           help='--sampler chns: the share of each batch taken from one group of close speakers')
+    training.add_argument('--noise_power_floor', type=float, default=0.0,
+                          help='added to the speech and noise powers of each SNR (the original code adds 1e-4, '
+                               'so that quiet noise files are mixed below the SNR drawn)')
     training.add_argument('--speed_perturb', default='off', choices=['on', 'off'],
                           help=f'on: each crop played at a speed drawn from {SPEED_PERTURBATION}, each speed a '
                                f'speaker of its own (so 3x the classes)')
@@ -249,7 +252,7 @@ def check_ranges(args):
     for name, low in least.items():
         if getattr(args, name) is not None and getattr(args, name) < low:
             raise UsageError(f'--{name} must be at least {low}, got {getattr(args, name)}')
-    for name in ('cohort_size', 'n_cpu', 'grad_clip', 'check_decode'):
+    for name in ('cohort_size', 'n_cpu', 'grad_clip', 'check_decode', 'noise_power_floor'):
         if getattr(args, name) < 0:
             raise UsageError(f'--{name} cannot be negative, got {getattr(args, name)}')
     if args.average == 1 or not 0 <= args.average <= args.max_epoch:

@@ -368,7 +368,8 @@ class TrainingRun:
             f'classes, device {self.device}'
             + (f', {distributed.world_size()} processes' if distributed.world_size() > 1 else ''))
         self.resume = self.restore()
-        augmenter = Augmenter(args.musan_path, args.rir_path, args.sampling_rate, args.cache_dir)
+        augmenter = Augmenter(args.musan_path, args.rir_path, args.sampling_rate, args.cache_dir,
+                              args.noise_power_floor)
         for path, why in augmenter.skipped:
             log(f'augmentation: skipped {path} ({why})')
         device_augmenter = None

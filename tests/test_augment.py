@@ -9,7 +9,8 @@ import pytest
 import soundfile
 import torch
 
-from augment import MUSAN_CATEGORIES, Augmenter, DeviceAugmenter, SignalBank, reverberate
+import augment
+from augment import MUSAN_CATEGORIES, Augmenter, DeviceAugmenter, SignalBank, mix_at_snr, reverberate, snr_gain
 from dataLoader import read_audio
 from errors import UserError
 
@@ -258,3 +259,23 @@ def test_a_damaged_bank_in_the_cache_is_built_again(banks, cache_dir, damage):
     again = SignalBank(files, RATE, cache_dir, 'test files')
     for i, path in enumerate(files):
         np.testing.assert_array_equal(again[i], read_audio(path, RATE))
+
+
+def test_a_power_floor_mixes_quiet_noise_below_the_drawn_snr_as_the_original_code_does(banks, cache_dir,
+                                                                                        monkeypatch):
+    rng = np.random.default_rng(0)
+    speech = (0.05 * rng.standard_normal(32000)).astype(np.float32)
+    noise = (0.003 * rng.standard_normal(32000)).astype(np.float32)  # power 9e-6, under the original's 1e-4
+    assert abs(snr_db(speech, speech + mix_at_snr(speech, noise, 15.0)) - 15.0) < 0.01
+    floored = mix_at_snr(speech, noise, 15.0, power_floor=1e-4)
+    clean_db = 10 * np.log10(np.mean(speech.astype(np.float64) ** 2) + 1e-4)  # the original's formula
+    noise_db = 10 * np.log10(np.mean(noise.astype(np.float64) ** 2) + 1e-4)
+    np.testing.assert_allclose(floored, np.sqrt(10 ** ((clean_db - noise_db - 15.0) / 10)) * noise, rtol=1e-5)
+    assert snr_db(speech, speech + floored) > 25.0
+    gains = snr_gain(torch.tensor([2.5e-3]), torch.tensor([9e-6]), torch.tensor([15.0]), 1e-4)
+    torch.testing.assert_close(gains, torch.tensor([snr_gain(2.5e-3, 9e-6, 15.0, 1e-4)]))
+    floors = []
+    monkeypatch.setattr(augment, 'snr_gain', lambda *args: floors.append(args[3]) or snr_gain(*args))
+    device = DeviceAugmenter(Augmenter(*banks, RATE, cache_dir, power_floor=1e-4), 'cpu')
+    device.add_noise(speech_batch(6), 'speech', np.random.default_rng(1))
+    assert floors and set(floors) == {1e-4}  # the device augmenter scales with the same floor
