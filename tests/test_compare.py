@@ -47,18 +47,22 @@ def test_lists_train_on_the_first_speakers_and_pair_every_part_of_the_others(lib
 def test_the_harness_trains_scores_every_checkpoint_and_writes_the_table(librispeech_like, tiny_corpus, tmp_path,
                                                                          capsys):
     out = tmp_path / 'compare'
-    compare.main(['--reduced', '--only', 'ours', 'speed', '--variant', 'speed', '--speed_perturb on',
+    compare.main(['--reduced', '--only', 'ours', 'speed', '--variant', 'speed', '--speed_perturb on', '--finetune',
                   '--corpus', str(librispeech_like), '--train_speakers', '4', '--musan_path', tiny_corpus['musan_path'],
                   '--rir_path', tiny_corpus['rir_path'], '--C', '16', '--batch_size', '2', '--num_frames', '40',
                   '--out', str(out)])
     table = (out / 'table.md').read_text()
     rows = [line for line in table.splitlines() if line.startswith('| ')]
-    assert [row.split(' | ')[0] for row in rows] == ['| system', '| ours', '| ours, average of the last 2 epochs',
-                                                      '| speed', '| speed, average of the last 2 epochs']
+    assert [row.split(' | ')[0][2:] for row in rows] == [
+        'system', 'ours', 'ours, average of the last 2 epochs', 'ours, large-margin fine-tuned',
+        'speed', 'speed, average of the last 2 epochs', 'speed, large-margin fine-tuned']
     results = json.loads((out / 'results.json').read_text())['results']
     assert set(results['ours']['1']) == {'1', '2'} and 0 <= results['ours']['1']['2']['eer'] <= 100
     speed = json.loads((out / 'runs' / 'speed_1' / 'config.json').read_text())['arguments']
     assert speed['speed_perturb'] == 'on' and speed['n_class'] == 12 and speed['seed'] == 1
+    tuned = json.loads((out / 'runs' / 'speed_1_finetuned' / 'config.json').read_text())['arguments']
+    assert tuned['large_margin'] and tuned['m'] == 0.5 and tuned['num_frames'] == 600 and tuned['speed_perturb'] == 'on'
+    assert tuned['initial_model'] == str(out / 'runs' / 'speed_1' / 'model' / 'model_0002.model')
     assert (out / 'eer_by_epoch.png').stat().st_size > 0
     scores = (out / 'runs' / 'ours_1' / 'scores.json').read_text()
     compare.main(['--reduced', '--only', 'ours', '--corpus', str(librispeech_like), '--train_speakers', '4',

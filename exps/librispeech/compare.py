@@ -14,7 +14,8 @@ Systems and runs:
   NAME      each `--variant NAME FLAGS`: ours with FLAGS added, the same seeds.
 Runs are interleaved (ours 1, original 1, variants 1, ours 2, ...) so that a machine shared with other work
 slows all systems alike; a finished run is not trained again, and an interrupted one continues from its last
-checkpoint (both trainers resume).
+checkpoint (both trainers resume). With --finetune every run of ours and the variants is also fine-tuned
+(--large_margin, from its last checkpoint) into <run>_finetuned.
 
 Evaluation: during training both trainers score a two-trial list only (the original evaluates at every test
 step and cannot be told not to); afterwards each saved checkpoint is scored on every trial with this toolkit's
@@ -44,6 +45,7 @@ SHARED = os.path.join(ROOT, '..', 'shared', 'data')
 RECIPE = {'C': 512, 'batch_size': 32, 'lr': 0.001, 'lr_decay': 0.97, 'test_step': 10, 'max_epoch': 60,
           'num_frames': 200, 'm': 0.2, 's': 30, 'n_cpu': 1}
 REDUCED = {'C': 64, 'max_epoch': 2, 'test_step': 1}
+FINETUNE_EPOCHS = 5  # --large_margin's default
 
 
 def arguments(argv=None):
@@ -61,6 +63,10 @@ def arguments(argv=None):
     parser.add_argument('--average', type=int, default=5, metavar='N',
                         help='ours and variants also write the mean of their last N epochs (--average N, which '
                              'changes no training), reported as a row of its own (0: off)')
+    parser.add_argument('--finetune', action='store_true',
+                        help=f'also fine-tune every run of ours and the variants with --large_margin from its last '
+                             f'checkpoint ({FINETUNE_EPOCHS} epochs of 6 s crops; 1 with --reduced), reported as a '
+                             f'row of its own')
     parser.add_argument('--only', nargs='+', metavar='SYSTEM', help='train and report these systems only')
     parser.add_argument('--reduced', action='store_true', help=f'a quick check: {REDUCED}, one run each')
     for name, value in RECIPE.items():
@@ -78,18 +84,32 @@ def arguments(argv=None):
     return args
 
 
+def data_flags(args, data):
+    return ['--train_list', os.path.join(data, 'train_list.txt'), '--train_path', args.corpus,
+            '--eval_list', os.path.join(data, 'two_trials.txt'), '--eval_path', os.path.join(data, 'test'),
+            '--musan_path', args.musan_path, '--rir_path', args.rir_path]
+
+
 def recipe_flags(args, data):
     """The flags both trainers are given, in the original's spelling (ours accepts all of them)."""
-    flags = ['--train_list', os.path.join(data, 'train_list.txt'), '--train_path', args.corpus,
-             '--eval_list', os.path.join(data, 'two_trials.txt'), '--eval_path', os.path.join(data, 'test'),
-             '--musan_path', args.musan_path, '--rir_path', args.rir_path]
-    for name in RECIPE:
-        flags += [f'--{name}', str(getattr(args, name))]
-    return flags
+    return data_flags(args, data) + [word for name in RECIPE for word in (f'--{name}', str(getattr(args, name)))]
+
+
+def finetune_command(args, data, folder, extra):
+    """Ours with --large_margin from `folder`'s last checkpoint: its own schedule, crops and margin (the
+    recipe's --lr, --num_frames, --m, ... would override them), the recipe's width, batch and data."""
+    kept = [word for name in ('C', 'batch_size', 's', 'n_cpu') for word in (f'--{name}', str(getattr(args, name)))]
+    return ([sys.executable, os.path.join(ROOT, 'trainECAPAModel.py'), '--large_margin', '--initial_model',
+             checkpoint(folder, args.max_epoch), '--max_epoch', str(finetune_epochs(args)), '--save_path',
+             folder + '_finetuned'] + data_flags(args, data) + kept + extra)
+
+
+def finetune_epochs(args):
+    return 1 if args.reduced else FINETUNE_EPOCHS
 
 
 def systems(args):
-    """{name: (command prefix, extra flags per run)}."""
+    """{name: (command prefix, extra flags per run)}; every system but the original is ours."""
     ours = [sys.executable, os.path.join(ROOT, 'trainECAPAModel.py')] + (
         ['--average', str(args.average)] if args.average else [])
     found = {'ours': (ours, lambda run: ['--seed', str(run)])}
@@ -120,15 +140,15 @@ def checkpoint(folder, epoch):
     return os.path.join(folder, 'model', f'model_{epoch:04d}.model' if epoch != 'average' else 'model_average.model')
 
 
-def train(command, folder, args):
-    """Run one training to the last epoch unless its last checkpoint exists; its output goes to log.txt."""
-    if os.path.exists(checkpoint(folder, args.max_epoch)):
+def train(command, folder, last_epoch):
+    """Run one training to `last_epoch` unless its checkpoint exists; its output goes to folder/log.txt."""
+    if os.path.exists(checkpoint(folder, last_epoch)):
         return
     os.makedirs(folder, exist_ok=True)
     print(' '.join(command), flush=True)
     with open(os.path.join(folder, 'log.txt'), 'a') as log:
         result = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT)
-    if result.returncode != 0 or not os.path.exists(checkpoint(folder, args.max_epoch)):
+    if result.returncode != 0 or not os.path.exists(checkpoint(folder, last_epoch)):
         raise SystemExit(f'{folder}: training stopped (exit {result.returncode}); see {folder}/log.txt')
 
 
@@ -216,16 +236,24 @@ def main(argv=None):
     for run in range(1, args.runs + 1):
         for name, (command, per_run) in found.items():
             folder = os.path.join(args.out, 'runs', f'{name}_{run}')
-            train(command + flags + per_run(run) + ['--save_path', os.path.abspath(folder)], folder, args)
+            train(command + flags + per_run(run) + ['--save_path', folder], folder, args.max_epoch)
+            if args.finetune and name != 'original':
+                train(finetune_command(args, data, folder, per_run(run)), folder + '_finetuned',
+                      finetune_epochs(args))
     epochs = list(range(args.test_step, args.max_epoch + 1, args.test_step))
     results = {}
     for name in found:
-        runs = {run: score_checkpoints(os.path.join(args.out, 'runs', f'{name}_{run}'), epochs + ['average'], data)
-                for run in range(1, args.runs + 1)}
+        folders = {run: os.path.join(args.out, 'runs', f'{name}_{run}') for run in range(1, args.runs + 1)}
+        runs = {run: score_checkpoints(folder, epochs + ['average'], data) for run, folder in folders.items()}
         results[name] = {run: {e: v for e, v in scores.items() if e != 'average'} for run, scores in runs.items()}
-        if all('average' in scores for scores in runs.values()):  # reported at the last epoch's column
+        if all('average' in scores for scores in runs.values()):  # rows reported at the last epoch's column
             results[f'{name}, average of the last {args.average} epochs'] = {
                 run: {epochs[-1]: scores['average']} for run, scores in runs.items()}
+        if args.finetune and name != 'original':
+            last = finetune_epochs(args)
+            results[f'{name}, large-margin fine-tuned'] = {
+                run: {epochs[-1]: score_checkpoints(folder + '_finetuned', [last], data)[last]}
+                for run, folder in folders.items()}
     text = table(results, epochs)
     print(text)
     with open(os.path.join(args.out, 'table.md'), 'w') as f:
