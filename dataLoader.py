@@ -532,11 +532,15 @@ class HardNegativePairBatches(SpeakerGroups, SpeakerPairSampler):
         SpeakerPairSampler.__init__(self, labels, batch_size, seed, world_size, rank)
         self.init_groups(max(self.by_speaker) + 1, batch_size, hard_fraction)
 
-    def batches(self):
-        key = (self.epoch, id(self.groups))
-        if self.planned[0] != key:
-            self.planned = (key, self.plan())
-        return self.planned[1]
+    @property
+    def groups(self):
+        return self._groups
+
+    @groups.setter
+    def groups(self, groups):
+        """New groups make a new plan, even within the epoch already planned."""
+        self._groups = groups
+        self.planned = (None, [])
 
     def draw(self, rng, candidates, count, remaining):
         weights = remaining[candidates]
