@@ -47,10 +47,10 @@ def test_lists_train_on_the_first_speakers_and_pair_every_part_of_the_others(lib
 def test_the_harness_trains_scores_every_checkpoint_and_writes_the_table(librispeech_like, tiny_corpus, tmp_path,
                                                                          capsys):
     out = tmp_path / 'compare'
-    compare.main(['--reduced', '--only', 'ours', 'speed', '--variant', 'speed', '--speed_perturb on', '--finetune',
-                  '--corpus', str(librispeech_like), '--train_speakers', '4', '--musan_path', tiny_corpus['musan_path'],
-                  '--rir_path', tiny_corpus['rir_path'], '--C', '16', '--batch_size', '2', '--num_frames', '40',
-                  '--out', str(out)])
+    compare.main(['--reduced', '--only', 'ours', 'speed', '--variant', 'speed', '--speed_perturb on',
+                  '--finetune', 'ours', 'speed', '--corpus', str(librispeech_like), '--train_speakers', '4',
+                  '--musan_path', tiny_corpus['musan_path'], '--rir_path', tiny_corpus['rir_path'], '--C', '16',
+                  '--batch_size', '2', '--num_frames', '40', '--out', str(out)])
     table = (out / 'table.md').read_text()
     rows = [line for line in table.splitlines() if line.startswith('| ')]
     assert [row.split(' | ')[0][2:] for row in rows] == [
@@ -69,6 +69,9 @@ def test_the_harness_trains_scores_every_checkpoint_and_writes_the_table(librisp
                   '--C', '16', '--batch_size', '2', '--num_frames', '40', '--out', str(out)])
     assert (out / 'runs' / 'ours_1' / 'scores.json').read_text() == scores  # nothing trained or scored again
     assert 'trainECAPAModel.py' not in capsys.readouterr().out.split('| system')[1]
+    with pytest.raises(SystemExit, match=r"--finetune \['original'\]: only ours and its variants fine-tune"):
+        compare.main(['--reduced', '--finetune', 'original', '--corpus', str(librispeech_like), '--train_speakers',
+                      '4', '--reference', str(tmp_path), '--out', str(out)])
 
 
 def test_the_original_runner_names_a_folder_that_is_not_a_checkout(tmp_path):

@@ -14,8 +14,8 @@ Systems and runs:
   NAME      each `--variant NAME FLAGS`: ours with FLAGS added, the same seeds.
 Runs are interleaved (ours 1, original 1, variants 1, ours 2, ...) so that a machine shared with other work
 slows all systems alike; a finished run is not trained again, and an interrupted one continues from its last
-checkpoint (both trainers resume). With --finetune every run of ours and the variants is also fine-tuned
-(--large_margin, from its last checkpoint) into <run>_finetuned.
+checkpoint (both trainers resume). With --finetune SYSTEM ... every run of those systems (ours or variants) is
+also fine-tuned (--large_margin, from its last checkpoint) into <run>_finetuned.
 
 Evaluation: during training both trainers score a two-trial list only (the original evaluates at every test
 step and cannot be told not to); afterwards each saved checkpoint is scored on every trial with this toolkit's
@@ -63,10 +63,10 @@ def arguments(argv=None):
     parser.add_argument('--average', type=int, default=5, metavar='N',
                         help='ours and variants also write the mean of their last N epochs (--average N, which '
                              'changes no training), reported as a row of its own (0: off)')
-    parser.add_argument('--finetune', action='store_true',
-                        help=f'also fine-tune every run of ours and the variants with --large_margin from its last '
-                             f'checkpoint ({FINETUNE_EPOCHS} epochs of 6 s crops; 1 with --reduced), reported as a '
-                             f'row of its own')
+    parser.add_argument('--finetune', nargs='+', default=[], metavar='SYSTEM',
+                        help=f'also fine-tune every run of these systems (ours or variants) with --large_margin from '
+                             f'its last checkpoint ({FINETUNE_EPOCHS} epochs of 6 s crops; 1 with --reduced), '
+                             f'reported as a row of its own')
     parser.add_argument('--only', nargs='+', metavar='SYSTEM', help='train and report these systems only')
     parser.add_argument('--reduced', action='store_true', help=f'a quick check: {REDUCED}, one run each')
     for name, value in RECIPE.items():
@@ -123,6 +123,9 @@ def systems(args):
         if unknown:
             raise SystemExit(f'--only {unknown}: not among the systems {sorted(found)}')
         found = {name: found[name] for name in args.only}
+    wrong = sorted(set(args.finetune) - (set(found) - {'original'}))
+    if wrong:
+        raise SystemExit(f'--finetune {wrong}: only ours and its variants fine-tune; the systems are {sorted(found)}')
     return found
 
 
@@ -237,7 +240,7 @@ def main(argv=None):
         for name, (command, per_run) in found.items():
             folder = os.path.join(args.out, 'runs', f'{name}_{run}')
             train(command + flags + per_run(run) + ['--save_path', folder], folder, args.max_epoch)
-            if args.finetune and name != 'original':
+            if name in args.finetune:
                 train(finetune_command(args, data, folder, per_run(run)), folder + '_finetuned',
                       finetune_epochs(args))
     epochs = list(range(args.test_step, args.max_epoch + 1, args.test_step))
@@ -249,7 +252,7 @@ def main(argv=None):
         if all('average' in scores for scores in runs.values()):  # rows reported at the last epoch's column
             results[f'{name}, average of the last {args.average} epochs'] = {
                 run: {epochs[-1]: scores['average']} for run, scores in runs.items()}
-        if args.finetune and name != 'original':
+        if name in args.finetune:
             last = finetune_epochs(args)
             results[f'{name}, large-margin fine-tuned'] = {
                 run: {epochs[-1]: score_checkpoints(folder + '_finetuned', [last], data)[last]}
