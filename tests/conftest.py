@@ -25,8 +25,9 @@ SHARED_DATA = os.path.join(ROOT, '..', 'shared', 'data')
 import demo  # noqa: E402
 import trainECAPAModel  # noqa: E402
 
-if os.environ.get('PYTEST_XDIST_WORKER'):
-    torch.set_num_threads(1)  # one process per core (pytest -n): no two workers fight over a core
+if os.environ.get('PYTEST_XDIST_WORKER'):  # one process per core (pytest -n): no two workers fight over a core,
+    torch.set_num_threads(1)
+    os.environ['OMP_NUM_THREADS'] = '1'  # nor the trainings a test starts as a process of its own
 
 
 def assert_same_checkpoints(a, b):
