@@ -380,10 +380,10 @@ class SpeakerGroups:
     """What both hard-negative samplers share: `hard` speakers a batch takes from one group, and the epoch's
     `groups`, which the trainer sets from the classifier's weights (`group_speakers`) after `set_epoch`."""
 
-    def init_groups(self, speakers, batch_size, hard_fraction):
-        self.speakers = speakers
+    def init_groups(self, labels, batch_size, hard_fraction):
+        self.speakers = int(max(labels)) + 1  # speaker_labels numbers speakers 0..n-1, as TrainDataset does
         self.hard = max(1, round(hard_fraction * batch_size))
-        self.groups = [list(range(speakers))]
+        self.groups = [list(range(self.speakers))]
 
     def group_speakers(self, weights):
         """`speaker_groups` of `hard` speakers from the classifier's weights (a tensor [classes, D]; the first
@@ -411,7 +411,7 @@ class HardNegativeBatches(SpeakerGroups, EpochSampler):
         EpochSampler.__init__(self, len(labels), seed, world_size, rank)
         self.labels = np.asarray(labels)
         self.batch_size = batch_size
-        self.init_groups(int(self.labels.max()) + 1, batch_size, hard_fraction)
+        self.init_groups(labels, batch_size, hard_fraction)
 
     def batches(self):
         count = self.size // self.world_size // self.batch_size * self.world_size
@@ -530,7 +530,7 @@ class HardNegativePairBatches(SpeakerGroups, SpeakerPairSampler):
 
     def __init__(self, labels, batch_size, hard_fraction, seed, world_size=1, rank=0):
         SpeakerPairSampler.__init__(self, labels, batch_size, seed, world_size, rank)
-        self.init_groups(max(self.by_speaker) + 1, batch_size, hard_fraction)
+        self.init_groups(labels, batch_size, hard_fraction)
 
     @property
     def groups(self):
