@@ -69,6 +69,12 @@ def test_the_harness_trains_scores_every_checkpoint_and_writes_the_table(librisp
                   '--C', '16', '--batch_size', '2', '--num_frames', '40', '--out', str(out)])
     assert (out / 'runs' / 'ours_1' / 'scores.json').read_text() == scores  # nothing trained or scored again
     assert 'trainECAPAModel.py' not in capsys.readouterr().out.split('| system')[1]
+    compare.main(['--reduced', '--report', '--runs', '2', '--only', 'ours', 'speed', '--variant', 'speed', '',
+                  '--finetune', 'speed', '--corpus', str(librispeech_like), '--out', str(out)])
+    assert not (out / 'runs' / 'ours_2').exists()  # nothing trained: each system with the runs it has
+    rows = [line.split(' | ')[:2] for line in (out / 'table.md').read_text().splitlines()[2:] if line]
+    assert rows == [['| ours', '1'], ['| ours, average of the last 2 epochs', '1'], ['| speed', '1'],
+                    ['| speed, average of the last 2 epochs', '1'], ['| speed, large-margin fine-tuned', '1']]
     with pytest.raises(SystemExit, match=r"--finetune \['original'\]: only ours and its variants fine-tune"):
         compare.main(['--reduced', '--finetune', 'original', '--corpus', str(librispeech_like), '--train_speakers',
                       '4', '--reference', str(tmp_path), '--out', str(out)])

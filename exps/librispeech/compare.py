@@ -5,6 +5,7 @@ run scored by one evaluation, then one table (mean, spread) and one plot of EER 
   python exps/librispeech/compare.py --reference /tmp/orig                 # the full setting: hours on 2 cores
   python exps/librispeech/compare.py --reference /tmp/orig --reduced       # minutes: everything runs once
   python exps/librispeech/compare.py --variant speed "--speed_perturb on"  # a technique, beside the plain recipe
+  python exps/librispeech/compare.py --report --variant speed "..."       # the table of the runs finished so far
 
 Systems and runs:
   ours      trainECAPAModel.py with `--seed 1..--runs`.
@@ -68,6 +69,9 @@ def arguments(argv=None):
                              f'its last checkpoint ({FINETUNE_EPOCHS} epochs of 6 s crops; 1 with --reduced), '
                              f'reported as a row of its own')
     parser.add_argument('--only', nargs='+', metavar='SYSTEM', help='train and report these systems only')
+    parser.add_argument('--report', action='store_true',
+                        help='train nothing: score and tabulate the finished runs there are, each system with its own '
+                             'number of runs')
     parser.add_argument('--reduced', action='store_true', help=f'a quick check: {REDUCED}, one run each')
     for name, value in RECIPE.items():
         parser.add_argument(f'--{name}', type=type(value), default=value)
@@ -225,6 +229,28 @@ def plot(results, epochs, path):
     plots.save_figure(figure, path)
 
 
+def collect_results(args, found, epochs, data):
+    """{row name: {run: {epoch: metrics}}}: each system's finished runs (those whose last epoch has a checkpoint),
+    and rows for their averages and fine-tuned models where every such run has one."""
+    results = {}
+    last, tuned = epochs[-1], finetune_epochs(args)
+    for name in found:
+        folders = {run: os.path.join(args.out, 'runs', f'{name}_{run}') for run in range(1, args.runs + 1)}
+        runs = {run: score_checkpoints(folder, epochs + ['average'], data) for run, folder in folders.items()
+                if os.path.exists(checkpoint(folder, last))}
+        if not runs:
+            continue
+        results[name] = {run: {e: v for e, v in scores.items() if e != 'average'} for run, scores in runs.items()}
+        if all('average' in scores for scores in runs.values()):  # rows reported at the last epoch's column
+            results[f'{name}, average of the last {args.average} epochs'] = {
+                run: {last: scores['average']} for run, scores in runs.items()}
+        finetuned = {run: folders[run] + '_finetuned' for run in runs}
+        if name in args.finetune and all(os.path.exists(checkpoint(f, tuned)) for f in finetuned.values()):
+            results[f'{name}, large-margin fine-tuned'] = {
+                run: {last: score_checkpoints(folder, [tuned], data)[tuned]} for run, folder in finetuned.items()}
+    return results
+
+
 def main(argv=None):
     args = arguments(argv)
     data = os.path.join(args.out, 'data')
@@ -236,7 +262,7 @@ def main(argv=None):
         write_two_trials(data)
     found = systems(args)
     flags = recipe_flags(args, data)
-    for run in range(1, args.runs + 1):
+    for run in range(1, (0 if args.report else args.runs) + 1):
         for name, (command, per_run) in found.items():
             folder = os.path.join(args.out, 'runs', f'{name}_{run}')
             train(command + flags + per_run(run) + ['--save_path', folder], folder, args.max_epoch)
@@ -244,19 +270,7 @@ def main(argv=None):
                 train(finetune_command(args, data, folder, per_run(run)), folder + '_finetuned',
                       finetune_epochs(args))
     epochs = list(range(args.test_step, args.max_epoch + 1, args.test_step))
-    results = {}
-    for name in found:
-        folders = {run: os.path.join(args.out, 'runs', f'{name}_{run}') for run in range(1, args.runs + 1)}
-        runs = {run: score_checkpoints(folder, epochs + ['average'], data) for run, folder in folders.items()}
-        results[name] = {run: {e: v for e, v in scores.items() if e != 'average'} for run, scores in runs.items()}
-        if all('average' in scores for scores in runs.values()):  # rows reported at the last epoch's column
-            results[f'{name}, average of the last {args.average} epochs'] = {
-                run: {epochs[-1]: scores['average']} for run, scores in runs.items()}
-        if name in args.finetune:
-            last = finetune_epochs(args)
-            results[f'{name}, large-margin fine-tuned'] = {
-                run: {epochs[-1]: score_checkpoints(folder + '_finetuned', [last], data)[last]}
-                for run, folder in folders.items()}
+    results = collect_results(args, found, epochs, data)
     text = table(results, epochs)
     print(text)
     with open(os.path.join(args.out, 'table.md'), 'w') as f:
