@@ -214,7 +214,7 @@ def table(results, epochs):
 
 
 def plot(results, epochs, path):
-    figure, axes = plots.plt.subplots(figsize=(7, 4.5))
+    figure, axes = plots.plt.subplots(figsize=(10, 4.5))
     for colour, (name, runs) in zip(plots.plt.rcParams['axes.prop_cycle'].by_key()['color'], results.items()):
         shown = [e for e in epochs if all(e in run for run in runs.values())]
         curves = np.array([[run[e]['eer'] for e in shown] for run in runs.values()])
@@ -225,7 +225,8 @@ def plot(results, epochs, path):
     axes.set_xlabel('epoch')
     axes.set_ylabel('EER (%)')
     axes.grid(alpha=0.3)
-    axes.legend()
+    axes.legend(fontsize='small', loc='center left', bbox_to_anchor=(1.01, 0.5))
+    figure.tight_layout()
     plots.save_figure(figure, path)
 
 
