@@ -29,7 +29,6 @@ import torch
 import torchaudio
 
 from errors import UserError
-from lists import speaker_labels
 from model import crop_samples
 
 
@@ -231,16 +230,14 @@ class TrainDataset(torch.utils.data.Dataset):
 
     SUBSTITUTE_ATTEMPTS = 20  # random utterances of other speakers tried before giving up
 
-    def __init__(self, entries, train_path, num_frames, sampling_rate, augmenter, seed, skip_silent=True,
+    def __init__(self, train_list, train_path, num_frames, sampling_rate, augmenter, seed, skip_silent=True,
                  speeds=(1.0,)):
-        labels = speaker_labels(entries)
-        self.speakers = len(labels)
+        self.train_list = train_list  # a lists.TrainList: numpy arrays, which forked workers share
+        self.train_path = train_path
+        self.speakers = len(train_list.speakers)
         self.speeds = speeds
-        self.paths = [os.path.join(train_path, entry.path) for entry in entries]
-        self.labels = [labels[entry.speaker] for entry in entries]
-        self.by_label = {}
-        for index, label in enumerate(self.labels):
-            self.by_label.setdefault(label, []).append(index)
+        self.labels = train_list.labels
+        self.label_order, self.label_starts = train_list.by_label()
         self.length = crop_samples(num_frames, sampling_rate)
         self.sampling_rate = sampling_rate
         self.augmenter = augmenter
@@ -248,14 +245,17 @@ class TrainDataset(torch.utils.data.Dataset):
         self.skip_silent = skip_silent
 
     def __len__(self):
-        return len(self.paths)
+        return len(self.train_list)
+
+    def path(self, index):
+        return os.path.join(self.train_path, self.train_list.path(index))
 
     def crop(self, index, rng, speed=1.0):
         """An augmented random crop of utterance `index` at `speed`, drawn with `rng`, as a float32 tensor."""
         if speed == 1.0:
-            audio = read_usable_crop(self.paths[index], self.length, self.sampling_rate, rng, self.skip_silent)
+            audio = read_usable_crop(self.path(index), self.length, self.sampling_rate, rng, self.skip_silent)
         else:
-            audio = read_usable_crop(self.paths[index], math.ceil(self.length * speed), self.sampling_rate, rng,
+            audio = read_usable_crop(self.path(index), math.ceil(self.length * speed), self.sampling_rate, rng,
                                      self.skip_silent)
             audio = change_speed(audio, speed)[:self.length]
         if self.augmenter is not None:
@@ -266,9 +266,11 @@ class TrainDataset(torch.utils.data.Dataset):
         """`index`, then the other utterances of its speaker in random order, then (unless
         `same_speaker_only`) random utterances of the whole list."""
         yield index
-        yield from (int(i) for i in rng.permutation(self.by_label[self.labels[index]]) if i != index)
+        label = self.labels[index]
+        same_speaker = self.label_order[self.label_starts[label]:self.label_starts[label + 1]]
+        yield from (int(i) for i in rng.permutation(same_speaker) if i != index)
         if not same_speaker_only:
-            yield from (int(i) for i in rng.integers(len(self.paths), size=self.SUBSTITUTE_ATTEMPTS))
+            yield from (int(i) for i in rng.integers(len(self), size=self.SUBSTITUTE_ATTEMPTS))
 
     def draw_speed(self, rng):
         """(speed, label offset) of an item: drawn from `speeds` when there is more than one."""
@@ -282,11 +284,11 @@ class TrainDataset(torch.utils.data.Dataset):
         file met to `skipped`."""
         for candidate in self.candidates(index, rng, same_speaker_only):
             try:
-                return self.crop(candidate, rng, speed), self.labels[candidate]
+                return self.crop(candidate, rng, speed), int(self.labels[candidate])
             except UnusableAudio as problem:
-                skipped.append((self.paths[candidate], str(problem)))
+                skipped.append((self.path(candidate), str(problem)))
         scope = 'its speaker\'s utterances' if same_speaker_only else 'the substitutes tried'
-        raise UserError(f'{self.paths[index]}: no usable audio among {scope}; first problems: {skipped[:3]} '
+        raise UserError(f'{self.path(index)}: no usable audio among {scope}; first problems: {skipped[:3]} '
                            f'(--check_data lists every unusable file)')
 
     def __getitem__(self, item):
@@ -355,7 +357,7 @@ class EpochSampler(ShardedEpochs):
     def __iter__(self):
         order = np.random.default_rng((self.seed, self.epoch)).permutation(self.size)
         order = order[:self.size // self.world_size * self.world_size][self.rank::self.world_size]
-        return iter([(int(i), self.epoch) for i in order[self.skip:]])
+        return ((int(i), self.epoch) for i in order[self.skip:])
 
 
 def speaker_groups(centres, size, rng):
@@ -381,7 +383,7 @@ class SpeakerGroups:
     `groups`, which the trainer sets from the classifier's weights (`group_speakers`) after `set_epoch`."""
 
     def init_groups(self, labels, batch_size, hard_fraction):
-        self.speakers = int(max(labels)) + 1  # speaker_labels numbers speakers 0..n-1, as TrainDataset does
+        self.speakers = int(max(labels)) + 1  # a TrainList numbers its speakers 0..n-1
         self.hard = max(1, round(hard_fraction * batch_size))
         self.groups = [list(range(self.speakers))]
 
@@ -474,7 +476,7 @@ class SpeakerPairSampler(ShardedEpochs):
     def __init__(self, labels, batch_size, seed, world_size=1, rank=0):
         super().__init__(seed, world_size, rank)
         self.by_speaker = {}
-        for index, label in enumerate(labels):
+        for index, label in enumerate(np.asarray(labels).tolist()):
             self.by_speaker.setdefault(label, []).append(index)
         if len(self.by_speaker) < batch_size * world_size:
             raise UserError(f'a batch of {batch_size} distinct speakers on each of {world_size} processes needs '

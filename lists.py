@@ -2,7 +2,7 @@
 
   list_lines         non-blank lines with their numbers; a UTF-8 byte-order mark, CRLF endings and blank
                      lines are accepted; bytes that are not UTF-8 are an error naming the file and line
-  read_train_list    `<speaker> <relative path>`                      -> [TrainEntry]
+  read_train_list    `<speaker> <relative path>`                      -> TrainList (numpy arrays; [i]: TrainEntry)
   read_trials        `<0|1> <enroll> <test>` or `<enroll> <test>`      -> TrialList (distinct_names: outputs)
   read_path_list     one audio path per line, its last field; files_to_embed: such a list or a folder (--extract)
   read_score_file    `<enroll> <test> <score> <0|1>`                  -> (scores, labels)
@@ -12,6 +12,8 @@ A malformed line is a `UserError` naming the file and line; `require_files` chec
 names exists, naming the line of the first missing ones.
 """
 
+import collections.abc
+import concurrent.futures
 import dataclasses
 import math
 import os
@@ -66,50 +68,127 @@ class TrainEntry(NamedTuple):
     line: Optional[int] = None  # of the training list
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class TrainList:
+    """A training list in a few numpy arrays instead of a Python object per line: a VoxCeleb2 list (1,092,009
+    lines) takes about 50 MB, and loader workers forked from the training process share it. A list of Python
+    strings would not stay shared: reading an object writes its reference count, so each worker copies, page by
+    page, every part of the list its epoch touches (bench/bench_scale.py measures it).
+
+      speakers     the distinct speaker names, sorted: label k is speakers[k] (the original's class order)
+      labels       int32 [N]: each entry's speaker label
+      path_bytes   uint8: every relative path in UTF-8, one after another; entry i's ends at path_ends[i]
+      lines        int64 [N]: each entry's line in `source` (0 where it has none)
+    Indexing gives a `TrainEntry`."""
+    source: str
+    speakers: np.ndarray
+    labels: np.ndarray
+    path_bytes: np.ndarray
+    path_ends: np.ndarray
+    lines: np.ndarray
+
+    @classmethod
+    def of(cls, entries, source=''):
+        """The TrainList of `TrainEntry`s (or (speaker, path[, line]) tuples) read from `source`."""
+        speakers, paths, lines = [], [], []
+        for entry in entries:
+            speakers.append(entry[0])
+            paths.append(entry[1].encode())
+            lines.append(entry[2] if len(entry) > 2 and entry[2] is not None else 0)
+        names, labels = np.unique(np.array(speakers, dtype=str), return_inverse=True)
+        return cls(source, names, labels.astype(np.int32).reshape(-1),
+                   np.frombuffer(b''.join(paths), dtype=np.uint8),
+                   np.cumsum([len(p) for p in paths], dtype=np.int64), np.array(lines, dtype=np.int64))
+
+    def __len__(self):
+        return len(self.labels)
+
+    def path(self, i):
+        start = self.path_ends[i - 1] if i > 0 else 0
+        return self.path_bytes[start:self.path_ends[i]].tobytes().decode()
+
+    def speaker(self, i):
+        return str(self.speakers[self.labels[i]])
+
+    def __getitem__(self, i):
+        return TrainEntry(self.speaker(i), self.path(i), int(self.lines[i]) or None)
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
+
+    def take(self, indices):
+        """The TrainList of the entries at `indices`, in that order; speakers without an entry left go."""
+        return TrainList.of((self[int(i)] for i in indices), self.source)
+
+    @property
+    def paths(self):
+        """The relative paths, as a sequence that decodes each one when asked."""
+        return PathColumn(self)
+
+    def by_label(self):
+        """(order, starts): the entries of label k are order[starts[k]:starts[k + 1]], in list order."""
+        order = np.argsort(self.labels, kind='stable')
+        return order, np.searchsorted(self.labels[order], np.arange(len(self.speakers) + 1))
+
+
+class PathColumn(collections.abc.Sequence):
+    """A TrainList's relative paths as a sequence (`TrainList.paths`)."""
+
+    def __init__(self, train_list):
+        self.train_list = train_list
+
+    def __len__(self):
+        return len(self.train_list)
+
+    def __getitem__(self, i):
+        return self.train_list.path(i)
+
+
 def read_train_list(path):
-    """The entries of a training list; raises naming a malformed line, or an empty list."""
+    """The `TrainList` of a training list; raises naming a malformed line, or an empty list."""
     entries = []
     for line in list_lines(path, 'training list'):
         if len(line.fields) != 2:
             raise malformed(path, line, "'<speaker> <relative path>'")
-        entries.append(TrainEntry(line.fields[0], line.fields[1], line.number))
+        entries.append((line.fields[0], line.fields[1], line.number))
     if not entries:
         raise UserError(f'{path}: the training list is empty')
-    return entries
+    return TrainList.of(entries, path)
 
 
-def without_repeats(entries, path):
-    """(`entries` without the lines that repeat an earlier one, how many did). A file listed under two
-    speakers is a `UserError` naming both lines of `path`."""
+def without_repeats(train_list):
+    """(`train_list` without the lines that repeat an earlier one, how many did). A file listed under two
+    speakers is a `UserError` naming both lines of the list."""
     first, kept = {}, []
-    for entry in entries:
-        earlier = first.setdefault(entry.path, entry)
-        if earlier is entry:
-            kept.append(entry)
-        elif earlier.speaker != entry.speaker:
-            raise UserError(f'{path}:{entry.line}: {entry.path} is listed under speaker {entry.speaker} here and '
-                            f'under {earlier.speaker} on line {earlier.line}')
-    return kept, len(entries) - len(kept)
+    for i in range(len(train_list)):
+        earlier = first.setdefault(train_list.path(i), i)
+        if earlier == i:
+            kept.append(i)
+        elif train_list.labels[earlier] != train_list.labels[i]:
+            entry, other = train_list[i], train_list[earlier]
+            raise UserError(f'{train_list.source}:{entry.line}: {entry.path} is listed under speaker {entry.speaker} '
+                            f'here and under {other.speaker} on line {other.line}')
+    if len(kept) == len(train_list):
+        return train_list, 0
+    return train_list.take(kept), len(train_list) - len(kept)
 
 
-def speaker_labels(entries):
-    """Speaker name -> class index, in sorted order of the names (as the original assigns them)."""
-    return {name: i for i, name in enumerate(sorted({entry.speaker for entry in entries}))}
-
-
-def cohort_entries(entries, size, seed):
-    """Up to `size` training entries (all when 0), taken round-robin over speakers in a seeded order."""
-    if size == 0 or size >= len(entries):
-        return list(entries)
-    rng = np.random.default_rng(seed)
-    by_speaker = {}
-    for i in rng.permutation(len(entries)):
-        by_speaker.setdefault(entries[i].speaker, []).append(entries[i])
-    chosen, depth = [], 0
-    while len(chosen) < size:
-        chosen.extend(utts[depth] for utts in by_speaker.values() if depth < len(utts))
-        depth += 1
-    return chosen[:size]
+def cohort_entries(train_list, size, seed):
+    """Up to `size` `TrainEntry`s of a TrainList (all when 0), taken round-robin over speakers in a seeded
+    order: the first utterance of each speaker in the order a seeded permutation meets them, then the second,
+    and so on."""
+    if size == 0 or size >= len(train_list):
+        return list(train_list)
+    order = np.random.default_rng(seed).permutation(len(train_list))
+    speaker = train_list.labels[order]
+    _, first_seen = np.unique(speaker, return_index=True)
+    by_speaker = np.argsort(speaker, kind='stable')
+    depth = np.empty(len(order), dtype=np.int64)
+    depth[by_speaker] = np.arange(len(order)) - np.searchsorted(speaker[by_speaker], speaker[by_speaker])
+    seen_rank = np.empty(len(train_list.speakers), dtype=np.int64)
+    seen_rank[np.unique(speaker)] = np.argsort(np.argsort(first_seen))
+    chosen = order[np.lexsort((seen_rank[speaker], depth))[:size]]
+    return [train_list[int(i)] for i in chosen]
 
 
 # ---------------------------------------------------------------- trial lists
@@ -223,14 +302,20 @@ def files_to_embed(list_or_folder, root=None):
         references = read_path_list(list_or_folder)
     if not references:
         raise UserError(f'{list_or_folder}: no audio files to embed')
-    require_files(references, root, list_or_folder)
+    require_files(list(references), list(references.values()), root, list_or_folder)
     return root, references
 
 
-def require_files(references, root, source):
-    """A `UserError` naming `source` unless every file of `references` ({relative path: the line of `source`
-    naming it, or None}) exists under `root`."""
-    missing = [p for p in references if not os.path.isfile(os.path.join(root, p))]
+def require_files(paths, lines, root, source, threads=8):
+    """A `UserError` naming `source` unless every file of `paths` (relative to `root`; `lines[i]`: the line of
+    `source` naming paths[i], or None) exists. Checked on a few threads: a cluster's file system answers slowly
+    one file at a time, and a VoxCeleb2 list names a million."""
+    def missing_of(start):
+        return [i for i in range(start, min(start + 4096, len(paths)))
+                if not os.path.isfile(os.path.join(root, paths[i]))]
+    with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+        missing = [i for part in pool.map(missing_of, range(0, len(paths), 4096)) for i in part]
     if missing:
-        shown = [f'{source}:{references[p]}: {p}' if references[p] else p for p in missing[:3]]
+        shown = [f'{source}:{lines[i]}: {paths[i]}' if lines is not None and lines[i] else paths[i]
+                 for i in missing[:3]]
         raise UserError(f'{source}: {len(missing)} files not under {root}, e.g. ' + '; '.join(shown))

@@ -32,8 +32,7 @@ from dataLoader import (SPEED_PERTURBATION, EpochSampler, HardNegativeBatches, H
                         SpeakerGroups, SpeakerPairSampler, TrainDataset, collate, leave_signals_to_parent,
                         unreadable_headers)
 from errors import UsageError, UserError, message_of
-from lists import (cohort_entries, distinct_names, read_train_list, read_trials, require_files, speaker_labels,
-                   without_repeats)
+from lists import cohort_entries, distinct_names, read_train_list, read_trials, require_files, without_repeats
 from loss import AAMsoftmax, build_objective
 from model import build_encoder
 from plots import evaluation_plots, training_curve
@@ -304,7 +303,7 @@ def read_trial_lists(args):
     trial_lists = distinct_names([read_trials(path) for path in args.eval_list])
     for trials in trial_lists:
         references = trials.references()
-        require_files(references, args.eval_path, trials.path)
+        require_files(list(references), list(references.values()), args.eval_path, trials.path)
         problems = unreadable_headers(args.eval_path, list(references))
         if problems:
             raise UserError(f'{trials.path}: {len(problems)} files cannot be used, e.g. '
@@ -364,7 +363,7 @@ class TrainingRun:
         self.model = SpeakerModel(encoder, build_objective(args, encoder.embedding_dim)).to(self.device)
         self.optimizer = adam(self.model.parameters(), args.lr)
         log(f'{args.model}: {sum(p.numel() for p in encoder.parameters()) / 1e6:.2f} M parameters, '
-            f'{len(self.entries)} utterances of {len(speaker_labels(self.entries))} speakers, {args.n_class} '
+            f'{len(self.entries)} utterances of {len(self.entries.speakers)} speakers, {args.n_class} '
             f'classes, device {self.device}'
             + (f', {distributed.world_size()} processes' if distributed.world_size() > 1 else ''))
         self.resume = self.restore()
@@ -400,14 +399,14 @@ class TrainingRun:
     def read_inputs(self):
         """The training entries and trial lists, after checking every file they name and the class count."""
         args = self.args
-        entries, repeats = without_repeats(read_train_list(args.train_list), args.train_list)
+        entries, repeats = without_repeats(read_train_list(args.train_list))
         if repeats:
             log(f'{args.train_list}: {repeats} lines repeat an earlier line and are left out')
-        require_files({e.path: e.line for e in entries}, args.train_path, args.train_list)
-        speakers = len(speaker_labels(entries))
+        require_files(entries.paths, entries.lines, args.train_path, args.train_list)
+        speakers = len(entries.speakers)
         classes = speakers * len(speeds(args))
         if speakers < 2:
-            raise UsageError(f'{args.train_list}: every utterance is of speaker {entries[0].speaker}; training a '
+            raise UsageError(f'{args.train_list}: every utterance is of speaker {entries.speaker(0)}; training a '
                              f'speaker encoder needs at least two speakers')
         if args.mode == 'classifier' and args.batch_size * distributed.world_size() > len(entries):
             raise UsageError(f'--batch_size {args.batch_size} on {distributed.world_size()} processes is more than '

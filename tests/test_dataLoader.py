@@ -17,7 +17,7 @@ from dataLoader import (SPEED_PERTURBATION, EpochSampler, HardNegativeBatches, H
                         SpeakerPairSampler, TrainDataset, UnusableAudio, change_speed, collate, end_loader_workers,
                         leave_signals_to_parent, random_crop, read_audio, read_usable_crop, speaker_groups)
 from errors import UserError
-from lists import TrainEntry, read_train_list
+from lists import TrainEntry, TrainList, read_train_list
 from model import crop_samples
 
 RATE = 16000
@@ -128,7 +128,7 @@ def test_a_pair_speaker_without_any_usable_utterance_is_an_error_naming_it(tmp_p
     for name in ('silent.wav', 'nan.wav'):
         broken_audio[name][0](str(tmp_path / name))
     soundfile.write(tmp_path / 'good.wav', np.random.default_rng(0).standard_normal(16000) * 0.1, 16000)
-    entries = [TrainEntry('a', 'silent.wav'), TrainEntry('a', 'nan.wav'), TrainEntry('b', 'good.wav')]
+    entries = TrainList.of([TrainEntry('a', 'silent.wav'), TrainEntry('a', 'nan.wav'), TrainEntry('b', 'good.wav')])
     dataset = PairDataset(entries, str(tmp_path), 40, 16000,
                           None, seed=0)
     with pytest.raises(UserError, match="silent.wav: no usable audio among its speaker's utterances"):
@@ -276,6 +276,7 @@ def test_speed_perturbed_items_have_the_crop_length_and_one_speaker_label_per_sp
         for n in range(2):
             soundfile.write(tmp_path / f'{speaker}{n}.wav', 0.3 * np.sin(2 * np.pi * pitch * t), 16000)
             entries.append(TrainEntry(speaker, f'{speaker}{n}.wav'))
+    entries = TrainList.of(entries)
     plain = TrainDataset(entries, str(tmp_path), 100, 16000, None, seed=5)
     perturbed = TrainDataset(entries, str(tmp_path), 100, 16000, None, seed=5, speeds=SPEED_PERTURBATION)
     seen = set()

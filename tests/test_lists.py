@@ -4,9 +4,8 @@ import numpy as np
 import pytest
 
 from errors import UserError
-from lists import (TrainEntry, TrialList, cohort_entries, distinct_names, files_under, read_path_list,
-                   read_score_file, read_train_list, read_trials, require_files, speaker_labels, without_repeats,
-                   write_score_file)
+from lists import (TrainEntry, TrainList, TrialList, cohort_entries, distinct_names, files_under, read_path_list,
+                   read_score_file, read_train_list, read_trials, require_files, without_repeats, write_score_file)
 
 
 def test_a_byte_order_mark_crlf_endings_and_blank_lines_change_nothing(tmp_path):
@@ -16,7 +15,23 @@ def test_a_byte_order_mark_crlf_endings_and_blank_lines_change_nothing(tmp_path)
     assert [e[:2] for e in read_train_list(str(odd))] == [e[:2] for e in read_train_list(str(plain))] == [
         ('id1', 'id1/a/1.wav'), ('id2', 'id2/b/1.wav')]
     assert [e.line for e in read_train_list(str(odd))] == [1, 4]
-    assert speaker_labels(read_train_list(str(odd))) == {'id1': 0, 'id2': 1}
+    train_list = read_train_list(str(odd))
+    assert train_list.speakers.tolist() == ['id1', 'id2'] and train_list.labels.tolist() == [0, 1]
+
+
+def test_a_train_list_holds_its_entries_in_arrays_labelled_in_sorted_speaker_order(tmp_path):
+    path = tmp_path / 'train.txt'
+    path.write_text('id2 id2/v/1.wav\nid10 id10/v/é.wav\n\nid2 id2/w/2.wav\n')
+    train_list = read_train_list(str(path))
+    assert train_list.speakers.tolist() == ['id10', 'id2'] and train_list.labels.tolist() == [1, 0, 1]
+    assert list(train_list) == [TrainEntry('id2', 'id2/v/1.wav', 1), TrainEntry('id10', 'id10/v/é.wav', 2),
+                                TrainEntry('id2', 'id2/w/2.wav', 4)]
+    assert list(train_list.paths) == ['id2/v/1.wav', 'id10/v/é.wav', 'id2/w/2.wav']
+    order, starts = train_list.by_label()
+    assert [order[starts[k]:starts[k + 1]].tolist() for k in range(2)] == [[1], [0, 2]]
+    assert all(isinstance(column, np.ndarray) for column in (train_list.labels, train_list.path_bytes,
+                                                             train_list.path_ends, train_list.lines))
+    assert list(train_list.take([2, 0])) == [train_list[2], train_list[0]]
 
 
 @pytest.mark.parametrize('reader', [read_train_list, read_trials, read_path_list, read_score_file])
@@ -74,12 +89,12 @@ def test_labels_of_one_class_only_are_an_error(tmp_path, reader, text):
 def test_repeated_training_lines_are_left_out_and_a_file_of_two_speakers_is_an_error(tmp_path):
     path = tmp_path / 'train.txt'
     path.write_text('a a/1.wav\nb b/1.wav\na a/1.wav\na a/2.wav\n')
-    kept, repeats = without_repeats(read_train_list(str(path)), str(path))
+    kept, repeats = without_repeats(read_train_list(str(path)))
     assert [(e.speaker, e.path, e.line) for e in kept] == [('a', 'a/1.wav', 1), ('b', 'b/1.wav', 2),
                                                            ('a', 'a/2.wav', 4)] and repeats == 1
     path.write_text('a a/1.wav\nb a/1.wav\n')
     with pytest.raises(UserError, match=r'train.txt:2: a/1.wav is listed under speaker b here and under a on line 1'):
-        without_repeats(read_train_list(str(path)), str(path))
+        without_repeats(read_train_list(str(path)))
 
 
 def test_lists_of_one_file_name_get_distinct_output_names():
@@ -109,16 +124,35 @@ def test_path_lists_take_the_last_field_and_folders_their_audio_files(tmp_path):
 
 def test_missing_files_are_named_with_their_lines(tmp_path):
     (tmp_path / 'here.wav').write_bytes(b'')
-    require_files({'here.wav': 1}, str(tmp_path), 'list.txt')
+    require_files(['here.wav'], [1], str(tmp_path), 'list.txt')
     with pytest.raises(UserError, match=r'^list.txt: 2 files not under .*, e.g. list.txt:4: gone.wav; list.txt:9: '
                                         r'away.wav$'):
-        require_files({'here.wav': 1, 'gone.wav': 4, 'away.wav': 9}, str(tmp_path), 'list.txt')
+        require_files(['here.wav', 'gone.wav', 'away.wav'], [1, 4, 9], str(tmp_path), 'list.txt')
+    many = [f'{i}.wav' for i in range(10000)]  # more than one thread's share
+    with pytest.raises(UserError, match=r'^list.txt: 10000 files not under .*, e.g. 0.wav; 1.wav; 2.wav$'):
+        require_files(many, None, str(tmp_path), 'list.txt')
+
+
+def round_robin_cohort(entries, size, seed):
+    """The cohort's definition, one entry at a time: speakers in the order a seeded permutation meets them,
+    their first utterance in it, then their second, ..."""
+    by_speaker = {}
+    for i in np.random.default_rng(seed).permutation(len(entries)):
+        by_speaker.setdefault(entries[i].speaker, []).append(entries[i])
+    chosen, depth = [], 0
+    while len(chosen) < size:
+        chosen.extend(utts[depth] for utts in by_speaker.values() if depth < len(utts))
+        depth += 1
+    return chosen[:size]
 
 
 def test_cohort_entries_spread_over_speakers():
-    entries = [TrainEntry(f's{i % 5}', f'u{i}') for i in range(50)]
+    entries = TrainList.of([TrainEntry(f's{i % 5}', f'u{i}') for i in range(50)])
     chosen = cohort_entries(entries, 12, seed=1)
     assert len(chosen) == 12 and len(set(chosen)) == 12
     counts = [sum(1 for e in chosen if e.speaker == f's{k}') for k in range(5)]
     assert max(counts) - min(counts) <= 1
-    assert cohort_entries(entries, 0, seed=1) == entries
+    assert cohort_entries(entries, 0, seed=1) == list(entries)
+    uneven = TrainList.of([TrainEntry(f's{i * i % 7}', f'u{i}') for i in range(60)])
+    for size in (1, 5, 13, 40):
+        assert cohort_entries(uneven, size, seed=3) == round_robin_cohort(list(uneven), size, seed=3)
