@@ -143,6 +143,18 @@ def check_check_data(args):
             raise UsageError(f'--check_data of --{listed} needs --{folder}')
 
 
+def check_train(args):
+    if args.train_shards:
+        if args.train_list and not args.snorm:
+            raise UsageError('--train_shards and --train_list: training reads the shards, and the list would serve '
+                             'only --snorm\'s cohort; give one of them')
+        if args.mode != 'classifier' or args.sampler != 'random':
+            raise UsageError('--train_shards streams utterances in a shuffled order, which trains --mode classifier '
+                             'with --sampler random; the pair modes and --sampler chns need --train_list')
+    elif not (args.train_list and args.train_path):
+        raise UsageError('training needs --train_list and --train_path, or --train_shards')
+
+
 def check_export(args):
     if os.path.splitext(args.export)[1] not in ('.pt', '.onnx'):
         raise UsageError(f'--export {args.export}: name a .pt (TorchScript) or .onnx file')
@@ -187,5 +199,5 @@ COMMANDS = {  # the flag that selects each command (training: none of them)
     'score_pair': Command(run_score_pair, ('initial_model',), check_score_pair),
     'average_checkpoints': Command(run_average_checkpoints, ('out',), check_average_checkpoints),
     'eval': Command(run_eval, ('initial_model', 'eval_list', 'eval_path')),
-    'train': Command(run_training, ('train_list', 'train_path', 'eval_list', 'eval_path')),
+    'train': Command(run_training, ('eval_list', 'eval_path'), check_train),
 }

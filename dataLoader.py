@@ -16,12 +16,14 @@ Features are not computed here: the model computes them.
 """
 
 import concurrent.futures
+import dataclasses
 import errno
 import functools
 import math
 import multiprocessing
 import os
 import signal
+from typing import Optional
 
 import numpy as np
 import soundfile
@@ -56,10 +58,13 @@ def change_speed(audio, speed):
 
 def decode_with_av(path):
     """(float32 samples [channels, frames], rate) of a file libsndfile does not read (AAC in .m4a, what FFmpeg
-    reads), decoded whole by PyAV; samples as the codec gives them, no resampling or mixing."""
+    reads), decoded whole by PyAV; samples as the codec gives them, no resampling or mixing. `path` may be a
+    file object (a tar shard's member), read from its start."""
     import av  # FFmpeg is needed only for these formats
+    if hasattr(path, 'seek'):
+        path.seek(0)
     try:
-        with av.open(os.fspath(path)) as container:
+        with av.open(path if hasattr(path, 'read') else os.fspath(path)) as container:
             stream = container.streams.audio[0]
             to_float = av.AudioResampler(format='fltp')
             planes = [out.to_ndarray() for frame in container.decode(stream) for out in to_float.resample(frame)]
@@ -73,9 +78,9 @@ def decode_with_av(path):
 
 
 def not_for_libsndfile(path, error):
-    """Whether soundfile's `error` opening `path` says only that libsndfile does not know its format; a missing
-    file raises FileNotFoundError here (libsndfile says "System error")."""
-    if not os.path.exists(path):
+    """Whether soundfile's `error` opening `path` (or a file object) says only that libsndfile does not know its
+    format; a missing file raises FileNotFoundError here (libsndfile says "System error")."""
+    if not hasattr(path, 'read') and not os.path.exists(path):
         raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), os.fspath(path)) from None
     return isinstance(error, soundfile.LibsndfileError) and 'Format not recognised' in str(error)
 
@@ -89,10 +94,10 @@ def frame_window(start, seconds, rate, frames):
 
 
 def read_audio(path, sampling_rate, start=0.0, seconds=None):
-    """Mono float32 audio of `path` at `sampling_rate`, from `start` seconds for `seconds` (None: to the
-    end); `start` may be a function of the file's duration in seconds, called once the file is open. Only the
-    frames needed are decoded (formats libsndfile does not read, such as .m4a, are decoded whole by PyAV);
-    channels are averaged."""
+    """Mono float32 audio of `path` (or of a file object holding a file's bytes) at `sampling_rate`, from
+    `start` seconds for `seconds` (None: to the end); `start` may be a function of the file's duration in
+    seconds, called once the file is open. Only the frames needed are decoded (formats libsndfile does not
+    read, such as .m4a, are decoded whole by PyAV); channels are averaged."""
     try:
         with soundfile.SoundFile(path) as f:
             native_rate = f.samplerate
@@ -212,21 +217,53 @@ def read_usable_crop(path, length, sampling_rate, rng, skip_silent=True):
     return wrap_pad(audio, length)
 
 
-class TrainDataset(torch.utils.data.Dataset):
-    """One augmented random crop per item. Items are `(index, epoch)` pairs from `EpochSampler`; all
-    randomness of an item comes from a generator seeded by (seed, epoch, index), so an epoch is the same
-    whatever the number of workers and whether or not the run was resumed.
-
-    An unusable file (`read_usable_crop`) is replaced by another utterance of its speaker drawn with the same
-    generator, or, when none of the speaker's is usable, by any utterance (its label with it); the item
-    carries the (path, reason) of every file it skipped, which `collate` gathers per batch. Batches therefore
-    keep their size and their speakers.
+@dataclasses.dataclass(frozen=True)
+class CropMaker:
+    """What a training item does to an utterance, from files or from tar shards alike: a random crop of
+    `length` samples at `sampling_rate` (`read_usable_crop`), played at a speed, then augmented.
 
     `speeds` other than (1.0,): speed perturbation as wespeaker and 3D-Speaker do it. Each item draws one of
     `speeds` (uniformly, first from its generator), its crop is read `speed` times as long and resampled to the
     crop length, so that it plays `speed` times faster, pitch included; and its label becomes
     `label + k * speakers` for the k-th speed, a new speaker per speed (so the classifier needs
     `len(speeds) * speakers` classes). With (1.0,) nothing is drawn: items are those of a run without it."""
+    length: int
+    sampling_rate: int
+    augmenter: Optional[object]
+    speakers: int
+    speeds: tuple = (1.0,)
+    skip_silent: bool = True
+
+    def draw_speed(self, rng):
+        """(speed, label offset) of an item: drawn from `speeds` when there is more than one."""
+        if len(self.speeds) == 1:
+            return self.speeds[0], 0
+        k = int(rng.integers(len(self.speeds)))
+        return self.speeds[k], k * self.speakers
+
+    def __call__(self, source, rng, speed=1.0):
+        """An augmented random crop of `source` (a path or a file object) at `speed`, drawn with `rng`, as a
+        float32 tensor; `UnusableAudio` when it cannot be trained on."""
+        if speed == 1.0:
+            audio = read_usable_crop(source, self.length, self.sampling_rate, rng, self.skip_silent)
+        else:
+            audio = read_usable_crop(source, math.ceil(self.length * speed), self.sampling_rate, rng,
+                                     self.skip_silent)
+            audio = change_speed(audio, speed)[:self.length]
+        if self.augmenter is not None:
+            audio = self.augmenter(audio, rng)
+        return torch.from_numpy(np.ascontiguousarray(audio, dtype=np.float32))
+
+
+class TrainDataset(torch.utils.data.Dataset):
+    """One augmented random crop (`CropMaker`) per item. Items are `(index, epoch)` pairs from `EpochSampler`;
+    all randomness of an item comes from a generator seeded by (seed, epoch, index), so an epoch is the same
+    whatever the number of workers and whether or not the run was resumed.
+
+    An unusable file (`read_usable_crop`) is replaced by another utterance of its speaker drawn with the same
+    generator, or, when none of the speaker's is usable, by any utterance (its label with it); the item
+    carries the (path, reason) of every file it skipped, which `collate` gathers per batch. Batches therefore
+    keep their size and their speakers."""
 
     SUBSTITUTE_ATTEMPTS = 20  # random utterances of other speakers tried before giving up
 
@@ -234,33 +271,17 @@ class TrainDataset(torch.utils.data.Dataset):
                  speeds=(1.0,)):
         self.train_list = train_list  # a lists.TrainList: numpy arrays, which forked workers share
         self.train_path = train_path
-        self.speakers = len(train_list.speakers)
-        self.speeds = speeds
         self.labels = train_list.labels
         self.label_order, self.label_starts = train_list.by_label()
-        self.length = crop_samples(num_frames, sampling_rate)
-        self.sampling_rate = sampling_rate
-        self.augmenter = augmenter
+        self.crops = CropMaker(crop_samples(num_frames, sampling_rate), sampling_rate, augmenter,
+                               len(train_list.speakers), speeds, skip_silent)
         self.seed = seed
-        self.skip_silent = skip_silent
 
     def __len__(self):
         return len(self.train_list)
 
     def path(self, index):
         return os.path.join(self.train_path, self.train_list.path(index))
-
-    def crop(self, index, rng, speed=1.0):
-        """An augmented random crop of utterance `index` at `speed`, drawn with `rng`, as a float32 tensor."""
-        if speed == 1.0:
-            audio = read_usable_crop(self.path(index), self.length, self.sampling_rate, rng, self.skip_silent)
-        else:
-            audio = read_usable_crop(self.path(index), math.ceil(self.length * speed), self.sampling_rate, rng,
-                                     self.skip_silent)
-            audio = change_speed(audio, speed)[:self.length]
-        if self.augmenter is not None:
-            audio = self.augmenter(audio, rng)
-        return torch.from_numpy(np.ascontiguousarray(audio, dtype=np.float32))
 
     def candidates(self, index, rng, same_speaker_only):
         """`index`, then the other utterances of its speaker in random order, then (unless
@@ -272,19 +293,12 @@ class TrainDataset(torch.utils.data.Dataset):
         if not same_speaker_only:
             yield from (int(i) for i in rng.integers(len(self), size=self.SUBSTITUTE_ATTEMPTS))
 
-    def draw_speed(self, rng):
-        """(speed, label offset) of an item: drawn from `speeds` when there is more than one."""
-        if len(self.speeds) == 1:
-            return self.speeds[0], 0
-        k = int(rng.integers(len(self.speeds)))
-        return self.speeds[k], k * self.speakers
-
     def usable_crop(self, index, rng, skipped, same_speaker_only=False, speed=1.0):
         """(crop, label) of the first usable candidate of `index`; appends (path, reason) of each unusable
         file met to `skipped`."""
         for candidate in self.candidates(index, rng, same_speaker_only):
             try:
-                return self.crop(candidate, rng, speed), int(self.labels[candidate])
+                return self.crops(self.path(candidate), rng, speed), int(self.labels[candidate])
             except UnusableAudio as problem:
                 skipped.append((self.path(candidate), str(problem)))
         scope = 'its speaker\'s utterances' if same_speaker_only else 'the substitutes tried'
@@ -295,7 +309,7 @@ class TrainDataset(torch.utils.data.Dataset):
         index, epoch = item
         skipped = []
         rng = np.random.default_rng((self.seed, epoch, index))
-        speed, offset = self.draw_speed(rng)
+        speed, offset = self.crops.draw_speed(rng)
         audio, label = self.usable_crop(index, rng, skipped, speed=speed)
         return audio, label + offset, skipped
 
@@ -454,7 +468,7 @@ class PairDataset(TrainDataset):
         index_a, index_b, epoch = item
         skipped = []
         rng_a = np.random.default_rng((self.seed, epoch, index_a, 0))
-        speed, offset = self.draw_speed(rng_a)
+        speed, offset = self.crops.draw_speed(rng_a)
         view_a, label = self.usable_crop(index_a, rng_a, skipped, same_speaker_only=True, speed=speed)
         view_b, _ = self.usable_crop(index_b, np.random.default_rng((self.seed, epoch, index_b, 1)), skipped,
                                      same_speaker_only=True, speed=speed)

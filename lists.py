@@ -3,6 +3,7 @@
   list_lines         non-blank lines with their numbers; a UTF-8 byte-order mark, CRLF endings and blank
                      lines are accepted; bytes that are not UTF-8 are an error naming the file and line
   read_train_list    `<speaker> <relative path>`                      -> TrainList (numpy arrays; [i]: TrainEntry)
+  read_shard_list    `<tar file> <utterances>` + speakers.txt          -> ShardList (tar shards, shards.py)
   read_trials        `<0|1> <enroll> <test>` or `<enroll> <test>`      -> TrialList (distinct_names: outputs)
   read_path_list     one audio path per line, its last field; files_to_embed: such a list or a folder (--extract)
   read_score_file    `<enroll> <test> <score> <0|1>`                  -> (scores, labels)
@@ -189,6 +190,47 @@ def cohort_entries(train_list, size, seed):
     seen_rank[np.unique(speaker)] = np.argsort(np.argsort(first_seen))
     chosen = order[np.lexsort((seen_rank[speaker], depth))[:size]]
     return [train_list[int(i)] for i in chosen]
+
+
+# ---------------------------------------------------------------- shard lists
+
+@dataclasses.dataclass(frozen=True)
+class ShardList:
+    """A list of tar shards (shards.py): `shards` the tar files, `counts` the utterances in each, `speakers`
+    the sorted speaker names of speakers.txt beside the list (label k is speakers[k], as in a TrainList)."""
+    path: str
+    shards: list
+    counts: np.ndarray
+    speakers: np.ndarray
+
+    def __len__(self):
+        """The utterances of every shard."""
+        return int(self.counts.sum())
+
+
+def read_shard_list(path):
+    """shards.txt (`<tar file, relative to the list's folder> <utterances>` per line) and the speakers.txt
+    beside it; raises naming a malformed line, a missing shard, or speakers not sorted and distinct."""
+    folder = os.path.dirname(os.path.abspath(path))
+    shards, counts, lines = [], [], []
+    for line in list_lines(path, 'shard list'):
+        if len(line.fields) != 2 or not line.fields[1].isdigit() or int(line.fields[1]) == 0:
+            raise malformed(path, line, "'<tar file> <number of utterances in it>'")
+        shards.append(os.path.join(folder, line.fields[0]))
+        counts.append(int(line.fields[1]))
+        lines.append(line.number)
+    if not shards:
+        raise UserError(f'{path}: the shard list is empty')
+    require_files(shards, lines, folder, path)
+    speakers_path = os.path.join(folder, 'speakers.txt')
+    speakers = [line.fields[0] for line in list_lines(speakers_path, 'speaker list (written with the shards)')]
+    for k in range(1, len(speakers)):
+        if speakers[k] <= speakers[k - 1]:
+            raise UserError(f'{speakers_path}: speaker {speakers[k]!r} (entry {k + 1}) is not after '
+                            f'{speakers[k - 1]!r}: the names must be sorted and distinct, one a line')
+    if len(speakers) < 2:
+        raise UserError(f'{speakers_path}: training a speaker encoder needs at least two speakers')
+    return ShardList(path, shards, np.array(counts, dtype=np.int64), np.array(speakers, dtype=str))
 
 
 # ---------------------------------------------------------------- trial lists

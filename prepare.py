@@ -9,6 +9,8 @@ that dataLoader.py keeps short:
   python prepare.py musan SRC DST        MUSAN -> 5 s chunks every 3 s, <category>/<subset>/<stem>/NNNNN.wav
                                          (what --musan_path expects)
   python prepare.py rirs SRC DST         RIRS_NOISES -> <room type>/<room>/*.wav (what --rir_path expects)
+  python prepare.py shards LIST ROOT DST a training list -> tar shards of 1,000 utterances, DST/shards.txt and
+                                         DST/speakers.txt (what --train_shards reads; shards.py); resumable
 
 `check_data` is what `trainECAPAModel.py --check_data` runs. AAC is decoded by PyAV (the `av` package on
 PyPI, FFmpeg's libraries built into its wheel); everything else is read with soundfile.
@@ -30,7 +32,8 @@ from augment import MUSAN_CATEGORIES, musan_files, rir_files
 from checkpoints import atomic_write
 from dataLoader import audio_problem, duration_problem
 from errors import ArgumentParser, UserError, reported_as_exit
-from lists import files_under, list_lines, malformed, read_train_list, read_trials
+from lists import files_under, list_lines, malformed, read_train_list, read_trials, without_repeats
+from shards import pack_shards
 
 PROBLEMS_SHOWN = 20
 
@@ -350,7 +353,13 @@ def build_parser():
     rirs.add_argument('source', help='the unpacked RIRS_NOISES folder')
     rirs.add_argument('target')
     rirs.add_argument('--real', action='store_true', help='also the recorded impulse responses of rir_list')
-    for command in (m4a, musan):
+    shards = commands.add_parser('shards', help='pack a training list into tar shards for --train_shards')
+    shards.add_argument('train_list', help='lines "<speaker> <relative path>"')
+    shards.add_argument('train_path', help='folder the list\'s paths are relative to')
+    shards.add_argument('target', help='folder for shard-NNNNNN.tar, shards.txt and speakers.txt')
+    shards.add_argument('--per_shard', type=int, default=1000, help='utterances per shard')
+    shards.add_argument('--seed', type=int, default=0, help='seed of the order utterances are packed in')
+    for command in (m4a, musan, shards):
         command.add_argument('--workers', type=int, default=os.cpu_count() or 1, help='decoding processes')
     return parser
 
@@ -360,6 +369,15 @@ def run(args):
     if args.command == 'train_list':
         utterances, speakers = write_train_list(args.root, args.out)
         print(f'{args.out}: {utterances} utterances of {speakers} speakers')
+        return 0
+    if args.command == 'shards':
+        if args.per_shard < 1:
+            raise UserError(f'--per_shard must be at least 1, got {args.per_shard}')
+        train_list, repeats = without_repeats(read_train_list(args.train_list))
+        shard_list = pack_shards(train_list, args.train_path, args.target, args.per_shard, args.seed, args.workers)
+        print(f'{shard_list}: {len(train_list)} utterances of {len(train_list.speakers)} speakers in '
+              f'{-(-len(train_list) // args.per_shard)} shards' + (f' ({repeats} repeated lines left out)' if repeats
+                                                                   else ''))
         return 0
     if args.command == 'rirs':
         print(f'{args.target}: {layout_rirs(args.source, args.target, args.real)} impulse responses')

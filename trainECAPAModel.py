@@ -58,6 +58,9 @@ def build_parser():
     data = parser.add_argument_group('data')
     data.add_argument('--train_list', help='training list, lines "<speaker> <relative path>"')
     data.add_argument('--train_path', help='folder the training list paths are relative to')
+    data.add_argument('--train_shards', metavar='SHARDS_TXT',
+                      help='train from tar shards (`prepare.py shards`) instead of --train_list/--train_path: their '
+                           'shards.txt, with speakers.txt beside it (--mode classifier, --sampler random)')
     data.add_argument('--eval_list', nargs='+',
                       help='trial lists, lines "<0|1> <enroll> <test>" (or "<enroll> <test>": scored without '
                            'metrics); e.g. veri_test2.txt list_test_all2.txt list_test_hard2.txt')
@@ -323,7 +326,7 @@ def check_command_flags(args):
 
 
 def check_paths(args):
-    for name in ('train_list', 'eval_list', 'initial_model'):
+    for name in ('train_list', 'train_shards', 'eval_list', 'initial_model'):
         paths = getattr(args, name) or []
         for path in ([paths] if isinstance(paths, str) else paths):
             if path and not os.path.isfile(path) and not (args.demo and name != 'initial_model'):

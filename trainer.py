@@ -28,17 +28,19 @@ import distributed
 from augment import Augmenter, DeviceAugmenter
 from checkpoints import (FolderLock, ResumeState, average_checkpoints, encoder_weights, load_encoder_weights,
                          remove_partial_writes, save_checkpoint)
-from dataLoader import (SPEED_PERTURBATION, EpochSampler, HardNegativeBatches, HardNegativePairBatches, PairDataset,
-                        SpeakerGroups, SpeakerPairSampler, TrainDataset, collate, leave_signals_to_parent,
+from dataLoader import (SPEED_PERTURBATION, CropMaker, EpochSampler, HardNegativeBatches, HardNegativePairBatches,
+                        PairDataset, SpeakerGroups, SpeakerPairSampler, TrainDataset, collate, leave_signals_to_parent,
                         unreadable_headers)
 from errors import UsageError, UserError, message_of
-from lists import cohort_entries, distinct_names, read_train_list, read_trials, require_files, without_repeats
+from lists import (ShardList, TrainList, cohort_entries, distinct_names, read_shard_list, read_train_list, read_trials,
+                   require_files, without_repeats)
 from loss import AAMsoftmax, build_objective
-from model import build_encoder
+from model import build_encoder, crop_samples
 from plots import evaluation_plots, training_curve
 from records import (EpochRecord, TensorBoard, append_metrics, average_line, forget_epochs_after,
                      recorded_initial_model, score_line, write_config)
 from schedules import training_schedule
+from shards import ShardDataset, steps_per_epoch
 from tools import Autocast, Cohort, evaluate
 
 
@@ -272,17 +274,27 @@ def speeds(args):
     return SPEED_PERTURBATION if args.speed_perturb == 'on' else (1.0,)
 
 
-def training_loader(args, entries, augmenter, device):
+def training_loader(args, data, augmenter, device):
     """(sampler, loader, items the sampler yields per step) for --mode: crops of single utterances
-    (`EpochSampler`) or pairs of views of distinct speakers (`SpeakerPairSampler`), batched by `collate`."""
+    (`EpochSampler`; a `ShardDataset` when `data` is a ShardList) or pairs of views of distinct speakers
+    (`SpeakerPairSampler`), batched by `collate`."""
     loader_options = {'num_workers': args.n_cpu, 'pin_memory': device.type == 'cuda', 'collate_fn': collate,
                       'persistent_workers': args.n_cpu > 0, 'prefetch_factor': 4 if args.n_cpu > 0 else None,
                       'worker_init_fn': leave_signals_to_parent,
                       # Starting an epoch draws the workers' base seed: from its own generator, not the global one,
                       # so that a run resumed mid-epoch draws the same SpecAugment masks as an uninterrupted one.
                       'generator': torch.Generator().manual_seed(args.seed)}
+    if isinstance(data, ShardList):  # workers start anew each epoch, to take the epoch's shards
+        crops = CropMaker(crop_samples(args.num_frames, args.sampling_rate), args.sampling_rate, augmenter,
+                          len(data.speakers), speeds(args), args.skip_silent == 'on')
+        dataset = ShardDataset(data, crops, args.seed, args.batch_size,
+                               steps_per_epoch(data, args.batch_size, distributed.world_size()),
+                               distributed.world_size(), distributed.rank())
+        loader_options['persistent_workers'] = False
+        return dataset, torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, **loader_options), \
+            args.batch_size
     dataset_type = TrainDataset if args.mode == 'classifier' else PairDataset
-    dataset = dataset_type(entries, args.train_path, args.num_frames, args.sampling_rate, augmenter, args.seed,
+    dataset = dataset_type(data, args.train_path, args.num_frames, args.sampling_rate, augmenter, args.seed,
                            args.skip_silent == 'on', speeds(args))
     if args.mode == 'classifier':
         sampler = HardNegativeBatches(dataset.labels, args.batch_size, args.hard_fraction, args.seed,
@@ -313,10 +325,10 @@ def read_trial_lists(args):
 
 def cohort_of(args, train_entries=None):
     """The AS-Norm cohort that --snorm and the --cohort_* flags describe, or None without --snorm; drawn from
-    `train_entries` when the training list is already read."""
+    `train_entries` (a TrainList) when the training list is already read."""
     if not args.snorm:
         return None
-    train_entries = train_entries if train_entries is not None else read_train_list(args.train_list)
+    train_entries = train_entries if isinstance(train_entries, TrainList) else read_train_list(args.train_list)
     entries = cohort_entries(train_entries, args.cohort_size, args.seed)
     return Cohort(entries, args.train_path, args.cohort, args.cohort_top_k)
 
@@ -356,14 +368,14 @@ class TrainingRun:
         self.score_path = os.path.join(args.save_path, 'score.txt')
         self.metrics_path = os.path.join(args.save_path, 'metrics.jsonl')
         torch.manual_seed(args.seed + distributed.rank())
-        self.entries, self.trial_lists = self.read_inputs()
-        self.cohort = cohort_of(args, self.entries)
+        self.data, self.trial_lists = self.read_inputs()
+        self.cohort = cohort_of(args, self.data)
         self.reported = set()  # unusable files already printed
         encoder = build_encoder(args.model, args.C, args.sampling_rate, args.embedding_dim)
         self.model = SpeakerModel(encoder, build_objective(args, encoder.embedding_dim)).to(self.device)
         self.optimizer = adam(self.model.parameters(), args.lr)
         log(f'{args.model}: {sum(p.numel() for p in encoder.parameters()) / 1e6:.2f} M parameters, '
-            f'{len(self.entries)} utterances of {len(self.entries.speakers)} speakers, {args.n_class} '
+            f'{len(self.data)} utterances of {len(self.data.speakers)} speakers, {args.n_class} '
             f'classes, device {self.device}'
             + (f', {distributed.world_size()} processes' if distributed.world_size() > 1 else ''))
         self.resume = self.restore()
@@ -378,7 +390,7 @@ class TrainingRun:
                                     device_augmenter, args.spec_augment == 'on', args.max_bad_steps)
         if self.resume is not None:
             self.step_fn.scaler.load_state_dict(self.resume.scaler)
-        self.sampler, self.loader, self.items_per_step = training_loader(args, self.entries, augmenter, self.device)
+        self.sampler, self.loader, self.items_per_step = training_loader(args, self.data, augmenter, self.device)
         self.schedule = training_schedule(args, len(self.loader))
         self.eers = self.resume.eers if self.resume else []
         self.first_epoch = self.resume.epoch + 1 if self.resume else 1
@@ -397,30 +409,35 @@ class TrainingRun:
                 self.tensorboard = TensorBoard(os.path.join(args.save_path, 'tensorboard'))
 
     def read_inputs(self):
-        """The training entries and trial lists, after checking every file they name and the class count."""
+        """The training data (a TrainList, or a ShardList with --train_shards) and the trial lists, after checking
+        every file they name and the class count."""
         args = self.args
-        entries, repeats = without_repeats(read_train_list(args.train_list))
-        if repeats:
-            log(f'{args.train_list}: {repeats} lines repeat an earlier line and are left out')
-        require_files(entries.paths, entries.lines, args.train_path, args.train_list)
-        speakers = len(entries.speakers)
+        if args.train_shards:
+            data = read_shard_list(args.train_shards)
+        else:
+            data, repeats = without_repeats(read_train_list(args.train_list))
+            if repeats:
+                log(f'{args.train_list}: {repeats} lines repeat an earlier line and are left out')
+            require_files(data.paths, data.lines, args.train_path, args.train_list)
+        source = args.train_shards or args.train_list
+        speakers = len(data.speakers)
         classes = speakers * len(speeds(args))
         if speakers < 2:
-            raise UsageError(f'{args.train_list}: every utterance is of speaker {entries.speaker(0)}; training a '
-                             f'speaker encoder needs at least two speakers')
-        if args.mode == 'classifier' and args.batch_size * distributed.world_size() > len(entries):
+            raise UsageError(f'{source}: every utterance is of speaker {data.speakers[0]}; training a speaker '
+                             f'encoder needs at least two speakers')
+        if args.mode == 'classifier' and args.batch_size * distributed.world_size() > len(data):
             raise UsageError(f'--batch_size {args.batch_size} on {distributed.world_size()} processes is more than '
-                             f'the {len(entries)} utterances of {args.train_list}')
+                             f'the {len(data)} utterances of {source}')
         if args.n_class is None:
             args.n_class = classes
         elif args.n_class < classes:
-            raise UsageError(f'--n_class {args.n_class} is smaller than the {speakers} speakers in {args.train_list}'
+            raise UsageError(f'--n_class {args.n_class} is smaller than the {speakers} speakers in {source}'
                              if classes == speakers else f'--n_class {args.n_class} is smaller than the {classes} '
-                             f'classes of --speed_perturb on ({speakers} speakers in {args.train_list} x 3 speeds)')
+                             f'classes of --speed_perturb on ({speakers} speakers in {source} x 3 speeds)')
         trial_lists = read_trial_lists(args)
         if all(trials.labels is None for trials in trial_lists):
             raise UsageError('training needs an --eval_list with labels to report EER')
-        return entries, trial_lists
+        return data, trial_lists
 
     def restore(self):
         """The ResumeState of save_path, loaded into the model, optimiser and generators; or None, after

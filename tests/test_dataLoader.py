@@ -120,7 +120,7 @@ def test_training_items_replace_unusable_files_by_their_speakers_other_utterance
     mono = soundfile.read(os.path.join(corpus['train_path'], 'bad', 'stereo.wav'))[0].mean(axis=1)
     assert np.min(np.abs(np.subtract.outer(audio.numpy()[:5], mono).astype(np.float32)), axis=1).max() < 1e-6
     batch = collate([dataset[(i, 1)] for i in range(len(entries))])
-    assert batch[0].shape == (len(entries), dataset.length) and len(batch[1]) == len(entries)
+    assert batch[0].shape == (len(entries), dataset.crops.length) and len(batch[1]) == len(entries)
     assert {os.path.basename(path) for path, _ in batch[2]} == set(broken_audio)  # substitutes may be bad too
 
 
@@ -284,7 +284,7 @@ def test_speed_perturbed_items_have_the_crop_length_and_one_speaker_label_per_sp
         for index in range(len(entries)):
             audio, label, _ = perturbed[(index, epoch)]
             speaker, k = label % 2, label // 2
-            assert speaker == plain.labels[index] and audio.shape == (plain.length,)
+            assert speaker == plain.labels[index] and audio.shape == (plain.crops.length,)
             pitch = (400, 700)[speaker] * SPEED_PERTURBATION[k]
             assert abs(dominant_frequency(audio.numpy(), 16000) - pitch) < 4, (label, pitch)
             seen.add(label)
