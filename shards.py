@@ -151,10 +151,10 @@ class ShardDataset(torch.utils.data.IterableDataset):
         return webdataset.tarfile_samples(urls, handler=report)
 
     def shuffled(self, shards, rng, problems):
-        """Samples of `shards` through the shuffle buffer, pass after pass without end, with their pass number."""
-        buffer = []
+        """Samples of `shards` through the shuffle buffer, with their pass number, pass after pass without end;
+        each pass empties the buffer before the next begins, so that a pass gives each sample once."""
         for number in itertools.count():
-            found = 0
+            buffer, found = [], 0
             for sample in self.samples(shards, problems):
                 found += 1
                 buffer.append((sample, number))
@@ -163,6 +163,8 @@ class ShardDataset(torch.utils.data.IterableDataset):
             if not found:
                 raise UserError(f'{self.shard_list.path}: no sample could be read from the shards '
                                 f'{[self.shard_list.shards[i] for i in shards[:3]]}: {problems[:3]}')
+            while buffer:
+                yield buffer.pop(int(rng.integers(len(buffer))))
 
     def item(self, sample, number, skipped):
         """(crop, label) of a raw sample; None (after appending to `skipped`) when it cannot be trained on."""
