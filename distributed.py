@@ -8,6 +8,7 @@ function here is the identity, or says "rank 0 of 1", when the script runs witho
   (the samplers in dataLoader.py take world_size and rank and give each rank its part of every epoch)
   gather_batch()   -> tensors concatenated over ranks, gradients flowing back to each rank's part
   gather_objects() -> picklable objects from every rank
+  from_main()      -> rank 0's object on every rank (the resume state: only rank 0 need see the run folder)
   any_rank()       -> whether a flag (a stop request) is set on any rank
   share_buffers_of_main() -> rank 0's batch-norm statistics on every rank, before a checkpoint is evaluated
 """
@@ -76,6 +77,23 @@ def gather_objects(obj):
     gathered = [None] * world_size()
     dist.all_gather_object(gathered, obj)
     return gathered
+
+
+def from_main(obj):
+    """Rank 0's `obj` on every rank (a picklable object; the others' are ignored); `obj` without torchrun."""
+    if world_size() == 1:
+        return obj
+    found = [obj]
+    dist.broadcast_object_list(found, src=0)
+    return found[0]
+
+
+def lost_a_process(error):
+    """Whether `error`, raised under torchrun, says that a collective failed because another process of the run
+    stopped or its machine became unreachable (gloo: 'Connection reset by peer'; NCCL: a DistBackendError)."""
+    if world_size() == 1 or not isinstance(error, RuntimeError):
+        return False
+    return isinstance(error, dist.DistError) or any(word in str(error) for word in ('gloo', 'NCCL', 'Connection'))
 
 
 def barrier():

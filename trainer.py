@@ -441,16 +441,24 @@ class TrainingRun:
 
     def restore(self):
         """The ResumeState of save_path, loaded into the model, optimiser and generators; or None, after
-        loading --initial_model's weights when given."""
-        if not os.path.exists(self.resume_path):
-            self.check_no_other_results()
+        loading --initial_model's weights when given. Process 0 reads the run folder and sends what it found to
+        the others, so that on several machines only its own need hold the folder."""
+        found = None
+        if distributed.is_main():
+            try:
+                found = self.read_resume_state()
+            except UserError as error:
+                found = error
+        found = distributed.from_main(found)
+        if isinstance(found, UserError):
+            raise found
+        if found is None:
             if self.args.initial_model:
                 loaded = load_encoder_weights(self.model.speaker_encoder, self.model.classifier(),
                                               self.args.initial_model, self.args.allow_partial_load)
                 log(f'Model {self.args.initial_model} loaded ({loaded})')
             return None
-        self.check_same_start()
-        resume = ResumeState.load(self.resume_path)
+        resume = found
         try:
             self.model.load_state_dict(resume.model)
             self.optimizer.load_state_dict(resume.optimizer)
@@ -465,6 +473,15 @@ class TrainingRun:
         log(f'Resuming from {self.resume_path} after epoch {resume.epoch}'
             + (f' and {partial[0]["step"]} steps of epoch {resume.epoch + 1}' if partial else ''))
         return resume
+
+    def read_resume_state(self):
+        """save_path's ResumeState, or None for a new run (after checking that the folder holds no other run's
+        results, and that a run to continue started from the same --initial_model)."""
+        if not os.path.exists(self.resume_path):
+            self.check_no_other_results()
+            return None
+        self.check_same_start()
+        return ResumeState.load(self.resume_path)
 
     def check_no_other_results(self):
         """A run without resume.pt starts afresh: it must not overwrite another run's checkpoints and log (the
@@ -684,6 +701,12 @@ def run_training(args):
             run.close()
     except OSError as error:  # what the system refused: a full disk, a file system gone read-only, ...
         raise UserError(f'{error.filename or args.save_path}: {error.strerror or error}') from error
+    except RuntimeError as error:
+        if not distributed.lost_a_process(error):
+            raise
+        raise UserError(f'another process of the run stopped or cannot be reached ({str(error).splitlines()[0][:200]}); '
+                        f'what the run saved last is in {os.path.join(args.save_path, "model", "resume.pt")}: once '
+                        f'every machine is back, run the same command again on each to continue') from error
     finally:
         if distributed.is_main():
             lock.release()

@@ -1,6 +1,7 @@
 """Fixtures shared by the test modules (each named after the module it tests).
 
   tiny_corpus      a generated corpus in the real layouts (session)
+  tiny_shards      its training list packed into tar shards (session)
   train_argv       the flags of a tiny training run on a corpus: ECAPA-TDNN C=32, 0.4 s crops, batch 8
   reference_run    one tiny two-epoch run with those flags, shared by every test that only reads its outputs
   cli_error        runs trainECAPAModel.main expecting a user error: (exit status, stderr, stdout)
@@ -23,6 +24,7 @@ sys.path.insert(0, ROOT)
 SHARED_DATA = os.path.join(ROOT, '..', 'shared', 'data')
 
 import demo  # noqa: E402
+import prepare  # noqa: E402
 import trainECAPAModel  # noqa: E402
 
 if os.environ.get('PYTEST_XDIST_WORKER'):  # one process per core (pytest -n): no two workers fight over a core,
@@ -57,6 +59,15 @@ def tiny_corpus(tmp_path_factory):
     """6 training speakers x 6 utterances of 1-2 s, 4 held-out ones (48 trials), MUSAN and RIR folders."""
     root = tmp_path_factory.mktemp('corpus')
     return demo.make_corpus(str(root), train_speakers=6, test_speakers=4, utterances=6, seconds=(1.0, 2.0))
+
+
+@pytest.fixture(scope='session')
+def tiny_shards(tiny_corpus, tmp_path_factory):
+    """The path of the shard list of `tiny_corpus`'s 36 training utterances, packed 3 a shard (12 shards)."""
+    out = tmp_path_factory.mktemp('shards')
+    assert prepare.main(['shards', tiny_corpus['train_list'], tiny_corpus['train_path'], str(out),
+                         '--per_shard', '3', '--workers', '1']) == 0
+    return str(out / 'shards.txt')
 
 
 @pytest.fixture

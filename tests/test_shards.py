@@ -22,12 +22,9 @@ FRAMES = 40
 
 
 @pytest.fixture(scope='module')
-def packed(tiny_corpus, tmp_path_factory):
+def packed(tiny_shards):
     """The tiny corpus's 36 utterances in shards of 3 (12 shards)."""
-    out = tmp_path_factory.mktemp('shards')
-    assert prepare.main(['shards', tiny_corpus['train_list'], tiny_corpus['train_path'], str(out),
-                         '--per_shard', '3', '--workers', '1']) == 0
-    return read_shard_list(str(out / 'shards.txt'))
+    return read_shard_list(tiny_shards)
 
 
 def stream(shard_list, augmenter, epoch, world_size, rank, workers, batch_size=3, skip=0):
