@@ -25,7 +25,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from errors import UserError
+from errors import UserError, first_line
 
 
 def current_umask():
@@ -188,7 +188,7 @@ def load_state_dict_file(path):
     try:
         state = torch.load(path, map_location='cpu', weights_only=True)
     except Exception as error:
-        raise UserError(f"{path}: not a readable PyTorch checkpoint ({str(error).splitlines()[0]})") from error
+        raise UserError(f"{path}: not a readable PyTorch checkpoint ({first_line(error)})") from error
     if not isinstance(state, dict):
         raise UserError(f"{path}: expected a state_dict, found {type(state).__name__}")
     other = next((key for key, value in state.items() if not isinstance(value, torch.Tensor)), None)
@@ -294,7 +294,7 @@ class ResumeState:
             fields = {field.name for field in dataclasses.fields(cls)}
             state = cls(**{k: v for k, v in stored.items() if k in fields})
         except Exception as error:
-            raise UserError(f'{path}: not a readable resume state ({str(error).splitlines()[0]}); move it away '
+            raise UserError(f'{path}: not a readable resume state ({first_line(error)}); move it away '
                             f'to start this run afresh') from error
         # Files from before torchrun support hold one generator state instead of a list of them.
         state.rng = state.rng if isinstance(state.rng, list) else [state.rng]

@@ -40,6 +40,12 @@ def message_of(error):
     return message
 
 
+def first_line(error):
+    """The first line of an exception's text, or its type's name when it has no text (an empty file's EOFError)."""
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
+
+
 @contextlib.contextmanager
 def reported_as_exit(program):
     """A `UserError` raised inside becomes `program: error: message` on stderr and exit status 1 or 2; Ctrl-C

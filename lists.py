@@ -355,8 +355,11 @@ def require_files(paths, lines, root, source, threads=8):
     def missing_of(start):
         return [i for i in range(start, min(start + 4096, len(paths)))
                 if not os.path.isfile(os.path.join(root, paths[i]))]
-    with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+    pool = concurrent.futures.ThreadPoolExecutor(threads)
+    try:
         missing = [i for part in pool.map(missing_of, range(0, len(paths), 4096)) for i in part]
+    finally:
+        pool.shutdown(cancel_futures=True)  # a stop signal ends the check at once
     if missing:
         shown = [f'{source}:{lines[i]}: {paths[i]}' if lines is not None and lines[i] else paths[i]
                  for i in missing[:3]]

@@ -241,8 +241,8 @@ def resolve_defaults(args):
         take_defaults(args, LARGE_MARGIN_DEFAULTS)
     args.loss = args.loss or ('aamsoftmax' if args.mode == 'classifier' else 'infonce')
     spec = MODELS[args.model]
-    args.C = args.C or spec.width
-    args.embedding_dim = args.embedding_dim or spec.embedding_dim
+    args.C = spec.width if args.C is None else args.C  # 0 is a mistake that check_ranges names, not the default
+    args.embedding_dim = spec.embedding_dim if args.embedding_dim is None else args.embedding_dim
     args.device = args.device or ('cuda' if torch.cuda.is_available() else 'cpu')
     args.amp = args.amp or ('bf16' if args.device.startswith('cuda') else 'off')
 
@@ -255,7 +255,7 @@ def check_ranges(args):
     for name, low in least.items():
         if getattr(args, name) is not None and getattr(args, name) < low:
             raise UsageError(f'--{name} must be at least {low}, got {getattr(args, name)}')
-    for name in ('cohort_size', 'n_cpu', 'grad_clip', 'check_decode', 'noise_power_floor'):
+    for name in ('cohort_size', 'n_cpu', 'grad_clip', 'check_decode', 'noise_power_floor', 'seed'):
         if getattr(args, name) < 0:
             raise UsageError(f'--{name} cannot be negative, got {getattr(args, name)}')
     if args.average == 1 or not 0 <= args.average <= args.max_epoch:
@@ -364,7 +364,11 @@ def config_words(path):
     except (OSError, ValueError, yaml.YAMLError) as error:
         raise UsageError(f'--config {path}: {error}') from None
     if isinstance(settings, dict) and 'arguments' in settings:  # a run's own config.json
-        settings = {name: settings['arguments'][name] for name in settings['given_flags'] if name != 'config'}
+        if not isinstance(settings.get('given_flags'), list) or not isinstance(settings['arguments'], dict):
+            raise UsageError(f'--config {path}: a run\'s config.json that does not say which flags the run was given '
+                             f'(written by an older version): give that run\'s flags on the command line')
+        settings = {name: settings['arguments'][name] for name in settings['given_flags']
+                    if name != 'config' and name in settings['arguments']}
     if not isinstance(settings, dict):
         raise UsageError(f'--config {path}: not a mapping of flag names to values')
     actions = {action.dest: action for action in build_parser()._actions if action.dest not in ('help', 'config')}

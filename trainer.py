@@ -4,12 +4,13 @@
   TrainingStep    augmentation on the device (optional), forward under autocast, loss, backward, update; a
                   step with non-finite gradients changes nothing
   train_one_epoch the steps of an epoch with the learning rate and margin of the schedule, as `EpochProgress`
-  StopRequest     SIGINT/SIGTERM: finish the step, save, exit 0
+  StopRequest     SIGINT/SIGTERM: finish the step, save, exit 0 (before the first step: stop at once, 130/143)
   TrainingRun     a run in save_path: resume or initial weights, epochs, evaluation, checkpoints, records
 
 trainECAPAModel.py parses the flags and calls `run_training(args)`; nothing here reads the command line.
 """
 
+import contextlib
 import dataclasses
 import glob
 import os
@@ -31,7 +32,7 @@ from checkpoints import (FolderLock, ResumeState, average_checkpoints, encoder_w
 from dataLoader import (SPEED_PERTURBATION, CropMaker, EpochSampler, HardNegativeBatches, HardNegativePairBatches,
                         PairDataset, SpeakerGroups, SpeakerPairSampler, TrainDataset, collate, leave_signals_to_parent,
                         unreadable_headers)
-from errors import UsageError, UserError, message_of
+from errors import UsageError, UserError, first_line, message_of
 from lists import (ShardList, TrainList, cohort_entries, distinct_names, read_shard_list, read_train_list, read_trials,
                    require_files, without_repeats)
 from loss import AAMsoftmax, build_objective
@@ -191,6 +192,30 @@ class StopRequest:
 
     def describe(self):
         return self.received or 'a signal to another process'
+
+
+class NothingTrained(UserError):
+    """A stop signal while a run was starting: nothing was trained or saved."""
+
+
+@contextlib.contextmanager
+def stopped_at_once_before_training():
+    """SIGINT and SIGTERM while a run starts (reading a million-line list, checking its files) stop it at once
+    with `NothingTrained`, which exits with the signal's usual status (130, 143) and says so in one line."""
+    def handle(number, _frame):
+        error = NothingTrained(f'{signal.Signals(number).name} received before the first training step: nothing '
+                               f'was trained; run the same command again to start')
+        error.exit_status = 128 + number
+        raise error
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {number: signal.signal(number, handle) for number in StopRequest.SIGNALS}
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
 
 
 @dataclasses.dataclass
@@ -464,7 +489,7 @@ class TrainingRun:
             self.optimizer.load_state_dict(resume.optimizer)
         except (RuntimeError, ValueError) as error:
             raise UsageError(f'{self.resume_path} was written by a run with other model or loss flags; continue it '
-                             f'with those flags or choose another --save_path ({str(error).splitlines()[0]})')
+                             f'with those flags or choose another --save_path ({first_line(error)})')
         rank = distributed.rank()
         torch.set_rng_state(resume.rng[rank % len(resume.rng)])
         if self.device.type == 'cuda' and resume.cuda_rng is not None:
@@ -694,7 +719,8 @@ def run_training(args):
     if distributed.any_rank(refused is not None):
         raise refused or UserError(f'{args.save_path} is in use by another run (process 0 says which)')
     try:
-        run = TrainingRun(args)
+        with stopped_at_once_before_training():
+            run = TrainingRun(args)
         try:
             return run.run()
         finally:
@@ -704,7 +730,7 @@ def run_training(args):
     except RuntimeError as error:
         if not distributed.lost_a_process(error):
             raise
-        raise UserError(f'another process of the run stopped or cannot be reached ({str(error).splitlines()[0][:200]}); '
+        raise UserError(f'another process of the run stopped or cannot be reached ({first_line(error)[:200]}); '
                         f'what the run saved last is in {os.path.join(args.save_path, "model", "resume.pt")}: once '
                         f'every machine is back, run the same command again on each to continue') from error
     finally:

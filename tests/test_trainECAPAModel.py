@@ -80,6 +80,7 @@ def test_a_config_file_sets_flags_and_the_command_line_overrides_it(tmp_path):
     ('{"demo": "yes"}', r"demo is a switch: true or false, not 'yes'"),
     ('[1, 2]', r'not a mapping of flag names to values'),
     ('{"lr": ', r'Expecting value'),
+    ('{"arguments": {"lr": 0.1}}', r"a run's config.json that does not say which flags the run was given"),
 ])
 def test_a_config_mistake_is_one_line_naming_the_file(tmp_path, cli_error, text, error):
     (tmp_path / 'c.json').write_text(text)
@@ -180,6 +181,9 @@ def test_unreadable_score_files_and_checkpoints_are_named(tmp_path, tiny_corpus,
     garbage.write_bytes(b'not a checkpoint')
     status, printed, _ = cli_error(eval_argv(str(garbage), tiny_corpus, tmp_path))
     assert status == 1 and printed.count('\n') == 1 and 'garbage.model: not a readable PyTorch checkpoint' in printed
+    (tmp_path / 'empty.model').write_bytes(b'')
+    status, printed, _ = cli_error(eval_argv(str(tmp_path / 'empty.model'), tiny_corpus, tmp_path))
+    assert status == 1 and printed.endswith('empty.model: not a readable PyTorch checkpoint (EOFError)\n')
     torch.save({'speaker_encoder.conv1.weight': 'a string, not a tensor'}, tmp_path / 'strings.model')
     status, printed, _ = cli_error(eval_argv(str(tmp_path / 'strings.model'), tiny_corpus, tmp_path))
     assert status == 1 and printed.count('\n') == 1

@@ -181,6 +181,23 @@ def test_hard_negative_batches_train_and_a_run_stopped_inside_an_epoch_resumes_e
     assert (tmp_path / 'straight' / 'score.txt').read_text() == (tmp_path / 'resumed' / 'score.txt').read_text()
 
 
+@pytest.mark.parametrize('number', [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_while_the_list_is_read_stops_at_once_saying_nothing_was_trained(tiny_corpus, train_argv, tmp_path,
+                                                                                 monkeypatch, cli_error, number):
+    def read_then_signal(path):
+        os.kill(os.getpid(), number)
+        raise AssertionError('the signal did not stop the start')
+    monkeypatch.setattr(trainer, 'read_train_list', read_then_signal)
+    before = signal.getsignal(number)
+    status, message, _ = cli_error(train_argv(tiny_corpus, tmp_path, '--max_epoch', '2'))
+    name = signal.Signals(number).name
+    assert status == 128 + number
+    assert message == (f'trainECAPAModel.py: error: {name} received before the first training step: nothing was '
+                       f'trained; run the same command again to start\n')
+    assert not (tmp_path / 'model').exists() and not (tmp_path / '.lock').exists()
+    assert signal.getsignal(number) == before
+
+
 def test_a_second_ctrl_c_interrupts_at_once_but_a_repeated_sigterm_is_ignored():
     with trainer.StopRequest() as stop:
         os.kill(os.getpid(), signal.SIGTERM)
