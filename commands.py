@@ -172,6 +172,9 @@ def check_extract(args):
 def check_average_checkpoints(args):
     if len(args.average_checkpoints) < 2:
         raise UsageError('--average_checkpoints needs at least two checkpoints to average')
+    if encoder_config_path(args.out) == args.out:
+        raise UsageError(f'--out {args.out}: the encoder\'s .json is written beside the weights under that name; '
+                         f'name the weights file .model or .pt')
     for path in args.average_checkpoints:
         if not os.path.isfile(path):
             raise UsageError(f'--average_checkpoints {path}: no such file')

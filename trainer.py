@@ -355,6 +355,10 @@ def cohort_of(args, train_entries=None):
         return None
     train_entries = train_entries if isinstance(train_entries, TrainList) else read_train_list(args.train_list)
     entries = cohort_entries(train_entries, args.cohort_size, args.seed)
+    size = len({entry.speaker for entry in entries}) if args.cohort == 'speaker' else len(entries)
+    if size < 2:
+        raise UsageError(f'--snorm: a cohort of {size} {"speaker" if args.cohort == "speaker" else "utterance"} from '
+                         f'{args.train_list}; AS-Norm needs at least two to normalise by (their spread would be 0)')
     return Cohort(entries, args.train_path, args.cohort, args.cohort_top_k)
 
 

@@ -225,6 +225,18 @@ def test_eval_of_a_training_checkpoint_gives_its_logged_eer_and_a_score_file(tin
     assert again.min_dcf == pytest.approx(metrics.min_dcf, abs=1e-3)
 
 
+@pytest.mark.parametrize('cohort,size', [('speaker', 1), ('utterance', 1)])
+def test_a_cohort_of_one_is_refused_before_anything_is_embedded(tiny_corpus, checkpoint, tmp_path, cli_error, cohort,
+                                                                size):
+    one_speaker = tmp_path / 'one_speaker.txt'
+    one_speaker.write_text(''.join(line for line in open(tiny_corpus['train_list']) if line.startswith('id10000 ')))
+    argv = eval_argv(checkpoint, tiny_corpus, tmp_path) + [
+        '--snorm', '--cohort', cohort, '--cohort_size', str(size) if cohort == 'utterance' else '0',
+        '--train_list', str(one_speaker), '--train_path', tiny_corpus['train_path']]
+    status, printed, _ = cli_error(argv)
+    assert status == 2 and f'--snorm: a cohort of 1 {cohort} from {one_speaker}; AS-Norm needs at least two' in printed
+
+
 @pytest.mark.parametrize('cohort', ['speaker', 'utterance'])
 def test_as_norm_scores_equal_a_direct_computation_with_either_cohort(tiny_corpus, checkpoint, tmp_path, cohort):
     argv = eval_argv(checkpoint, tiny_corpus, tmp_path) + [
