@@ -3,11 +3,13 @@
   python bench/bench_loader.py [--reference DIR] [--workers N] [--seconds 6] [--device cuda] [--json FILE]
 
 Data: a generated VoxCeleb-like set (64 files of 8 s at 16 kHz, synthetic MUSAN and RIRs), and, when
-../shared/data is beside the checkout, LibriSpeech files with musan_mini and rirs_mini. Loaders:
+../shared/data is beside the checkout, 64 LibriSpeech files as FLAC and as 16-bit WAV, with musan_mini and
+rirs_mini. Loaders:
 
   ours        TrainDataset + Augmenter: crops read with soundfile start/frames, noise and RIR banks decoded
               once into a memory-mapped cache, FFT reverberation, one resampler per rate pair.
   ours, read  the same dataset without augmentation: what the workers do under --gpu_augment.
+  ours, shards (, read)  the same crops from the set packed into tar shards of 16 (`--train_shards`).
   original    with --reference DIR (a checkout of TaoRuijie/ECAPA-TDNN, see bench/reference.py): its own
               `dataLoader.train_loader`, imported from DIR.
   original's way  the same data path written here (OriginalWay): the whole file read by soundfile for every
@@ -37,8 +39,9 @@ import reference
 from common import SHARED_DATA, environment, synchronize, write_json
 import demo
 from augment import Augmenter, DeviceAugmenter
-from dataLoader import EpochSampler, TrainDataset
-from lists import read_train_list
+from dataLoader import CropMaker, EpochSampler, TrainDataset
+from lists import read_shard_list, read_train_list
+from shards import ShardDataset, pack_shards
 from model import crop_samples
 
 BATCH = 32
@@ -102,7 +105,7 @@ class OriginalWay(torch.utils.data.Dataset):
 def loader_rate(dataset, sampler, workers, seconds):
     """Crops per second after the first batch, over about `seconds`. The sets are small (64 files: two batches
     an epoch), so workers persist across epochs, as over a real epoch of a million files their start is
-    nothing; otherwise the rate would be mostly worker starts."""
+    nothing; otherwise the rate would be mostly worker starts. `sampler` None: `dataset` is a stream (shards)."""
     loader = torch.utils.data.DataLoader(dataset, batch_size=BATCH, sampler=sampler, num_workers=workers,
                                          prefetch_factor=4 if workers else None, drop_last=True,
                                          persistent_workers=workers > 0)
@@ -150,9 +153,35 @@ def shared_set(root):
     with open(os.path.join(root, 'shared_list.txt'), 'w') as f:
         f.writelines(f'{os.path.relpath(p, librispeech).split(os.sep)[0]} {os.path.relpath(p, librispeech)}\n'
                      for p in files)
-    return {'name': 'LibriSpeech 64 files, musan_mini, rirs_mini', 'train_list': os.path.join(root, 'shared_list.txt'),
-            'train_path': librispeech, 'musan_path': os.path.join(SHARED_DATA, 'musan_mini'),
+    return {'name': 'LibriSpeech 64 FLAC files, musan_mini, rirs_mini',
+            'train_list': os.path.join(root, 'shared_list.txt'), 'train_path': librispeech,
+            'musan_path': os.path.join(SHARED_DATA, 'musan_mini'),
             'rir_path': os.path.join(SHARED_DATA, 'rirs_mini', 'simulated_rirs')}
+
+
+def shared_wav_set(root, flac_set):
+    """The same LibriSpeech files as 16-bit WAV (VoxCeleb2 after `prepare.py m4a`)."""
+    wav_root = os.path.join(root, 'librispeech_wav')
+    lines = []
+    for entry in read_train_list(flac_set['train_list']):
+        relative = os.path.splitext(entry.path)[0] + '.wav'
+        audio, rate = soundfile.read(os.path.join(flac_set['train_path'], entry.path))
+        os.makedirs(os.path.dirname(os.path.join(wav_root, relative)), exist_ok=True)
+        soundfile.write(os.path.join(wav_root, relative), audio, rate, subtype='PCM_16')
+        lines.append(f'{entry.speaker} {relative}\n')
+    with open(os.path.join(root, 'shared_wav_list.txt'), 'w') as f:
+        f.writelines(lines)
+    return flac_set | {'name': 'LibriSpeech 64 WAV files, musan_mini, rirs_mini',
+                       'train_list': os.path.join(root, 'shared_wav_list.txt'), 'train_path': wav_root}
+
+
+def shard_stream(data, root, augmenter, length):
+    """A ShardDataset over the set packed in shards of 16 (four shards), long enough never to end here."""
+    out = os.path.join(root, 'shards_' + os.path.basename(data['train_list']))
+    train_list = read_train_list(data['train_list'])
+    shard_list = read_shard_list(pack_shards(train_list, data['train_path'], out, per_shard=16))
+    crops = CropMaker(length, 16000, augmenter, len(shard_list.speakers))
+    return ShardDataset(shard_list, crops, 0, BATCH, steps=10 ** 6)
 
 
 def main():
@@ -171,7 +200,9 @@ def main():
     original = reference.load(args.reference) if args.reference else None
     print(f'{"data":<44} {"loader":<16} {"workers":>7} {"crops/s":>9} {"per worker":>10} {"÷ original":>10}')
     with tempfile.TemporaryDirectory() as root:
-        sets = [generated_set(root)] + ([shared_set(root)] if os.path.isdir(SHARED_DATA) else [])
+        sets = [generated_set(root)]
+        if os.path.isdir(SHARED_DATA):
+            sets += [shared_set(root), shared_wav_set(root, shared_set(root))]
         for data in sets:
             entries = read_train_list(data['train_list'])
             paths = [os.path.join(data['train_path'], entry.path) for entry in entries]
@@ -186,6 +217,8 @@ def main():
             runs += [(name, TrainDataset(entries, data['train_path'], 200, 16000, aug, 0), EpochSampler(len(paths), 0),
                       workers) for workers in sorted({1, args.workers}) for name, aug in (('ours', augmenter),
                                                                                           ('ours, read', None))]
+            runs += [(name, shard_stream(data, root, aug, length), None, workers) for workers in sorted({1, args.workers})
+                     for name, aug in (('ours, shards', augmenter), ('ours, shards, read', None))]
             baseline = None
             for name, dataset, sampler, workers in runs:
                 with reference.cpu_patches():  # numpy.float, which the original's reverberation uses
