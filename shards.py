@@ -141,21 +141,27 @@ class ShardDataset(torch.utils.data.IterableDataset):
     def __len__(self):
         return (self.steps - self.skip // self.batch_size) * self.batch_size
 
-    def samples(self, shards, problems):
-        """The raw samples of `shards`, in order; unreadable tar files are appended to `problems`."""
-        def report(error):
-            url = next((a for a in error.args[1:] if isinstance(a, str)), '')
-            problems.append((url, f'unreadable tar file: {type(error).__name__}: {error.args[0] if error.args else ""}'))
-            return True
-        urls = [{'url': self.shard_list.shards[i]} for i in shards]
-        return webdataset.tarfile_samples(urls, handler=report)
+    def samples(self, shards, problems, bad_shards):
+        """The raw samples of `shards`, in order. A tar file that cannot be read on is skipped from there, and
+        appended to `problems` with why the first time (it joins the set `bad_shards`)."""
+        for i in shards:
+            path, failed = self.shard_list.shards[i], []
+
+            def stop_reading(error, failed=failed):
+                failed.append(str(error.args[0] if error.args else '').split(' @ ')[0] or type(error).__name__)
+                return False  # webdataset's handler: False ends this tar file
+            yield from webdataset.tarfile_samples([{'url': path}], handler=stop_reading)
+            if failed and path not in bad_shards:
+                bad_shards.add(path)
+                problems.append((path, f'unreadable tar file: {failed[0]}'))
 
     def shuffled(self, shards, rng, problems):
         """Samples of `shards` through the shuffle buffer, with their pass number, pass after pass without end;
         each pass empties the buffer before the next begins, so that a pass gives each sample once."""
+        bad_shards = set()
         for number in itertools.count():
             buffer, found = [], 0
-            for sample in self.samples(shards, problems):
+            for sample in self.samples(shards, problems, bad_shards):
                 found += 1
                 buffer.append((sample, number))
                 if len(buffer) >= SHUFFLE_BUFFER:
