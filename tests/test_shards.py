@@ -2,6 +2,7 @@
 
 import os
 import shutil
+import signal
 
 import numpy as np
 import pytest
@@ -10,6 +11,7 @@ import webdataset
 
 import prepare
 from conftest import assert_same_checkpoints
+from test_trainer import signal_at_step
 from augment import Augmenter
 from dataLoader import CropMaker, TrainDataset, collate
 from errors import UserError
@@ -149,21 +151,27 @@ def test_a_shard_list_names_its_bad_lines_and_speakers(packed, tmp_path):
         read_shard_list(str(folder / 'shards.txt'))
 
 
-def test_training_from_shards_continues_exactly_at_an_epoch_boundary_and_refuses_the_pair_modes(
-        packed, tiny_corpus, tmp_path, cli_error):
+def test_training_from_shards_stopped_inside_an_epoch_continues_exactly_and_refuses_the_pair_modes(
+        packed, tiny_corpus, tmp_path, cli_error, monkeypatch):
+    """Two loader workers, stopped by SIGTERM after step 3 of epoch 2 (6 steps an epoch): the workers' turns
+    and the batches already trained are taken up where they were."""
     import trainECAPAModel
+    from trainer import TrainingStep
 
     def argv(save_path, *extra):
         return ['--train_shards', packed.path, '--eval_list', tiny_corpus['eval_list'], '--eval_path',
-                tiny_corpus['eval_path'], '--save_path', str(save_path), '--C', '32', '--num_frames', '40',
-                '--batch_size', '6', '--n_cpu', '0', '--seed', '5', *extra]
-    trainECAPAModel.main(argv(tmp_path / 'straight', '--max_epoch', '2'))
-    trainECAPAModel.main(argv(tmp_path / 'stopped', '--max_epoch', '1'))
-    trainECAPAModel.main(argv(tmp_path / 'stopped', '--max_epoch', '2'))
-    lines = (tmp_path / 'stopped' / 'score.txt').read_text().splitlines()
-    assert [line.split()[0] for line in lines] == ['1', '2']
+                tiny_corpus['eval_path'], '--save_path', str(save_path), '--C', '16', '--num_frames', '40',
+                '--batch_size', '6', '--n_cpu', '2', '--seed', '5', '--max_epoch', '2', *extra]
+    trainECAPAModel.main(argv(tmp_path / 'straight'))
+    _, original_step = signal_at_step(monkeypatch, 9, signal.SIGTERM)
+    assert trainECAPAModel.main(argv(tmp_path / 'stopped')) is False
+    state = torch.load(tmp_path / 'stopped' / 'model' / 'resume.pt', weights_only=True)
+    assert state['epoch'] == 1 and state['partial_epoch'][0]['step'] == 3
+    monkeypatch.setattr(TrainingStep, '__call__', original_step)
+    trainECAPAModel.main(argv(tmp_path / 'stopped'))
     assert_same_checkpoints(tmp_path / 'straight' / 'model' / 'model_0002.model',
                             tmp_path / 'stopped' / 'model' / 'model_0002.model')
+    assert (tmp_path / 'straight' / 'score.txt').read_text() == (tmp_path / 'stopped' / 'score.txt').read_text()
     status, err, _ = cli_error(argv(tmp_path / 'clip', '--mode', 'clip'))
     assert status == 2 and '--train_shards streams utterances in a shuffled order' in err
     status, err, _ = cli_error(argv(tmp_path / 'both', '--train_list', tiny_corpus['train_list']))
