@@ -464,6 +464,19 @@ def load_model(path, model=None, C=None, sampling_rate=None, device='cpu'):
     return encoder.to(device).eval()
 
 
+def pcm_full_scale(samples):
+    """The full scale of integer PCM `samples`: 2**15 for int16, and for wider types holding values in int16's
+    range (what `np.array` of Python ints or `torch.tensor` make of 16-bit samples); 2**31 for other int32
+    (soundfile's 32-bit PCM). Wider values in an int64 array say nothing of their scale: a `ValueError`."""
+    peak = int(np.abs(samples.astype(np.int64)).max()) if samples.size else 0
+    if samples.dtype.itemsize <= 2 or peak <= 2 ** 15:
+        return float(2 ** 15) if samples.dtype.itemsize >= 2 else float(2 ** (8 * samples.dtype.itemsize - 1))
+    if samples.dtype.itemsize == 4:
+        return float(2 ** 31)
+    raise ValueError(f'{samples.dtype} samples beyond the 16-bit range (peak {peak}): give them as int16 or int32 '
+                     f'PCM, or as floats in [-1, 1]')
+
+
 def as_recordings(audio, sampling_rate, rate, lengths=None, channels=False):
     """(1-D float32 waveforms at `rate`, whether `audio` was one recording) for `embed`; see there."""
     if isinstance(audio, (list, tuple)):
@@ -478,7 +491,7 @@ def as_recordings(audio, sampling_rate, rate, lengths=None, channels=False):
     if sampling_rate is None:
         raise ValueError(f'give the sampling_rate of a waveform (the model takes {rate} Hz)')
     if np.issubdtype(samples.dtype, np.signedinteger):
-        samples = samples / float(2 ** (8 * samples.dtype.itemsize - 1))
+        samples = samples / pcm_full_scale(samples)
     elif not np.issubdtype(samples.dtype, np.floating):
         raise ValueError(f'a waveform of {samples.dtype}: give float or signed integer samples')
     samples = samples.astype(np.float32)

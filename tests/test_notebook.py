@@ -54,6 +54,13 @@ def test_every_waveform_form_gives_the_vector_of_the_path(encoder, tmp_path):
     pcm = np.round(read * 20000).astype(np.int16)
     torch.testing.assert_close(tools.embed(encoder, pcm, rate), tools.embed(encoder, pcm / 32768.0, rate), rtol=0,
                                atol=ATOL, msg='int16 PCM is scaled by 1/32768')
+    for wider in (np.int32, np.int64):  # 16-bit samples in a wider array, as np.array of Python ints makes them
+        torch.testing.assert_close(tools.embed(encoder, pcm.astype(wider), rate), tools.embed(encoder, pcm, rate),
+                                   rtol=0, atol=ATOL, msg=f'int16 samples held as {wider.__name__}')
+    pcm32 = pcm.astype(np.int32) * 65536  # 32-bit PCM as soundfile reads it
+    torch.testing.assert_close(tools.embed(encoder, pcm32, rate), tools.embed(encoder, pcm, rate), rtol=0, atol=ATOL)
+    with pytest.raises(ValueError, match=r'int64 samples beyond the 16-bit range'):
+        tools.embed(encoder, pcm.astype(np.int64) * 65536, rate)
     protocol = tools.protocol_vectors(encoder, [path, read], rate)
     assert protocol.shape == (2, 384)
     torch.testing.assert_close(protocol[1], tools.protocol_vectors(encoder, path), rtol=0, atol=ATOL)
