@@ -13,6 +13,7 @@ At the bottom of the import graph (torch and `errors` only), so that every modul
 """
 
 import dataclasses
+import fcntl
 import glob
 import hashlib
 import json
@@ -105,14 +106,17 @@ def file_digest(path):
 
 
 class FolderLock:
-    """`folder`/.lock while a training run writes there, holding 'PID HOST' of its process. Taking it while a
-    live process on this host holds it, or any process on another host, is a `UserError` naming the holder; a
-    lock whose process is gone is taken over with a message."""
+    """`folder`/.lock while a training run writes there, holding 'PID HOST' of its process and an exclusive
+    `flock` on it for as long as the run holds the folder, so that of processes starting at the same instant one
+    alone gets it. Taking it while another process holds the flock, or while the file names a live process on
+    this host or any process on another host, is a `UserError` naming the holder; a lock whose process is gone
+    is taken over with a message."""
 
     def __init__(self, folder):
         self.folder = folder
         self.path = os.path.join(folder, '.lock')
         self.me = f'{os.getpid()} {socket.gethostname()}'
+        self.fd = None
 
     def holder(self):
         """(pid, host) written in the lock, or None when it is unreadable or empty (a holder that died)."""
@@ -123,6 +127,11 @@ class FolderLock:
         except (OSError, ValueError):
             return None
 
+    def in_use(self, holder):
+        who = f'process {holder[0]} on {holder[1]}' if holder else 'another process'
+        return UserError(f'{self.folder} is in use by {who} ({self.path}): wait for that run, stop it, or choose '
+                         f'another --save_path (delete the lock if that process is gone)')
+
     def acquire(self):
         try:
             os.makedirs(self.folder, exist_ok=True)
@@ -131,32 +140,39 @@ class FolderLock:
             raise UserError(f'{self.folder}: cannot hold a run ({why})') from None
         while True:
             try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                self.take_over_if_stale()
-                continue
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             except OSError as error:  # a read-only folder or file system
                 raise UserError(f'{self.folder}: cannot hold a run ({error.strerror})') from None
-            with os.fdopen(fd, 'w') as f:
-                f.write(self.me)
-            return self
-
-    def take_over_if_stale(self):
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                raise self.in_use(self.holder()) from None
+            except OSError:  # a file system without flock (some NFS mounts): the file's content alone decides
+                pass
+            try:
+                if os.stat(self.path).st_ino == os.fstat(fd).st_ino:
+                    break
+            except FileNotFoundError:
+                pass
+            os.close(fd)  # its holder released and removed it between our open and our flock: try anew
         holder = self.holder()
         if holder is not None and (holder[1] != socket.gethostname() or process_exists(holder[0])):
-            raise UserError(f'{self.folder} is in use by process {holder[0]} on {holder[1]} ({self.path}): wait for '
-                            f'that run, stop it, or choose another --save_path (delete the lock if that process is '
-                            f'gone)')
-        print(f'{self.path}: taking over the lock of process {holder[0] if holder else "?"}, which has ended',
-              flush=True)
-        try:
-            os.remove(self.path)
-        except FileNotFoundError:
-            pass
+            os.close(fd)
+            raise self.in_use(holder)
+        if holder is not None:
+            print(f'{self.path}: taking over the lock of process {holder[0]}, which has ended', flush=True)
+        os.ftruncate(fd, 0)
+        os.write(fd, self.me.encode())
+        self.fd = fd
+        return self
 
     def release(self):
-        if self.holder() == (os.getpid(), socket.gethostname()):
-            os.remove(self.path)
+        if self.fd is None:
+            return
+        os.remove(self.path)  # while still flocked, so that no one takes the file being removed
+        os.close(self.fd)
+        self.fd = None
 
 
 def process_exists(pid):

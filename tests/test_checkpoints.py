@@ -2,10 +2,12 @@
 loaded without executing anything."""
 
 import errno
+import multiprocessing
 import os
 import pickle
 import socket
 import subprocess
+import time
 
 import numpy as np
 import pytest
@@ -68,6 +70,40 @@ def test_a_folder_lock_refuses_a_live_holder_and_takes_over_a_dead_ones(tmp_path
         FolderLock(str(tmp_path)).acquire()
     FolderLock(str(tmp_path)).release()  # not ours: left in place
     assert (tmp_path / '.lock').exists()
+
+
+def hold_lock_for_a_moment(folder, start, results):
+    start.wait()
+    try:
+        lock = FolderLock(folder).acquire()
+    except UserError:
+        results.put(0)
+        return
+    time.sleep(0.3)
+    results.put(1)
+    lock.release()
+
+
+@pytest.mark.parametrize('stale', [False, True])
+def test_of_processes_starting_at_the_same_instant_one_alone_gets_the_folder(tmp_path, stale):
+    """Eight processes released by one barrier, ten times, on a fresh folder or one with a dead process's lock."""
+    context = multiprocessing.get_context('fork')
+    for round_ in range(10):
+        folder = str(tmp_path / str(round_))
+        if stale:
+            os.makedirs(folder)
+            gone = subprocess.Popen(['true'])
+            gone.wait()
+            with open(os.path.join(folder, '.lock'), 'w') as f:
+                f.write(f'{gone.pid} {socket.gethostname()}')
+        start, results = context.Barrier(8), context.Queue()
+        processes = [context.Process(target=hold_lock_for_a_moment, args=(folder, start, results)) for _ in range(8)]
+        for process in processes:
+            process.start()
+        holders = sum(results.get(timeout=60) for _ in processes)
+        for process in processes:
+            process.join()
+        assert holders == 1, f'round {round_}: {holders} processes held the lock at once'
 
 
 def test_atomic_write_gives_the_permissions_of_a_plain_write(tmp_path):
