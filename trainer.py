@@ -602,10 +602,11 @@ class TrainingRun:
             save_checkpoint(self.model.checkpoint_state(), encoder_config(self.args), self.checkpoint_path(epoch))
 
     def save_trained(self, record):
-        """Before an evaluation: model_XXXX.model, and resume.pt holding the epoch as trained, not evaluated,
-        so that an evaluation that fails loses no training."""
-        self.save_weights(record.epoch)
+        """Before an evaluation: resume.pt holding the epoch as trained, not evaluated, so that an evaluation
+        that fails loses no training; then model_XXXX.model. In that order, a stop between the two leaves a
+        state to continue from (which writes the checkpoint again), never a checkpoint without its resume.pt."""
         self.save_resume(record.epoch, unevaluated=record)
+        self.save_weights(record.epoch)
 
     def evaluate_average(self):
         """--average N, after the last epoch: model/model_average.model, the mean of the last N epochs' weights,
@@ -678,6 +679,7 @@ class TrainingRun:
             if self.resume is not None and self.resume.unevaluated:
                 record = EpochRecord(**self.resume.unevaluated)
                 log(f'Evaluating epoch {record.epoch}, trained before the last run stopped')
+                self.save_weights(record.epoch)  # the stop may have come before it was written
                 self.finish_epoch(record, time.time() - record.train_seconds, evaluate=True)
             for epoch in range(self.first_epoch, args.max_epoch + 1):
                 started = time.time()

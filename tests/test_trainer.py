@@ -181,6 +181,29 @@ def test_hard_negative_batches_train_and_a_run_stopped_inside_an_epoch_resumes_e
     assert (tmp_path / 'straight' / 'score.txt').read_text() == (tmp_path / 'resumed' / 'score.txt').read_text()
 
 
+@pytest.mark.parametrize('killed_in', ['save_resume', 'save_weights'])
+def test_a_kill_while_the_first_epoch_is_saved_loses_nothing(tiny_corpus, train_argv, reference_run, tmp_path,
+                                                             monkeypatch, killed_in):
+    """The process ends (as by SIGKILL or a full disk) while epoch 1's resume.pt or its checkpoint is written: the
+    same command then continues to the uninterrupted run's checkpoints and score.txt."""
+    original = getattr(trainer.TrainingRun, killed_in)
+
+    def killed(self, epoch, *rest, **keywords):
+        if epoch == 1:
+            raise SystemExit(137)
+        return original(self, epoch, *rest, **keywords)
+    monkeypatch.setattr(trainer.TrainingRun, killed_in, killed)
+    with pytest.raises(SystemExit):
+        trainECAPAModel.main(train_argv(tiny_corpus, tmp_path, '--max_epoch', '2'))
+    assert not (tmp_path / 'model' / 'model_0001.model').exists()
+    monkeypatch.setattr(trainer.TrainingRun, killed_in, original)
+    trainECAPAModel.main(train_argv(tiny_corpus, tmp_path, '--max_epoch', '2'))
+    for epoch in (1, 2):
+        assert_same_checkpoints(reference_run / 'model' / f'model_000{epoch}.model',
+                                tmp_path / 'model' / f'model_000{epoch}.model')
+    assert (reference_run / 'score.txt').read_text() == (tmp_path / 'score.txt').read_text()
+
+
 @pytest.mark.parametrize('number', [signal.SIGTERM, signal.SIGINT])
 def test_a_signal_while_the_list_is_read_stops_at_once_saying_nothing_was_trained(tiny_corpus, train_argv, tmp_path,
                                                                                  monkeypatch, cli_error, number):
