@@ -610,26 +610,33 @@ class TrainingRun:
 
     def evaluate_average(self):
         """--average N, after the last epoch: model/model_average.model, the mean of the last N epochs' weights,
-        scored on a score.txt line of its own; once (a rerun of a finished run leaves it be)."""
+        scored on a score.txt line of its own; once (a rerun of a finished run leaves it be). Process 0 averages
+        the checkpoints and sends the weights to the others; all evaluate them (under torchrun each embeds its
+        share of the files), process 0 writes."""
         args = self.args
         path = os.path.join(self.model_dir, 'model_average.model')
-        if not distributed.is_main() or os.path.exists(path):
-            return
         first = args.max_epoch - args.average + 1
-        paths = [self.checkpoint_path(epoch) for epoch in range(first, args.max_epoch + 1)]
-        missing = [p for p in paths if not os.path.exists(p)]
-        if missing:
-            raise UserError(f'--average {args.average}: {missing[0]} is missing (a run saves the last epochs only when '
-                            f'given --average from its start); average those there are with --average_checkpoints')
-        state = average_checkpoints(paths)
+        found = None
+        if distributed.is_main() and not os.path.exists(path):
+            paths = [self.checkpoint_path(epoch) for epoch in range(first, args.max_epoch + 1)]
+            missing = [p for p in paths if not os.path.exists(p)]
+            found = UserError(f'--average {args.average}: {missing[0]} is missing (a run saves the last epochs only '
+                              f'when given --average from its start); average those there are with '
+                              f'--average_checkpoints') if missing else average_checkpoints(paths)
+        state = distributed.from_main(found)
+        if isinstance(state, UserError):
+            raise state
+        if state is None:
+            return
         encoder = build_encoder(args.model, args.C, args.sampling_rate, args.embedding_dim)
         encoder.load_state_dict(encoder_weights(state))
         results = evaluate_encoder(encoder.to(self.device).eval(), args, self.device, self.trial_lists, self.cohort)
         line = average_line(first, args.max_epoch, results)
         log(time.strftime('%Y-%m-%d %H:%M:%S'), line)
-        with open(self.score_path, 'a') as f:
-            f.write(line + '\n')
-        save_checkpoint(state, encoder_config(args), path)
+        if distributed.is_main():
+            with open(self.score_path, 'a') as f:
+                f.write(line + '\n')
+            save_checkpoint(state, encoder_config(args), path)
 
     def evaluate_epoch(self, record):
         """Score the trial lists with the model as trained to `record.epoch`; log the score.txt line."""

@@ -94,11 +94,13 @@ def test_score_txt_under_torchrun_describes_the_saved_checkpoint(straight_torchr
 
 
 @pytest.mark.parametrize('mode,extra', [('clip', ()), ('blip', ('--contrastive_weight', '0'))])
-def test_torchrun_trains_the_contrastive_modes(torchrun_argv, tmp_path, mode, extra):
-    """Two steps on each process; without a contrastive term nothing may wait for a gradient that never comes."""
-    torchrun(*torchrun_argv(tmp_path, '--mode', mode, *extra, '--max_epoch', '2'))
+def test_torchrun_trains_the_contrastive_modes_and_scores_the_average(torchrun_argv, tmp_path, mode, extra):
+    """Two steps on each process; without a contrastive term nothing may wait for a gradient that never comes.
+    --average 2: every process evaluates the averaged weights, process 0 writes them and their line."""
+    torchrun(*torchrun_argv(tmp_path, '--mode', mode, *extra, '--max_epoch', '2', '--average', '2'))
     lines = (tmp_path / 'score.txt').read_text().splitlines()
-    assert [line.split()[0] for line in lines] == ['1', '2'] and all(' EER ' in line for line in lines)
+    assert [line.split()[0] for line in lines] == ['1', '2', '2'] and all(' EER ' in line for line in lines)
+    assert 'average of epochs 1-2' in lines[2] and (tmp_path / 'model' / 'model_average.model').exists()
 
 
 def test_sigterm_to_a_torchrun_process_group_stops_every_process_after_a_step_and_the_rerun_is_exact(
