@@ -210,14 +210,19 @@ class ECAPA_TDNN(Encoder):
         x2 = self.layer2(x + x1)
         x3 = self.layer3(x + x1 + x2)
         x = self.relu(self.layer4(torch.cat((x1, x2, x3), dim=1)))
+        return self.bn6(self.fc6(self.bn5(self.attentive_statistics(x))))
 
+    def attentive_statistics(self, x):
+        """Attentive statistics pooling [B, C, T] -> [B, 2C]: the attention-weighted mean and standard deviation
+        of each channel over time. The statistics are float32 under any autocast (the attention itself runs in
+        it): in bfloat16, E[x^2] - mu^2 of a channel steady over time loses its digits to cancellation."""
+        x = x.float()
         mean = torch.mean(x, dim=2, keepdim=True)
         std = torch.sqrt(torch.var(x, dim=2, keepdim=True).clamp(min=1e-4))
-        w = self.attention(torch.cat((x, mean.expand_as(x), std.expand_as(x)), dim=1))
+        w = self.attention(torch.cat((x, mean.expand_as(x), std.expand_as(x)), dim=1)).float()
         mu = torch.sum(x * w, dim=2)
         sg = torch.sqrt((torch.sum((x ** 2) * w, dim=2) - mu ** 2).clamp(min=1e-4))
-        x = self.bn5(torch.cat((mu, sg), 1))
-        return self.bn6(self.fc6(x))
+        return torch.cat((mu, sg), 1)
 
 
 def statistics_pooling(x):

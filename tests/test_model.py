@@ -111,3 +111,21 @@ def test_pre_emphasis_is_the_original_two_tap_filter_with_the_first_sample_refle
     torch.testing.assert_close(emphasis(x), filtered, rtol=0, atol=1e-7)
     assert emphasis(x)[0, 0] == x[0, 0] - torch.tensor(0.97) * x[0, 1]
     assert list(emphasis.state_dict()) == ['flipped_filter']  # the original's checkpoints hold it
+
+
+def test_attentive_statistics_are_float32_under_bfloat16_autocast():
+    """Channels steady over time (3 + 0.01 noise): in bfloat16, E[x^2] - mu^2 would cancel to nothing; the pooled
+    mean and standard deviation must be the float64 formula's for the same frames and attention weights."""
+    encoder = build_encoder('ecapa-tdnn', 16).eval()
+    frames = 3 + 0.01 * torch.randn(2, 1536, 50, generator=torch.Generator().manual_seed(0))
+    frames = frames.to(torch.bfloat16)
+    captured = []
+    encoder.attention.register_forward_hook(lambda module, inputs, output: captured.append(output))
+    with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
+        pooled = encoder.attentive_statistics(frames)
+    x, weights = frames.double(), captured[0].double()
+    mu = (x * weights).sum(2)
+    sigma = ((x ** 2 * weights).sum(2) - mu ** 2).clamp(min=1e-4).sqrt()
+    assert pooled.dtype == torch.float32
+    torch.testing.assert_close(pooled[:, :1536].double(), mu, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(pooled[:, 1536:].double(), sigma, rtol=0.01, atol=1e-4)
