@@ -7,8 +7,9 @@ Stages, each usable alone:
   read_usable_crop  -> a crop, or `UnusableAudio` saying why the file cannot train (unreadable, empty,
                        shorter than a 25 ms window, non-finite samples, silent); datasets then use another
                        utterance and report the skipped file with the batch (`collate`)
-  TrainDataset      -> (waveform, label) with randomness seeded by (seed, epoch, index), augmented by the
-                       augmenter it is given; PairDataset -> two views of one speaker
+  CropMaker         -> an item's crop at its speed, augmented: from a file or a tar shard's member alike
+  TrainDataset      -> (waveform, label) of a `lists.TrainList` with randomness seeded by (seed, epoch, index);
+                       PairDataset -> two views of one speaker (tar shards stream instead: shards.py)
   EpochSampler, SpeakerPairSampler -> each epoch's order as a pure function of (seed, epoch), sharded
                        over torchrun's processes
   EvalDataset       -> whole utterances for embedding, with what is wrong with each (unreadable, near-silent)
