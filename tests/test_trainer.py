@@ -318,8 +318,9 @@ def test_a_full_disk_ends_the_run_with_one_line_and_leaves_no_partial_file(proce
     result = subprocess.run(process_command(tmp_path) + ['--n_cpu', '0'], capture_output=True, text=True, cwd=root,
                             preexec_fn=small_files_only, timeout=300)
     assert result.returncode == 1 and 'Traceback' not in result.stderr
-    # The noise bank, when this is the session's first run to build it, or else the first checkpoint.
-    assert re.fullmatch(r'trainECAPAModel\.py: error: \S+(bank-\w+\.f32|model_0001\.model): cannot be written '
+    # The noise bank, when this is the session's first run to build it, or else epoch 1's resume.pt (written
+    # before its checkpoint, so that no checkpoint is left without it).
+    assert re.fullmatch(r'trainECAPAModel\.py: error: \S+(bank-\w+\.f32|model/resume\.pt): cannot be written '
                         r'\(File too large\)', result.stderr.splitlines()[-1])
     assert not (tmp_path / 'model').exists() or os.listdir(tmp_path / 'model') == []
     assert not (tmp_path / '.lock').exists()
