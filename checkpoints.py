@@ -96,6 +96,20 @@ def atomic_json_save(obj, path):
     atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2).encode()))
 
 
+def read_json(path, what, keys=()):
+    """The JSON mapping in `path` (a `what`: 'encoder config', ...), holding at least `keys`; a `UserError`
+    naming the file when it does not parse (a truncated write of an older version, an edit) or lacks a key."""
+    try:
+        with open(path) as f:
+            found = json.load(f)
+    except (OSError, ValueError) as error:
+        raise UserError(f'{path}: not a readable {what} ({first_line(error)}); fix it or move it away') from None
+    missing = [key for key in keys if not isinstance(found, dict) or key not in found]
+    if missing:
+        raise UserError(f'{path}: not a readable {what} (no {", ".join(missing)}); fix it or move it away')
+    return found
+
+
 def file_digest(path):
     """A short SHA-1 of a file's bytes: the identity of a checkpoint."""
     digest = hashlib.sha1()

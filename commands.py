@@ -5,7 +5,6 @@ A module of its own so that the entry script holds the flags, their defaults and
 what the commands do with them.
 """
 
-import json
 import os
 from typing import Callable, NamedTuple
 
@@ -13,7 +12,7 @@ import numpy as np
 import torch
 
 from checkpoints import (atomic_json_save, atomic_torch_save, atomic_write, average_checkpoints, encoder_config_path,
-                         file_digest)
+                         file_digest, read_json)
 from errors import UsageError, UserError
 from lists import files_to_embed, read_score_file, write_score_file
 from plots import evaluation_plots
@@ -129,8 +128,8 @@ def run_average_checkpoints(args):
     atomic_torch_save(average_checkpoints(args.average_checkpoints), args.out)
     config = encoder_config_path(args.average_checkpoints[0])
     if os.path.exists(config):
-        with open(config) as f:
-            atomic_json_save(json.load(f), encoder_config_path(args.out))
+        atomic_json_save(read_json(config, 'encoder config', ('model', 'C', 'sampling_rate')),
+                         encoder_config_path(args.out))
     print(f'{args.out}: the mean of the weights of {len(args.average_checkpoints)} checkpoints')
 
 

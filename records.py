@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 import torchaudio
 
-from checkpoints import atomic_json_save, atomic_write
+from checkpoints import atomic_json_save, atomic_write, read_json
 from errors import UserError
 from lists import list_lines, malformed
 
@@ -96,8 +96,7 @@ def recorded_initial_model(config_path):
     None when there is no config.json."""
     if not os.path.exists(config_path):
         return None
-    with open(config_path) as f:
-        return json.load(f)['arguments'].get('initial_model') or ''
+    return read_json(config_path, 'run config', ('arguments',))['arguments'].get('initial_model') or ''
 
 
 def append_metrics(path, record):

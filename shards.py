@@ -30,7 +30,7 @@ import webdataset
 from checkpoints import atomic_write
 from dataLoader import UnusableAudio
 from errors import UserError
-from lists import ShardList, require_files
+from lists import require_files
 
 SHUFFLE_BUFFER = 500  # samples (the audio files' bytes) each loader worker shuffles among: ~125 MB of VoxCeleb2
 

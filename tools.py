@@ -11,7 +11,6 @@ import copy
 import dataclasses
 import hashlib
 import importlib.util
-import json
 import math
 import os
 import pickle
@@ -25,8 +24,8 @@ import torch.nn.functional as F
 import tqdm
 
 import distributed
-from checkpoints import (atomic_torch_save, atomic_write, encoder_config_path, encoder_weights,
-                         load_state_dict_file, mismatches)
+from checkpoints import (atomic_torch_save, atomic_write, encoder_config_path, encoder_weights, load_state_dict_file,
+                         mismatches, read_json)
 from dataLoader import (MIN_SECONDS, NEAR_SILENT, EvalDataset, audio_problem, leave_signals_to_parent, near_silent,
                         read_audio, resample, wrap_pad)
 from errors import UserError
@@ -443,8 +442,8 @@ def load_model(path, model=None, C=None, sampling_rate=None, device='cpu'):
     override either."""
     weights = encoder_weights(load_state_dict_file(path))
     if os.path.exists(encoder_config_path(path)):
-        with open(encoder_config_path(path)) as f:
-            config = {'embedding_dim': None, **json.load(f)}
+        config = {'embedding_dim': None, **read_json(encoder_config_path(path), 'encoder config',
+                                                     ('model', 'C', 'sampling_rate'))}
     else:
         config = architecture_of(weights)
         if config is None:

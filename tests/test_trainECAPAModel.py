@@ -225,6 +225,22 @@ def test_eval_of_a_training_checkpoint_gives_its_logged_eer_and_a_score_file(tin
     assert again.min_dcf == pytest.approx(metrics.min_dcf, abs=1e-3)
 
 
+def test_a_broken_json_beside_a_checkpoint_or_in_a_run_folder_is_one_line(tiny_corpus, checkpoint, train_argv,
+                                                                            tmp_path, cli_error):
+    shutil.copy(checkpoint, tmp_path / 'm.model')
+    for text, why in (('{"model": "ecapa', 'Unterminated string'), ('{"model": "ecapa-tdnn"}', 'no C, sampling_rate')):
+        (tmp_path / 'm.json').write_text(text)
+        status, printed, _ = cli_error(eval_argv(str(tmp_path / 'm.model'), tiny_corpus, tmp_path))
+        assert status == 1 and printed.count('\n') == 1 and 'm.json: not a readable encoder config' in printed
+        assert why in printed
+    run = tmp_path / 'run'
+    (run / 'model').mkdir(parents=True)
+    (run / 'model' / 'resume.pt').write_bytes(b'')
+    (run / 'config.json').write_text('{"arguments": {"lr"')  # cut short
+    status, printed, _ = cli_error(train_argv(tiny_corpus, run, '--max_epoch', '1'))
+    assert status == 1 and printed.count('\n') == 1 and 'config.json: not a readable run config' in printed
+
+
 @pytest.mark.parametrize('cohort,size', [('speaker', 1), ('utterance', 1)])
 def test_a_cohort_of_one_is_refused_before_anything_is_embedded(tiny_corpus, checkpoint, tmp_path, cli_error, cohort,
                                                                 size):
