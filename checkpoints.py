@@ -206,6 +206,11 @@ def encoder_config_path(checkpoint_path):
     return os.path.splitext(checkpoint_path)[0] + '.json'
 
 
+def read_encoder_config(checkpoint_path):
+    """The encoder config written beside a checkpoint (model, C, sampling_rate[, embedding_dim])."""
+    return read_json(encoder_config_path(checkpoint_path), 'encoder config', ('model', 'C', 'sampling_rate'))
+
+
 def save_checkpoint(state_dict, encoder_config, path):
     """Write the weights (`speaker_encoder.*`, `speaker_loss.*`) and, beside them, the encoder config
     (a dict: model, C, embedding_dim, sampling_rate)."""

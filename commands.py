@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from checkpoints import (atomic_json_save, atomic_torch_save, atomic_write, average_checkpoints, encoder_config_path,
-                         file_digest, read_json)
+                         file_digest, read_encoder_config)
 from errors import UsageError, UserError
 from lists import files_to_embed, read_score_file, write_score_file
 from plots import evaluation_plots
@@ -126,10 +126,8 @@ def run_average_checkpoints(args):
     """--out: the mean of the given checkpoints' weights, with the encoder JSON of the first beside it when it
     has one (what --average N writes at the end of training, for runs that are already over)."""
     atomic_torch_save(average_checkpoints(args.average_checkpoints), args.out)
-    config = encoder_config_path(args.average_checkpoints[0])
-    if os.path.exists(config):
-        atomic_json_save(read_json(config, 'encoder config', ('model', 'C', 'sampling_rate')),
-                         encoder_config_path(args.out))
+    if os.path.exists(encoder_config_path(args.average_checkpoints[0])):
+        atomic_json_save(read_encoder_config(args.average_checkpoints[0]), encoder_config_path(args.out))
     print(f'{args.out}: the mean of the weights of {len(args.average_checkpoints)} checkpoints')
 
 

@@ -25,7 +25,7 @@ import tqdm
 
 import distributed
 from checkpoints import (atomic_torch_save, atomic_write, encoder_config_path, encoder_weights, load_state_dict_file,
-                         mismatches, read_json)
+                         mismatches, read_encoder_config)
 from dataLoader import (MIN_SECONDS, NEAR_SILENT, EvalDataset, audio_problem, leave_signals_to_parent, near_silent,
                         read_audio, resample, wrap_pad)
 from errors import UserError
@@ -442,8 +442,7 @@ def load_model(path, model=None, C=None, sampling_rate=None, device='cpu'):
     override either."""
     weights = encoder_weights(load_state_dict_file(path))
     if os.path.exists(encoder_config_path(path)):
-        config = {'embedding_dim': None, **read_json(encoder_config_path(path), 'encoder config',
-                                                     ('model', 'C', 'sampling_rate'))}
+        config = {'embedding_dim': None, **read_encoder_config(path)}
     else:
         config = architecture_of(weights)
         if config is None:
@@ -467,9 +466,11 @@ def pcm_full_scale(samples):
     """The full scale of integer PCM `samples`: 2**15 for int16, and for wider types holding values in int16's
     range (what `np.array` of Python ints or `torch.tensor` make of 16-bit samples); 2**31 for other int32
     (soundfile's 32-bit PCM). Wider values in an int64 array say nothing of their scale: a `ValueError`."""
+    if samples.dtype.itemsize == 1:
+        return float(2 ** 7)
     peak = int(np.abs(samples.astype(np.int64)).max()) if samples.size else 0
-    if samples.dtype.itemsize <= 2 or peak <= 2 ** 15:
-        return float(2 ** 15) if samples.dtype.itemsize >= 2 else float(2 ** (8 * samples.dtype.itemsize - 1))
+    if samples.dtype.itemsize == 2 or peak <= 2 ** 15:
+        return float(2 ** 15)
     if samples.dtype.itemsize == 4:
         return float(2 ** 31)
     raise ValueError(f'{samples.dtype} samples beyond the 16-bit range (peak {peak}): give them as int16 or int32 '
