@@ -230,6 +230,11 @@ def load_state_dict_file(path):
     if other is not None:
         raise UserError(f"{path}: expected a state_dict of tensors, found a {type(state[other]).__name__} under "
                         f"{other!r}")
+    broken = next((key for key, value in state.items()
+                   if value.is_floating_point() and not torch.isfinite(value).all()), None)
+    if broken is not None:
+        raise UserError(f'{path}: {broken} holds NaN or infinite values (the weights of a run that diverged?); '
+                        f'take an earlier checkpoint')
     return state
 
 

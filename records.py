@@ -91,12 +91,39 @@ def write_config(path, args, device, processes, resumed_after):
     }, path)
 
 
-def recorded_initial_model(config_path):
-    """The --initial_model a run was started from, as its config.json records it ('' for fresh weights), or
-    None when there is no config.json."""
+# Flags that say where and how fast a run trains, how it is evaluated, and how long it goes on: a run may
+# continue with them changed. Every other flag decides what is trained and must stay as the run started.
+RESUMABLE_FLAGS = frozenset({
+    'max_epoch', 'test_step', 'average', 'train_list', 'train_path', 'train_shards', 'musan_path', 'rir_path',
+    'cache_dir', 'eval_list', 'eval_path', 'eval_precision', 'snorm', 'cohort', 'cohort_top_k', 'cohort_size',
+    'n_cpu', 'device', 'amp', 'compile', 'gpu_augment', 'max_bad_steps', 'tensorboard', 'save_path', 'config',
+    'check_data', 'check_decode', 'allow_partial_load', 'demo', 'given'})
+
+
+def recorded_arguments(config_path):
+    """The arguments a run's config.json records, or None when there is no config.json."""
     if not os.path.exists(config_path):
         return None
-    return read_json(config_path, 'run config', ('arguments',))['arguments'].get('initial_model') or ''
+    return read_json(config_path, 'run config', ('arguments',))['arguments']
+
+
+def changed_flags(recorded, args):
+    """{flag: (recorded value, value now)} for the flags of `args` that differ from `recorded` (a run's
+    config.json arguments). Flags the record does not hold (added to the code since) are not compared."""
+    changed = {}
+    for name, value in sorted(vars(args).items()):
+        if name in recorded and json.loads(json.dumps(value)) != recorded[name]:
+            changed[name] = (recorded[name], value)
+    return changed
+
+
+def recipe_changes(recorded, args):
+    """The changed flags that decide what is trained: all but RESUMABLE_FLAGS, and --max_epoch and --test_step
+    when the learning-rate schedule is a function of them (warmup_exp decays over --max_epoch; the step
+    schedule decays every --test_step epochs)."""
+    fixed = {'max_epoch'} if args.scheduler == 'warmup_exp' else {'test_step'}
+    return {name: values for name, values in changed_flags(recorded, args).items()
+            if name not in RESUMABLE_FLAGS or name in fixed}
 
 
 def append_metrics(path, record):

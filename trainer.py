@@ -27,8 +27,8 @@ import tqdm
 
 import distributed
 from augment import Augmenter, DeviceAugmenter
-from checkpoints import (FolderLock, ResumeState, average_checkpoints, encoder_weights, load_encoder_weights,
-                         remove_partial_writes, save_checkpoint)
+from checkpoints import (FolderLock, ResumeState, average_checkpoints, encoder_config_path, encoder_weights,
+                         load_encoder_weights, read_encoder_config, remove_partial_writes, save_checkpoint)
 from dataLoader import (SPEED_PERTURBATION, CropMaker, EpochSampler, HardNegativeBatches, HardNegativePairBatches,
                         PairDataset, SpeakerGroups, SpeakerPairSampler, TrainDataset, collate, leave_signals_to_parent,
                         unreadable_headers)
@@ -38,8 +38,8 @@ from lists import (ShardList, TrainList, cohort_entries, distinct_names, read_sh
 from loss import AAMsoftmax, build_objective
 from model import build_encoder, crop_samples
 from plots import evaluation_plots, training_curve
-from records import (EpochRecord, TensorBoard, append_metrics, average_line, forget_epochs_after,
-                     recorded_initial_model, score_line, write_config)
+from records import (EpochRecord, TensorBoard, append_metrics, average_line, changed_flags, forget_epochs_after,
+                     recipe_changes, recorded_arguments, score_line, write_config)
 from schedules import training_schedule
 from shards import ShardDataset, steps_per_epoch
 from tools import Autocast, Cohort, evaluate
@@ -509,7 +509,7 @@ class TrainingRun:
         if not os.path.exists(self.resume_path):
             self.check_no_other_results()
             return None
-        self.check_same_start()
+        self.check_same_recipe()
         return ResumeState.load(self.resume_path)
 
     def check_no_other_results(self):
@@ -522,17 +522,27 @@ class TrainingRun:
             raise UserError(f'{self.args.save_path} holds the results of another run ({found[0]}, {len(found)} files) '
                             f'but no model/resume.pt to continue it: choose another --save_path or move them away')
 
-    def check_same_start(self):
-        """A run continues only from the weights it was started from: --initial_model into a save_path that
-        holds a run started from other weights is an error."""
-        previous = recorded_initial_model(os.path.join(self.args.save_path, 'config.json'))
-        given = self.args.initial_model
-        same = previous == given or (previous and given and os.path.exists(previous) and os.path.exists(given)
-                                     and os.path.samefile(previous, given))
-        if previous is not None and not same:
+    def check_same_recipe(self):
+        """A run continues only as it started: from the same --initial_model, with the same flags for everything
+        that decides what is trained (records.recipe_changes); the others may change, and are named."""
+        recorded = recorded_arguments(os.path.join(self.args.save_path, 'config.json'))
+        if recorded is None:
+            return
+        changes = recipe_changes(recorded, self.args)
+        previous, given = changes.pop('initial_model', (None, None))
+        if previous is not None and not (previous and given and os.path.exists(previous) and os.path.exists(given)
+                                         and os.path.samefile(previous, given)):
             raise UsageError(f'{self.resume_path} continues a run started from {previous or "fresh weights"}, not '
                              f'from --initial_model {given or "(none)"}: give that run\'s --initial_model to '
                              f'continue it, or another --save_path to start a new run')
+        if changes:
+            listed = ', '.join(f'--{name} {now} (the run has {before})' for name, (before, now) in changes.items())
+            raise UsageError(f'{self.resume_path} continues a run started with other flags: {listed}; give the run\'s '
+                             f'flags (its config.json holds them) to continue it, or another --save_path to start a new '
+                             f'run (--initial_model {self.model_dir}/model_XXXX.model takes its weights)')
+        others = changed_flags(recorded, self.args)
+        for name in sorted(set(others) - {'given', 'initial_model', 'config'}):
+            log(f'continuing with --{name} {others[name][1]} (the run had {others[name][0]})')
 
     def save_resume(self, epoch, partial=None, unevaluated=None):
         """resume.pt: the state after `epoch` complete epochs and, when stopped inside the next one, every
@@ -610,14 +620,15 @@ class TrainingRun:
 
     def evaluate_average(self):
         """--average N, after the last epoch: model/model_average.model, the mean of the last N epochs' weights,
-        scored on a score.txt line of its own; once (a rerun of a finished run leaves it be). Process 0 averages
-        the checkpoints and sends the weights to the others; all evaluate them (under torchrun each embeds its
-        share of the files), process 0 writes."""
+        scored on a score.txt line of its own; once for those epochs (a rerun of a finished run leaves it be, a
+        run continued to a later --max_epoch or given another N averages again). Its JSON records the epochs.
+        Process 0 averages the checkpoints and sends the weights to the others; all evaluate them (under torchrun
+        each embeds its share of the files), process 0 writes."""
         args = self.args
         path = os.path.join(self.model_dir, 'model_average.model')
         first = args.max_epoch - args.average + 1
         found = None
-        if distributed.is_main() and not os.path.exists(path):
+        if distributed.is_main() and not self.averaged(path, [first, args.max_epoch]):
             paths = [self.checkpoint_path(epoch) for epoch in range(first, args.max_epoch + 1)]
             missing = [p for p in paths if not os.path.exists(p)]
             found = UserError(f'--average {args.average}: {missing[0]} is missing (a run saves the last epochs only '
@@ -636,7 +647,13 @@ class TrainingRun:
         if distributed.is_main():
             with open(self.score_path, 'a') as f:
                 f.write(line + '\n')
-            save_checkpoint(state, encoder_config(args), path)
+            save_checkpoint(state, encoder_config(args) | {'averaged_epochs': [first, args.max_epoch]}, path)
+
+    @staticmethod
+    def averaged(path, epochs):
+        """Whether the average checkpoint at `path` is that of `epochs` ([first, last])."""
+        return os.path.exists(path) and os.path.exists(encoder_config_path(path)) and \
+            read_encoder_config(path).get('averaged_epochs') == epochs
 
     def evaluate_epoch(self, record):
         """Score the trial lists with the model as trained to `record.epoch`; log the score.txt line."""

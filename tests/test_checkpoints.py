@@ -167,6 +167,15 @@ def test_checkpoints_that_are_not_state_dicts_are_named(tmp_path):
         load_state_dict_file(str(tmp_path / 'list.model'))
 
 
+@pytest.mark.parametrize('bad', [float('nan'), float('inf')])
+def test_a_checkpoint_holding_non_finite_weights_is_refused_naming_the_weight(tmp_path, bad):
+    state = build_encoder('tdnn', 16, 16000, 8).state_dict()
+    state['frame_layers.0.0.weight'][0, 0, 0] = bad
+    torch.save(state, tmp_path / 'diverged.model')
+    with pytest.raises(UserError, match=r'diverged.model: frame_layers.0.0.weight holds NaN or infinite values'):
+        load_state_dict_file(str(tmp_path / 'diverged.model'))
+
+
 def test_encoder_weights_strip_the_training_prefixes():
     weight = torch.zeros(1)
     assert encoder_weights({'speaker_encoder.a': weight, 'speaker_loss.weight': weight}) == {'a': weight}

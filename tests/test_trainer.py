@@ -431,6 +431,14 @@ def test_average_saves_the_last_epochs_and_scores_the_mean_of_their_weights(tiny
     assert all(torch.equal(tool[k], averaged[k]) for k in averaged) and (tmp_path / 'tool.json').exists()
     trainECAPAModel.main(train_argv(tiny_corpus, run, '--max_epoch', '4', '--test_step', '4', '--average', '2'))
     assert open(run / 'score.txt').read().count('average of epochs') == 1  # a rerun of a finished run adds nothing
+    trainECAPAModel.main(train_argv(tiny_corpus, run, '--max_epoch', '5', '--test_step', '4', '--average', '2'))
+    assert 'continuing with --max_epoch 5 (the run had 4)' in capsys.readouterr().out
+    assert open(run / 'score.txt').read().splitlines()[-1].startswith('5 epoch, average of epochs 4-5, EER ')
+    averaged = torch.load(run / 'model' / 'model_average.model')
+    epochs = [torch.load(run / 'model' / f'model_000{e}.model') for e in (4, 5)]
+    assert torch.allclose(averaged['speaker_encoder.fc6.weight'],
+                          (epochs[0]['speaker_encoder.fc6.weight'] + epochs[1]['speaker_encoder.fc6.weight']) / 2)
+    assert json.loads((run / 'model' / 'model_average.json').read_text())['averaged_epochs'] == [4, 5]
 
 
 def test_a_run_continues_only_from_the_weights_it_started_from(tiny_corpus, train_argv, reference_run, tmp_path,
@@ -445,6 +453,37 @@ def test_a_run_continues_only_from_the_weights_it_started_from(tiny_corpus, trai
         message
     status, message, _ = cli_error(train_argv(tiny_corpus, tmp_path, '--max_epoch', '1'))
     assert status == 2 and 'not from --initial_model (none)' in message
+    # fine-tuning the same start into the folder of its first run would continue that run with other flags
+    status, message, _ = cli_error(train_argv(tiny_corpus, tmp_path, '--initial_model', first, '--large_margin'))
+    assert status == 2 and '--large_margin True (the run has False)' in message and \
+        "--m 0.5 (the run has 0.2)" in message and 'another --save_path to start a new run' in message
+
+
+@pytest.mark.parametrize('edit, named', [
+    (('--lr', '0.01'), '--lr 0.01 (the run has 0.001)'),
+    (('--seed', '6'), '--seed 6 (the run has 5)'),
+    (('--num_frames', '50'), '--num_frames 50 (the run has 40)'),
+    (('--m', '0.3', '--s', '20'), '--m 0.3 (the run has 0.2), --s 20.0 (the run has 30)'),
+    (('--test_step', '2'), '--test_step 2 (the run has 1)'),  # the step schedule decays every --test_step epochs
+])
+def test_a_run_continues_only_with_the_flags_that_decide_what_is_trained(tiny_corpus, train_argv, reference_run,
+                                                                       tmp_path, cli_error, edit, named):
+    shutil.copytree(reference_run, tmp_path / 'run')
+    status, message, _ = cli_error(train_argv(tiny_corpus, tmp_path / 'run', '--max_epoch', '3', *edit))
+    assert status == 2 and f'continues a run started with other flags: {named}; give the run\'s flags' in message
+    assert json.loads((tmp_path / 'run' / 'config.json').read_text()) == \
+        json.loads((reference_run / 'config.json').read_text())  # the record of the run is kept
+
+
+def test_a_run_continues_with_other_evaluation_and_system_flags_and_names_them(tiny_corpus, train_argv,
+                                                                               reference_run, tmp_path, capsys):
+    shutil.copytree(reference_run, tmp_path / 'run')
+    assert trainECAPAModel.main(train_argv(tiny_corpus, tmp_path / 'run', '--max_epoch', '2', '--eval_precision',
+                                           'bf16', '--max_bad_steps', '7')) is True
+    printed = capsys.readouterr().out
+    assert 'continuing with --eval_precision bf16 (the run had float32)' in printed
+    assert 'continuing with --max_bad_steps 7 (the run had 50)' in printed
+    assert json.loads((tmp_path / 'run' / 'config.json').read_text())['arguments']['eval_precision'] == 'bf16'
 
 
 def test_training_lists_too_small_to_train_are_errors(tiny_corpus, train_argv, tmp_path, cli_error):
