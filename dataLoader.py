@@ -41,11 +41,35 @@ def resampler(orig_rate, new_rate):
     return torchaudio.transforms.Resample(orig_rate, new_rate)
 
 
+LOWEST_FILE_RATE = 1000  # Hz; a header giving less is broken (resampled, one second would fill an hour)
+POLYPHASE_LIMIT = 1 << 22  # filter taps (float32) that a polyphase resampler may hold: 16 MiB
+
+
 def resample(audio, orig_rate, new_rate):
+    """`audio` (float32, 1-D) at `new_rate`: by a band-limited polyphase filter (torchaudio's, kept per rate pair)
+    when the rates reduce to a small ratio (44100 -> 16000 is 441:160); otherwise (16001 Hz, say, whose filter
+    would hold 16000 x 16001 taps) by discarding or adding frequencies of the whole signal's spectrum, which takes
+    memory in proportion to the audio alone."""
     if orig_rate == new_rate:
         return audio
+    common = math.gcd(orig_rate, new_rate)
     with torch.no_grad():
-        return resampler(orig_rate, new_rate)(torch.from_numpy(np.ascontiguousarray(audio))).numpy()
+        samples = torch.from_numpy(np.ascontiguousarray(audio))
+        if (orig_rate // common) * (new_rate // common) <= POLYPHASE_LIMIT:
+            return resampler(orig_rate, new_rate)(samples).numpy()
+        return spectral_resample(samples, orig_rate, new_rate).numpy()
+
+
+def spectral_resample(samples, orig_rate, new_rate):
+    """`samples` at `new_rate` by truncating or zero-padding their spectrum (frequencies above the lower
+    Nyquist frequency dropped, the result's length in proportion to the rates)."""
+    length = int(round(len(samples) * new_rate / orig_rate))
+    if length == 0:
+        return samples[:0]
+    spectrum = torch.fft.rfft(samples.double())
+    kept = min(len(spectrum), length // 2 + 1)
+    result = torch.fft.irfft(spectrum[:kept], n=length) * (length / len(samples))
+    return result.to(samples.dtype)
 
 
 SPEED_PERTURBATION = (1.0, 0.9, 1.1)  # --speed_perturb on: the speeds drawn, in the order of their label offsets
@@ -111,6 +135,9 @@ def read_audio(path, sampling_rate, start=0.0, seconds=None):
         audio, native_rate = decode_with_av(path)
         first, count = frame_window(start, seconds, native_rate, audio.shape[1])
         audio = audio[:, first:None if count < 0 else first + count]
+    if native_rate < LOWEST_FILE_RATE:
+        raise ValueError(f'{path}: its header gives a sample rate of {native_rate} Hz, below the '
+                         f'{LOWEST_FILE_RATE} Hz of any audio a speaker model can use')
     audio = audio.mean(axis=0) if len(audio) > 1 else audio[0]
     audio = resample(np.ascontiguousarray(audio, dtype=np.float32), native_rate, sampling_rate)
     if seconds is not None:

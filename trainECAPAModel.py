@@ -354,15 +354,26 @@ def command_of(args):
     return next((name for name in COMMANDS if name != 'train' and getattr(args, name)), 'train')
 
 
+class FlatYAMLLoader(yaml.SafeLoader):
+    """YAML without aliases (`*name`): a flag file has no use for them, and nested ones make a few hundred bytes
+    expand to gigabytes."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            raise yaml.composer.ComposerError(None, None, 'aliases (*name) are not accepted in a flag file',
+                                              self.peek_event().start_mark)
+        return super().compose_node(parent, index)
+
+
 def config_words(path):
     """The flags a --config file sets, as command-line words. The file is a JSON (or, named .yaml/.yml, YAML)
     mapping of flag names to values (true/false for switches, lists for flags of several values), or a run's
     config.json, of which the flags that run was given are taken (its defaults are this code's own)."""
     try:
         with open(path) as f:
-            settings = yaml.safe_load(f) if path.endswith(('.yaml', '.yml')) else json.load(f)
+            settings = yaml.load(f, FlatYAMLLoader) if path.endswith(('.yaml', '.yml')) else json.load(f)
     except (OSError, ValueError, yaml.YAMLError) as error:
-        raise UsageError(f'--config {path}: {error}') from None
+        raise UsageError(f'--config {path}: {" ".join(str(error).split())}') from None
     if isinstance(settings, dict) and 'arguments' in settings:  # a run's own config.json
         if not isinstance(settings.get('given_flags'), list) or not isinstance(settings['arguments'], dict):
             raise UsageError(f'--config {path}: a run\'s config.json that does not say which flags the run was given '

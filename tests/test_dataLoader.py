@@ -5,6 +5,8 @@ import math
 import multiprocessing
 import os
 import signal
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -71,6 +73,30 @@ def test_resampling_keeps_pitch_and_duration(tmp_path, native_rate):
     assert abs(len(audio) - 1.5 * RATE) <= 1
     spectrum = np.abs(np.fft.rfft(audio))
     assert np.fft.rfftfreq(len(audio), 1 / RATE)[np.argmax(spectrum)] == pytest.approx(440, abs=1)
+
+
+@pytest.mark.parametrize('native_rate', [16001, 999983])
+def test_rates_without_a_small_ratio_to_the_target_are_resampled_in_bounded_memory(tmp_path, native_rate):
+    """A polyphase filter for 16001 -> 16000 Hz would hold 16000 x 16001 taps (8.8 GB were measured); the
+    file is read in a process of its own whose peak memory is measured."""
+    path = str(tmp_path / 'odd.wav')
+    soundfile.write(path, tone(440, 2.0, native_rate), native_rate)
+    script = ('import resource, sys, numpy as np; from dataLoader import read_audio; '
+              f'audio = read_audio({path!r}, {RATE}); spectrum = np.abs(np.fft.rfft(audio)); '
+              f'print(len(audio), np.fft.rfftfreq(len(audio), 1 / {RATE})[np.argmax(spectrum)], '
+              'resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)')
+    done = subprocess.run([sys.executable, '-c', script], capture_output=True, text=True,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    length, peak_frequency, peak_bytes = done.stdout.split()
+    assert abs(int(length) - 2 * RATE) <= 1 and float(peak_frequency) == pytest.approx(440, abs=1)
+    assert int(peak_bytes) < 2 ** 31
+
+
+def test_a_header_rate_below_any_usable_audio_is_refused(tmp_path):
+    path = str(tmp_path / 'slow.wav')
+    soundfile.write(path, tone(100, 2.0, 16000), 8)
+    with pytest.raises(ValueError, match='slow.wav: its header gives a sample rate of 8 Hz'):
+        read_audio(path, RATE)
 
 
 def test_stereo_is_averaged_to_mono(tmp_path):

@@ -90,6 +90,15 @@ def test_a_config_mistake_is_one_line_naming_the_file(tmp_path, cli_error, text,
     assert status == 2 and 'none.yaml: [Errno 2] No such file or directory' in message
 
 
+def test_a_yaml_config_with_aliases_is_refused_before_it_expands(tmp_path, cli_error):
+    """Nine levels of nine aliases: 387 million strings if expanded."""
+    levels = ['a0: &a0 ["x"]'] + [f'a{i}: &a{i} [{", ".join([f"*a{i - 1}"] * 9)}]' for i in range(1, 10)]
+    (tmp_path / 'bomb.yaml').write_text('\n'.join(levels) + '\n')
+    status, message, _ = cli_error(['--config', str(tmp_path / 'bomb.yaml')])
+    assert status == 2 and f'--config {tmp_path / "bomb.yaml"}: aliases (*name) are not accepted in a flag file' in \
+        message and 'line 2, column' in message and message.count('\n') == 1
+
+
 def test_demo_defaults_yield_to_given_flags(tmp_path):
     args = trainECAPAModel.parse_args(['--demo', '--max_epoch', '2', '--C', '256', '--save_path', str(tmp_path)])
     assert (args.max_epoch, args.C, args.save_path) == (2, 256, str(tmp_path))
