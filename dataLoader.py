@@ -81,10 +81,10 @@ def change_speed(audio, speed):
     return resample(audio, round(speed * 100), 100)
 
 
-def decode_with_av(path):
+def decode_with_av(path, until=None):
     """(float32 samples [channels, frames], rate) of a file libsndfile does not read (AAC in .m4a, what FFmpeg
-    reads), decoded whole by PyAV; samples as the codec gives them, no resampling or mixing. `path` may be a
-    file object (a tar shard's member), read from its start."""
+    reads), decoded by PyAV whole or up to `until` seconds; samples as the codec gives them, no resampling or
+    mixing. `path` may be a file object (a tar shard's member), read from its start."""
     import av  # FFmpeg is needed only for these formats
     if hasattr(path, 'seek'):
         path.seek(0)
@@ -92,9 +92,13 @@ def decode_with_av(path):
         with av.open(path if hasattr(path, 'read') else os.fspath(path)) as container:
             stream = container.streams.audio[0]
             to_float = av.AudioResampler(format='fltp')
-            planes = [out.to_ndarray() for frame in container.decode(stream) for out in to_float.resample(frame)]
+            rate, planes, decoded = stream.rate, [], 0
+            for frame in container.decode(stream):
+                planes += [out.to_ndarray() for out in to_float.resample(frame)]
+                decoded += frame.samples
+                if until is not None and decoded > until * rate:
+                    break
             planes += [out.to_ndarray() for out in to_float.resample(None)]
-            rate = stream.rate
     except (av.FFmpegError, IndexError) as error:  # IndexError: no audio stream
         raise ValueError(f'{path}: neither libsndfile nor FFmpeg reads it as audio ({error})') from None
     if not planes:
@@ -132,7 +136,8 @@ def read_audio(path, sampling_rate, start=0.0, seconds=None):
     except RuntimeError as error:
         if not not_for_libsndfile(path, error):
             raise
-        audio, native_rate = decode_with_av(path)
+        until = None if callable(start) or seconds is None else start + seconds
+        audio, native_rate = decode_with_av(path, until)
         first, count = frame_window(start, seconds, native_rate, audio.shape[1])
         audio = audio[:, first:None if count < 0 else first + count]
     if native_rate < LOWEST_FILE_RATE:
@@ -224,6 +229,10 @@ def audio_problem(audio, skip_silent=True):
 # so two of them score 1.0 against each other (and the fainter a file, the closer it comes to that one).
 SILENCE_RMS = 1e-4
 NEAR_SILENT = 'silent or nearly (RMS below -80 dBFS)'
+# Evaluation reads at most this much of a recording, so that memory stays bounded whatever a file holds
+# (VoxCeleb's longest test utterance is under 2.5 minutes); longer files are embedded from their start.
+EVAL_MAX_SECONDS = 600.0
+CUT_SHORT = f'longer than {EVAL_MAX_SECONDS:.0f} s: its first {EVAL_MAX_SECONDS:.0f} s embedded'
 
 
 def near_silent(audio):
@@ -622,8 +631,9 @@ class HardNegativePairBatches(SpeakerGroups, SpeakerPairSampler):
 
 class EvalDataset(torch.utils.data.Dataset):
     """Whole utterances for embedding: (relative path, mono float32 waveform at `sampling_rate`, problem).
-    The problem is None, `NEAR_SILENT` (embedded all the same, and reported), or why the file cannot be
-    embedded (unreadable, too short, NaN samples; the waveform is then empty)."""
+    The problem is None, `NEAR_SILENT` or `CUT_SHORT` (embedded all the same, and reported), or why the file
+    cannot be embedded (unreadable, too short, NaN samples; the waveform is then empty). At most
+    EVAL_MAX_SECONDS of a file are read."""
 
     def __init__(self, relative_paths, eval_path, sampling_rate):
         self.relative_paths = relative_paths
@@ -636,10 +646,13 @@ class EvalDataset(torch.utils.data.Dataset):
     def __getitem__(self, i):
         name = self.relative_paths[i]
         try:
-            audio = read_audio(os.path.join(self.eval_path, name), self.sampling_rate)
+            audio = read_audio(os.path.join(self.eval_path, name), self.sampling_rate,
+                               seconds=EVAL_MAX_SECONDS + 1.0)
         except (OSError, RuntimeError, ValueError) as error:  # soundfile's errors are RuntimeErrors
             return name, torch.zeros(0), f'unreadable: {error}'
+        kept = int(EVAL_MAX_SECONDS * self.sampling_rate)
+        cut, audio = len(audio) > kept, audio[:kept]
         problem = duration_problem(len(audio) / self.sampling_rate) or audio_problem(audio, skip_silent=False)
         if problem:
             return name, torch.zeros(0), problem
-        return name, torch.from_numpy(audio), NEAR_SILENT if near_silent(audio) else None
+        return name, torch.from_numpy(audio), NEAR_SILENT if near_silent(audio) else CUT_SHORT if cut else None

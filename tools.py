@@ -26,8 +26,8 @@ import tqdm
 import distributed
 from checkpoints import (atomic_torch_save, atomic_write, encoder_config_path, encoder_weights, load_state_dict_file,
                          mismatches, read_encoder_config)
-from dataLoader import (MIN_SECONDS, NEAR_SILENT, EvalDataset, audio_problem, leave_signals_to_parent, near_silent,
-                        read_audio, resample, wrap_pad)
+from dataLoader import (CUT_SHORT, MIN_SECONDS, NEAR_SILENT, EvalDataset, audio_problem, leave_signals_to_parent,
+                        near_silent, read_audio, resample, wrap_pad)
 from errors import UserError
 from model import ConvMelSpectrogram, architecture_of, build_encoder, crop_samples
 
@@ -119,13 +119,16 @@ def evenly_spaced_crops(waveform, length, count=EVAL_CROPS):
 @torch.no_grad()
 def _embed_equal_length(encoder, waveforms, device, max_samples):
     """Normalised embeddings of equally long waveforms [N, T]; inputs longer than `max_samples` are cut
-    into equal chunks whose normalised embeddings are averaged."""
+    into equal chunks whose normalised embeddings are averaged. A forward pass takes one waveform or at most
+    `max_samples` of chunks, so memory stays bounded by the longest pass."""
     length = waveforms.shape[1]
     chunks = max(1, math.ceil(length / max_samples))
     piece = length // chunks
-    batch = waveforms[:, :piece * chunks].reshape(len(waveforms) * chunks, piece)
-    embeddings = F.normalize(encoder(batch.to(device), False).float(), dim=1)
-    return F.normalize(embeddings.view(len(waveforms), chunks, -1).mean(dim=1), dim=1).cpu()
+    pieces = waveforms[:, :piece * chunks].reshape(len(waveforms) * chunks, piece)
+    per_pass = len(pieces) if chunks == 1 else max(1, max_samples // piece)
+    embeddings = torch.cat([F.normalize(encoder(pieces[i:i + per_pass].to(device), False).float(), dim=1).cpu()
+                            for i in range(0, len(pieces), per_pass)])
+    return F.normalize(embeddings.view(len(waveforms), chunks, -1).mean(dim=1), dim=1)
 
 
 @torch.no_grad()
@@ -217,12 +220,15 @@ def embed_files(encoder, relative_paths, root, device, n_cpu=0, batch_size=None,
     batch_size = batch_size or (16 if torch.device(device).type == 'cuda' else 1)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=n_cpu,
                                          collate_fn=transpose, worker_init_fn=leave_signals_to_parent)
-    vectors, problems, silent = {}, [], []
+    vectors, problems, noted = {}, [], {NEAR_SILENT: [], CUT_SHORT: []}
     with tqdm.tqdm(total=len(dataset), desc='embedding', unit='utt', disable=not progress) as bar:
         for names, waveforms, found in loader:
-            silent += [name for name, problem in zip(names, found) if problem == NEAR_SILENT]
-            problems += [(name, problem) for name, problem in zip(names, found) if problem not in (None, NEAR_SILENT)]
-            usable = [i for i, problem in enumerate(found) if problem in (None, NEAR_SILENT)]
+            for name, problem in zip(names, found):
+                if problem in noted:
+                    noted[problem].append(name)
+                elif problem is not None:
+                    problems.append((name, problem))
+            usable = [i for i, problem in enumerate(found) if problem is None or problem in noted]
             if usable:
                 batch = represent(encoder, [waveforms[i] for i in usable], device)
                 for i, vector in zip(usable, batch):
@@ -231,9 +237,12 @@ def embed_files(encoder, relative_paths, root, device, n_cpu=0, batch_size=None,
                     else:
                         problems.append((names[i], 'its embedding is not finite: are the weights?'))
             bar.update(len(names))
+    silent, long = noted[NEAR_SILENT], noted[CUT_SHORT]
     if silent and progress:
         print(f'{root}: {len(silent)} files are {NEAR_SILENT}, e.g. {", ".join(silent[:3])}: they hold next to '
               f'nothing of a speaker, and all-zero files score 1.0 against each other', flush=True)
+    if long and progress:
+        print(f'{root}: {len(long)} files are {CUT_SHORT}, e.g. {", ".join(long[:3])}', flush=True)
     if problems and unusable is None:
         raise unembeddable(root, problems)
     if unusable is not None:

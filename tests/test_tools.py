@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from checkpoints import save_checkpoint
+from dataLoader import EVAL_MAX_SECONDS
 from errors import UserError
 from lists import TrainEntry, TrialList
 from loss import AAMsoftmax
@@ -162,6 +163,32 @@ def test_silent_files_are_reported_and_score_about_one_against_each_other(encode
            f'other' in printed
     assert float(vectors['silent1.wav'] @ vectors['silent2.wav']) == pytest.approx(1.0, abs=1e-5)
     assert float(vectors['voice1.wav'] @ vectors['silent1.wav']) < 0.99
+
+
+def test_a_recording_longer_than_ten_minutes_is_embedded_from_its_first_ten_and_named(tmp_path, capsys):
+    encoder = build_encoder('tdnn', 8, 8000, 8).eval()
+    noise = (0.1 * np.random.default_rng(4).standard_normal(int(EVAL_MAX_SECONDS + 5) * 8000)).astype(np.float32)
+    soundfile.write(tmp_path / 'long.wav', noise, 8000, subtype='FLOAT')
+    soundfile.write(tmp_path / 'start.wav', noise[:int(EVAL_MAX_SECONDS) * 8000], 8000, subtype='FLOAT')
+    vectors = embed_files(encoder, ['long.wav', 'start.wav'], str(tmp_path), torch.device('cpu'))
+    assert torch.equal(vectors['long.wav'], vectors['start.wav'])
+    assert f'{tmp_path}: 1 files are longer than 600 s: its first 600 s embedded, e.g. long.wav' in \
+        capsys.readouterr().out
+
+
+def test_a_long_recording_is_embedded_one_bounded_pass_at_a_time():
+    """Chunks of a long waveform go through the encoder in passes of at most `max_seconds` of audio (all at once,
+    an hour of audio took 17 GB), and give the mean of their normalised embeddings."""
+    encoder = build_encoder('tdnn', 8, 8000, 8).eval()
+    passes = []
+    encoder.register_forward_pre_hook(lambda _, inputs: passes.append(inputs[0].numel()))
+    waveform = torch.from_numpy(np.random.default_rng(5).standard_normal(130 * 8000).astype(np.float32))
+    vector = protocol_vectors_of(encoder, [waveform], torch.device('cpu'), max_seconds=20.0)
+    assert passes[0] == 5 * crop_samples(300, 8000) and max(passes[1:]) <= 20 * 8000 and sum(passes[1:]) > 120 * 8000
+    pieces = waveform[:130 * 8000 // 7 * 7].reshape(7, -1)
+    with torch.no_grad():
+        chunked = F.normalize(F.normalize(encoder(pieces, False), dim=1).mean(dim=0), dim=0)
+    torch.testing.assert_close(vector[0, :8] * np.sqrt(2), chunked, atol=1e-5, rtol=1e-5)
 
 
 def test_files_that_cannot_be_embedded_are_named_or_skipped_and_listed(encoder, odd_files):
