@@ -43,6 +43,9 @@ def atomic_write(path, write):
     tmp = None
     try:
         os.makedirs(directory, exist_ok=True)
+    except OSError as error:
+        raise UserError(f'{path}: cannot be written (its folder {directory}: {error.strerror or error})') from error
+    try:
         fd, tmp = tempfile.mkstemp(dir=directory, prefix='.' + os.path.basename(path) + '.')
         os.fchmod(fd, 0o666 & ~current_umask())  # what open() would give, not mkstemp's owner-only 0600
         with os.fdopen(fd, 'wb') as f:

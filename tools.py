@@ -14,7 +14,6 @@ import importlib.util
 import math
 import os
 import pickle
-import tempfile
 import warnings
 from typing import Optional
 
@@ -598,12 +597,11 @@ def export_onnx(encoder, path):
     if importlib.util.find_spec('onnx') is None:
         raise UserError(f'{path}: ONNX export needs the onnx package (pip install -r requirements-extras.txt)')
     module = ExportableEncoder(encoder)
-    directory = os.path.dirname(os.path.abspath(path))
-    with tempfile.TemporaryDirectory(dir=directory) as tmp:
-        tmp_path = os.path.join(tmp, 'model.onnx')
+
+    def write(f):
         with torch.no_grad(), warnings.catch_warnings():
             warnings.filterwarnings('ignore', message='.*[Cc]onstant folding')
-            torch.onnx.export(module, (_export_example(encoder),), tmp_path, input_names=['waveform'],
+            torch.onnx.export(module, (_export_example(encoder),), f, input_names=['waveform'],
                               output_names=['embedding'], opset_version=17, dynamo=False,
                               dynamic_axes={'waveform': {0: 'batch', 1: 'samples'}, 'embedding': {0: 'batch'}})
-        os.replace(tmp_path, path)
+    atomic_write(path, write)

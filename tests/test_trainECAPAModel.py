@@ -470,6 +470,21 @@ def test_onnx_export_without_the_onnx_package_is_one_line(checkpoint, tmp_path, 
     assert not (tmp_path / 'e.onnx').exists()
 
 
+@pytest.mark.parametrize('suffix', ['.pt', '.onnx'])
+def test_export_to_a_path_that_cannot_be_written_is_one_line_and_into_a_new_folder_works(checkpoint, tmp_path,
+                                                                                       cli_error, suffix):
+    if suffix == '.onnx':
+        pytest.importorskip('onnx', reason='onnx is an optional extra (requirements-extras.txt)')
+    (tmp_path / f'folder{suffix}').mkdir()
+    (tmp_path / 'file').write_text('')
+    for target, why in ((tmp_path / f'folder{suffix}', 'Is a directory'),
+                        (tmp_path / 'file' / f'e{suffix}', f'its folder {tmp_path / "file"}: File exists')):
+        status, message, _ = cli_error(['--initial_model', checkpoint, '--export', str(target)])
+        assert status == 1 and message == f'trainECAPAModel.py: error: {target}: cannot be written ({why})\n'
+    trainECAPAModel.main(['--initial_model', checkpoint, '--export', str(tmp_path / 'new' / f'e{suffix}')])
+    assert (tmp_path / 'new' / f'e{suffix}').stat().st_size > 0 and os.listdir(tmp_path / 'new') == [f'e{suffix}']
+
+
 def test_export_writes_a_torchscript_encoder_of_a_training_checkpoint(tmp_path):
     torch.manual_seed(0)
     encoder = build_encoder('tdnn', 32, 16000)
