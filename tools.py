@@ -25,8 +25,8 @@ import tqdm
 import distributed
 from checkpoints import (atomic_torch_save, atomic_write, encoder_config_path, encoder_weights, load_state_dict_file,
                          mismatches, read_encoder_config)
-from dataLoader import (CUT_SHORT, MIN_SECONDS, NEAR_SILENT, EvalDataset, audio_problem, leave_signals_to_parent,
-                        near_silent, read_audio, resample, wrap_pad)
+from dataLoader import (CUT_SHORT, LOWEST_FILE_RATE, MIN_SECONDS, NEAR_SILENT, EvalDataset, audio_problem,
+                        leave_signals_to_parent, near_silent, read_audio, resample, wrap_pad)
 from errors import UserError
 from model import ConvMelSpectrogram, architecture_of, build_encoder, crop_samples
 
@@ -495,9 +495,14 @@ def as_recordings(audio, sampling_rate, rate, lengths=None, channels=False):
         return [as_recordings(item, sampling_rate, rate, channels=True)[0][0] for item in audio], False
     if isinstance(audio, (str, os.PathLike)):
         return [checked_waveform(read_audio(audio, rate), os.fspath(audio), rate, rate)], True
-    samples = audio.detach().cpu().numpy() if isinstance(audio, torch.Tensor) else np.asarray(audio)
+    if isinstance(audio, torch.Tensor):  # bfloat16 and float16 have no numpy counterpart of use here
+        audio = audio.detach().cpu()
+        samples = (audio.float() if audio.is_floating_point() else audio).numpy()
+    else:
+        samples = np.asarray(audio)
     if sampling_rate is None:
         raise ValueError(f'give the sampling_rate of a waveform (the model takes {rate} Hz)')
+    sampling_rate = checked_rate(sampling_rate)
     if np.issubdtype(samples.dtype, np.signedinteger):
         samples = samples / pcm_full_scale(samples)
     elif not np.issubdtype(samples.dtype, np.floating):
@@ -516,6 +521,16 @@ def as_recordings(audio, sampling_rate, rate, lengths=None, channels=False):
         raise ValueError(f'lengths {lengths} do not fit a batch of shape {list(samples.shape)}')
     return [checked_waveform(row[:n], f'row {i} of the batch', sampling_rate, rate)
             for i, (row, n) in enumerate(zip(samples, lengths))], False
+
+
+def checked_rate(sampling_rate):
+    """`sampling_rate` as an int: a whole number of Hz, at least the lowest rate of usable audio."""
+    whole = isinstance(sampling_rate, (int, np.integer)) or (isinstance(sampling_rate, (float, np.floating))
+                                                             and float(sampling_rate).is_integer())
+    if isinstance(sampling_rate, bool) or not whole or sampling_rate < LOWEST_FILE_RATE:
+        raise ValueError(f'sampling_rate must be a whole number of Hz, at least {LOWEST_FILE_RATE}; got '
+                         f'{sampling_rate!r}')
+    return int(sampling_rate)
 
 
 def checked_waveform(waveform, name, sampling_rate, rate):

@@ -2,6 +2,7 @@
 format against the path form, and their errors. A module-scoped ECAPA-TDNN C=32 with random weights."""
 
 import os
+import re
 import subprocess
 import sys
 import warnings
@@ -61,6 +62,12 @@ def test_every_waveform_form_gives_the_vector_of_the_path(encoder, tmp_path):
     torch.testing.assert_close(tools.embed(encoder, pcm32, rate), tools.embed(encoder, pcm, rate), rtol=0, atol=ATOL)
     with pytest.raises(ValueError, match=r'int64 samples beyond the 16-bit range'):
         tools.embed(encoder, pcm.astype(np.int64) * 65536, rate)
+    mono = torch.from_numpy(read.mean(axis=1))
+    for dtype in (torch.bfloat16, torch.float16, torch.float64):  # each waveform's own rounding, then the same
+        torch.testing.assert_close(tools.embed(encoder, mono.to(dtype), rate),
+                                   tools.embed(encoder, mono.to(dtype).float(), rate), rtol=0, atol=0, msg=str(dtype))
+    torch.testing.assert_close(tools.embed(encoder, read.mean(axis=1), np.int64(rate)), expected, rtol=0, atol=ATOL)
+    torch.testing.assert_close(tools.embed(encoder, read.mean(axis=1), float(rate)), expected, rtol=0, atol=ATOL)
     protocol = tools.protocol_vectors(encoder, [path, read], rate)
     assert protocol.shape == (2, 384)
     torch.testing.assert_close(protocol[1], tools.protocol_vectors(encoder, path), rtol=0, atol=ATOL)
@@ -126,6 +133,10 @@ def test_bad_inputs_are_errors_naming_them_and_silence_warns(encoder, tmp_path):
         tools.embed(encoder, np.stack([np.ones(800), np.full(800, np.nan)]), 16000)
     with pytest.raises(ValueError, match=r'give the sampling_rate of a waveform \(the model takes 16000 Hz\)'):
         tools.embed(encoder, np.zeros(16000, np.float32))
+    for rate in (0, -16000, 16000.5, '16000', 999, True):
+        with pytest.raises(ValueError, match=rf'sampling_rate must be a whole number of Hz, at least 1000; got '
+                                             rf'{re.escape(repr(rate))}$'):
+            tools.embed(encoder, np.ones(16000, np.float32), rate)
     with pytest.raises(ValueError, match=r'a list of paths and waveforms \(arrays or tensors\), not of lists'):
         tools.embed(encoder, [np.ones(800, np.float32), [np.ones(800, np.float32)] * 2], 16000)
     with pytest.raises(ValueError, match=r'shape \[2, 3, 400\]'):
