@@ -631,9 +631,12 @@ class TrainingRun:
         if distributed.is_main() and not self.averaged(path, [first, args.max_epoch]):
             paths = [self.checkpoint_path(epoch) for epoch in range(first, args.max_epoch + 1)]
             missing = [p for p in paths if not os.path.exists(p)]
-            found = UserError(f'--average {args.average}: {missing[0]} is missing (a run saves the last epochs only '
-                              f'when given --average from its start); average those there are with '
-                              f'--average_checkpoints') if missing else average_checkpoints(paths)
+            try:
+                found = UserError(f'--average {args.average}: {missing[0]} is missing (a run saves the last epochs '
+                                  f'only when given --average from its start); average those there are with '
+                                  f'--average_checkpoints') if missing else average_checkpoints(paths)
+            except UserError as error:  # an unreadable checkpoint: every process must hear of it
+                found = error
         state = distributed.from_main(found)
         if isinstance(state, UserError):
             raise state
@@ -728,8 +731,8 @@ class TrainingRun:
                     log(f'Stopped by {stop.describe()} after epoch {epoch}; the state is saved in '
                         f'{self.resume_path}. Run the same command again to continue.')
                     return False
-        if args.average:
-            self.evaluate_average()
+            if args.average:  # a signal meanwhile is noted; the run is over once the average is evaluated
+                self.evaluate_average()
         log(f'score.txt: {self.score_path}\ncheckpoints: {self.model_dir}')
         return True
 

@@ -165,6 +165,50 @@ def test_a_signal_stops_after_the_step_and_the_run_resumes_exactly(tiny_corpus, 
     assert (reference_run / 'score.txt').read_text() == (tmp_path / 'score.txt').read_text()
 
 
+def test_a_signal_during_an_evaluation_stops_after_it_and_the_run_resumes_exactly(tiny_corpus, train_argv,
+                                                                                 reference_run, tmp_path,
+                                                                                 monkeypatch, capsys):
+    evaluate_encoder = trainer.evaluate_encoder
+
+    def signalled(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return evaluate_encoder(*args, **kwargs)
+    monkeypatch.setattr(trainer, 'evaluate_encoder', signalled)
+    assert trainECAPAModel.main(train_argv(tiny_corpus, tmp_path, '--max_epoch', '2')) is False
+    assert 'Stopped by SIGTERM after epoch 1' in capsys.readouterr().out
+    assert torch.load(tmp_path / 'model' / 'resume.pt', weights_only=True)['epoch'] == 1
+    monkeypatch.setattr(trainer, 'evaluate_encoder', evaluate_encoder)
+    assert trainECAPAModel.main(train_argv(tiny_corpus, tmp_path, '--max_epoch', '2')) is True
+    assert_same_checkpoints(reference_run / 'model' / 'model_0002.model', tmp_path / 'model' / 'model_0002.model')
+    assert (reference_run / 'score.txt').read_text() == (tmp_path / 'score.txt').read_text()
+
+
+def test_a_signal_while_the_average_is_made_lets_the_finished_run_end_with_it(tiny_corpus, train_argv, tmp_path,
+                                                                              monkeypatch):
+    average_checkpoints = trainer.average_checkpoints
+
+    def signalled(paths):
+        os.kill(os.getpid(), signal.SIGTERM)  # with the default action this process would end here
+        return average_checkpoints(paths)
+    monkeypatch.setattr(trainer, 'average_checkpoints', signalled)
+    argv = train_argv(tiny_corpus, tmp_path, '--max_epoch', '2', '--test_step', '2', '--average', '2')
+    assert trainECAPAModel.main(argv) is True
+    assert (tmp_path / 'model' / 'model_average.model').exists()
+    assert open(tmp_path / 'score.txt').read().splitlines()[-1].startswith('2 epoch, average of epochs 1-2, EER ')
+
+
+def test_an_unreadable_checkpoint_to_average_is_one_line_and_the_trained_run_is_kept(tiny_corpus, train_argv,
+                                                                                     tmp_path, cli_error):
+    argv = train_argv(tiny_corpus, tmp_path, '--max_epoch', '2', '--test_step', '2', '--average', '2')
+    trainECAPAModel.main(argv)
+    (tmp_path / 'model' / 'model_average.model').unlink()
+    (tmp_path / 'model' / 'model_0001.model').write_bytes(b'PK\x03\x04 cut short')
+    status, message, _ = cli_error(argv)
+    assert status == 1 and message.startswith(f'trainECAPAModel.py: error: {tmp_path / "model" / "model_0001.model"}: '
+                                              f'not a readable PyTorch checkpoint') and message.count('\n') == 1
+    assert torch.load(tmp_path / 'model' / 'resume.pt', weights_only=True)['epoch'] == 2
+
+
 def test_hard_negative_batches_train_and_a_run_stopped_inside_an_epoch_resumes_exactly(tiny_corpus, train_argv,
                                                                                           tmp_path, monkeypatch):
     argv = ('--max_epoch', '2', '--sampler', 'chns', '--hard_fraction', '0.5')
