@@ -100,10 +100,15 @@ def decode_with_av(path, until=None):
                     break
             planes += [out.to_ndarray() for out in to_float.resample(None)]
     except (av.FFmpegError, IndexError) as error:  # IndexError: no audio stream
-        raise ValueError(f'{path}: neither libsndfile nor FFmpeg reads it as audio ({error})') from None
+        raise ValueError(f'{named(path)}neither libsndfile nor FFmpeg reads it as audio ({error})') from None
     if not planes:
-        raise ValueError(f'{path}: no audio decoded')
+        raise ValueError(f'{named(path)}no audio decoded')
     return np.concatenate(planes, axis=1), rate
+
+
+def named(path):
+    """'path: ' to begin a message about a file; nothing for a file object, which its reader names."""
+    return '' if hasattr(path, 'read') else f'{path}: '
 
 
 def not_for_libsndfile(path, error):

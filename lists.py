@@ -329,9 +329,19 @@ def write_score_file(path, enroll, test, scores, labels=None):
 
 
 def files_under(root, extensions=AUDIO_EXTENSIONS):
-    """The relative paths of the files below `root` whose names end with one of `extensions`, sorted."""
-    return sorted(os.path.relpath(os.path.join(folder, name), root) for folder, _, names in os.walk(root)
-                  for name in names if name.lower().endswith(extensions))
+    """The relative paths of the files below `root` whose names end with one of `extensions`, sorted. Folders
+    that are symbolic links are followed (datasets are often laid out so), each real folder once: a link
+    back to a folder above is not entered again."""
+    found, seen = [], set()
+    for folder, subfolders, names in os.walk(root, followlinks=True):
+        stat = os.stat(folder)
+        if (stat.st_dev, stat.st_ino) in seen:
+            subfolders.clear()
+            continue
+        seen.add((stat.st_dev, stat.st_ino))
+        found += [os.path.relpath(os.path.join(folder, name), root) for name in names
+                  if name.lower().endswith(extensions)]
+    return sorted(found)
 
 
 def files_to_embed(list_or_folder, root=None):

@@ -354,15 +354,31 @@ def command_of(args):
     return next((name for name in COMMANDS if name != 'train' and getattr(args, name)), 'train')
 
 
+def mapping_without_repeats(pairs):
+    """A JSON object's pairs as a dict; a `ValueError` for a name given twice (which would silently win)."""
+    names = [name for name, _ in pairs]
+    repeated = next((name for name in names if names.count(name) > 1), None)
+    if repeated is not None:
+        raise ValueError(f'{repeated!r} is given twice')
+    return dict(pairs)
+
+
 class FlatYAMLLoader(yaml.SafeLoader):
     """YAML without aliases (`*name`): a flag file has no use for them, and nested ones make a few hundred bytes
-    expand to gigabytes."""
+    expand to gigabytes. A key given twice is an error, as in JSON files."""
 
     def compose_node(self, parent, index):
         if self.check_event(yaml.AliasEvent):
             raise yaml.composer.ComposerError(None, None, 'aliases (*name) are not accepted in a flag file',
                                               self.peek_event().start_mark)
         return super().compose_node(parent, index)
+
+    def construct_mapping(self, node, deep=False):
+        keys = [self.construct_object(key, deep=True) for key, _ in node.value]
+        repeated = next((key for key in keys if keys.count(key) > 1), None)
+        if repeated is not None:
+            raise yaml.constructor.ConstructorError(None, None, f'{repeated!r} is given twice', node.start_mark)
+        return super().construct_mapping(node, deep)
 
 
 def config_words(path):
@@ -371,7 +387,8 @@ def config_words(path):
     config.json, of which the flags that run was given are taken (its defaults are this code's own)."""
     try:
         with open(path) as f:
-            settings = yaml.load(f, FlatYAMLLoader) if path.endswith(('.yaml', '.yml')) else json.load(f)
+            settings = yaml.load(f, FlatYAMLLoader) if path.endswith(('.yaml', '.yml')) else \
+                json.load(f, object_pairs_hook=mapping_without_repeats)
     except (OSError, ValueError, yaml.YAMLError) as error:
         raise UsageError(f'--config {path}: {" ".join(str(error).split())}') from None
     if isinstance(settings, dict) and 'arguments' in settings:  # a run's own config.json

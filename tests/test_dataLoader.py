@@ -92,6 +92,17 @@ def test_rates_without_a_small_ratio_to_the_target_are_resampled_in_bounded_memo
     assert int(peak_bytes) < 2 ** 31
 
 
+def test_a_wav_header_claiming_terabytes_reads_as_the_samples_the_file_holds(tmp_path):
+    path = tmp_path / 'claims.wav'
+    soundfile.write(path, tone(440, 2.0), RATE, subtype='PCM_16', format='RF64')
+    header = bytearray(path.read_bytes())
+    at = header.find(b'ds64') + 8  # RF64's 64-bit RIFF size, data size and sample count
+    header[at:at + 24] = (2 ** 42).to_bytes(8, 'little') * 2 + (2 ** 41).to_bytes(8, 'little')
+    path.write_bytes(bytes(header))
+    audio = read_audio(str(path), RATE)
+    assert len(audio) == 2 * RATE and np.allclose(audio, tone(440, 2.0), atol=1e-4)
+
+
 def test_a_header_rate_below_any_usable_audio_is_refused(tmp_path):
     path = str(tmp_path / 'slow.wav')
     soundfile.write(path, tone(100, 2.0, 16000), 8)

@@ -122,6 +122,16 @@ def test_path_lists_take_the_last_field_and_folders_their_audio_files(tmp_path):
     assert files_under(str(tmp_path / 'tree')) == ['s/a.wav', 's/v/b.FLAC']
 
 
+def test_folders_linked_in_are_listed_and_a_link_loop_is_entered_once(tmp_path):
+    (tmp_path / 'data' / 'id1').mkdir(parents=True)
+    (tmp_path / 'data' / 'id1' / 'a.wav').write_bytes(b'')
+    (tmp_path / 'tree').mkdir()
+    (tmp_path / 'tree' / 'wav').symlink_to(tmp_path / 'data')    # a dataset linked into place
+    (tmp_path / 'data' / 'id1' / 'up').symlink_to(tmp_path / 'data')  # a loop back up
+    (tmp_path / 'tree' / 'gone').symlink_to(tmp_path / 'nowhere')  # a dangling link
+    assert files_under(str(tmp_path / 'tree')) == ['wav/id1/a.wav']
+
+
 def test_missing_files_are_named_with_their_lines(tmp_path):
     (tmp_path / 'here.wav').write_bytes(b'')
     require_files(['here.wav'], [1], str(tmp_path), 'list.txt')

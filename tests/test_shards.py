@@ -1,6 +1,7 @@
 """shards.py: packing a list into tar shards, and the stream read back from them through webdataset."""
 
 import os
+import pickle
 import shutil
 import signal
 
@@ -123,7 +124,9 @@ def test_bad_shards_are_skipped_and_named_like_bad_files(tiny_corpus, packed, tm
     write_tar(folder / 'shard-000001.tar', [
         {'__key__': '000000900', 'wav': first['wav'], 'path': b'x/no_speaker.wav'},
         {'__key__': '000000901', 'wav': first['wav'], 'spk': b'nobody', 'path': b'x/unknown.wav'},
-        {'__key__': '000000902', 'wav': b'not audio at all', 'spk': first['spk'], 'path': b'x/garbage.wav'}])
+        {'__key__': '000000902', 'wav': b'not audio at all', 'spk': first['spk'], 'path': b'x/garbage.wav'},
+        {'__key__': '000000903', 'pyd': pickle.dumps((os.system, (f'touch {tmp_path / "executed"}',))),
+         'spk': first['spk'], 'path': b'x/pickled.wav'}])  # a pickle is never loaded
     shard_list = read_shard_list(str(folder / 'shards.txt'))
     batches = stream(shard_list, None, 1, 1, 0, workers=0)
     assert len(batches) == 12 and all(len(labels) == 3 for _, labels, _ in batches)
@@ -134,6 +137,8 @@ def test_bad_shards_are_skipped_and_named_like_bad_files(tiny_corpus, packed, tm
     assert reasons['shard-000001.tar:x/garbage.wav'].startswith('unreadable: ')
     truncated = [(path, why) for path, why in skipped if path == str(folder / 'shard-000000.tar')]
     assert len(truncated) == 1 and truncated[0][1].startswith('unreadable tar file: '), skipped
+    assert reasons['shard-000001.tar:x/pickled.wav'].startswith('unreadable: neither libsndfile nor FFmpeg reads')
+    assert not (tmp_path / 'executed').exists()
 
 
 def test_a_shard_list_names_its_bad_lines_and_speakers(packed, tmp_path):

@@ -81,6 +81,7 @@ def test_a_config_file_sets_flags_and_the_command_line_overrides_it(tmp_path):
     ('[1, 2]', r'not a mapping of flag names to values'),
     ('{"lr": ', r'Expecting value'),
     ('{"arguments": {"lr": 0.1}}', r"a run's config.json that does not say which flags the run was given"),
+    ('{"lr": 0.1, "max_epoch": 2, "lr": 0.2}', r"'lr' is given twice"),
 ])
 def test_a_config_mistake_is_one_line_naming_the_file(tmp_path, cli_error, text, error):
     (tmp_path / 'c.json').write_text(text)
@@ -97,6 +98,9 @@ def test_a_yaml_config_with_aliases_is_refused_before_it_expands(tmp_path, cli_e
     status, message, _ = cli_error(['--config', str(tmp_path / 'bomb.yaml')])
     assert status == 2 and f'--config {tmp_path / "bomb.yaml"}: aliases (*name) are not accepted in a flag file' in \
         message and 'line 2, column' in message and message.count('\n') == 1
+    (tmp_path / 'twice.yaml').write_text('max_epoch: 2\nlr: 0.1\nmax_epoch: 3\n')
+    status, message, _ = cli_error(['--config', str(tmp_path / 'twice.yaml')])
+    assert status == 2 and f"--config {tmp_path / 'twice.yaml'}: 'max_epoch' is given twice" in message
 
 
 def test_demo_defaults_yield_to_given_flags(tmp_path):
