@@ -332,7 +332,8 @@ def read_embedding_cache(cache_path, identity, root):
         stored = torch.load(cache_path, map_location='cpu', weights_only=True)
     except (OSError, RuntimeError, pickle.UnpicklingError, EOFError):
         return empty
-    if stored.get('identity') != identity or stored.get('root') != root or 'stamps' not in stored:
+    if not isinstance(stored, dict) or stored.get('identity') != identity or stored.get('root') != root or \
+            'stamps' not in stored:
         return empty  # another checkpoint's, or written before files were stamped
     return stored
 

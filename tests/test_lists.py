@@ -130,6 +130,9 @@ def test_folders_linked_in_are_listed_and_a_link_loop_is_entered_once(tmp_path):
     (tmp_path / 'data' / 'id1' / 'up').symlink_to(tmp_path / 'data')  # a loop back up
     (tmp_path / 'tree' / 'gone').symlink_to(tmp_path / 'nowhere')  # a dangling link
     assert files_under(str(tmp_path / 'tree')) == ['wav/id1/a.wav']
+    (tmp_path / 'data' / 'loop.wav').symlink_to(tmp_path / 'data' / 'loop.wav')
+    with pytest.raises(UserError, match=r'list.txt: 1 files not under .*, e.g. list.txt:2: loop.wav$'):
+        require_files(['id1/a.wav', 'loop.wav'], [1, 2], str(tmp_path / 'data'), 'list.txt')
 
 
 def test_missing_files_are_named_with_their_lines(tmp_path):

@@ -2,6 +2,7 @@
 export. The metrics have their own file, test_tools_metrics.py."""
 
 import os
+import pickle
 
 import numpy as np
 import pytest
@@ -15,8 +16,8 @@ from errors import UserError
 from lists import TrainEntry, TrialList
 from loss import AAMsoftmax
 from model import ConvMelSpectrogram, ECAPA_TDNN, build_encoder, crop_samples
-from tools import (Autocast, Cohort, as_norm, build_cohort, cohort_statistics, embed, embed_files, evaluate,
-                   export_onnx, export_torchscript, load_model, protocol_vectors, protocol_vectors_of, score,
+from tools import (Autocast, Cohort, as_norm, build_cohort, cached_embed_files, cohort_statistics, embed, embed_files,
+                   evaluate, export_onnx, export_torchscript, load_model, protocol_vectors, protocol_vectors_of, score,
                    verification_metrics)
 from trainer import SpeakerModel
 
@@ -163,6 +164,27 @@ def test_silent_files_are_reported_and_score_about_one_against_each_other(encode
            f'other' in printed
     assert float(vectors['silent1.wav'] @ vectors['silent2.wav']) == pytest.approx(1.0, abs=1e-5)
     assert float(vectors['voice1.wav'] @ vectors['silent1.wav']) < 0.99
+
+
+class Payload:
+    def __reduce__(self):
+        return (os.system, ('touch executed',))
+
+
+@pytest.mark.parametrize('stored', [lambda: {'identity': 'x', 'payload': Payload()}, lambda: [1, 2]],
+                         ids=['crafted', 'a list'])
+def test_an_embedding_cache_that_is_crafted_or_not_a_cache_is_rebuilt_without_running_it(odd_files, tmp_path,
+                                                                                        monkeypatch, stored):
+    monkeypatch.chdir(tmp_path)
+    encoder = build_encoder('tdnn', 8, 16000, 8).eval()
+    names, cache = ['voice1.wav', 'voice2.wav'], tmp_path / 'cache'
+    first = cached_embed_files(encoder, names, str(odd_files), torch.device('cpu'), str(cache), 'x', progress=False)
+    [cache_file] = cache.iterdir()
+    with open(cache_file, 'wb') as f:
+        pickle.dump(stored(), f, protocol=2)
+    again = cached_embed_files(encoder, names, str(odd_files), torch.device('cpu'), str(cache), 'x', progress=False)
+    assert all(torch.equal(first[n], again[n]) for n in names) and not (tmp_path / 'executed').exists()
+    assert torch.load(cache_file, weights_only=True)['paths'] == names
 
 
 def test_a_recording_longer_than_ten_minutes_is_embedded_from_its_first_ten_and_named(tmp_path, capsys):

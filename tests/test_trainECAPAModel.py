@@ -426,7 +426,7 @@ def test_an_exported_model_embeds_from_any_folder_with_plain_torch(checkpoint, t
     assert ran.stdout.split() == ['(2,', '192)']
 
 
-def test_score_pair_prints_the_cosine_and_the_protocol_score(tiny_corpus, checkpoint, capsys, cli_error):
+def test_score_pair_prints_the_cosine_and_the_protocol_score(tiny_corpus, checkpoint, capsys, cli_error, tmp_path):
     trials = read_trials(tiny_corpus['eval_list'])
     pair = [os.path.join(tiny_corpus['eval_path'], f) for f in (trials.enroll[0], trials.test[0])]
     cosine, protocol = trainECAPAModel.main(['--initial_model', checkpoint, '--score_pair', *pair])
@@ -437,6 +437,13 @@ def test_score_pair_prints_the_cosine_and_the_protocol_score(tiny_corpus, checkp
     assert f'protocol score (as --eval scores a trial) {protocol:.4f}' in capsys.readouterr().out
     status, message, _ = cli_error(['--initial_model', checkpoint, '--score_pair', pair[0], 'missing.wav'])
     assert status == 2 and message.rstrip().endswith('--score_pair missing.wav: no such file')
+    status, message, _ = cli_error(['--initial_model', checkpoint, '--score_pair', pair[0], str(tmp_path)])
+    assert status == 2 and message.rstrip().endswith(f'--score_pair {tmp_path}: no such file')
+    (tmp_path / 'notes.wav').write_text('not audio')
+    status, message, _ = cli_error(['--initial_model', checkpoint, '--score_pair', pair[0], str(tmp_path / 'notes.wav')])
+    assert status == 1 and message == (f'trainECAPAModel.py: error: --score_pair: {tmp_path / "notes.wav"}: neither '
+                                       f'libsndfile nor FFmpeg reads it as audio') + message.split('audio', 1)[1]
+    assert message.count('\n') == 1
 
 
 def test_extract_skips_and_lists_files_it_cannot_embed_and_writes_the_rest(tiny_corpus, checkpoint, tmp_path,
@@ -462,6 +469,15 @@ def test_extract_skips_and_lists_files_it_cannot_embed_and_writes_the_rest(tiny_
                                     str(folder), '--out', str(tmp_path / 'none.pt'), '--n_cpu', '0'])
     assert status == 1 and message.splitlines()[-1].endswith(f'--extract {only_broken}: none of its 4 files can be '
                                                              f'embedded')
+    (tmp_path / 'empty').mkdir()
+    for argv, status_and_line in (
+            (['--extract', str(folder), '--out', str(tmp_path / 'e.txt')],
+             (2, f'--out {tmp_path / "e.txt"}: name a .pt (torch.save) or .npz (numpy) file')),
+            (['--extract', str(tmp_path / 'nothing'), '--out', str(out)],
+             (2, f'--extract {tmp_path / "nothing"}: no such file or folder')),
+            (['--extract', str(tmp_path / 'empty'), '--out', str(out)], (1, f'{tmp_path / "empty"}: no audio files to embed'))):
+        status, message, _ = cli_error(['--initial_model', checkpoint, *argv])
+        assert (status, message) == (status_and_line[0], f'trainECAPAModel.py: error: {status_and_line[1]}\n')
 
 
 def test_onnx_export_without_the_onnx_package_is_one_line(checkpoint, tmp_path, cli_error, monkeypatch):
