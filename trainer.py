@@ -246,10 +246,10 @@ class EpochProgress:
 
 def train_one_epoch(step_fn, loader, epoch, schedule, seed, progress, stop=None, reported=None):
     """Steps over `loader` (batches from `collate`: waveforms or two views, labels, skipped files) with
-    `step_fn`, a `TrainingStep`, setting the learning rate and margin of `schedule(epoch, step)` before each
-    step; `progress` (an `EpochProgress`, fresh or a stopped epoch's) is updated in place. Returns whether the
-    `stop` request came. Files a batch skipped are printed the first time (`reported`: paths already printed).
-    Device augmentation draws from a generator seeded by (seed, epoch, step, rank)."""
+    `step_fn`, a `TrainingStep`, setting the learning rate and margin of `schedule(epoch, step, steps of the
+    epoch)` before each step; `progress` (an `EpochProgress`, fresh or a stopped epoch's) is updated in place.
+    Returns whether the `stop` request came. Files a batch skipped are printed the first time (`reported`:
+    paths already printed). Device augmentation draws from a generator seeded by (seed, epoch, step, rank)."""
     reported = set() if reported is None else reported
     step_fn.model.train()
     loss_sum = torch.tensor(progress.loss_sum, device=step_fn.device)
@@ -266,7 +266,7 @@ def train_one_epoch(step_fn, loader, epoch, schedule, seed, progress, stop=None,
             if path not in reported:
                 reported.add(path)
                 tqdm.tqdm.write(f'skipped {path}: {reason}')
-        lr, margin = schedule(epoch, step)
+        lr, margin = schedule(epoch, step, total)
         for group in step_fn.optimizer.param_groups:
             group['lr'] = lr
         step_fn.model.speaker_loss.set_margin(margin)
@@ -420,7 +420,7 @@ class TrainingRun:
         if self.resume is not None:
             self.step_fn.scaler.load_state_dict(self.resume.scaler)
         self.sampler, self.loader, self.items_per_step = training_loader(args, self.data, augmenter, self.device)
-        self.schedule = training_schedule(args, len(self.loader))
+        self.schedule = training_schedule(args)
         self.eers = self.resume.eers if self.resume else []
         self.first_epoch = self.resume.epoch + 1 if self.resume else 1
         self.tensorboard = None
@@ -588,7 +588,7 @@ class TrainingRun:
             raise NonFiniteTraining(f'every step of epoch {epoch} had a non-finite loss or gradients, so nothing was '
                                     f'trained: lower --lr, set --grad_clip, or check the data with --check_data')
         skipped = [entry for p in everyone for entry in p.skipped]
-        lr, margin = self.schedule(epoch, progress.step)
+        lr, margin = self.schedule(epoch, progress.step, progress.step)  # the epoch's last step
         record = EpochRecord(epoch, float(np.mean([p.loss for p in everyone])),
                              float(np.mean([p.accuracy for p in everyone])), lr, margin,
                              sum(p.crops_per_s for p in everyone), everyone[0].bad_steps, len(skipped),

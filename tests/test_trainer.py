@@ -21,8 +21,9 @@ import torch
 import trainECAPAModel
 import trainer
 from conftest import assert_same_checkpoints
+from dataLoader import SpeakerPairSampler
 from loss import AAMsoftmax
-from lists import read_trials
+from lists import read_train_list, read_trials
 from model import ECAPA_TDNN, build_encoder
 from records import read_metrics
 from schedules import warmup_exp
@@ -501,6 +502,39 @@ def test_a_run_continues_only_from_the_weights_it_started_from(tiny_corpus, trai
     status, message, _ = cli_error(train_argv(tiny_corpus, tmp_path, '--initial_model', first, '--large_margin'))
     assert status == 2 and '--large_margin True (the run has False)' in message and \
         "--m 0.5 (the run has 0.2)" in message and 'another --save_path to start a new run' in message
+
+
+def test_in_pair_modes_the_schedules_end_where_they_say_though_epochs_differ_in_steps(tiny_corpus, train_argv,
+                                                                                     tmp_path):
+    """Speakers of 6, 6, 5, 3, 2 and 2 utterances in batches of 4 distinct speakers: the pair sampler plans 3,
+    3 and 2 steps for epochs 1-3 (seed 5). The warm-up/exponential schedule must still reach --final_lr on the
+    last step, and the margin schedule reach --m at the beginning of epoch 3."""
+    lines = open(tiny_corpus['train_list']).read().splitlines()
+    wanted = dict(zip(sorted({line.split()[0] for line in lines}), (6, 6, 5, 3, 2, 2)))
+    kept, counts = [], {}
+    for line in lines:
+        speaker = line.split()[0]
+        counts[speaker] = counts.get(speaker, 0) + 1
+        if counts[speaker] <= wanted[speaker]:
+            kept.append(line + '\n')
+    uneven = tmp_path / 'uneven.txt'
+    uneven.write_text(''.join(kept))
+    sampler = SpeakerPairSampler(read_train_list(str(uneven)).labels, 4, seed=5)
+    steps = []
+    for epoch in (1, 2, 3):
+        sampler.set_epoch(epoch)
+        steps.append(len(sampler))
+    assert steps == [3, 3, 2]
+    argv = train_argv(tiny_corpus, tmp_path / 'run', '--mode', 'clip', '--batch_size', '4', '--max_epoch', '3',
+                      '--scheduler', 'warmup_exp', '--warmup_epochs', '1', '--final_lr', '1e-4',
+                      '--margin_schedule', '1', '3')
+    argv[argv.index('--train_list') + 1] = str(uneven)
+    trainECAPAModel.main(argv)
+    records = read_metrics(tmp_path / 'run' / 'metrics.jsonl')
+    assert records[-1]['lr'] == pytest.approx(1e-4, rel=1e-12)
+    # at each epoch's last step, (epoch - 1) + (steps - 1) / steps epochs are done of the margin's two
+    assert [r['margin'] for r in records] == [pytest.approx(0.2 * (2 / 3) / 2), pytest.approx(0.2 * (5 / 3) / 2),
+                                              0.2]
 
 
 @pytest.mark.parametrize('edit, named', [
