@@ -21,7 +21,6 @@ import os
 import socket
 import tempfile
 import time
-from typing import Optional
 
 import numpy as np
 import torch
@@ -319,11 +318,11 @@ class ResumeState:
     model: dict
     optimizer: dict
     rng: list
-    cuda_rng: Optional[list]
+    cuda_rng: list | None
     scaler: dict
     eers: list
-    partial_epoch: Optional[list] = None
-    unevaluated: Optional[dict] = None
+    partial_epoch: list | None = None
+    unevaluated: dict | None = None
 
     def save(self, path):
         fields = {field.name: getattr(self, field.name) for field in dataclasses.fields(self)}

@@ -6,7 +6,8 @@ what the commands do with them.
 """
 
 import os
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import numpy as np
 import torch

@@ -24,7 +24,6 @@ import math
 import multiprocessing
 import os
 import signal
-from typing import Optional
 
 import numpy as np
 import soundfile
@@ -35,7 +34,7 @@ from errors import UserError
 from model import crop_samples
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def resampler(orig_rate, new_rate):
     """One resampler per rate pair, built on first use and kept (its filter is the costly part)."""
     return torchaudio.transforms.Resample(orig_rate, new_rate)
@@ -271,7 +270,7 @@ class CropMaker:
     `len(speeds) * speakers` classes). With (1.0,) nothing is drawn: items are those of a run without it."""
     length: int
     sampling_rate: int
-    augmenter: Optional[object]
+    augmenter: object | None
     speakers: int
     speeds: tuple = (1.0,)
     skip_silent: bool = True

@@ -18,7 +18,7 @@ import concurrent.futures
 import dataclasses
 import math
 import os
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import numpy as np
 
@@ -66,7 +66,7 @@ def malformed(path, line, expected):
 class TrainEntry(NamedTuple):
     speaker: str
     path: str                   # relative to --train_path
-    line: Optional[int] = None  # of the training list
+    line: int | None = None  # of the training list
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -240,7 +240,7 @@ class TrialList:
     """A trial list: `labels` (int array, 1 = same speaker) is None for a list without labels. `name` names
     its outputs (score files, plots, records): the file name, made distinct by `distinct_names`."""
     path: str
-    labels: Optional[np.ndarray]
+    labels: np.ndarray | None
     enroll: list
     test: list
     lines: list

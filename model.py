@@ -7,7 +7,8 @@ published checkpoints load with a strict `load_state_dict`. `MODELS` maps each `
 """
 
 import math
-from typing import Callable, NamedTuple
+from typing import NamedTuple
+from collections.abc import Callable
 
 import torch
 import torch.nn as nn

@@ -214,7 +214,8 @@ def layout_rirs(source_root, target_root, real=False):
         target = os.path.join(target_root, 'real', room_id, rir_id + '.wav')
         if not os.path.exists(target):
             audio, rate = soundfile.read(source, dtype='float32', always_2d=True)
-            atomic_write(target, lambda f: soundfile.write(f, audio[:, 0], rate, subtype='FLOAT', format='WAV'))
+            atomic_write(target, lambda f, audio=audio, rate=rate: soundfile.write(f, audio[:, 0], rate,
+                                                                                   subtype='FLOAT', format='WAV'))
         count += 1
     if count == 0:
         raise UserError(f'{source_root}: no simulated_rirs/<room type>/<room>/*.wav files')

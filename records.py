@@ -8,7 +8,6 @@ import os
 import subprocess
 import sys
 import time
-from typing import Optional
 
 import torch
 import torchaudio
@@ -32,7 +31,7 @@ class EpochRecord:
     skipped_files: int
     train_seconds: float
     epoch_seconds: float = 0.0
-    peak_gpu_memory_gib: Optional[float] = None
+    peak_gpu_memory_gib: float | None = None
     eval: dict = dataclasses.field(default_factory=dict)
 
     def add_results(self, results):
@@ -170,7 +169,7 @@ class TensorBoard:
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError as error:
-            raise UserError(f'--tensorboard needs the tensorboard package (pip install tensorboard): {error}')
+            raise UserError(f'--tensorboard needs the tensorboard package (pip install tensorboard): {error}') from None
         self.writer = SummaryWriter(folder)
 
     def add(self, record):

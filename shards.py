@@ -219,8 +219,9 @@ class ShardDataset(torch.utils.data.IterableDataset):
             made, tried = None, 0
             while made is None:
                 if tried == patience:
+                    named = [self.shard_list.shards[i] for i in shards[:3]]
                     raise UserError(f'{self.shard_list.path}: no usable audio in a whole pass over the shards '
-                                    f'{[self.shard_list.shards[i] for i in shards[:3]]}; first problems: {problems[:3]}')
+                                    f'{named}; first problems: {problems[:3]}')
                 made, tried = self.item(*next(stream), problems), tried + 1
             skipped = problems[:]
             problems.clear()

@@ -15,7 +15,6 @@ import math
 import os
 import pickle
 import warnings
-from typing import Optional
 
 import numpy as np
 import torch
@@ -381,9 +380,9 @@ class ListResult:
     """One trial list scored: raw scores and, with AS-Norm, normalised ones; metrics are None without labels."""
     trials: object  # lists.TrialList
     scores: np.ndarray
-    metrics: Optional[Metrics] = None
-    snorm_scores: Optional[np.ndarray] = None
-    snorm_metrics: Optional[Metrics] = None
+    metrics: Metrics | None = None
+    snorm_scores: np.ndarray | None = None
+    snorm_metrics: Metrics | None = None
 
     def score_sets(self):
         """(name suffix, scores, metrics) for the raw scores and, with AS-Norm, the normalised ones."""

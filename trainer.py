@@ -18,7 +18,6 @@ import signal
 import sys
 import threading
 import time
-from typing import Optional
 
 import numpy as np
 import torch
@@ -229,7 +228,7 @@ class EpochProgress:
     seconds: float = 0.0
     bad_steps: int = 0
     skipped: list = dataclasses.field(default_factory=list)  # (path, reason) of each unusable file met
-    speaker_groups: Optional[list] = None  # --sampler chns: the epoch's speaker groups
+    speaker_groups: list | None = None  # --sampler chns: the epoch's speaker groups
 
     @property
     def loss(self):
@@ -493,7 +492,7 @@ class TrainingRun:
             self.optimizer.load_state_dict(resume.optimizer)
         except (RuntimeError, ValueError) as error:
             raise UsageError(f'{self.resume_path} was written by a run with other model or loss flags; continue it '
-                             f'with those flags or choose another --save_path ({first_line(error)})')
+                             f'with those flags or choose another --save_path ({first_line(error)})') from None
         rank = distributed.rank()
         torch.set_rng_state(resume.rng[rank % len(resume.rng)])
         if self.device.type == 'cuda' and resume.cuda_rng is not None:
@@ -537,9 +536,9 @@ class TrainingRun:
                              f'continue it, or another --save_path to start a new run')
         if changes:
             listed = ', '.join(f'--{name} {now} (the run has {before})' for name, (before, now) in changes.items())
-            raise UsageError(f'{self.resume_path} continues a run started with other flags: {listed}; give the run\'s '
-                             f'flags (its config.json holds them) to continue it, or another --save_path to start a new '
-                             f'run (--initial_model {self.model_dir}/model_XXXX.model takes its weights)')
+            raise UsageError(f'{self.resume_path} continues a run started with other flags: {listed}; give the '
+                             f'run\'s flags (its config.json holds them) to continue it, or another --save_path to '
+                             f'start a new run (--initial_model {self.model_dir}/model_XXXX.model takes its weights)')
         others = changed_flags(recorded, self.args)
         for name in sorted(set(others) - {'given', 'initial_model', 'config'}):
             log(f'continuing with --{name} {others[name][1]} (the run had {others[name][0]})')

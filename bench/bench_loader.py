@@ -217,7 +217,8 @@ def main():
             runs += [(name, TrainDataset(entries, data['train_path'], 200, 16000, aug, 0), EpochSampler(len(paths), 0),
                       workers) for workers in sorted({1, args.workers}) for name, aug in (('ours', augmenter),
                                                                                           ('ours, read', None))]
-            runs += [(name, shard_stream(data, root, aug, length), None, workers) for workers in sorted({1, args.workers})
+            runs += [(name, shard_stream(data, root, aug, length), None, workers)
+                     for workers in sorted({1, args.workers})
                      for name, aug in (('ours, shards', augmenter), ('ours, shards, read', None))]
             baseline = None
             for name, dataset, sampler, workers in runs:

@@ -5,7 +5,8 @@ stages.
 
 Files: `--files` AAC (.m4a) files of `--seconds` each of generated speech at 16 kHz, as VoxCeleb2 ships
 them (its mean utterance is about 8 s), encoded with PyAV. Timed in this process, per file: `prepare.py m4a`'s
-conversion to wav (what each of its workers does); `--check_data`'s header read of a wav; its full decode and check of a wav.
+conversion to wav (what each of its workers does); `--check_data`'s header read of a wav; its full decode and
+check of a wav.
 """
 
 import argparse

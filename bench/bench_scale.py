@@ -130,7 +130,8 @@ def train_child(out_json, started, steps, argv):
 
 
 def measure_training(args, corpus, save_path):
-    argv = ['--train_list', os.path.join(corpus, 'train_list.txt'), '--train_path', os.path.join(corpus, 'train', 'wav'),
+    argv = ['--train_list', os.path.join(corpus, 'train_list.txt'),
+            '--train_path', os.path.join(corpus, 'train', 'wav'),
             '--eval_list', os.path.join(corpus, 'trials.txt'), '--eval_path', os.path.join(corpus, 'test', 'wav'),
             '--save_path', save_path, '--model', 'ecapa-tdnn', '--C', '16', '--num_frames', '50',
             '--batch_size', str(args.batch_size), '--n_cpu', str(args.workers), '--max_epoch', '1',

@@ -111,8 +111,8 @@ def compare_with_reference(directory, widths, batch_size, rounds, steps, device)
                                                        test_step=1).to(device)
         ours((waveforms, labels), None)  # warm-up
         run_theirs(theirs, [(waveforms, labels)])
-        runs = {'ours': lambda: [ours((waveforms, labels), None) for _ in range(steps)],
-                'original': lambda: run_theirs(theirs, [(waveforms, labels)] * steps)}
+        runs = {'ours': lambda ours=ours: [ours((waveforms, labels), None) for _ in range(steps)],
+                'original': lambda theirs=theirs: run_theirs(theirs, [(waveforms, labels)] * steps)}
         times = {'ours': [], 'original': []}
         for round_ in range(rounds):
             for name in (('ours', 'original') if round_ % 2 == 0 else ('original', 'ours')):  # each first by turns

@@ -35,8 +35,8 @@ def main():
     try:
         shard_list = read_shard_list(shard_path)
         crops = CropMaker(crop_samples(40, 16000), 16000, None, len(shard_list.speakers))
-        dataset = ShardDataset(shard_list, crops, 3, BATCH, steps_per_epoch(shard_list, BATCH, distributed.world_size()),
-                               distributed.world_size(), distributed.rank())
+        steps = steps_per_epoch(shard_list, BATCH, distributed.world_size())
+        dataset = ShardDataset(shard_list, crops, 3, BATCH, steps, distributed.world_size(), distributed.rank())
         waveforms, labels, _ = next(iter(torch.utils.data.DataLoader(dataset, batch_size=BATCH, collate_fn=collate)))
         model = tiny_model(len(shard_list.speakers))
         initial = copy.deepcopy(model.state_dict())

@@ -33,8 +33,8 @@ def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
     def failing_as_torch_save_does(f):  # its writer reports the OSError again as a RuntimeError
         try:
             failing(f)
-        except OSError:
-            raise RuntimeError('[enforce fail at inline_container.cc] unexpected pos')
+        except OSError as error:
+            raise RuntimeError('[enforce fail at inline_container.cc] unexpected pos') from error
 
     for write in (failing, failing_as_torch_save_does):
         with pytest.raises(UserError, match=f'^{path}: cannot be written \\(No space left on device\\)$'):

@@ -145,7 +145,7 @@ def test_training_items_replace_unusable_files_by_their_speakers_other_utterance
     corpus, _ = broken_corpus
     entries = read_train_list(corpus['train_list'])
     dataset = TrainDataset(entries, corpus['train_path'], 40, 16000, None, seed=3)
-    for index, (speaker, rel, _) in enumerate(entries):
+    for index, (_, rel, _) in enumerate(entries):
         if rel.startswith('bad/') and rel != 'bad/stereo.wav':
             audio, label, skipped = dataset[(index, 1)]
             name = rel[4:]

@@ -440,7 +440,8 @@ def test_score_pair_prints_the_cosine_and_the_protocol_score(tiny_corpus, checkp
     status, message, _ = cli_error(['--initial_model', checkpoint, '--score_pair', pair[0], str(tmp_path)])
     assert status == 2 and message.rstrip().endswith(f'--score_pair {tmp_path}: no such file')
     (tmp_path / 'notes.wav').write_text('not audio')
-    status, message, _ = cli_error(['--initial_model', checkpoint, '--score_pair', pair[0], str(tmp_path / 'notes.wav')])
+    status, message, _ = cli_error(['--initial_model', checkpoint, '--score_pair', pair[0],
+                                    str(tmp_path / 'notes.wav')])
     assert status == 1 and message == (f'trainECAPAModel.py: error: --score_pair: {tmp_path / "notes.wav"}: neither '
                                        f'libsndfile nor FFmpeg reads it as audio') + message.split('audio', 1)[1]
     assert message.count('\n') == 1
@@ -475,7 +476,8 @@ def test_extract_skips_and_lists_files_it_cannot_embed_and_writes_the_rest(tiny_
              (2, f'--out {tmp_path / "e.txt"}: name a .pt (torch.save) or .npz (numpy) file')),
             (['--extract', str(tmp_path / 'nothing'), '--out', str(out)],
              (2, f'--extract {tmp_path / "nothing"}: no such file or folder')),
-            (['--extract', str(tmp_path / 'empty'), '--out', str(out)], (1, f'{tmp_path / "empty"}: no audio files to embed'))):
+            (['--extract', str(tmp_path / 'empty'), '--out', str(out)],
+             (1, f'{tmp_path / "empty"}: no audio files to embed'))):
         status, message, _ = cli_error(['--initial_model', checkpoint, *argv])
         assert (status, message) == (status_and_line[0], f'trainECAPAModel.py: error: {status_and_line[1]}\n')
 

@@ -598,7 +598,7 @@ def test_a_failing_evaluation_loses_no_trained_epoch(tiny_corpus, train_argv, re
     shutil.copy(bad, tmp_path / 'good.wav')
     soundfile.write(bad, np.full(16000, np.nan, np.float32), 16000, subtype='FLOAT')  # its header reads fine
     argv = train_argv({**tiny_corpus, 'eval_path': str(eval_path)}, tmp_path / 'run', '--max_epoch', '2')
-    for attempt in range(2):  # the second run evaluates the saved epoch again; it trains nothing
+    for _ in range(2):  # the second run evaluates the saved epoch again; it trains nothing
         status, printed, _ = cli_error(argv)
         message = printed.splitlines()[-1]  # after the evaluation's progress bar
         assert status == 1 and message.startswith('trainECAPAModel.py: error: ') and 'Traceback' not in printed

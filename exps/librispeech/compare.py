@@ -121,7 +121,8 @@ def systems(args):
         found['original'] = ([sys.executable, os.path.join(os.path.dirname(__file__), 'original.py'),
                               args.reference, '--n_class', str(args.train_speakers)], lambda run: [])
     for name, flags in args.variant:
-        found[name] = (ours, lambda run, extra=flags.split(): ['--seed', str(run)] + extra)
+        extra = flags.split()
+        found[name] = (ours, lambda run, extra=extra: ['--seed', str(run)] + extra)
     if args.only:
         unknown = sorted(set(args.only) - set(found))
         if unknown:
