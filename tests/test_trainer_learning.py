@@ -8,7 +8,7 @@ The sizes were chosen on this corpus so that each encoder learns clearly in the 
 1.5 s crops. Shorter runs were tried and did not learn reliably (with 1 s crops ECAPA-TDNN ended at 45.00%
 EER against 44.44% untrained, TDNN blip at 50.00% against 55.00%; ECAPA-TDNN in 4 or 5 epochs, at C=32 or
 128, at lr 0.005 or 0.01, did not improve). When this was written every case ended 12 to 30 points below its
-untrained encoder."""
+untrained encoder; the test asks for three target trials (5 points) at least."""
 import pytest
 import torch
 
@@ -58,4 +58,4 @@ def test_training_beats_the_untrained_encoder(corpus, tmp_path, mode, loss, mode
     after = float(scores[0].split(' EER ')[1].split('%')[0])
     summary = f'{mode} {model}: EER {before:.2f}% untrained, {after:.2f}% after {epochs} epochs'
     print(summary)
-    assert after < before, summary
+    assert after <= before - 3 * 100 / 60, summary  # better by three target trials at least (60 in the list)
