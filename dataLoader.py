@@ -144,9 +144,7 @@ def read_audio(path, sampling_rate, start=0.0, seconds=None):
         audio, native_rate = decode_with_av(path, until)
         first, count = frame_window(start, seconds, native_rate, audio.shape[1])
         audio = audio[:, first:None if count < 0 else first + count]
-    if native_rate < LOWEST_FILE_RATE:
-        raise ValueError(f'{path}: its header gives a sample rate of {native_rate} Hz, below the '
-                         f'{LOWEST_FILE_RATE} Hz of any audio a speaker model can use')
+    usable_rate(path, native_rate)
     audio = audio.mean(axis=0) if len(audio) > 1 else audio[0]
     audio = resample(np.ascontiguousarray(audio, dtype=np.float32), native_rate, sampling_rate)
     if seconds is not None:
@@ -154,15 +152,30 @@ def read_audio(path, sampling_rate, start=0.0, seconds=None):
     return audio
 
 
-def audio_duration(path):
+def usable_rate(path, rate):
+    """`rate`, or a ValueError naming `path` when it is below any audio a speaker model can use."""
+    if rate < LOWEST_FILE_RATE:
+        raise ValueError(f'{named(path)}its header gives a sample rate of {rate} Hz, below the {LOWEST_FILE_RATE} Hz '
+                         f'of any audio a speaker model can use')
+    return rate
+
+
+def audio_info(path):
+    """(frames, sample rate, channels) of a file as `read_audio` reads it: from its header, or, for the formats
+    libsndfile does not read (m4a), by decoding it whole with PyAV."""
     try:
         info = soundfile.info(path)
     except RuntimeError as error:
         if not not_for_libsndfile(path, error):
             raise
         audio, rate = decode_with_av(path)
-        return audio.shape[1] / rate
-    return info.frames / info.samplerate
+        return audio.shape[1], usable_rate(path, rate), audio.shape[0]
+    return info.frames, usable_rate(path, info.samplerate), info.channels
+
+
+def audio_duration(path):
+    frames, rate, _ = audio_info(path)
+    return frames / rate
 
 
 def wrap_pad(audio, length):

@@ -30,7 +30,7 @@ import tqdm
 
 from augment import MUSAN_CATEGORIES, musan_files, rir_files
 from checkpoints import atomic_write
-from dataLoader import audio_problem, duration_problem
+from dataLoader import audio_info, audio_problem, duration_problem, read_audio
 from errors import ArgumentParser, UserError, reported_as_exit
 from lists import files_under, list_lines, malformed, read_train_list, read_trials, without_repeats
 from shards import pack_shards
@@ -45,25 +45,12 @@ def write_wav(path, audio, sampling_rate):
     atomic_write(path, write)
 
 
-def decode_with_ffmpeg(path, sampling_rate):
-    """Any file FFmpeg reads (AAC in .m4a above all) -> mono int16 samples at `sampling_rate`."""
-    import av  # only the conversion needs FFmpeg
-    chunks = []
-    with av.open(path) as container:
-        resampler = av.AudioResampler(format='s16', layout='mono', rate=sampling_rate)
-        for frame in container.decode(audio=0):
-            chunks.extend(out.to_ndarray().reshape(-1) for out in resampler.resample(frame))
-        chunks.extend(out.to_ndarray().reshape(-1) for out in resampler.resample(None))
-    audio = np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.int16)
-    if audio.size == 0:
-        raise ValueError('no audio decoded')
-    return audio
-
-
 def convert_one(job):
+    """(source, target, rate): the source (AAC in .m4a above all) read as the training loader reads it
+    (`read_audio`: PyAV for what libsndfile does not read, channels averaged, resampled) into a 16-bit wav."""
     source, target, sampling_rate = job
     try:
-        write_wav(target, decode_with_ffmpeg(source, sampling_rate), sampling_rate)
+        write_wav(target, read_audio(source, sampling_rate), sampling_rate)
         return None
     except Exception as error:  # reported with its file; the other files go on
         return f'{source}: {type(error).__name__}: {error}'
@@ -225,19 +212,21 @@ def layout_rirs(source_root, target_root, real=False):
 # ---------------------------------------------------------------- --check_data
 
 def inspect_file(job):
-    """(path, decode, skip_silent) -> {'seconds', 'rate', 'channels'} or {'problem'}."""
+    """(path, decode, skip_silent) -> {'seconds', 'rate', 'channels'} or {'problem'}, read as the training
+    loader reads (`dataLoader.audio_info`, `read_audio`: libsndfile's formats, and m4a through PyAV), so that a
+    file passes exactly when the loader can train on it."""
     path, decode, skip_silent = job
     try:
-        info = soundfile.info(path)
+        frames, rate, channels = audio_info(path)
     except Exception as error:
         return {'problem': 'missing' if not os.path.exists(path) else f'unreadable: {error}'}
-    found = {'seconds': info.frames / info.samplerate, 'rate': info.samplerate, 'channels': info.channels}
+    found = {'seconds': frames / rate, 'rate': rate, 'channels': channels}
     problem = duration_problem(found['seconds'])
     if problem:
         return {'problem': problem}
     if decode:
         try:
-            audio, _ = soundfile.read(path, dtype='float32', always_2d=True)
+            audio = read_audio(path, rate)
         except Exception as error:
             return {'problem': f'does not decode: {error}'}
         problem = audio_problem(audio, skip_silent)

@@ -12,7 +12,7 @@ import soundfile
 import prepare
 import trainECAPAModel
 from augment import Augmenter, musan_files, rir_files
-from dataLoader import resample
+from dataLoader import UnusableAudio, read_usable_crop, resample
 from errors import UserError
 
 
@@ -172,6 +172,28 @@ def test_check_data_reports_planted_problems_with_their_list_lines(broken_corpus
     clean.write_text(''.join(line for line in open(corpus['train_list']) if 'bad/' not in line or 'stereo' in line))
     assert trainECAPAModel.main(['--check_data', '--train_list', str(clean), '--train_path', corpus['train_path'],
                                  '--n_cpu', '0']) == []
+
+
+def test_a_file_passes_the_check_exactly_when_the_training_loader_can_train_on_it(tmp_path, broken_audio):
+    """The broken kinds, an m4a (which libsndfile does not read), a header at 8 Hz, stereo and a plain wav."""
+    for name, (write, _) in broken_audio.items():
+        write(str(tmp_path / name))
+    write_m4a(str(tmp_path / 'aac.m4a'), 1.5, 300)
+    tone = (0.1 * np.sin(np.arange(24000) / 5)).astype(np.float32)
+    soundfile.write(tmp_path / 'eight_hertz.wav', tone, 8)
+    soundfile.write(tmp_path / 'stereo.wav', np.stack([tone, -0.5 * tone], axis=1), 16000)
+    soundfile.write(tmp_path / 'plain.wav', tone, 16000)
+    verdicts = {}
+    for path in sorted(tmp_path.iterdir()):
+        checked = 'problem' not in prepare.inspect_file((str(path), True, True))
+        try:
+            read_usable_crop(str(path), 32000, 16000, np.random.default_rng(0))
+            trainable = True
+        except UnusableAudio:
+            trainable = False
+        verdicts[path.name] = (checked, trainable)
+    assert all(checked == trainable for checked, trainable in verdicts.values()), verdicts
+    assert {name for name, (checked, _) in verdicts.items() if checked} == {'aac.m4a', 'stereo.wav', 'plain.wav'}
 
 
 def test_check_data_names_a_malformed_line(tiny_corpus, tmp_path, capsys, cli_error):
