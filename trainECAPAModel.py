@@ -10,7 +10,6 @@ trainer.py. A rerun continues from save_path/model/resume.pt; a mistake ends in 
 or list line.
 """
 
-import argparse
 import json
 import math
 import os
@@ -43,183 +42,196 @@ NEEDS = {'large_margin': ('initial_model',),        # it fine-tunes a trained mo
          'snorm': ('train_list', 'train_path')}     # the cohort comes from the training list
 
 
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows a flag's default only where it has one."""
+def flag(group, name, **options):
+    """Add the flag `name` to `group`; its help ends with its default where it has one."""
+    if options.get('default') not in (None, False, '') and '%(default)' not in options.get('help', ''):
+        options['help'] = options.get('help', '') + ' (default: %(default)s)'
+    group.add_argument(name, **options)
 
-    def _get_help_string(self, action):
-        plain = action.default in (None, False, argparse.SUPPRESS) or '%(default)' in (action.help or '')
-        return action.help if plain else super()._get_help_string(action)
 
+def data_flags(group):
+    """Flags of training and trial data, augmentation banks, and the data check."""
+    flag(group, '--train_list', help='training list, lines "<speaker> <relative path>"')
+    flag(group, '--train_path', help='folder the training list paths are relative to')
+    flag(group, '--train_shards', metavar='SHARDS_TXT',
+         help='train from tar shards (`prepare.py shards`) instead of --train_list/--train_path: their '
+              'shards.txt, with speakers.txt beside it (--mode classifier, --sampler random)')
+    flag(group, '--eval_list', nargs='+',
+         help='trial lists, lines "<0|1> <enroll> <test>" (or "<enroll> <test>": scored without '
+              'metrics); e.g. veri_test2.txt list_test_all2.txt list_test_hard2.txt')
+    flag(group, '--eval_path', help='folder the trial list paths are relative to')
+    flag(group, '--musan_path', help='MUSAN split into 5 s chunks (noise|speech|music/<subset>/<stem>/*.wav); '
+                                     'omit to train without additive noise')
+    flag(group, '--rir_path', help='impulse responses (<room type>/<room>/*.wav, e.g. '
+                                   'RIRS_NOISES/simulated_rirs); omit to train without reverberation')
+    flag(group, '--num_frames', type=int, default=200, help='training crop in 10 ms frames (200 = 2 s)')
+    flag(group, '--sampling_rate', type=int, default=16000, help='all audio is resampled to this rate')
+    flag(group, '--skip_silent', default='on', choices=['on', 'off'],
+         help='on: an all-zero training crop is replaced like an unreadable file; off: it is trained on')
+    flag(group, '--cache_dir', default=default_cache_dir(), help='decoded noise and impulse-response banks')
+    flag(group, '--check_data', action='store_true',
+         help='check that every file the given lists and folders name decodes to usable audio; '
+              'report counts, durations, rates, speakers and problems with their list lines')
+    flag(group, '--check_decode', type=int, default=2000,
+         help='--check_data: files of each source decoded in full, spread evenly (0: all); the others '
+              'have their headers read')
+
+
+def model_flags(group):
+    """Flags of the encoder."""
+    flag(group, '--model', default='ecapa-tdnn', choices=sorted(MODELS),
+         help='encoder architecture (with --eval, the one recorded beside the checkpoint when '
+              'this flag is not given)')
+    flag(group, '--C', type=int, default=None,
+         help='encoder width: channels of ECAPA-TDNN (default 1024), base channels of ResNet '
+              '(32), frame-layer channels of TDNN (512)')
+    flag(group, '--embedding_dim', type=int, default=None,
+         help='embedding size (default 192 for ECAPA-TDNN, 256 ResNet, 512 TDNN)')
+
+
+def objective_flags(group):
+    """Flags of the training objective."""
+    flag(group, '--mode', default='classifier', choices=['classifier', 'clip', 'blip'],
+         help='classifier: AAM-softmax on single crops; clip: InfoNCE between two views of '
+              'distinct speakers; blip: clip plus a pair-matching head trained on hard negatives')
+    flag(group, '--loss', choices=['aamsoftmax', 'infonce', 'aam_infonce'],
+         help='aamsoftmax (mode classifier, the default there) or the contrastive term of '
+              'clip/blip: infonce (default) or aam_infonce (margin --m on the positives)')
+    flag(group, '--m', type=float, default=0.2, help='additive angular margin (radians)')
+    flag(group, '--s', type=float, default=30, help='logit scale')
+    flag(group, '--n_class', type=int, default=None,
+         help='number of classes (default: the speakers in the training list)')
+    flag(group, '--classifier_weight', type=float, default=0.8,
+         help='clip/blip: weight of the AAM-softmax term on view 1 (0: no classifier)')
+    flag(group, '--contrastive_weight', type=float, default=0.2, help='clip/blip: InfoNCE weight')
+    flag(group, '--matching_weight', type=float, default=0.2, help='blip: pair-matching weight')
+    flag(group, '--hard_negative', default='softmax', choices=['softmax', 'argmax'],
+         help='blip: draw each negative with probability softmax(similarity), or take the '
+              'most similar')
+    flag(group, '--fixed_contrastive_scale', action='store_true',
+         help='clip/blip: scale the contrastive logits by --s, not by a learned temperature')
+    flag(group, '--local_negatives', action='store_true',
+         help='clip/blip under torchrun: negatives from this process\'s batch only, instead of '
+              'the batches of all processes')
+
+
+def training_flags(group):
+    """Flags of the training run: schedule, sampling, saving, precision."""
+    flag(group, '--max_epoch', type=int, default=80, help='train up to this epoch')
+    flag(group, '--batch_size', type=int, default=400,
+         help='utterances (clip/blip: speakers, two views each) per step and per process; under '
+              'torchrun the global batch is this times the number of processes')
+    flag(group, '--lr', type=float, default=0.001, help='initial learning rate (Adam)')
+    flag(group, '--lr_decay', type=float, default=0.97,
+         help='--scheduler step: learning rate factor applied every test_step epochs')
+    flag(group, '--scheduler', default='step', choices=['step', 'warmup_exp'],
+         help='step: the original StepLR, lr * lr_decay ** ((epoch - 1) // test_step); warmup_exp: '
+              'linear warm-up, then exponential decay to --final_lr, per step (wespeaker\'s)')
+    flag(group, '--warmup_epochs', type=float, default=6, help='--scheduler warmup_exp: warm-up length')
+    flag(group, '--final_lr', type=float, default=5e-5, help='--scheduler warmup_exp: lr at the last step')
+    flag(group, '--margin_schedule', type=int, nargs=2, metavar=('START', 'END'),
+         help='margin 0 until epoch START, then rising linearly (per step) to --m at epoch END')
+    flag(group, '--spec_augment', default='on', choices=['on', 'off'],
+         help='time and frequency masks on the training features')
+    flag(group, '--sampler', default='random', choices=['random', 'chns'],
+         help='random batches, or chns: --hard_fraction of each batch from speakers whose '
+              'classifier weights lie close together (hard negatives)')
+    flag(group, '--hard_fraction', type=float, default=0.5,
+         help='--sampler chns: the share of each batch taken from one group of close speakers')
+    flag(group, '--noise_power_floor', type=float, default=0.0,
+         help='added to the speech and noise powers of each SNR (the original code adds 1e-4, '
+              'so that quiet noise files are mixed below the SNR drawn)')
+    flag(group, '--speed_perturb', default='off', choices=['on', 'off'],
+         help=f'on: each crop played at a speed drawn from {SPEED_PERTURBATION}, each speed a '
+              f'speaker of its own (so 3x the classes)')
+    flag(group, '--large_margin', action='store_true',
+         help=f'large-margin fine-tuning of --initial_model: flags not given take '
+              f'{LARGE_MARGIN_DEFAULTS}')
+    flag(group, '--test_step', type=int, default=1, help='evaluate and save every this many epochs')
+    flag(group, '--average', type=int, default=0, metavar='N',
+         help='also save the last N epochs and, after the last, model/model_average.model: the mean '
+              'of their weights, evaluated on a score.txt line of its own (0: off)')
+    flag(group, '--seed', type=int, default=10, help='seed of every random choice')
+    flag(group, '--initial_model', default='',
+         help='start from these weights (this toolkit\'s or the original code\'s checkpoints); '
+              'every encoder weight must match')
+    flag(group, '--allow_partial_load', action='store_true',
+         help='--initial_model: load the encoder weights whose names and shapes match, list the '
+              'others and train them from scratch')
+    flag(group, '--max_bad_steps', type=int, default=50,
+         help='stop after this many steps in a row with a non-finite loss or gradients (skipped)')
+    flag(group, '--amp', choices=['bf16', 'fp16', 'off'],
+         help='mixed precision of the encoder\'s forward pass (default: bf16 on CUDA, off on CPU); '
+              'features and losses stay float32; fp16 adds dynamic loss scaling')
+    flag(group, '--compile', action='store_true', help='torch.compile the encoder for training steps')
+    flag(group, '--grad_clip', type=float, default=0.0, help='clip the global gradient L2 norm (0: off)')
+    flag(group, '--gpu_augment', action='store_true',
+         help='add noise and reverberation on --device, batch by batch, not in the loader workers')
+
+
+def evaluation_flags(group):
+    """Flags of scoring, export, extraction and the commands that need no training."""
+    flag(group, '--eval', action='store_true', help='only score --eval_list with --initial_model')
+    flag(group, '--export', metavar='FILE',
+         help='write --initial_model\'s encoder as TorchScript (FILE.pt) or ONNX (FILE.onnx)')
+    flag(group, '--eval_precision', default='float32', choices=['float32', 'bf16'],
+         help='bf16: score trial lists (--eval and training\'s evaluations) under bfloat16 '
+              'autocast, features in float32: 1.4x as fast on a CPU with AMX (may be slower '
+              'without AVX-512 BF16); scores move by about 1e-3: the demo\'s final EER is the '
+              'same, its EER at other epochs within one trial (0.14) (bench/RESULTS.md)')
+    flag(group, '--snorm', action='store_true', help='also report AS-Norm scores (cohort: --train_list)')
+    flag(group, '--cohort_top_k', type=int, default=300, help='AS-Norm: top cohort scores used')
+    flag(group, '--cohort', default='speaker', choices=['speaker', 'utterance'],
+         help='AS-Norm cohort: speaker means or single utterances of the training list')
+    flag(group, '--cohort_size', type=int, default=20000,
+         help='AS-Norm: training utterances embedded for the cohort, over all speakers (0: all)')
+    flag(group, '--extract', metavar='LIST_OR_DIR',
+         help='embed every file of a folder, or of a list (last field of each line, relative '
+              'to --eval_path or the list\'s folder), with --initial_model; needs --out')
+    flag(group, '--out', help='--extract: file to write {paths, embeddings, protocol_vectors, ...} to: '
+                              'FILE.pt (torch.save) or FILE.npz (numpy); --average_checkpoints: the '
+                              'averaged checkpoint')
+    flag(group, '--average_checkpoints', nargs='+', metavar='FILE',
+         help='write the mean of these checkpoints\' weights to --out (what --average N does at '
+              'the end of training)')
+    flag(group, '--score_pair', nargs=2, metavar='FILE',
+         help='print the cosine of two recordings\' embeddings and their protocol score '
+              '(as --eval scores a trial), with --initial_model')
+    flag(group, '--score_file', nargs='+', metavar='FILE',
+         help='only compute EER and minDCF of existing "enroll test score label" files')
+
+
+def system_flags(group):
+    """Flags of the run folder, workers, device."""
+    flag(group, '--config', metavar='FILE',
+         help='flags from a JSON or YAML mapping (names as in this help, without the dashes), or a '
+              'run\'s save_path/config.json (the flags that run was given); flags on the command '
+              'line override it')
+    flag(group, '--save_path', default='exps/exp1', help='checkpoints, score.txt and score files')
+    flag(group, '--n_cpu', type=int, default=distributed.available_cores(),
+         help='data loader workers (for embedding on the CPU: none unless given)')
+    flag(group, '--device', default=None, help='torch device (default: cuda when available, else cpu)')
+    flag(group, '--tensorboard', action='store_true',
+         help='also write each epoch\'s metrics to save_path/tensorboard (needs tensorboard)')
+    flag(group, '--demo', action='store_true',
+         help=f'generate a small corpus under save_path and train on it; given flags override '
+              f'the demo defaults {DEMO_DEFAULTS} and --C {DEMO_WIDTHS} (16 for ResNets)')
 
 def build_parser():
     parser = ArgumentParser(
-        description='Train a speaker encoder (AAM-softmax or contrastive) and score speaker-verification trials.',
-        formatter_class=HelpFormatter)
-    data = parser.add_argument_group('data')
-    data.add_argument('--train_list', help='training list, lines "<speaker> <relative path>"')
-    data.add_argument('--train_path', help='folder the training list paths are relative to')
-    data.add_argument('--train_shards', metavar='SHARDS_TXT',
-                      help='train from tar shards (`prepare.py shards`) instead of --train_list/--train_path: their '
-                           'shards.txt, with speakers.txt beside it (--mode classifier, --sampler random)')
-    data.add_argument('--eval_list', nargs='+',
-                      help='trial lists, lines "<0|1> <enroll> <test>" (or "<enroll> <test>": scored without '
-                           'metrics); e.g. veri_test2.txt list_test_all2.txt list_test_hard2.txt')
-    data.add_argument('--eval_path', help='folder the trial list paths are relative to')
-    data.add_argument('--musan_path', help='MUSAN split into 5 s chunks (noise|speech|music/<subset>/<stem>/*.wav); '
-                                           'omit to train without additive noise')
-    data.add_argument('--rir_path', help='impulse responses (<room type>/<room>/*.wav, e.g. '
-                                         'RIRS_NOISES/simulated_rirs); omit to train without reverberation')
-    data.add_argument('--num_frames', type=int, default=200, help='training crop in 10 ms frames (200 = 2 s)')
-    data.add_argument('--sampling_rate', type=int, default=16000, help='all audio is resampled to this rate')
-    data.add_argument('--skip_silent', default='on', choices=['on', 'off'],
-                      help='on: an all-zero training crop is replaced like an unreadable file; off: it is trained on')
-    data.add_argument('--cache_dir', default=default_cache_dir(), help='decoded noise and impulse-response banks')
-    data.add_argument('--check_data', action='store_true',
-                      help='check that every file the given lists and folders name decodes to usable audio; '
-                           'report counts, durations, rates, speakers and problems with their list lines')
-    data.add_argument('--check_decode', type=int, default=2000,
-                      help='--check_data: files of each source decoded in full, spread evenly (0: all); the others '
-                           'have their headers read')
-
-    model = parser.add_argument_group('model')
-    model.add_argument('--model', default='ecapa-tdnn', choices=sorted(MODELS),
-                       help='encoder architecture (with --eval, the one recorded beside the checkpoint when '
-                            'this flag is not given)')
-    model.add_argument('--C', type=int, default=None,
-                       help='encoder width: channels of ECAPA-TDNN (default 1024), base channels of ResNet '
-                            '(32), frame-layer channels of TDNN (512)')
-    model.add_argument('--embedding_dim', type=int, default=None,
-                       help='embedding size (default 192 for ECAPA-TDNN, 256 ResNet, 512 TDNN)')
-
-    objective = parser.add_argument_group('loss')
-    objective.add_argument('--mode', default='classifier', choices=['classifier', 'clip', 'blip'],
-                           help='classifier: AAM-softmax on single crops; clip: InfoNCE between two views of '
-                                'distinct speakers; blip: clip plus a pair-matching head trained on hard negatives')
-    objective.add_argument('--loss', choices=['aamsoftmax', 'infonce', 'aam_infonce'],
-                           help='aamsoftmax (mode classifier, the default there) or the contrastive term of '
-                                'clip/blip: infonce (default) or aam_infonce (margin --m on the positives)')
-    objective.add_argument('--m', type=float, default=0.2, help='additive angular margin (radians)')
-    objective.add_argument('--s', type=float, default=30, help='logit scale')
-    objective.add_argument('--n_class', type=int, default=None,
-                           help='number of classes (default: the speakers in the training list)')
-    objective.add_argument('--classifier_weight', type=float, default=0.8,
-                           help='clip/blip: weight of the AAM-softmax term on view 1 (0: no classifier)')
-    objective.add_argument('--contrastive_weight', type=float, default=0.2, help='clip/blip: InfoNCE weight')
-    objective.add_argument('--matching_weight', type=float, default=0.2, help='blip: pair-matching weight')
-    objective.add_argument('--hard_negative', default='softmax', choices=['softmax', 'argmax'],
-                           help='blip: draw each negative with probability softmax(similarity), or take the '
-                                'most similar')
-    objective.add_argument('--fixed_contrastive_scale', action='store_true',
-                           help='clip/blip: scale the contrastive logits by --s, not by a learned temperature')
-    objective.add_argument('--local_negatives', action='store_true',
-                           help='clip/blip under torchrun: negatives from this process\'s batch only, instead of '
-                                'the batches of all processes')
-
-    training = parser.add_argument_group('training')
-    training.add_argument('--max_epoch', type=int, default=80, help='train up to this epoch')
-    training.add_argument('--batch_size', type=int, default=400,
-                          help='utterances (clip/blip: speakers, two views each) per step and per process; under '
-                               'torchrun the global batch is this times the number of processes')
-    training.add_argument('--lr', type=float, default=0.001, help='initial learning rate (Adam)')
-    training.add_argument('--lr_decay', type=float, default=0.97,
-                          help='--scheduler step: learning rate factor applied every test_step epochs')
-    training.add_argument('--scheduler', default='step', choices=['step', 'warmup_exp'],
-                          help='step: the original StepLR, lr * lr_decay ** ((epoch - 1) // test_step); warmup_exp: '
-                               'linear warm-up, then exponential decay to --final_lr, per step (wespeaker\'s)')
-    training.add_argument('--warmup_epochs', type=float, default=6, help='--scheduler warmup_exp: warm-up length')
-    training.add_argument('--final_lr', type=float, default=5e-5, help='--scheduler warmup_exp: lr at the last step')
-    training.add_argument('--margin_schedule', type=int, nargs=2, metavar=('START', 'END'),
-                          help='margin 0 until epoch START, then rising linearly (per step) to --m at epoch END')
-    training.add_argument('--spec_augment', default='on', choices=['on', 'off'],
-                          help='time and frequency masks on the training features')
-    training.add_argument('--sampler', default='random', choices=['random', 'chns'],
-                          help='random batches, or chns: --hard_fraction of each batch from speakers whose '
-                               'classifier weights lie close together (hard negatives)')
-    training.add_argument('--hard_fraction', type=float, default=0.5,
-                          help='--sampler chns: the share of each batch taken from one group of close speakers')
-    training.add_argument('--noise_power_floor', type=float, default=0.0,
-                          help='added to the speech and noise powers of each SNR (the original code adds 1e-4, '
-                               'so that quiet noise files are mixed below the SNR drawn)')
-    training.add_argument('--speed_perturb', default='off', choices=['on', 'off'],
-                          help=f'on: each crop played at a speed drawn from {SPEED_PERTURBATION}, each speed a '
-                               f'speaker of its own (so 3x the classes)')
-    training.add_argument('--large_margin', action='store_true',
-                          help=f'large-margin fine-tuning of --initial_model: flags not given take '
-                               f'{LARGE_MARGIN_DEFAULTS}')
-    training.add_argument('--test_step', type=int, default=1, help='evaluate and save every this many epochs')
-    training.add_argument('--average', type=int, default=0, metavar='N',
-                          help='also save the last N epochs and, after the last, model/model_average.model: the mean '
-                               'of their weights, evaluated on a score.txt line of its own (0: off)')
-    training.add_argument('--seed', type=int, default=10, help='seed of every random choice')
-    training.add_argument('--initial_model', default='',
-                          help='start from these weights (this toolkit\'s or the original code\'s checkpoints); '
-                               'every encoder weight must match')
-    training.add_argument('--allow_partial_load', action='store_true',
-                          help='--initial_model: load the encoder weights whose names and shapes match, list the '
-                               'others and train them from scratch')
-    training.add_argument('--max_bad_steps', type=int, default=50,
-                          help='stop after this many steps in a row with a non-finite loss or gradients (skipped)')
-    training.add_argument('--amp', choices=['bf16', 'fp16', 'off'],
-                          help='mixed precision of the encoder\'s forward pass (default: bf16 on CUDA, off on CPU); '
-                               'features and losses stay float32; fp16 adds dynamic loss scaling')
-    training.add_argument('--compile', action='store_true', help='torch.compile the encoder for training steps')
-    training.add_argument('--grad_clip', type=float, default=0.0, help='clip the global gradient L2 norm (0: off)')
-    training.add_argument('--gpu_augment', action='store_true',
-                          help='add noise and reverberation on --device, batch by batch, not in the loader workers')
-
-    evaluation = parser.add_argument_group('evaluation')
-    evaluation.add_argument('--eval', action='store_true', help='only score --eval_list with --initial_model')
-    evaluation.add_argument('--export', metavar='FILE',
-                            help='write --initial_model\'s encoder as TorchScript (FILE.pt) or ONNX (FILE.onnx)')
-    evaluation.add_argument('--eval_precision', default='float32', choices=['float32', 'bf16'],
-                            help='bf16: score trial lists (--eval and training\'s evaluations) under bfloat16 '
-                                 'autocast, features in float32: 1.4x as fast on a CPU with AMX (may be slower '
-                                 'without AVX-512 BF16); scores move by about 1e-3: the demo\'s final EER is the '
-                                 'same, its EER at other epochs within one trial (0.14) (bench/RESULTS.md)')
-    evaluation.add_argument('--snorm', action='store_true', help='also report AS-Norm scores (cohort: --train_list)')
-    evaluation.add_argument('--cohort_top_k', type=int, default=300, help='AS-Norm: top cohort scores used')
-    evaluation.add_argument('--cohort', default='speaker', choices=['speaker', 'utterance'],
-                            help='AS-Norm cohort: speaker means or single utterances of the training list')
-    evaluation.add_argument('--cohort_size', type=int, default=20000,
-                            help='AS-Norm: training utterances embedded for the cohort, over all speakers (0: all)')
-    evaluation.add_argument('--extract', metavar='LIST_OR_DIR',
-                            help='embed every file of a folder, or of a list (last field of each line, relative '
-                                 'to --eval_path or the list\'s folder), with --initial_model; needs --out')
-    evaluation.add_argument('--out', help='--extract: file to write {paths, embeddings, protocol_vectors, ...} to: '
-                                          'FILE.pt (torch.save) or FILE.npz (numpy); --average_checkpoints: the '
-                                          'averaged checkpoint')
-    evaluation.add_argument('--average_checkpoints', nargs='+', metavar='FILE',
-                            help='write the mean of these checkpoints\' weights to --out (what --average N does at '
-                                 'the end of training)')
-    evaluation.add_argument('--score_pair', nargs=2, metavar='FILE',
-                            help='print the cosine of two recordings\' embeddings and their protocol score '
-                                 '(as --eval scores a trial), with --initial_model')
-    evaluation.add_argument('--score_file', nargs='+', metavar='FILE',
-                            help='only compute EER and minDCF of existing "enroll test score label" files')
-
-    system = parser.add_argument_group('system')
-    system.add_argument('--config', metavar='FILE',
-                        help='flags from a JSON or YAML mapping (names as in this help, without the dashes), or a '
-                             'run\'s save_path/config.json (the flags that run was given); flags on the command '
-                             'line override it')
-    system.add_argument('--save_path', default='exps/exp1', help='checkpoints, score.txt and score files')
-    system.add_argument('--n_cpu', type=int, default=distributed.available_cores(),
-                        help='data loader workers (for embedding on the CPU: none unless given)')
-    system.add_argument('--device', default=None, help='torch device (default: cuda when available, else cpu)')
-    system.add_argument('--tensorboard', action='store_true',
-                        help='also write each epoch\'s metrics to save_path/tensorboard (needs tensorboard)')
-    system.add_argument('--demo', action='store_true',
-                        help=f'generate a small corpus under save_path and train on it; given flags override '
-                             f'the demo defaults {DEMO_DEFAULTS} and --C {DEMO_WIDTHS} (16 for ResNets)')
+        description='Train a speaker encoder (AAM-softmax or contrastive) and score speaker-verification trials.')
+    for title, add_flags in (('data', data_flags), ('model', model_flags), ('loss', objective_flags),
+                             ('training', training_flags), ('evaluation', evaluation_flags),
+                             ('system', system_flags)):
+        add_flags(parser.add_argument_group(title))
     return parser
 
 
 def explicit_flags(argv):
     """The destinations of the flags actually given on the command line."""
-    parser = build_parser()
-    for action in parser._actions:
-        action.default = argparse.SUPPRESS
-    return set(vars(parser.parse_args(argv)))
+    parser, not_given = build_parser(), object()
+    parser.set_defaults(**dict.fromkeys(vars(parser.parse_args([])), not_given))
+    return {name for name, value in vars(parser.parse_args(argv)).items() if value is not not_given}
 
 
 # ---------------------------------------------------------------- defaults that depend on other flags
@@ -399,12 +411,12 @@ def config_words(path):
                     if name != 'config' and name in settings['arguments']}
     if not isinstance(settings, dict):
         raise UsageError(f'--config {path}: not a mapping of flag names to values')
-    actions = {action.dest: action for action in build_parser()._actions if action.dest not in ('help', 'config')}
+    defaults = vars(build_parser().parse_args([]))  # a switch is the flag whose default is False
     words = []
     for name, value in settings.items():
-        if name not in actions:
+        if name not in defaults or name == 'config':
             raise UsageError(f'--config {path}: {name!r} is not a flag (names as in --help, without the dashes)')
-        if isinstance(actions[name], argparse._StoreTrueAction):
+        if defaults[name] is False:
             if not isinstance(value, bool):
                 raise UsageError(f'--config {path}: {name} is a switch: true or false, not {value!r}')
             words += [f'--{name}'] if value else []
