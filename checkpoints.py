@@ -308,7 +308,7 @@ def load_encoder_weights(encoder, classifier, path, allow_partial=False):
 NUMPY_SCALAR_GLOBALS = [np._core.multiarray.scalar, np.dtype, type(np.dtype(np.float64))]
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(kw_only=True)
 class ResumeState:
     """resume.pt: the state after `epoch` complete epochs. `rng` and `cuda_rng` hold one generator state per
     process; `partial_epoch`, when a run stopped inside epoch + 1, each process's `EpochProgress` as a dict;

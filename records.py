@@ -17,7 +17,7 @@ from errors import UserError
 from lists import list_lines, malformed
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(kw_only=True)
 class EpochRecord:
     """One epoch of training as metrics.jsonl holds it. `eval` is {trial list name: {'metrics': ...,
     'snorm_metrics': ...}} (`tools.Metrics.as_record`) for an evaluated epoch, else empty."""

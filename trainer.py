@@ -36,9 +36,8 @@ from lists import (ShardList, TrainList, cohort_entries, distinct_names, read_sh
                    require_files, without_repeats)
 from loss import AAMsoftmax, build_objective
 from model import build_encoder, crop_samples
-from plots import evaluation_plots, training_curve
-from records import (EpochRecord, TensorBoard, append_metrics, average_line, changed_flags, forget_epochs_after,
-                     recipe_changes, recorded_arguments, score_line, write_config)
+from records import EpochRecord, average_line, changed_flags, recipe_changes, recorded_arguments, score_line
+from runlog import RunLog
 from schedules import training_schedule
 from shards import ShardDataset, steps_per_epoch
 from tools import Autocast, Cohort, evaluate
@@ -123,6 +122,12 @@ class TrainingStep:
         self.spec_augment = spec_augment
         self.max_bad_steps = max_bad_steps
         self.bad_in_a_row = 0
+
+    def set_schedule(self, lr, margin):
+        """The one place the schedule reaches the training: the optimiser's learning rate and the head's margin."""
+        for group in self.optimizer.param_groups:
+            group['lr'] = lr
+        self.model.speaker_loss.set_margin(margin)
 
     def __call__(self, batch, rng):
         """`batch`: (waveforms, labels) or (view a, view b, labels); `rng` draws the device augmentation."""
@@ -266,9 +271,7 @@ def train_one_epoch(step_fn, loader, epoch, schedule, seed, progress, stop=None,
                 reported.add(path)
                 tqdm.tqdm.write(f'skipped {path}: {reason}')
         lr, margin = schedule(epoch, step, total)
-        for group in step_fn.optimizer.param_groups:
-            group['lr'] = lr
-        step_fn.model.speaker_loss.set_margin(margin)
+        step_fn.set_schedule(lr, margin)
         loss, accuracy, taken = step_fn(batch, np.random.default_rng((seed, epoch, step, distributed.rank())))
         progress.step = step
         if taken:
@@ -383,6 +386,164 @@ def log(*parts):
         print(*parts, flush=True)
 
 
+def main_process_result(compute):
+    """What `compute()` returns on process 0, sent to every process; a UserError it raises is raised by all."""
+    found = None
+    if distributed.is_main():
+        try:
+            found = compute()
+        except UserError as error:
+            found = error
+    found = distributed.from_main(found)
+    if isinstance(found, UserError):
+        raise found
+    return found
+
+
+def checkpoint_path(model_dir, epoch):
+    return os.path.join(model_dir, f'model_{epoch:04d}.model')
+
+
+def averaged(path, epochs):
+    """Whether the average checkpoint at `path` is that of `epochs` ([first, last])."""
+    return os.path.exists(path) and os.path.exists(encoder_config_path(path)) and \
+        read_encoder_config(path).get('averaged_epochs') == epochs
+
+
+def last_epochs_average(model_dir, first, last, count):
+    """The mean of the weights of epochs first..last (--average `count`), saved in `model_dir`."""
+    paths = [checkpoint_path(model_dir, epoch) for epoch in range(first, last + 1)]
+    missing = [p for p in paths if not os.path.exists(p)]
+    if missing:
+        raise UserError(f'--average {count}: {missing[0]} is missing (a run saves the last epochs only when given '
+                        f'--average from its start); average those there are with --average_checkpoints')
+    return average_checkpoints(paths)
+
+
+def resume_state_of(args, resume_path):
+    """The ResumeState of the run in args.save_path, or None for a new run, after checking that the folder
+    holds no other run's results and that a run to continue is continued as it started."""
+    if not os.path.exists(resume_path):
+        check_no_other_results(args.save_path, os.path.dirname(resume_path))
+        return None
+    check_same_recipe(args, resume_path)
+    return ResumeState.load(resume_path)
+
+
+def check_no_other_results(save_path, model_dir):
+    """A run without resume.pt starts afresh: it must not overwrite another run's checkpoints and log (the
+    original code's, say, which writes no resume.pt)."""
+    found = sorted(glob.glob(os.path.join(glob.escape(model_dir), 'model_*.model')))
+    score_path = os.path.join(save_path, 'score.txt')
+    if os.path.exists(score_path) and os.path.getsize(score_path):
+        found.insert(0, score_path)
+    if found:
+        raise UserError(f'{save_path} holds the results of another run ({found[0]}, {len(found)} files) '
+                        f'but no model/resume.pt to continue it: choose another --save_path or move them away')
+
+
+def check_same_recipe(args, resume_path):
+    """A run continues only as it started: from the same --initial_model, with the same flags for everything
+    that decides what is trained (records.recipe_changes); the others may change, and are named."""
+    recorded = recorded_arguments(os.path.join(args.save_path, 'config.json'))
+    if recorded is None:
+        return
+    changes = recipe_changes(recorded, args)
+    previous, given = changes.pop('initial_model', (None, None))
+    if previous is not None and not (previous and given and os.path.exists(previous) and os.path.exists(given)
+                                     and os.path.samefile(previous, given)):
+        raise UsageError(f'{resume_path} continues a run started from {previous or "fresh weights"}, not '
+                         f'from --initial_model {given or "(none)"}: give that run\'s --initial_model to '
+                         f'continue it, or another --save_path to start a new run')
+    if changes:
+        listed = ', '.join(f'--{name} {now} (the run has {before})' for name, (before, now) in changes.items())
+        raise UsageError(f'{resume_path} continues a run started with other flags: {listed}; give the '
+                         f'run\'s flags (its config.json holds them) to continue it, or another --save_path to '
+                         f'start a new run (--initial_model {os.path.dirname(resume_path)}/model_XXXX.model takes '
+                         f'its weights)')
+    others = changed_flags(recorded, args)
+    for name in sorted(set(others) - {'given', 'initial_model', 'config'}):
+        log(f'continuing with --{name} {others[name][1]} (the run had {others[name][0]})')
+
+
+def read_training_inputs(args):
+    """The training data (a TrainList, or a ShardList with --train_shards) and the trial lists, after checking
+    every file they name and the class count."""
+    if args.train_shards:
+        data = read_shard_list(args.train_shards)
+    else:
+        data, repeats = without_repeats(read_train_list(args.train_list))
+        if repeats:
+            log(f'{args.train_list}: {repeats} lines repeat an earlier line and are left out')
+        require_files(data.paths, data.lines, args.train_path, args.train_list)
+    source = args.train_shards or args.train_list
+    speakers = len(data.speakers)
+    classes = speakers * len(speeds(args))
+    if speakers < 2:
+        raise UsageError(f'{source}: every utterance is of speaker {data.speakers[0]}; training a speaker '
+                         f'encoder needs at least two speakers')
+    if args.mode == 'classifier' and args.batch_size * distributed.world_size() > len(data):
+        raise UsageError(f'--batch_size {args.batch_size} on {distributed.world_size()} processes is more than '
+                         f'the {len(data)} utterances of {source}')
+    if args.n_class is None:
+        args.n_class = classes
+    elif args.n_class < classes:
+        raise UsageError(f'--n_class {args.n_class} is smaller than the {speakers} speakers in {source}'
+                         if classes == speakers else f'--n_class {args.n_class} is smaller than the {classes} '
+                         f'classes of --speed_perturb on ({speakers} speakers in {source} x 3 speeds)')
+    trial_lists = read_trial_lists(args)
+    if all(trials.labels is None for trials in trial_lists):
+        raise UsageError('training needs an --eval_list with labels to report EER')
+    return data, trial_lists
+
+
+def combined_record(epoch, everyone, lr, margin, train_seconds):
+    """The EpochRecord of an epoch from every process's EpochProgress (`everyone`), the learning rate and margin
+    of its last step: loss and accuracy averaged over the processes, speeds and skipped files summed."""
+    return EpochRecord(epoch=epoch, loss=float(np.mean([p.loss for p in everyone])),
+                       accuracy=float(np.mean([p.accuracy for p in everyone])), lr=lr, margin=margin,
+                       crops_per_s=sum(p.crops_per_s for p in everyone), bad_steps=everyone[0].bad_steps,
+                       skipped_files=sum(len(p.skipped) for p in everyone), train_seconds=train_seconds)
+
+
+def restore_state(args, model, optimizer, device, resume_path):
+    """The ResumeState of args.save_path, loaded into the model, optimiser and generators; or None, after
+    loading --initial_model's weights when given. Process 0 reads the run folder and sends what it found to
+    the others, so that on several machines only its own need hold the folder."""
+    resume = main_process_result(lambda: resume_state_of(args, resume_path))
+    if resume is None:
+        if args.initial_model:
+            loaded = load_encoder_weights(model.speaker_encoder, model.classifier(), args.initial_model,
+                                          args.allow_partial_load)
+            log(f'Model {args.initial_model} loaded ({loaded})')
+        return None
+    try:
+        model.load_state_dict(resume.model)
+        optimizer.load_state_dict(resume.optimizer)
+    except (RuntimeError, ValueError) as error:
+        raise UsageError(f'{resume_path} was written by a run with other model or loss flags; continue it with '
+                         f'those flags or choose another --save_path ({first_line(error)})') from None
+    rank = distributed.rank()
+    torch.set_rng_state(resume.rng[rank % len(resume.rng)])
+    if device.type == 'cuda' and resume.cuda_rng is not None:
+        torch.cuda.set_rng_state(resume.cuda_rng[rank % len(resume.cuda_rng)], device)
+    partial = resume.partial_epoch
+    log(f'Resuming from {resume_path} after epoch {resume.epoch}'
+        + (f' and {partial[0]["step"]} steps of epoch {resume.epoch + 1}' if partial else ''))
+    return resume
+
+
+def training_augmenters(args, device):
+    """(the loader workers' Augmenter, the DeviceAugmenter): one of them None. With --gpu_augment the workers
+    only read and crop, and noise and reverberation are added on `device`."""
+    augmenter = Augmenter(args.musan_path, args.rir_path, args.sampling_rate, args.cache_dir, args.noise_power_floor)
+    for path, why in augmenter.skipped:
+        log(f'augmentation: skipped {path} ({why})')
+    if args.gpu_augment:
+        return None, DeviceAugmenter(augmenter, device)
+    return augmenter, None
+
+
 class TrainingRun:
     """A training run in `args.save_path`: model/checkpoint_XXXX.model and its JSON every --test_step epochs,
     model/resume.pt after every epoch (or when stopped), score.txt, metrics.jsonl, config.json, plots/.
@@ -393,10 +554,9 @@ class TrainingRun:
         self.device = torch.device(args.device)
         self.model_dir = os.path.join(args.save_path, 'model')
         self.resume_path = os.path.join(self.model_dir, 'resume.pt')
-        self.score_path = os.path.join(args.save_path, 'score.txt')
-        self.metrics_path = os.path.join(args.save_path, 'metrics.jsonl')
+        self.log = RunLog(args.save_path, writes=distributed.is_main())
         torch.manual_seed(args.seed + distributed.rank())
-        self.data, self.trial_lists = self.read_inputs()
+        self.data, self.trial_lists = read_training_inputs(args)
         self.cohort = cohort_of(args, self.data)
         self.reported = set()  # unusable files already printed
         encoder = build_encoder(args.model, args.C, args.sampling_rate, args.embedding_dim)
@@ -406,14 +566,8 @@ class TrainingRun:
             f'{len(self.data)} utterances of {len(self.data.speakers)} speakers, {args.n_class} '
             f'classes, device {self.device}'
             + (f', {distributed.world_size()} processes' if distributed.world_size() > 1 else ''))
-        self.resume = self.restore()
-        augmenter = Augmenter(args.musan_path, args.rir_path, args.sampling_rate, args.cache_dir,
-                              args.noise_power_floor)
-        for path, why in augmenter.skipped:
-            log(f'augmentation: skipped {path} ({why})')
-        device_augmenter = None
-        if args.gpu_augment:  # the loader workers only read and crop
-            device_augmenter, augmenter = DeviceAugmenter(augmenter, self.device), None
+        self.resume = restore_state(args, self.model, self.optimizer, self.device, self.resume_path)
+        augmenter, device_augmenter = training_augmenters(args, self.device)
         self.step_fn = TrainingStep(self.model, self.optimizer, self.device, args.amp, args.compile, args.grad_clip,
                                     device_augmenter, args.spec_augment == 'on', args.max_bad_steps)
         if self.resume is not None:
@@ -422,126 +576,14 @@ class TrainingRun:
         self.schedule = training_schedule(args)
         self.eers = self.resume.eers if self.resume else []
         self.first_epoch = self.resume.epoch + 1 if self.resume else 1
-        self.tensorboard = None
-        if distributed.is_main():
-            for folder, names in ((self.model_dir, ('resume.pt', 'model_*.model', 'model_*.json')),
-                                  (args.save_path, ('config.json', 'score.txt', 'metrics.jsonl'))):
-                removed = remove_partial_writes(folder, names)
-                if removed:
-                    log(f'{folder}: removed {removed} temporary files of writes a stopped run left unfinished')
-            write_config(os.path.join(args.save_path, 'config.json'), args, self.device, distributed.world_size(),
-                         self.first_epoch - 1)
-            recorded = self.first_epoch - 1 - (1 if self.resume and self.resume.unevaluated else 0)
-            forget_epochs_after(recorded, self.score_path, self.metrics_path)
-            if args.tensorboard:
-                self.tensorboard = TensorBoard(os.path.join(args.save_path, 'tensorboard'))
-
-    def read_inputs(self):
-        """The training data (a TrainList, or a ShardList with --train_shards) and the trial lists, after checking
-        every file they name and the class count."""
-        args = self.args
-        if args.train_shards:
-            data = read_shard_list(args.train_shards)
-        else:
-            data, repeats = without_repeats(read_train_list(args.train_list))
-            if repeats:
-                log(f'{args.train_list}: {repeats} lines repeat an earlier line and are left out')
-            require_files(data.paths, data.lines, args.train_path, args.train_list)
-        source = args.train_shards or args.train_list
-        speakers = len(data.speakers)
-        classes = speakers * len(speeds(args))
-        if speakers < 2:
-            raise UsageError(f'{source}: every utterance is of speaker {data.speakers[0]}; training a speaker '
-                             f'encoder needs at least two speakers')
-        if args.mode == 'classifier' and args.batch_size * distributed.world_size() > len(data):
-            raise UsageError(f'--batch_size {args.batch_size} on {distributed.world_size()} processes is more than '
-                             f'the {len(data)} utterances of {source}')
-        if args.n_class is None:
-            args.n_class = classes
-        elif args.n_class < classes:
-            raise UsageError(f'--n_class {args.n_class} is smaller than the {speakers} speakers in {source}'
-                             if classes == speakers else f'--n_class {args.n_class} is smaller than the {classes} '
-                             f'classes of --speed_perturb on ({speakers} speakers in {source} x 3 speeds)')
-        trial_lists = read_trial_lists(args)
-        if all(trials.labels is None for trials in trial_lists):
-            raise UsageError('training needs an --eval_list with labels to report EER')
-        return data, trial_lists
-
-    def restore(self):
-        """The ResumeState of save_path, loaded into the model, optimiser and generators; or None, after
-        loading --initial_model's weights when given. Process 0 reads the run folder and sends what it found to
-        the others, so that on several machines only its own need hold the folder."""
-        found = None
-        if distributed.is_main():
-            try:
-                found = self.read_resume_state()
-            except UserError as error:
-                found = error
-        found = distributed.from_main(found)
-        if isinstance(found, UserError):
-            raise found
-        if found is None:
-            if self.args.initial_model:
-                loaded = load_encoder_weights(self.model.speaker_encoder, self.model.classifier(),
-                                              self.args.initial_model, self.args.allow_partial_load)
-                log(f'Model {self.args.initial_model} loaded ({loaded})')
-            return None
-        resume = found
-        try:
-            self.model.load_state_dict(resume.model)
-            self.optimizer.load_state_dict(resume.optimizer)
-        except (RuntimeError, ValueError) as error:
-            raise UsageError(f'{self.resume_path} was written by a run with other model or loss flags; continue it '
-                             f'with those flags or choose another --save_path ({first_line(error)})') from None
-        rank = distributed.rank()
-        torch.set_rng_state(resume.rng[rank % len(resume.rng)])
-        if self.device.type == 'cuda' and resume.cuda_rng is not None:
-            torch.cuda.set_rng_state(resume.cuda_rng[rank % len(resume.cuda_rng)], self.device)
-        partial = resume.partial_epoch
-        log(f'Resuming from {self.resume_path} after epoch {resume.epoch}'
-            + (f' and {partial[0]["step"]} steps of epoch {resume.epoch + 1}' if partial else ''))
-        return resume
-
-    def read_resume_state(self):
-        """save_path's ResumeState, or None for a new run (after checking that the folder holds no other run's
-        results, and that a run to continue started from the same --initial_model)."""
-        if not os.path.exists(self.resume_path):
-            self.check_no_other_results()
-            return None
-        self.check_same_recipe()
-        return ResumeState.load(self.resume_path)
-
-    def check_no_other_results(self):
-        """A run without resume.pt starts afresh: it must not overwrite another run's checkpoints and log (the
-        original code's, say, which writes no resume.pt)."""
-        found = sorted(glob.glob(os.path.join(glob.escape(self.model_dir), 'model_*.model')))
-        if os.path.exists(self.score_path) and os.path.getsize(self.score_path):
-            found.insert(0, self.score_path)
-        if found:
-            raise UserError(f'{self.args.save_path} holds the results of another run ({found[0]}, {len(found)} files) '
-                            f'but no model/resume.pt to continue it: choose another --save_path or move them away')
-
-    def check_same_recipe(self):
-        """A run continues only as it started: from the same --initial_model, with the same flags for everything
-        that decides what is trained (records.recipe_changes); the others may change, and are named."""
-        recorded = recorded_arguments(os.path.join(self.args.save_path, 'config.json'))
-        if recorded is None:
-            return
-        changes = recipe_changes(recorded, self.args)
-        previous, given = changes.pop('initial_model', (None, None))
-        if previous is not None and not (previous and given and os.path.exists(previous) and os.path.exists(given)
-                                         and os.path.samefile(previous, given)):
-            raise UsageError(f'{self.resume_path} continues a run started from {previous or "fresh weights"}, not '
-                             f'from --initial_model {given or "(none)"}: give that run\'s --initial_model to '
-                             f'continue it, or another --save_path to start a new run')
-        if changes:
-            listed = ', '.join(f'--{name} {now} (the run has {before})' for name, (before, now) in changes.items())
-            raise UsageError(f'{self.resume_path} continues a run started with other flags: {listed}; give the '
-                             f'run\'s flags (its config.json holds them) to continue it, or another --save_path to '
-                             f'start a new run (--initial_model {self.model_dir}/model_XXXX.model takes its weights)')
-        others = changed_flags(recorded, self.args)
-        for name in sorted(set(others) - {'given', 'initial_model', 'config'}):
-            log(f'continuing with --{name} {others[name][1]} (the run had {others[name][0]})')
+        removed = {self.model_dir: remove_partial_writes(self.model_dir, ('resume.pt', 'model_*.model', 'model_*.json'))
+                   if distributed.is_main() else 0}
+        recorded = self.first_epoch - 1 - (1 if self.resume and self.resume.unevaluated else 0)
+        removed[args.save_path] = self.log.start(args, self.device, distributed.world_size(), self.first_epoch - 1,
+                                                 recorded)
+        for folder, count in removed.items():
+            if count:
+                log(f'{folder}: removed {count} temporary files of writes a stopped run left unfinished')
 
     def save_resume(self, epoch, partial=None, unevaluated=None):
         """resume.pt: the state after `epoch` complete epochs and, when stopped inside the next one, every
@@ -551,9 +593,10 @@ class TrainingRun:
                     if self.device.type == 'cuda' else None)
         partials = distributed.gather_objects(dataclasses.asdict(partial)) if partial is not None else None
         if distributed.is_main():
-            ResumeState(epoch, self.model.state_dict(), self.optimizer.state_dict(), rng, cuda_rng,
-                        self.step_fn.scaler.state_dict(), self.eers, partials,
-                        unevaluated and dataclasses.asdict(unevaluated)).save(self.resume_path)
+            ResumeState(epoch=epoch, model=self.model.state_dict(), optimizer=self.optimizer.state_dict(), rng=rng,
+                        cuda_rng=cuda_rng, scaler=self.step_fn.scaler.state_dict(), eers=self.eers,
+                        partial_epoch=partials,
+                        unevaluated=unevaluated and dataclasses.asdict(unevaluated)).save(self.resume_path)
 
     def progress_at(self, epoch):
         """This process's EpochProgress to continue `epoch` from: the stopped one's on resume, else fresh."""
@@ -587,28 +630,22 @@ class TrainingRun:
             raise NonFiniteTraining(f'every step of epoch {epoch} had a non-finite loss or gradients, so nothing was '
                                     f'trained: lower --lr, set --grad_clip, or check the data with --check_data')
         skipped = [entry for p in everyone for entry in p.skipped]
-        lr, margin = self.schedule(epoch, progress.step, progress.step)  # the epoch's last step
-        record = EpochRecord(epoch, float(np.mean([p.loss for p in everyone])),
-                             float(np.mean([p.accuracy for p in everyone])), lr, margin,
-                             sum(p.crops_per_s for p in everyone), everyone[0].bad_steps, len(skipped),
-                             time.time() - started)
+        record = combined_record(epoch, everyone, *self.schedule(epoch, progress.step, progress.step),
+                                 train_seconds=time.time() - started)
         if self.device.type == 'cuda':
             record.peak_gpu_memory_gib = torch.cuda.max_memory_allocated(self.device) / 2 ** 30
-        if skipped and distributed.is_main():
-            skipped_path = os.path.join(self.args.save_path, 'skipped_files.txt')
-            with open(skipped_path, 'a') as f:
-                f.writelines(f'{epoch}\t{path}\t{reason}\n' for path, reason in skipped)
-            log(f'epoch {epoch}: {len(skipped)} unusable files skipped and replaced (listed in {skipped_path})')
+        self.log.skipped(epoch, skipped)
+        if skipped:
+            log(f'epoch {epoch}: {len(skipped)} unusable files skipped and replaced (listed in '
+                f'{self.log.skipped_path})')
         if record.bad_steps:
             log(f'epoch {epoch}: {record.bad_steps} steps skipped for a non-finite loss or gradients')
         return record
 
-    def checkpoint_path(self, epoch):
-        return os.path.join(self.model_dir, f'model_{epoch:04d}.model')
-
     def save_weights(self, epoch):
         if distributed.is_main():
-            save_checkpoint(self.model.checkpoint_state(), encoder_config(self.args), self.checkpoint_path(epoch))
+            save_checkpoint(self.model.checkpoint_state(), encoder_config(self.args),
+                            checkpoint_path(self.model_dir, epoch))
 
     def save_trained(self, record):
         """Before an evaluation: resume.pt holding the epoch as trained, not evaluated, so that an evaluation
@@ -625,37 +662,19 @@ class TrainingRun:
         each embeds its share of the files), process 0 writes."""
         args = self.args
         path = os.path.join(self.model_dir, 'model_average.model')
-        first = args.max_epoch - args.average + 1
-        found = None
-        if distributed.is_main() and not self.averaged(path, [first, args.max_epoch]):
-            paths = [self.checkpoint_path(epoch) for epoch in range(first, args.max_epoch + 1)]
-            missing = [p for p in paths if not os.path.exists(p)]
-            try:
-                found = UserError(f'--average {args.average}: {missing[0]} is missing (a run saves the last epochs '
-                                  f'only when given --average from its start); average those there are with '
-                                  f'--average_checkpoints') if missing else average_checkpoints(paths)
-            except UserError as error:  # an unreadable checkpoint: every process must hear of it
-                found = error
-        state = distributed.from_main(found)
-        if isinstance(state, UserError):
-            raise state
+        epochs = [args.max_epoch - args.average + 1, args.max_epoch]
+        state = main_process_result(lambda: None if averaged(path, epochs) else
+                                    last_epochs_average(self.model_dir, *epochs, args.average))
         if state is None:
             return
         encoder = build_encoder(args.model, args.C, args.sampling_rate, args.embedding_dim)
         encoder.load_state_dict(encoder_weights(state))
         results = evaluate_encoder(encoder.to(self.device).eval(), args, self.device, self.trial_lists, self.cohort)
-        line = average_line(first, args.max_epoch, results)
+        line = average_line(*epochs, results)
         log(time.strftime('%Y-%m-%d %H:%M:%S'), line)
+        self.log.score(line)
         if distributed.is_main():
-            with open(self.score_path, 'a') as f:
-                f.write(line + '\n')
-            save_checkpoint(state, encoder_config(args) | {'averaged_epochs': [first, args.max_epoch]}, path)
-
-    @staticmethod
-    def averaged(path, epochs):
-        """Whether the average checkpoint at `path` is that of `epochs` ([first, last])."""
-        return os.path.exists(path) and os.path.exists(encoder_config_path(path)) and \
-            read_encoder_config(path).get('averaged_epochs') == epochs
+            save_checkpoint(state, encoder_config(args) | {'averaged_epochs': epochs}, path)
 
     def evaluate_epoch(self, record):
         """Score the trial lists with the model as trained to `record.epoch`; log the score.txt line."""
@@ -671,29 +690,15 @@ class TrainingRun:
         line = score_line(record, results, min(self.eers))
         log(time.strftime('%Y-%m-%d %H:%M:%S'), line)
         record.add_results(results)
-        if distributed.is_main():
-            with open(self.score_path, 'a') as f:
-                f.write(line + '\n')
+        self.log.score(line)
         return results
 
     def finish_epoch(self, record, started, evaluate):
         """Evaluate a trained epoch if `evaluate`, write its records, and save resume.pt after it."""
         results = self.evaluate_epoch(record) if evaluate else None
         record.epoch_seconds = time.time() - started
-        self.write_records(record, results)
+        self.log.epoch(record, results)
         self.save_resume(record.epoch)
-
-    def write_records(self, record, results):
-        """metrics.jsonl, TensorBoard and, for an evaluated epoch, the plots."""
-        if not distributed.is_main():
-            return
-        append_metrics(self.metrics_path, record)
-        if self.tensorboard is not None:
-            self.tensorboard.add(record)
-        if results:
-            plots = os.path.join(self.args.save_path, 'plots')
-            evaluation_plots(results, plots)
-            training_curve(self.metrics_path, os.path.join(plots, 'training_curve.png'))
 
     def run(self):
         """Epochs from the first unfinished one to --max_epoch; returns False when stopped by a signal."""
@@ -732,12 +737,11 @@ class TrainingRun:
                     return False
             if args.average:  # a signal meanwhile is noted; the run is over once the average is evaluated
                 self.evaluate_average()
-        log(f'score.txt: {self.score_path}\ncheckpoints: {self.model_dir}')
+        log(f'score.txt: {self.log.score_path}\ncheckpoints: {self.model_dir}')
         return True
 
     def close(self):
-        if self.tensorboard is not None:
-            self.tensorboard.close()
+        self.log.close()
 
 
 def run_training(args):

@@ -119,8 +119,10 @@ def resume_state():
     optimizer.step()
     partial = {'step': 2, 'loss_sum': 1.5, 'correct_sum': 50.0, 'examples': 8, 'crops': 8, 'seconds': 0.5,
                'bad_steps': 0, 'skipped': [('a.wav', 'silent')]}
-    return ResumeState(3, model.state_dict(), optimizer.state_dict(), [torch.get_rng_state()], None,
-                       torch.amp.GradScaler('cpu', enabled=False).state_dict(), [np.float64(12.5), 10.0], [partial])
+    return ResumeState(epoch=3, model=model.state_dict(), optimizer=optimizer.state_dict(),
+                       rng=[torch.get_rng_state()], cuda_rng=None,
+                       scaler=torch.amp.GradScaler('cpu', enabled=False).state_dict(), eers=[np.float64(12.5), 10.0],
+                       partial_epoch=[partial])
 
 
 def test_resume_state_round_trips_through_weights_only_loading(tmp_path):

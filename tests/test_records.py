@@ -23,7 +23,8 @@ def result(name, labels=True, snorm=False):
 
 
 def test_score_line_has_the_original_format_and_one_part_per_list():
-    record = EpochRecord(3, 1.5, 62.5, 0.00097, 0.2, 10.0, 0, 0, 4.0)
+    record = EpochRecord(epoch=3, loss=1.5, accuracy=62.5, lr=0.00097, margin=0.2, crops_per_s=10.0, bad_steps=0,
+                         skipped_files=0, train_seconds=4.0)
     one = {'l/veri.txt': result('l/veri.txt')}
     assert score_line(record, one, 0.0) == ('3 epoch, LR 0.000970, LOSS 1.500000, ACC 62.50%, EER 0.00%, '
                                             'minDCF(0.05) 0.0000, minDCF(0.01) 0.0000, bestEER 0.00%')
@@ -34,10 +35,13 @@ def test_score_line_has_the_original_format_and_one_part_per_list():
 
 
 def test_metrics_records_hold_each_lists_metrics(tmp_path):
-    record = EpochRecord(1, 1.5, 62.5, 0.001, 0.2, 10.0, 0, 2, 4.0, epoch_seconds=5.0)
+    record = EpochRecord(epoch=1, loss=1.5, accuracy=62.5, lr=0.001, margin=0.2, crops_per_s=10.0, bad_steps=0,
+                         skipped_files=2, train_seconds=4.0, epoch_seconds=5.0)
     record.add_results({'l/veri.txt': result('l/veri.txt', snorm=True), 'l/blind.txt': result('l/blind.txt', False)})
     append_metrics(tmp_path / 'metrics.jsonl', record)
-    append_metrics(tmp_path / 'metrics.jsonl', EpochRecord(2, 1.0, 70.0, 0.001, 0.2, 10.0, 0, 0, 4.0))
+    append_metrics(tmp_path / 'metrics.jsonl', EpochRecord(epoch=2, loss=1.0, accuracy=70.0, lr=0.001, margin=0.2,
+                                                           crops_per_s=10.0, bad_steps=0, skipped_files=0,
+                                                           train_seconds=4.0))
     first, second = read_metrics(tmp_path / 'metrics.jsonl')
     assert first['eval'] == {'veri.txt': {'metrics': {'eer': 0.0, 'min_dcf_0.05': 0.0, 'min_dcf_0.01': 0.0},
                                           'snorm_metrics': {'eer': 0.0, 'min_dcf_0.05': 0.0, 'min_dcf_0.01': 0.0}},

@@ -208,6 +208,15 @@ def test_an_unreadable_checkpoint_to_average_is_one_line_and_the_trained_run_is_
     assert status == 1 and message.startswith(f'trainECAPAModel.py: error: {tmp_path / "model" / "model_0001.model"}: '
                                               f'not a readable PyTorch checkpoint') and message.count('\n') == 1
     assert torch.load(tmp_path / 'model' / 'resume.pt', weights_only=True)['epoch'] == 2
+    first = tmp_path / 'model' / 'model_0001.model'
+    first.unlink()
+    status, message, _ = cli_error(argv)
+    assert status == 1 and message == (f'trainECAPAModel.py: error: --average 2: {first} is missing (a run saves the '
+                                       f'last epochs only when given --average from its start); average those there '
+                                       f'are with --average_checkpoints\n')
+    status, message, _ = cli_error(['--average_checkpoints', str(first), str(tmp_path / 'model' / 'model_0002.model'),
+                                    '--out', str(tmp_path / 'a.model')])
+    assert (status, message) == (2, f'trainECAPAModel.py: error: --average_checkpoints {first}: no such file\n')
 
 
 def test_hard_negative_batches_train_and_a_run_stopped_inside_an_epoch_resumes_exactly(tiny_corpus, train_argv,
