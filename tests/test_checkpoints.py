@@ -84,6 +84,7 @@ def hold_lock_for_a_moment(folder, start, results):
     lock.release()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('stale', [False, True])
 def test_of_processes_starting_at_the_same_instant_one_alone_gets_the_folder(tmp_path, stale):
     """Eight processes released by one barrier, ten times, on a fresh folder or one with a dead process's lock."""

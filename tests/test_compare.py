@@ -46,6 +46,7 @@ def test_lists_train_on_the_first_speakers_and_pair_every_part_of_the_others(lib
         make_lists(str(librispeech_like), str(tmp_path / 'no'), train_speakers=6)
 
 
+@pytest.mark.slow
 def test_the_harness_trains_scores_every_checkpoint_and_writes_the_table(librispeech_like, tiny_corpus, tmp_path,
                                                                          capsys):
     out = tmp_path / 'compare'

@@ -15,6 +15,8 @@ import trainECAPAModel
 from conftest import assert_same_checkpoints
 from records import read_metrics
 
+pytestmark = pytest.mark.slow  # every test starts torchrun processes
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

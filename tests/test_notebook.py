@@ -167,6 +167,7 @@ print(shapes, (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 10
 """
 
 
+@pytest.mark.slow
 def test_ten_second_batches_and_channel_layouts_embed_in_bounded_memory():
     """[2, T] once asked for 22 GB and [1, T] for 32 GiB; ECAPA-TDNN C=512 on 2 x 10 s needs well under 1 GiB
     more than embedding 1 s (peak resident memory of a fresh process, in MiB)."""

@@ -56,6 +56,7 @@ def test_voxcelebs_real_aac_file_converts_to_16k_mono_wav(tmp_path, shared_data)
     assert np.corrcoef(audio[:length], reference[:length])[0, 1] > 0.99
 
 
+@pytest.mark.slow
 def test_conversion_runs_in_parallel_resumes_and_reports_broken_files(m4a_tree, tmp_path, capsys):
     target = tmp_path / 'wav'
     (m4a_tree / 'id00002' / 'vidB' / '00003.m4a').write_bytes(b'\x00\x00\x00\x18ftypM4A broken')
@@ -210,6 +211,7 @@ def sigkill_on_c(job):
     return job[0].upper()
 
 
+@pytest.mark.slow
 def test_a_worker_process_that_dies_ends_the_run_with_the_files_not_processed():
     jobs = [(name,) for name in 'abcdefgh']
     assert prepare.map_in_processes(sigkill_on_c, jobs[:2], 2, 'test', chunk=1) == ['A', 'B']

@@ -156,6 +156,7 @@ def test_a_shard_list_names_its_bad_lines_and_speakers(packed, tmp_path):
         read_shard_list(str(folder / 'shards.txt'))
 
 
+@pytest.mark.slow
 def test_training_from_shards_stopped_inside_an_epoch_continues_exactly_and_refuses_the_pair_modes(
         packed, tiny_corpus, tmp_path, cli_error, monkeypatch):
     """Two loader workers, stopped by SIGTERM after step 3 of epoch 2 (6 steps an epoch): the workers' turns

@@ -149,6 +149,7 @@ def test_flag_mistakes_are_one_line_with_exit_status_2(argv, message, cli_error)
     assert printed.count('\n') == 1 and printed.startswith('trainECAPAModel.py: error: ') and message in printed
 
 
+@pytest.mark.slow
 def test_a_flag_mistake_in_a_shell_prints_no_traceback(root):
     result = subprocess.run([sys.executable, os.path.join(root, 'trainECAPAModel.py'), '--demo', '--max_epoch', '0'],
                             capture_output=True, text=True, cwd=root)
@@ -218,6 +219,7 @@ def test_a_save_path_that_is_a_file_is_one_line(tiny_corpus, train_argv, tmp_pat
 
 # ---------------------------------------------------------------- --eval, --score_file
 
+@pytest.mark.slow
 def test_eval_of_a_training_checkpoint_gives_its_logged_eer_and_a_score_file(tiny_corpus, reference_run, tmp_path,
                                                                             capsys):
     checkpoint = str(reference_run / 'model' / 'model_0002.model')
@@ -269,6 +271,7 @@ def test_a_cohort_of_one_is_refused_before_anything_is_embedded(tiny_corpus, che
     assert status == 2 and f'--snorm: a cohort of 1 {cohort} from {one_speaker}; AS-Norm needs at least two' in printed
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('cohort', ['speaker', 'utterance'])
 def test_as_norm_scores_equal_a_direct_computation_with_either_cohort(tiny_corpus, checkpoint, tmp_path, cohort):
     argv = eval_argv(checkpoint, tiny_corpus, tmp_path) + [
@@ -351,6 +354,7 @@ def test_two_lists_of_one_file_name_keep_their_own_outputs(tiny_corpus, checkpoi
         'O_trials_det.png', 'O_trials_scores.png', 'E_trials_det.png', 'E_trials_scores.png'}
 
 
+@pytest.mark.slow
 def test_embeddings_are_cached_per_checkpoint(tiny_corpus, checkpoint, tmp_path, embed_calls):
     argv = eval_argv(checkpoint, tiny_corpus, tmp_path / 'run')
     first = trainECAPAModel.main(argv)[tiny_corpus['eval_list']]
@@ -373,6 +377,7 @@ def test_embeddings_are_cached_per_checkpoint(tiny_corpus, checkpoint, tmp_path,
 
 # ---------------------------------------------------------------- --extract, --export
 
+@pytest.mark.slow
 def test_extract_writes_embeddings_for_a_folder_and_a_list(tiny_corpus, checkpoint, tmp_path):
     out = tmp_path / 'folder.pt'
     trainECAPAModel.main(['--initial_model', checkpoint, '--extract', tiny_corpus['eval_path'], '--out', str(out),

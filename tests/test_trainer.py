@@ -65,6 +65,7 @@ def test_a_run_writes_checkpoints_score_lines_records_and_its_resume_state(refer
         assert f"LOSS {record['loss']:f}" in line and f"ACC {record['accuracy']:2.2f}%" in line
 
 
+@pytest.mark.slow
 def test_a_runs_config_json_reruns_the_same_run(reference_run, tmp_path):
     trainECAPAModel.main(['--config', str(reference_run / 'config.json'), '--save_path', str(tmp_path)])
     assert_same_checkpoints(reference_run / 'model' / 'model_0002.model', tmp_path / 'model' / 'model_0002.model')
@@ -102,6 +103,7 @@ def test_tensorboard_holds_the_metrics_records(warmup_run):
 
 # ---------------------------------------------------------------- exact resume
 
+@pytest.mark.slow
 @pytest.mark.parametrize('flags', [(), WARMUP_FLAGS, ('--gpu_augment', '--amp', 'bf16', '--grad_clip', '5')])
 def test_a_run_interrupted_in_epoch_2_resumes_to_the_uninterrupted_result(tiny_corpus, train_argv, tmp_path, flags,
                                                                           monkeypatch, request):
@@ -148,6 +150,7 @@ def signal_at_step(monkeypatch, step, *numbers):
     return calls, original_step
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('number', [signal.SIGTERM, signal.SIGINT])
 def test_a_signal_stops_after_the_step_and_the_run_resumes_exactly(tiny_corpus, train_argv, reference_run, tmp_path,
                                                                    monkeypatch, capsys, number):
@@ -166,6 +169,7 @@ def test_a_signal_stops_after_the_step_and_the_run_resumes_exactly(tiny_corpus, 
     assert (reference_run / 'score.txt').read_text() == (tmp_path / 'score.txt').read_text()
 
 
+@pytest.mark.slow
 def test_a_signal_during_an_evaluation_stops_after_it_and_the_run_resumes_exactly(tiny_corpus, train_argv,
                                                                                  reference_run, tmp_path,
                                                                                  monkeypatch, capsys):
@@ -184,6 +188,7 @@ def test_a_signal_during_an_evaluation_stops_after_it_and_the_run_resumes_exactl
     assert (reference_run / 'score.txt').read_text() == (tmp_path / 'score.txt').read_text()
 
 
+@pytest.mark.slow
 def test_a_signal_while_the_average_is_made_lets_the_finished_run_end_with_it(tiny_corpus, train_argv, tmp_path,
                                                                               monkeypatch):
     average_checkpoints = trainer.average_checkpoints
@@ -198,6 +203,7 @@ def test_a_signal_while_the_average_is_made_lets_the_finished_run_end_with_it(ti
     assert open(tmp_path / 'score.txt').read().splitlines()[-1].startswith('2 epoch, average of epochs 1-2, EER ')
 
 
+@pytest.mark.slow
 def test_an_unreadable_checkpoint_to_average_is_one_line_and_the_trained_run_is_kept(tiny_corpus, train_argv,
                                                                                      tmp_path, cli_error):
     argv = train_argv(tiny_corpus, tmp_path, '--max_epoch', '2', '--test_step', '2', '--average', '2')
@@ -219,6 +225,7 @@ def test_an_unreadable_checkpoint_to_average_is_one_line_and_the_trained_run_is_
     assert (status, message) == (2, f'trainECAPAModel.py: error: --average_checkpoints {first}: no such file\n')
 
 
+@pytest.mark.slow
 def test_hard_negative_batches_train_and_a_run_stopped_inside_an_epoch_resumes_exactly(tiny_corpus, train_argv,
                                                                                           tmp_path, monkeypatch):
     argv = ('--max_epoch', '2', '--sampler', 'chns', '--hard_fraction', '0.5')
@@ -235,6 +242,7 @@ def test_hard_negative_batches_train_and_a_run_stopped_inside_an_epoch_resumes_e
     assert (tmp_path / 'straight' / 'score.txt').read_text() == (tmp_path / 'resumed' / 'score.txt').read_text()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('killed_in', ['save_resume', 'save_weights'])
 def test_a_kill_while_the_first_epoch_is_saved_loses_nothing(tiny_corpus, train_argv, reference_run, tmp_path,
                                                              monkeypatch, killed_in):
@@ -327,6 +335,7 @@ def straight_process_run(process_command, root, tmp_path_factory):
     return path
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('how', ['SIGKILL to the process', 'SIGTERM to the process group'])
 def test_a_run_killed_or_stopped_by_a_scheduler_resumes_to_the_same_final_checkpoint(process_command,
                                                                                      straight_process_run, tmp_path,
@@ -362,6 +371,7 @@ def test_a_run_killed_or_stopped_by_a_scheduler_resumes_to_the_same_final_checkp
     assert (straight_process_run / 'score.txt').read_text() == (tmp_path / 'score.txt').read_text()
 
 
+@pytest.mark.slow
 def test_a_full_disk_ends_the_run_with_one_line_and_leaves_no_partial_file(process_command, tmp_path, root):
     """RLIMIT_FSIZE makes the system refuse writes past 1 MB (EFBIG) as a full disk refuses them (ENOSPC). No
     loader worker: the limit would also stop one writing its batches to shared memory."""
@@ -380,6 +390,7 @@ def test_a_full_disk_ends_the_run_with_one_line_and_leaves_no_partial_file(proce
     assert not (tmp_path / '.lock').exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('mode,loss,extra', [('clip', 'infonce', ()), ('blip', 'aam_infonce', ()),
                                               ('blip', 'infonce', ('--sampler', 'chns', '--speed_perturb', 'on'))])
 def test_contrastive_modes_train_evaluate_and_resume_exactly(tiny_corpus, train_argv, tmp_path, mode, loss, extra):
@@ -450,6 +461,7 @@ def test_a_mismatched_initial_model_lists_its_keys_unless_partial_load_is_allowe
         capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_large_margin_fine_tunes_a_trained_model(tiny_corpus, train_argv, reference_run, tmp_path):
     checkpoint = str(reference_run / 'model' / 'model_0001.model')
     trainECAPAModel.main(train_argv(tiny_corpus, tmp_path, '--large_margin', '--initial_model', checkpoint,
@@ -463,6 +475,7 @@ def test_large_margin_fine_tunes_a_trained_model(tiny_corpus, train_argv, refere
     assert config['arguments']['large_margin'] and config['arguments']['initial_model'] == checkpoint
 
 
+@pytest.mark.slow
 def test_average_saves_the_last_epochs_and_scores_the_mean_of_their_weights(tiny_corpus, train_argv, tmp_path,
                                                                               capsys):
     run = tmp_path / 'run'
@@ -514,6 +527,7 @@ def test_a_run_continues_only_from_the_weights_it_started_from(tiny_corpus, trai
         "--m 0.5 (the run has 0.2)" in message and 'another --save_path to start a new run' in message
 
 
+@pytest.mark.slow
 def test_in_pair_modes_the_schedules_end_where_they_say_though_epochs_differ_in_steps(tiny_corpus, train_argv,
                                                                                      tmp_path):
     """Speakers of 6, 6, 5, 3, 2 and 2 utterances in batches of 4 distinct speakers: the pair sampler plans 3,
@@ -599,6 +613,7 @@ def test_an_epoch_in_which_every_step_was_skipped_is_an_error(tiny_corpus, train
     assert not (tmp_path / 'score.txt').exists()
 
 
+@pytest.mark.slow
 def test_a_failing_evaluation_loses_no_trained_epoch(tiny_corpus, train_argv, reference_run, tmp_path, cli_error,
                                                     capsys):
     eval_path = tmp_path / 'eval'

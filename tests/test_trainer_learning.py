@@ -17,6 +17,8 @@ import trainECAPAModel
 from checkpoints import save_checkpoint
 from model import build_encoder
 
+pytestmark = pytest.mark.slow  # each test trains for about a minute
+
 
 @pytest.fixture(scope='module')
 def corpus(tmp_path_factory):
