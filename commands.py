@@ -18,9 +18,11 @@ from errors import UsageError, UserError
 from lists import files_to_embed, read_score_file, write_score_file
 from plots import evaluation_plots
 from prepare import check_data
-from tools import (as_recordings, embed_files, embeddings_and_protocol_vectors, export_onnx, export_torchscript,
-                   load_model, verification_metrics)
-from trainer import cohort_of, embedding_readers, evaluate_encoder, read_trial_lists, run_training
+from evaluation import (cohort_of, embed_files, embedding_readers, embeddings_and_protocol_vectors, evaluate_encoder,
+                        read_trial_lists)
+from metrics import verification_metrics
+from tools import as_recordings, export_onnx, export_torchscript, load_model
+from trainer import run_training
 
 EXTRACT_FORMATS = ('.pt', '.npz')
 

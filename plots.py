@@ -19,7 +19,7 @@ from scipy.stats import norm  # noqa: E402
 from checkpoints import atomic_write  # noqa: E402
 from errors import UsageError, UserError, reported_as_exit  # noqa: E402
 from records import read_metrics  # noqa: E402
-from tools import operating_points  # noqa: E402
+from metrics import operating_points  # noqa: E402
 
 
 def save_figure(figure, path):
@@ -29,7 +29,7 @@ def save_figure(figure, path):
 
 def det_curve(scores, labels, metrics, path, title):
     """Miss rate against false-alarm rate on probit axes, with the EER point and each minDCF point;
-    `metrics` are the list's `tools.Metrics`, already computed by the evaluation."""
+    `metrics` are the list's `metrics.Metrics`, already computed by the evaluation."""
     miss, false_alarm = operating_points(scores, labels)
     clip = 1e-4
 
@@ -98,7 +98,7 @@ def training_curve(metrics_path, path):
 
 
 def evaluation_plots(results, folder):
-    """DET curve and histograms of every labelled list in `results` ({list path: tools.ListResult})."""
+    """DET curve and histograms of every labelled list in `results` ({list path: evaluation.ListResult})."""
     os.makedirs(folder, exist_ok=True)
     for result in results.values():
         if result.metrics is None:

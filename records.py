@@ -20,7 +20,7 @@ from lists import list_lines, malformed
 @dataclasses.dataclass(kw_only=True)
 class EpochRecord:
     """One epoch of training as metrics.jsonl holds it. `eval` is {trial list name: {'metrics': ...,
-    'snorm_metrics': ...}} (`tools.Metrics.as_record`) for an evaluated epoch, else empty."""
+    'snorm_metrics': ...}} (`metrics.Metrics.as_record`) for an evaluated epoch, else empty."""
     epoch: int
     loss: float
     accuracy: float
@@ -35,7 +35,7 @@ class EpochRecord:
     eval: dict = dataclasses.field(default_factory=dict)
 
     def add_results(self, results):
-        """The metrics of `results` ({list path: tools.ListResult})."""
+        """The metrics of `results` ({list path: evaluation.ListResult})."""
         self.eval = {result.trials.name: {
             'metrics': result.metrics and result.metrics.as_record(),
             **({'snorm_metrics': result.snorm_metrics and result.snorm_metrics.as_record()}

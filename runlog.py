@@ -51,7 +51,7 @@ class RunLog:
 
     def epoch(self, record, results=None):
         """An epoch's EpochRecord in metrics.jsonl and TensorBoard; for an evaluated one (`results`, {list path:
-        tools.ListResult}) the plots: score distributions, DET curves and the training curve so far."""
+        evaluation.ListResult}) the plots: score distributions, DET curves and the training curve so far."""
         if not self.writes:
             return
         append_metrics(self.metrics_path, record)

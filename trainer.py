@@ -29,18 +29,16 @@ from augment import Augmenter, DeviceAugmenter
 from checkpoints import (FolderLock, ResumeState, average_checkpoints, encoder_config_path, encoder_weights,
                          load_encoder_weights, read_encoder_config, remove_partial_writes, save_checkpoint)
 from dataLoader import (SPEED_PERTURBATION, CropMaker, EpochSampler, HardNegativeBatches, HardNegativePairBatches,
-                        PairDataset, SpeakerGroups, SpeakerPairSampler, TrainDataset, collate, leave_signals_to_parent,
-                        unreadable_headers)
+                        PairDataset, SpeakerGroups, SpeakerPairSampler, TrainDataset, collate, leave_signals_to_parent)
 from errors import UsageError, UserError, first_line, message_of
-from lists import (ShardList, TrainList, cohort_entries, distinct_names, read_shard_list, read_train_list, read_trials,
-                   require_files, without_repeats)
+from evaluation import cohort_of, evaluate_encoder, read_trial_lists
+from lists import ShardList, read_shard_list, read_train_list, require_files, without_repeats
 from loss import AAMsoftmax, build_objective
 from model import build_encoder, crop_samples
 from records import EpochRecord, average_line, changed_flags, recipe_changes, recorded_arguments, score_line
 from runlog import RunLog
 from schedules import training_schedule
 from shards import ShardDataset, steps_per_epoch
-from tools import Autocast, Cohort, evaluate
 
 
 class SpeakerModel(nn.Module):
@@ -334,50 +332,6 @@ def training_loader(args, data, augmenter, device):
                                       distributed.world_size(), distributed.rank()) if args.sampler == 'chns' else \
         SpeakerPairSampler(dataset.labels, args.batch_size, args.seed, distributed.world_size(), distributed.rank())
     return sampler, torch.utils.data.DataLoader(dataset, batch_sampler=sampler, **loader_options), 1
-
-
-def read_trial_lists(args):
-    """Every --eval_list, after checking that each file it names is under --eval_path and has a header that
-    decodes, so that a bad file stops a run before its first step, not at its first evaluation."""
-    trial_lists = distinct_names([read_trials(path) for path in args.eval_list])
-    for trials in trial_lists:
-        references = trials.references()
-        require_files(list(references), list(references.values()), args.eval_path, trials.path)
-        problems = unreadable_headers(args.eval_path, list(references))
-        if problems:
-            raise UserError(f'{trials.path}: {len(problems)} files cannot be used, e.g. '
-                            + '; '.join(f'line {references[path]}: {path} ({why})' for path, why in problems[:3]))
-    return trial_lists
-
-
-def cohort_of(args, train_entries=None):
-    """The AS-Norm cohort that --snorm and the --cohort_* flags describe, or None without --snorm; drawn from
-    `train_entries` (a TrainList) when the training list is already read."""
-    if not args.snorm:
-        return None
-    train_entries = train_entries if isinstance(train_entries, TrainList) else read_train_list(args.train_list)
-    entries = cohort_entries(train_entries, args.cohort_size, args.seed)
-    size = len({entry.speaker for entry in entries}) if args.cohort == 'speaker' else len(entries)
-    if size < 2:
-        raise UsageError(f'--snorm: a cohort of {size} {"speaker" if args.cohort == "speaker" else "utterance"} from '
-                         f'{args.train_list}; AS-Norm needs at least two to normalise by (their spread would be 0)')
-    return Cohort(entries, args.train_path, args.cohort, args.cohort_top_k)
-
-
-def evaluate_encoder(encoder, args, device, trial_lists, cohort, identity=None):
-    """`tools.evaluate` with the flags' settings (--eval_precision bf16: under `Autocast`) and the AS-Norm
-    `cohort` (or None); embeddings are cached under save_path/embeddings when the checkpoint's `identity` is
-    given, apart for each precision."""
-    if args.eval_precision == 'bf16':
-        encoder, identity = Autocast(encoder), identity and f'{identity} bf16'
-    return evaluate(encoder, trial_lists, args.eval_path, device, embedding_readers(args, device), cohort,
-                    os.path.join(args.save_path, 'embeddings'), identity)
-
-
-def embedding_readers(args, device):
-    """Reader processes for embedding files: --n_cpu where given or on a GPU; on the CPU by default none, since
-    the network takes every core there and readers only slowed it (bench/RESULTS.md)."""
-    return args.n_cpu if 'n_cpu' in args.given or torch.device(device).type == 'cuda' else 0
 
 
 def log(*parts):

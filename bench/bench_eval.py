@@ -5,9 +5,9 @@ a time (the original's loop), with the same protocol vectors (full utterance + 5
   python bench/bench_eval.py --reference DIR [--files 48] [--C 512] [--rounds 2]
 
 With --reference (a checkout of TaoRuijie/ECAPA-TDNN, see bench/reference.py) it times instead a whole trial
-list scored by ours (`tools.evaluate`, `--workers` readers) beside the original's `eval_network`, with the
+list scored by ours (`evaluation.evaluate`, `--workers` readers) beside the original's `eval_network`, with the
 same weights, on LibriSpeech recordings from ../shared/data (generated speech without it), in one process,
-alternating rounds: ours in float32 and with --eval_precision bf16 (`tools.Autocast`), then the original; it
+alternating rounds: ours in float32 and with --eval_precision bf16 (`evaluation.Autocast`), then the original; it
 prints files per second of each, the ratios and the EERs (float32's must agree with the original's).
 
 Files: generated speech of 4-10 s at 16 kHz, every length distinct as in VoxCeleb1 (so full-utterance
@@ -30,7 +30,7 @@ import demo
 from dataLoader import read_audio
 from lists import read_trials
 from model import build_encoder
-from tools import Autocast, embed_files, evaluate, protocol_vectors_of
+from evaluation import Autocast, embed_files, evaluate, protocol_vectors_of
 
 
 def one_at_a_time(encoder, paths, root, device):

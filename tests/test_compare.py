@@ -11,6 +11,7 @@ import pytest
 import soundfile
 
 import demo
+import evaluation
 import tools
 from lists import read_trials
 
@@ -62,8 +63,8 @@ def test_the_harness_trains_scores_every_checkpoint_and_writes_the_table(librisp
     results = json.loads((out / 'results.json').read_text())['results']
     assert set(results['ours']['1']) == {'1', '2'}
     trials = read_trials(str(out / 'data' / 'trials.txt'))
-    scored = tools.evaluate(tools.load_model(str(out / 'runs' / 'ours_1' / 'model' / 'model_0002.model')), [trials],
-                            str(out / 'data' / 'test'), 'cpu')[trials.path].metrics
+    encoder = tools.load_model(str(out / 'runs' / 'ours_1' / 'model' / 'model_0002.model'))
+    scored = evaluation.evaluate(encoder, [trials], str(out / 'data' / 'test'), 'cpu')[trials.path].metrics
     assert results['ours']['1']['2']['eer'] == pytest.approx(scored.eer)
     speed = json.loads((out / 'runs' / 'speed_1' / 'config.json').read_text())['arguments']
     assert speed['speed_perturb'] == 'on' and speed['n_class'] == 12 and speed['seed'] == 1

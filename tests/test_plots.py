@@ -7,7 +7,8 @@ from matplotlib.image import imread
 
 from lists import TrialList
 from plots import det_curve, evaluation_plots, score_histograms, training_curve
-from tools import ListResult, verification_metrics
+from evaluation import ListResult
+from metrics import verification_metrics
 
 PNG_SIGNATURE = b'\x89PNG\r\n\x1a\n'
 

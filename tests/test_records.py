@@ -8,7 +8,8 @@ import pytest
 from errors import UserError
 from lists import TrialList
 from records import EpochRecord, append_metrics, forget_epochs_after, read_metrics, score_line
-from tools import ListResult, verification_metrics
+from evaluation import ListResult
+from metrics import verification_metrics
 
 
 def result(name, labels=True, snorm=False):

@@ -15,6 +15,8 @@ import soundfile
 import torch
 
 import commands
+import evaluation
+import metrics
 import tools
 import trainECAPAModel
 from checkpoints import save_checkpoint
@@ -39,12 +41,12 @@ def checkpoint(tmp_path):
 def embed_calls(monkeypatch):
     """Every file that goes through the encoder, in order."""
     calls = []
-    original = tools.embed_files
+    original = evaluation.embed_files
 
     def counting(encoder, relative_paths, *args, **kwargs):
         calls.extend(relative_paths)
         return original(encoder, relative_paths, *args, **kwargs)
-    monkeypatch.setattr(tools, 'embed_files', counting)
+    monkeypatch.setattr(evaluation, 'embed_files', counting)
     monkeypatch.setattr(commands, 'embed_files', counting)
     return calls
 
@@ -295,8 +297,8 @@ def test_as_norm_scores_equal_a_direct_computation_with_either_cohort(tiny_corpu
     index = {f: i for i, f in enumerate(files)}
     pairs = np.array([(index[e], index[t]) for e, t in zip(trials.enroll, trials.test)])
     # Four cohort scores have a small spread: float32 products differ by ~1e-5 relative after normalising.
-    np.testing.assert_allclose(result.snorm_scores, tools.as_norm(vectors, pairs, members, 4), rtol=1e-3)
-    assert result.snorm_metrics == tools.verification_metrics(result.snorm_scores, trials.labels)
+    np.testing.assert_allclose(result.snorm_scores, metrics.as_norm(vectors, pairs, members, 4), rtol=1e-3)
+    assert result.snorm_metrics == metrics.verification_metrics(result.snorm_scores, trials.labels)
     assert not np.allclose(result.snorm_scores, result.scores)
     written = [float(line.split()[2]) for line in open(tmp_path / 'scores' / 'trials.txt.asnorm')]
     np.testing.assert_allclose(written, result.snorm_scores, atol=1e-6)
@@ -315,7 +317,7 @@ def test_several_lists_in_one_run_embed_each_file_once(tiny_corpus, checkpoint, 
     full, part, blind = (results[p] for p in (tiny_corpus['eval_list'], str(half), str(unlabelled)))
     np.testing.assert_allclose(part.scores, full.scores[::2])
     np.testing.assert_allclose(blind.scores, full.scores)
-    assert part.metrics == tools.verification_metrics(full.scores[::2], trials.labels[::2])
+    assert part.metrics == metrics.verification_metrics(full.scores[::2], trials.labels[::2])
     assert blind.metrics is None
     rows = (tmp_path / 'run' / 'scores' / 'test_phase.txt').read_text().split('\n')[0].split()
     assert rows == [trials.enroll[0], trials.test[0], f'{full.scores[0]:.6f}']

@@ -20,7 +20,7 @@ also fine-tuned (--large_margin, from its last checkpoint) into <run>_finetuned.
 
 Evaluation: during training both trainers score a two-trial list only (the original evaluates at every test
 step and cannot be told not to); afterwards each saved checkpoint is scored on every trial with this toolkit's
-`tools.evaluate`, which gives the original's own scores for the same weights to 1e-7 and also reports minDCF at
+`evaluation.evaluate`, which gives the original's own scores for the same weights to 1e-7 and also reports minDCF at
 p_target 0.01. Results are cached beside each checkpoint's run (scores.json).
 
 Output in `--out`: table.md, results.json (every run's EER and minDCF per epoch) and eer_by_epoch.png.
@@ -37,6 +37,7 @@ import numpy as np
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), '..', '..'))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import evaluation  # noqa: E402
 import plots  # noqa: E402
 import tools  # noqa: E402
 from lists import read_trials  # noqa: E402
@@ -172,7 +173,7 @@ def score_checkpoints(folder, epochs, data):
         key = f'{epoch}:{os.path.getmtime(path)}'
         if key not in cache:
             encoder = tools.load_model(path)
-            result = tools.evaluate(encoder, [trials], os.path.join(data, 'test'), 'cpu')[trials.path]
+            result = evaluation.evaluate(encoder, [trials], os.path.join(data, 'test'), 'cpu')[trials.path]
             cache[key] = result.metrics.as_record()
             with open(cache_path + '.tmp', 'w') as f:
                 json.dump(cache, f, indent=1)

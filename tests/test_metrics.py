@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from tools import compute_eer, compute_min_dcf
+from metrics import cohort_statistics, compute_eer, compute_min_dcf
 
 
 def reference_rates(scores, labels):
@@ -101,3 +101,16 @@ def test_bad_input_is_an_error():
         compute_eer([0.1, float('nan')], [1, 0])
     with pytest.raises(ValueError, match='labels'):
         compute_eer([0.1, 0.2], [2, 0])
+
+
+def test_cohort_statistics_do_not_depend_on_chunking():
+    rng = np.random.default_rng(0)
+    rows = rng.standard_normal((37, 8)).astype(np.float32)
+    cohort = rng.standard_normal((101, 8)).astype(np.float32)
+    whole = cohort_statistics(rows, cohort, 20, row_chunk=1000, cohort_chunk=1000)
+    chunked = cohort_statistics(rows, cohort, 20, row_chunk=5, cohort_chunk=7)
+    for a, b in zip(whole, chunked):
+        np.testing.assert_allclose(a, b, rtol=1e-6)
+    top = np.sort(rows.astype(np.float64) @ cohort.T.astype(np.float64), axis=1)[:, -20:]
+    np.testing.assert_allclose(whole[0], top.mean(axis=1), rtol=1e-5)
+    np.testing.assert_allclose(whole[1], top.std(axis=1), rtol=1e-4)

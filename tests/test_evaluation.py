@@ -1,5 +1,6 @@
-"""tools.py: the evaluation protocol, scoring, AS-Norm, evaluation of trial lists, the notebook helpers and
-export. The metrics have their own file, test_tools_metrics.py."""
+"""evaluation.py: the evaluation protocol, scoring, AS-Norm applied to trial lists, evaluation of trial lists, the
+embedding cache; and tools.py's checkpoint loading and export (the notebook's waveform forms are
+test_notebook.py's, the metrics test_metrics.py's)."""
 
 import os
 import pickle
@@ -16,9 +17,10 @@ from errors import UserError
 from lists import TrainEntry, TrialList
 from loss import AAMsoftmax
 from model import ConvMelSpectrogram, ECAPA_TDNN, build_encoder, crop_samples
-from tools import (Autocast, Cohort, as_norm, build_cohort, cached_embed_files, cohort_statistics, embed, embed_files,
-                   evaluate, export_onnx, export_torchscript, load_model, protocol_vectors, protocol_vectors_of, score,
-                   verification_metrics)
+from evaluation import (Autocast, Cohort, build_cohort, cached_embed_files, embed_files, evaluate,
+                        protocol_vectors_of)
+from metrics import as_norm, verification_metrics
+from tools import embed, export_onnx, export_torchscript, load_model, protocol_vectors, score
 from trainer import SpeakerModel
 
 
@@ -93,19 +95,6 @@ def test_long_files_are_embedded_in_chunks(encoder):
         chunks = F.normalize(encoder(torch.from_numpy(x).view(3, 16000)), dim=1)
     full = F.normalize(chunks.mean(dim=0), dim=0)
     torch.testing.assert_close(vector[:192] * np.sqrt(2), full, atol=1e-5, rtol=0)
-
-
-def test_cohort_statistics_do_not_depend_on_chunking():
-    rng = np.random.default_rng(0)
-    rows = torch.tensor(rng.standard_normal((37, 8)), dtype=torch.float32)
-    cohort = torch.tensor(rng.standard_normal((101, 8)), dtype=torch.float32)
-    whole = cohort_statistics(rows, cohort, 20, row_chunk=1000, cohort_chunk=1000)
-    chunked = cohort_statistics(rows, cohort, 20, row_chunk=5, cohort_chunk=7)
-    for a, b in zip(whole, chunked):
-        torch.testing.assert_close(a, b)
-    top = torch.topk(rows @ cohort.T, 20, dim=1).values.double()
-    torch.testing.assert_close(whole[0], top.mean(dim=1))
-    torch.testing.assert_close(whole[1], top.std(dim=1, unbiased=False))
 
 
 def test_cohorts_of_speaker_means_or_utterances():
