@@ -96,7 +96,7 @@ RESUMABLE_FLAGS = frozenset({
     'max_epoch', 'test_step', 'average', 'train_list', 'train_path', 'train_shards', 'musan_path', 'rir_path',
     'cache_dir', 'eval_list', 'eval_path', 'eval_precision', 'snorm', 'cohort', 'cohort_top_k', 'cohort_size',
     'n_cpu', 'device', 'amp', 'compile', 'gpu_augment', 'max_bad_steps', 'tensorboard', 'save_path', 'config',
-    'check_data', 'check_decode', 'allow_partial_load', 'demo', 'given'})
+    'check_data', 'check_decode', 'allow_partial_load', 'demo'})
 
 
 def recorded_arguments(config_path):
@@ -116,13 +116,12 @@ def changed_flags(recorded, args):
     return changed
 
 
-def recipe_changes(recorded, args):
-    """The changed flags that decide what is trained: all but RESUMABLE_FLAGS, and --max_epoch and --test_step
-    when the learning-rate schedule is a function of them (warmup_exp decays over --max_epoch; the step
-    schedule decays every --test_step epochs)."""
-    fixed = {'max_epoch'} if args.scheduler == 'warmup_exp' else {'test_step'}
-    return {name: values for name, values in changed_flags(recorded, args).items()
-            if name not in RESUMABLE_FLAGS or name in fixed}
+def recipe_changes(changed, scheduler):
+    """Of `changed_flags`, those that decide what is trained: all but RESUMABLE_FLAGS, and --max_epoch and
+    --test_step when the learning-rate `scheduler` is a function of them (warmup_exp decays over --max_epoch;
+    the step schedule decays every --test_step epochs)."""
+    fixed = {'max_epoch'} if scheduler == 'warmup_exp' else {'test_step'}
+    return {name: values for name, values in changed.items() if name not in RESUMABLE_FLAGS or name in fixed}
 
 
 def append_metrics(path, record):

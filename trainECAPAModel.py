@@ -366,10 +366,14 @@ def command_of(args):
     return next((name for name in COMMANDS if name != 'train' and getattr(args, name)), 'train')
 
 
+def repeated_name(names):
+    """The first of `names` given more than once (in a flag file, the later would silently win), or None."""
+    return next((name for name in names if names.count(name) > 1), None)
+
+
 def mapping_without_repeats(pairs):
-    """A JSON object's pairs as a dict; a `ValueError` for a name given twice (which would silently win)."""
-    names = [name for name, _ in pairs]
-    repeated = next((name for name in names if names.count(name) > 1), None)
+    """A JSON object's pairs as a dict; a `ValueError` for a name given twice."""
+    repeated = repeated_name([name for name, _ in pairs])
     if repeated is not None:
         raise ValueError(f'{repeated!r} is given twice')
     return dict(pairs)
@@ -386,8 +390,7 @@ class FlatYAMLLoader(yaml.SafeLoader):
         return super().compose_node(parent, index)
 
     def construct_mapping(self, node, deep=False):
-        keys = [self.construct_object(key, deep=True) for key, _ in node.value]
-        repeated = next((key for key in keys if keys.count(key) > 1), None)
+        repeated = repeated_name([self.construct_object(key, deep=True) for key, _ in node.value])
         if repeated is not None:
             raise yaml.constructor.ConstructorError(None, None, f'{repeated!r} is given twice', node.start_mark)
         return super().construct_mapping(node, deep)

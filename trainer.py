@@ -402,7 +402,8 @@ def check_same_recipe(args, resume_path):
     recorded = recorded_arguments(os.path.join(args.save_path, 'config.json'))
     if recorded is None:
         return
-    changes = recipe_changes(recorded, args)
+    changed = changed_flags(recorded, args)
+    changes = recipe_changes(changed, args.scheduler)
     previous, given = changes.pop('initial_model', (None, None))
     if previous is not None and not (previous and given and os.path.exists(previous) and os.path.exists(given)
                                      and os.path.samefile(previous, given)):
@@ -415,9 +416,8 @@ def check_same_recipe(args, resume_path):
                          f'run\'s flags (its config.json holds them) to continue it, or another --save_path to '
                          f'start a new run (--initial_model {os.path.dirname(resume_path)}/model_XXXX.model takes '
                          f'its weights)')
-    others = changed_flags(recorded, args)
-    for name in sorted(set(others) - {'given', 'initial_model', 'config'}):
-        log(f'continuing with --{name} {others[name][1]} (the run had {others[name][0]})')
+    for name in sorted(set(changed) - {'initial_model', 'config'}):
+        log(f'continuing with --{name} {changed[name][1]} (the run had {changed[name][0]})')
 
 
 def read_training_inputs(args):
