@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from errors import UserError, first_line
+from model import EncoderConfig
 
 
 def current_umask():
@@ -209,15 +210,32 @@ def encoder_config_path(checkpoint_path):
 
 
 def read_encoder_config(checkpoint_path):
-    """The encoder config written beside a checkpoint (model, C, sampling_rate[, embedding_dim])."""
-    return read_json(encoder_config_path(checkpoint_path), 'encoder config', ('model', 'C', 'sampling_rate'))
+    """The EncoderConfig written beside a checkpoint; a `UserError` naming the file when it does not hold one."""
+    path = encoder_config_path(checkpoint_path)
+    found = read_json(path, 'encoder config', ('model', 'C', 'sampling_rate'))
+    try:
+        return EncoderConfig(**{field.name: found[field.name] for field in dataclasses.fields(EncoderConfig)
+                                if field.name in found})
+    except ValueError as error:
+        raise UserError(f'{path}: not a readable encoder config ({error}); fix it or move it away') from None
 
 
-def save_checkpoint(state_dict, encoder_config, path):
-    """Write the weights (`speaker_encoder.*`, `speaker_loss.*`) and, beside them, the encoder config
-    (a dict: model, C, embedding_dim, sampling_rate)."""
+def averaged_epochs_of(checkpoint_path):
+    """[first, last] epoch of an average written by --average, as its JSON records them; None for others."""
+    return read_json(encoder_config_path(checkpoint_path), 'encoder config').get('averaged_epochs')
+
+
+def write_encoder_config(config, checkpoint_path, averaged_epochs=None):
+    """The JSON beside a checkpoint: its EncoderConfig and, for an average of epochs, which ([first, last])."""
+    extra = {'averaged_epochs': averaged_epochs} if averaged_epochs else {}
+    atomic_json_save(dataclasses.asdict(config) | extra, encoder_config_path(checkpoint_path))
+
+
+def save_checkpoint(state_dict, config, path, averaged_epochs=None):
+    """Write the weights (`speaker_encoder.*`, `speaker_loss.*`) and, beside them, `write_encoder_config`'s
+    JSON of their EncoderConfig."""
     atomic_torch_save(state_dict, path)
-    atomic_json_save(encoder_config, encoder_config_path(path))
+    write_encoder_config(config, path, averaged_epochs)
 
 
 def load_state_dict_file(path):

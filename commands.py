@@ -12,8 +12,8 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from checkpoints import (atomic_json_save, atomic_torch_save, atomic_write, average_checkpoints, encoder_config_path,
-                         file_digest, read_encoder_config)
+from checkpoints import (atomic_torch_save, atomic_write, average_checkpoints, encoder_config_path, file_digest,
+                         read_encoder_config, write_encoder_config)
 from errors import UsageError, UserError
 from lists import files_to_embed, read_score_file, write_score_file
 from plots import evaluation_plots
@@ -85,10 +85,11 @@ def run_extract(args):
     print(''.join(f'{args.extract}: skipped {path} ({why})\n' for path, why in skipped), end='')
     if not vectors:
         raise UserError(f'--extract {args.extract}: none of its {len(references)} files can be embedded')
-    stacked = torch.stack(list(vectors.values()))
-    write_extracted(args.out, {'paths': list(vectors), 'embeddings': stacked[:, :encoder.embedding_dim],
-                               'protocol_vectors': stacked[:, encoder.embedding_dim:], 'model': args.initial_model,
-                               'sampling_rate': encoder.sampling_rate, 'skipped': [list(p) for p in skipped]})
+    rows = list(vectors.values())
+    write_extracted(args.out, {'paths': list(vectors), 'embeddings': torch.stack([row.embeddings for row in rows]),
+                               'protocol_vectors': torch.stack([row.protocol_vectors for row in rows]),
+                               'model': args.initial_model, 'sampling_rate': encoder.sampling_rate,
+                               'skipped': [list(p) for p in skipped]})
     print(f'{args.out}: {len(vectors)} embeddings of {encoder.embedding_dim} dimensions'
           + (f', {len(skipped)} files skipped' if skipped else ''))
 
@@ -115,8 +116,7 @@ def run_score_pair(args):
         waveforms, _ = as_recordings(args.score_pair, None, encoder.sampling_rate)
     except (OSError, RuntimeError, ValueError) as error:  # soundfile's errors are RuntimeErrors
         raise UserError(f'--score_pair: {error}') from None
-    both = embeddings_and_protocol_vectors(encoder, waveforms, device)  # each file read and embedded once
-    embeddings, vectors = both[:, :encoder.embedding_dim], both[:, encoder.embedding_dim:]
+    embeddings, vectors = embeddings_and_protocol_vectors(encoder, waveforms, device)  # each file embedded once
     for path, embedding in zip(args.score_pair, embeddings):
         print(f'{path}: embedding of {len(embedding)} dimensions, norm {embedding.norm():.4f}')
     cosine = float(torch.nn.functional.cosine_similarity(embeddings[0], embeddings[1], dim=0))
@@ -130,7 +130,7 @@ def run_average_checkpoints(args):
     has one (what --average N writes at the end of training, for runs that are already over)."""
     atomic_torch_save(average_checkpoints(args.average_checkpoints), args.out)
     if os.path.exists(encoder_config_path(args.average_checkpoints[0])):
-        atomic_json_save(read_encoder_config(args.average_checkpoints[0]), encoder_config_path(args.out))
+        write_encoder_config(read_encoder_config(args.average_checkpoints[0]), args.out)
     print(f'{args.out}: the mean of the weights of {len(args.average_checkpoints)} checkpoints')
 
 

@@ -10,8 +10,6 @@ Stages, each usable alone:
   CropMaker         -> an item's crop at its speed, augmented: from a file or a tar shard's member alike
   TrainDataset      -> (waveform, label) of a `lists.TrainList` with randomness seeded by (seed, epoch, index);
                        PairDataset -> two views of one speaker (tar shards stream instead: shards.py)
-  EpochSampler, SpeakerPairSampler -> each epoch's order as a pure function of (seed, epoch), sharded
-                       over torchrun's processes
   EvalDataset       -> whole utterances for embedding, with what is wrong with each (unreadable, near-silent)
 Features are not computed here: the model computes them.
 """
@@ -24,6 +22,7 @@ import math
 import multiprocessing
 import os
 import signal
+from typing import NamedTuple
 
 import numpy as np
 import soundfile
@@ -310,7 +309,7 @@ class CropMaker:
 
 
 class TrainDataset(torch.utils.data.Dataset):
-    """One augmented random crop (`CropMaker`) per item. Items are `(index, epoch)` pairs from `EpochSampler`;
+    """One augmented random crop (`CropMaker`) per item. Items are `(index, epoch)` pairs (samplers.py);
     all randomness of an item comes from a generator seeded by (seed, epoch, index), so an epoch is the same
     whatever the number of workers and whether or not the run was resumed.
 
@@ -384,135 +383,25 @@ def end_loader_workers():
         worker.join()
 
 
+class Batch(NamedTuple):
+    """A training batch: `views`, one [B, samples] tensor of crops or, in the pair modes, two (view a and view b
+    of each pair, row for row); `labels` [B]; `skipped`, the (path, reason) of every file left out to make it."""
+    views: tuple
+    labels: torch.Tensor
+    skipped: list
+
+
 def collate(items):
-    """Items (view, ..., label, skipped files) -> (stacked views, ..., labels, every skipped (path, reason)).
-    In a loader worker the views are stacked straight into shared memory (`default_collate`), saving the copy
-    that sending the batch to the training process would otherwise make."""
+    """Items (view, ..., label, skipped files) -> a `Batch`. In a loader worker the views are stacked straight
+    into shared memory (`default_collate`), saving the copy that sending the batch to the training process
+    would otherwise make."""
     *views, labels, skipped = zip(*items)
-    return (*(torch.utils.data.default_collate(v) for v in views), torch.tensor(labels),
-            [s for item in skipped for s in item])
-
-
-class ShardedEpochs(torch.utils.data.Sampler):
-    """What both training samplers share: the epoch whose order they yield, this process's share of it
-    under torchrun (`world_size`, `rank`) and how much of it a run resumed mid-epoch leaves out."""
-
-    def __init__(self, seed, world_size=1, rank=0):
-        self.seed = seed
-        self.world_size = world_size
-        self.rank = rank
-        self.epoch = 1
-        self.skip = 0
-
-    def set_epoch(self, epoch, skip=0):
-        """Yield epoch `epoch`'s order from now on, leaving out this process's first `skip` items."""
-        self.epoch = epoch
-        self.skip = skip
-
-
-class EpochSampler(ShardedEpochs):
-    """A permutation of the dataset that is a pure function of (seed, epoch); yields (index, epoch). With
-    `world_size` > 1 (torchrun), rank `rank` takes every world_size-th item of it, after the tail that
-    would give ranks unequal counts is dropped: the ranks' parts are disjoint and equally long."""
-
-    def __init__(self, size, seed, world_size=1, rank=0):
-        super().__init__(seed, world_size, rank)
-        self.size = size
-
-    def __len__(self):
-        return self.size // self.world_size - self.skip
-
-    def __iter__(self):
-        order = np.random.default_rng((self.seed, self.epoch)).permutation(self.size)
-        order = order[:self.size // self.world_size * self.world_size][self.rank::self.world_size]
-        return ((int(i), self.epoch) for i in order[self.skip:])
-
-
-def speaker_groups(centres, size, rng):
-    """Speakers in groups of `size` whose `centres` (rows: the classifier's weight of each speaker) lie close
-    together: from a random speaker not yet grouped, its group is it and the `size` - 1 ungrouped speakers of
-    highest cosine similarity to it, until every speaker has a group (the last may be smaller)."""
-    unit = centres / np.maximum(np.linalg.norm(centres, axis=1, keepdims=True), 1e-12)
-    left = np.ones(len(unit), dtype=bool)
-    groups = []
-    for start in rng.permutation(len(unit)):
-        if not left[start]:
-            continue
-        left[start] = False
-        others = np.flatnonzero(left)
-        nearest = others[np.argsort(-(unit[others] @ unit[start]), kind='stable')[:size - 1]]
-        left[nearest] = False
-        groups.append([int(start)] + [int(i) for i in nearest])
-    return groups
-
-
-class SpeakerGroups:
-    """What both hard-negative samplers share: `hard` speakers a batch takes from one group, and the epoch's
-    `groups`, which the trainer sets from the classifier's weights (`group_speakers`) after `set_epoch`."""
-
-    def init_groups(self, labels, batch_size, hard_fraction):
-        self.speakers = int(max(labels)) + 1  # a TrainList numbers its speakers 0..n-1
-        self.hard = max(1, round(hard_fraction * batch_size))
-        self.groups = [list(range(self.speakers))]
-
-    def group_speakers(self, weights):
-        """`speaker_groups` of `hard` speakers from the classifier's weights (a tensor [classes, D]; the first
-        rows are the speakers')."""
-        centres = weights.detach()[:self.speakers].float().cpu().numpy()
-        return speaker_groups(centres, self.hard, np.random.default_rng((self.seed, self.epoch, 1)))
-
-    def group_of(self):
-        found = np.zeros(self.speakers, dtype=np.int64)
-        for number, members in enumerate(self.groups):
-            found[members] = number
-        return found
-
-
-class HardNegativeBatches(SpeakerGroups, EpochSampler):
-    """--sampler chns (classifier mode): clustering-based hard-negative batches (after Masztalski et al.,
-    arXiv 2507.17540). Each epoch uses the utterances EpochSampler's would (a random `size // batch_size`
-    batches' worth: each utterance at most once), but `hard` items of every batch are utterances of speakers
-    whose classifier weights lie close together (`speaker_groups` of the weights at the epoch's start, which
-    the trainer sets as `groups`), one per speaker while the group has speakers left, and the other items are
-    drawn at random. Yields (index, epoch) items in batch order, batch_size at a time; a pure function of
-    (seed, epoch, groups). Under torchrun, rank r takes batches r, r + world_size, ... `skip` counts items."""
-
-    def __init__(self, labels, batch_size, hard_fraction, seed, world_size=1, rank=0):
-        EpochSampler.__init__(self, len(labels), seed, world_size, rank)
-        self.labels = np.asarray(labels)
-        self.batch_size = batch_size
-        self.init_groups(labels, batch_size, hard_fraction)
-
-    def batches(self):
-        count = self.size // self.world_size // self.batch_size * self.world_size
-        rng = np.random.default_rng((self.seed, self.epoch))
-        chosen = rng.permutation(self.size)[:count * self.batch_size]
-        hard, easy = chosen[:count * self.hard], chosen[count * self.hard:]
-        group_of = self.group_of()
-        group_rank = rng.permutation(len(self.groups))
-        speaker_rank = rng.permutation(self.speakers)
-        speaker = self.labels[hard]
-        by_speaker = np.argsort(speaker, kind='stable')
-        first = np.searchsorted(speaker[by_speaker], speaker[by_speaker])
-        turn = np.empty(len(hard), dtype=np.int64)
-        turn[by_speaker] = np.arange(len(hard)) - first  # the k-th of its speaker's hard items takes turn k
-        hard = hard[np.lexsort((speaker_rank[speaker], turn, group_rank[group_of[speaker]]))]
-        easy_size = self.batch_size - self.hard
-        batches = [np.concatenate([hard[j * self.hard:(j + 1) * self.hard], easy[j * easy_size:(j + 1) * easy_size]])
-                   for j in range(count)]
-        return [batches[j] for j in rng.permutation(count)]
-
-    def __len__(self):
-        return self.size // self.world_size // self.batch_size * self.batch_size - self.skip
-
-    def __iter__(self):
-        mine = self.batches()[self.rank::self.world_size]
-        order = np.concatenate(mine)[self.skip:] if mine else np.zeros(0, dtype=np.int64)
-        return iter([(int(i), self.epoch) for i in order])
+    return Batch(tuple(torch.utils.data.default_collate(v) for v in views), torch.tensor(labels),
+                 [s for item in skipped for s in item])
 
 
 class PairDataset(TrainDataset):
-    """Two views of one speaker per item: items are (index_a, index_b, epoch) from `SpeakerPairSampler`,
+    """Two views of one speaker per item: items are (index_a, index_b, epoch) (samplers.py),
     each view cropped and augmented with its own generator; returns (view a, view b, label, skipped files).
     An unusable file is replaced by another utterance of the same speaker only, so the batch's speakers stay
     distinct; a speaker with no usable utterance at all stops training with an error naming it. Under speed
@@ -527,123 +416,6 @@ class PairDataset(TrainDataset):
         view_b, _ = self.usable_crop(index_b, np.random.default_rng((self.seed, epoch, index_b, 1)), skipped,
                                      same_speaker_only=True, speed=speed)
         return view_a, view_b, label + offset, skipped
-
-
-class SpeakerPairSampler(ShardedEpochs):
-    """Batches of `batch_size` pairs from `batch_size` distinct speakers, as a pure function of (seed, epoch).
-
-    Each epoch, every speaker's utterances are shuffled and paired off two by two (an odd one out is paired
-    with another utterance of its speaker, a single utterance with itself), so every utterance is used once.
-    Batches then draw distinct speakers with probability proportional to their remaining pairs, until fewer
-    than `batch_size` speakers have pairs left; those leftover pairs are the only ones an epoch skips.
-    Yields lists of (index_a, index_b, epoch). With `world_size` > 1 (torchrun) the plan is of global batches
-    of batch_size * world_size distinct speakers, and rank `rank` takes its `batch_size` slice of each: no
-    speaker appears twice across the ranks' batches of a step, so gathered negatives are all negatives.
-    `skip` counts batches."""
-
-    def __init__(self, labels, batch_size, seed, world_size=1, rank=0):
-        super().__init__(seed, world_size, rank)
-        self.by_speaker = {}
-        for index, label in enumerate(np.asarray(labels).tolist()):
-            self.by_speaker.setdefault(label, []).append(index)
-        if len(self.by_speaker) < batch_size * world_size:
-            raise UserError(f'a batch of {batch_size} distinct speakers on each of {world_size} processes needs '
-                            f'at least {batch_size * world_size} speakers; the list has {len(self.by_speaker)} '
-                            f'(lower --batch_size)')
-        self.batch_size = batch_size
-        self.planned = (None, [])
-
-    def pairs(self, rng):
-        pairs = {}
-        for speaker, indices in self.by_speaker.items():
-            order = [int(i) for i in rng.permutation(indices)]
-            if len(order) % 2:
-                order.append(order[0] if len(order) == 1 else int(rng.choice(order[:-1])))
-            pairs[speaker] = [(order[i], order[i + 1]) for i in range(0, len(order), 2)]
-        return pairs
-
-    def batches(self):
-        if self.planned[0] != self.epoch:
-            self.planned = (self.epoch, self.plan())
-        return self.planned[1]
-
-    def plan(self):
-        rng = np.random.default_rng((self.seed, self.epoch))
-        pairs = self.pairs(rng)
-        speakers = sorted(pairs)
-        remaining = np.array([len(pairs[s]) for s in speakers], dtype=np.float64)
-        batches = []
-        size = self.batch_size * self.world_size
-        while np.count_nonzero(remaining) >= size:
-            chosen = rng.choice(len(speakers), size=size, replace=False, p=remaining / remaining.sum())
-            batch = []
-            for k in chosen:
-                remaining[k] -= 1
-                batch.append(pairs[speakers[k]][int(remaining[k])] + (self.epoch,))
-            batches.append(batch)
-        return batches
-
-    def __iter__(self):
-        part = slice(self.rank * self.batch_size, (self.rank + 1) * self.batch_size)
-        return iter([batch[part] for batch in self.batches()[self.skip:]])
-
-    def __len__(self):
-        return len(self.batches()) - self.skip
-
-
-class HardNegativePairBatches(SpeakerGroups, SpeakerPairSampler):
-    """--sampler chns in --mode clip|blip: SpeakerPairSampler's batches of distinct speakers, each pair used
-    at most once, but each process's batch takes `hard` of its speakers from one group of speakers whose
-    classifier weights lie close together (the group drawn in proportion to its pairs left, its speakers in
-    proportion to theirs), then the rest as SpeakerPairSampler draws them. The InfoNCE negatives of those
-    speakers are then each other: hard negatives, the paper's setting. A pure function of (seed, epoch, groups)."""
-
-    def __init__(self, labels, batch_size, hard_fraction, seed, world_size=1, rank=0):
-        SpeakerPairSampler.__init__(self, labels, batch_size, seed, world_size, rank)
-        self.init_groups(labels, batch_size, hard_fraction)
-
-    @property
-    def groups(self):
-        return self._groups
-
-    @groups.setter
-    def groups(self, groups):
-        """New groups make a new plan, even within the epoch already planned."""
-        self._groups = groups
-        self.planned = (None, [])
-
-    def draw(self, rng, candidates, count, remaining):
-        weights = remaining[candidates]
-        return rng.choice(candidates, size=count, replace=False, p=weights / weights.sum())
-
-    def plan(self):
-        rng = np.random.default_rng((self.seed, self.epoch))
-        pairs = self.pairs(rng)
-        remaining = np.zeros(self.speakers)
-        for speaker, listed in pairs.items():
-            remaining[speaker] = len(listed)
-        group_of = self.group_of()
-        batches = []
-        while np.count_nonzero(remaining) >= self.batch_size * self.world_size:
-            taken = np.zeros(self.speakers, dtype=bool)
-            order = []
-            for _ in range(self.world_size):
-                open_ = (remaining > 0) & ~taken
-                per_group = np.bincount(group_of, weights=remaining * open_, minlength=len(self.groups))
-                group = rng.choice(len(self.groups), p=per_group / per_group.sum())
-                members = np.flatnonzero(open_ & (group_of == group))
-                hard = self.draw(rng, members, min(self.hard, len(members)), remaining)
-                taken[hard] = True
-                easy = self.draw(rng, np.flatnonzero((remaining > 0) & ~taken), self.batch_size - len(hard),
-                                 remaining)
-                taken[easy] = True
-                order += [int(k) for k in hard] + [int(k) for k in easy]
-            batch = []
-            for k in order:
-                remaining[k] -= 1
-                batch.append(pairs[k][int(remaining[k])] + (self.epoch,))
-            batches.append(batch)
-        return batches
 
 
 class EvalDataset(torch.utils.data.Dataset):

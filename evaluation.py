@@ -13,6 +13,7 @@ import hashlib
 import math
 import os
 import pickle
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -93,10 +94,27 @@ def protocol_vectors_of(encoder, waveforms, device, max_seconds=60.0, whole=None
     return torch.cat((full, crop_mean), dim=1) / math.sqrt(2)
 
 
+class EmbeddingsAndVectors(NamedTuple):
+    """Of a batch of files (or, row by row, of one): the encoder's `embeddings` [N, D], unnormalised as
+    `tools.embed` and the exported models give them, and the evaluation protocol's `protocol_vectors` [N, 2D],
+    whose dot products are --eval's scores."""
+    embeddings: torch.Tensor
+    protocol_vectors: torch.Tensor
+
+
 def embeddings_and_protocol_vectors(encoder, waveforms, device):
-    """[`whole_embeddings`, `protocol_vectors_of`] side by side, [N, 3D], the whole utterance embedded once."""
+    """The EmbeddingsAndVectors of a list of 1-D waveforms, each whole utterance embedded once."""
     whole = whole_embeddings(encoder, waveforms, device)
-    return torch.cat((whole, protocol_vectors_of(encoder, waveforms, device, whole=whole)), dim=1)
+    return EmbeddingsAndVectors(whole, protocol_vectors_of(encoder, waveforms, device, whole=whole))
+
+
+def rows_of(batch):
+    """Per file, what `represent` gave for a batch: a tensor's rows, or a NamedTuple of tensors row by row."""
+    return list(batch) if isinstance(batch, torch.Tensor) else [type(batch)(*row) for row in zip(*batch)]
+
+
+def all_finite(row):
+    return all(bool(torch.isfinite(part).all()) for part in (row if isinstance(row, tuple) else (row,)))
 
 
 def transpose(items):
@@ -129,7 +147,8 @@ class Autocast(torch.nn.Module):
 
 def embed_files(encoder, relative_paths, root, device, n_cpu=0, batch_size=None, progress=True, unusable=None,
                 represent=protocol_vectors_of):
-    """`represent(encoder, waveforms, device)` (the protocol vectors) of every file, read by `n_cpu` loader
+    """`represent(encoder, waveforms, device)` (the protocol vectors, or `embeddings_and_protocol_vectors`) of
+    every file, read by `n_cpu` loader
     workers, `batch_size` files a forward pass (default: 16 on a GPU; one on the CPU, where larger batches
     measured slower, bench/RESULTS.md); returns {relative path: vector}.
 
@@ -153,8 +172,8 @@ def embed_files(encoder, relative_paths, root, device, n_cpu=0, batch_size=None,
             usable = [i for i, problem in enumerate(found) if problem is None or problem in noted]
             if usable:
                 batch = represent(encoder, [waveforms[i] for i in usable], device)
-                for i, vector in zip(usable, batch):
-                    if torch.isfinite(vector).all():
+                for i, vector in zip(usable, rows_of(batch)):
+                    if all_finite(vector):
                         vectors[names[i]] = vector
                     else:
                         problems.append((names[i], 'its embedding is not finite: are the weights?'))

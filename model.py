@@ -6,6 +6,7 @@ published checkpoints load with a strict `load_state_dict`. `MODELS` maps each `
 `EncoderSpec`.
 """
 
+import dataclasses
 import math
 from typing import NamedTuple
 from collections.abc import Callable
@@ -369,6 +370,29 @@ def build_encoder(name, C=None, sampling_rate=16000, embedding_dim=None):
     return spec.build(C or spec.width, sampling_rate, embedding_dim or spec.embedding_dim)
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class EncoderConfig:
+    """How to rebuild an encoder, as the JSON beside each checkpoint records it: the `model` name (a key of
+    MODELS), its width `C`, `sampling_rate` in Hz and `embedding_dim` (None: the architecture's default). A
+    value of the wrong kind is a ValueError naming the field."""
+    model: str
+    C: int
+    sampling_rate: int
+    embedding_dim: int | None = None
+
+    def __post_init__(self):
+        if self.model not in MODELS:
+            raise ValueError(f"model: {self.model!r} is none of {', '.join(MODELS)}")
+        for name in ('C', 'sampling_rate', 'embedding_dim'):
+            value = getattr(self, name)
+            if not (value is None and name == 'embedding_dim') and \
+                    (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise ValueError(f'{name}: {value!r} is not a positive whole number')
+
+    def build(self):
+        return build_encoder(self.model, self.C, self.sampling_rate, self.embedding_dim)
+
+
 MEL_FILTERS = 'torchfbank.1.mel_scale.fb'
 COMMON_RATES = (16000, 8000, 11025, 22050, 24000, 32000, 44100, 48000)
 
@@ -382,10 +406,10 @@ def same_tensor(a, b):
 
 
 def architecture_of(weights):
-    """{'model', 'C', 'embedding_dim', 'sampling_rate'} of the registered encoder that an encoder state_dict
-    fits, read from its names and shapes: the architecture from the set of names, the width and the embedding
-    size from the first and last tensors that follow them, the rate from the mel filters (which depend on it;
-    16000 when no common rate fits). None when no architecture has these names."""
+    """The EncoderConfig of the registered encoder that an encoder state_dict fits, read from its names and
+    shapes: the architecture from the set of names, the width and the embedding size from the first and last
+    tensors that follow them, the rate from the mel filters (which depend on it; 16000 when no common rate fits).
+    None when no architecture has these names."""
     for name in (n for n in MODELS if n != 'resnet'):  # 'resnet' is another name of resnet34
         probe = build_encoder(name, 8, 16000, 5).state_dict()  # width 8, embedding 5: their tensors stand out
         if probe.keys() != weights.keys():
@@ -393,7 +417,7 @@ def architecture_of(weights):
         width_key = next(k for k, v in probe.items() if v.ndim and v.shape[0] == 8)
         embedding_key = [k for k, v in probe.items() if v.ndim and v.shape[0] == 5][-1]
         rate = next((r for r in COMMON_RATES if same_tensor(weights[MEL_FILTERS], mel_filters(r))), 16000)
-        return {'model': name, 'C': weights[width_key].shape[0], 'embedding_dim': weights[embedding_key].shape[0],
-                'sampling_rate': rate}
+        return EncoderConfig(model=name, C=weights[width_key].shape[0], sampling_rate=rate,
+                             embedding_dim=weights[embedding_key].shape[0])
     return None
 

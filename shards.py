@@ -109,9 +109,9 @@ class ShardDataset(torch.utils.data.IterableDataset):
     quota waits for the next epoch's draw. An utterance's crop and augmentation are drawn from (seed, epoch,
     index) on a first pass, as the file loader draws them, so the same utterance gives the same crop either way.
 
-    Resume: `set_epoch(epoch, skip)` after `skip` items (whole batches) of the epoch gives exactly the batches
+    Resume: `set_epoch(epoch, steps_done)` after `steps_done` batches of the epoch gives exactly the batches
     an uninterrupted run would have trained next, as long as the number of loader workers is the same: the
-    roles turn so that the worker asked first makes batch skip // batch_size, and the samples of the batches
+    roles turn so that the worker asked first makes batch steps_done, and the samples of the batches
     already trained are read from the shards and dropped, not decoded. A different number of workers gives a
     different stream (each shard still read once an epoch).
 
@@ -131,15 +131,18 @@ class ShardDataset(torch.utils.data.IterableDataset):
         self.rank = rank
         self.label_of = {name: label for label, name in enumerate(shard_list.speakers.tolist())}
         self.epoch = 1
-        self.skip = 0
+        self.steps_done = 0
 
-    def set_epoch(self, epoch, skip=0):
-        """Yield epoch `epoch`'s batches from now on, leaving out its first `skip` items (whole batches)."""
+    def set_epoch(self, epoch, steps_done=0):
+        """Yield epoch `epoch`'s batches from now on, leaving out its first `steps_done` batches."""
         self.epoch = epoch
-        self.skip = skip
+        self.steps_done = steps_done
+
+    def steps_in_epoch(self):
+        return self.steps
 
     def __len__(self):
-        return (self.steps - self.skip // self.batch_size) * self.batch_size
+        return (self.steps - self.steps_done) * self.batch_size
 
     def samples(self, shards, problems, bad_shards):
         """The raw samples of `shards`, in order. A tar file that cannot be read on is skipped from there, and
@@ -199,7 +202,7 @@ class ShardDataset(torch.utils.data.IterableDataset):
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
         workers, worker = (info.num_workers, info.id) if info is not None else (1, 0)
-        done = self.skip // self.batch_size
+        done = self.steps_done
         role = (worker + done) % workers
         shards = epoch_shards(len(self.shard_list.shards), self.epoch, self.seed, self.world_size, self.rank,
                               workers)[role]

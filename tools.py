@@ -3,6 +3,7 @@ and score (`protocol_vectors`, `score`), and export (TorchScript, ONNX). The eva
 the trial path, is evaluation.py's."""
 
 import copy
+import dataclasses
 import importlib.util
 import math
 import os
@@ -17,7 +18,7 @@ from dataLoader import (LOWEST_FILE_RATE, MIN_SECONDS, NEAR_SILENT, audio_proble
                         wrap_pad)
 from errors import UserError
 from evaluation import protocol_vectors_of, whole_embeddings
-from model import ConvMelSpectrogram, architecture_of, build_encoder
+from model import ConvMelSpectrogram, EncoderConfig, architecture_of
 
 
 def load_model(path, model=None, C=None, sampling_rate=None, device='cpu'):
@@ -27,17 +28,17 @@ def load_model(path, model=None, C=None, sampling_rate=None, device='cpu'):
     override either."""
     weights = encoder_weights(load_state_dict_file(path))
     if os.path.exists(encoder_config_path(path)):
-        config = {'embedding_dim': None, **read_encoder_config(path)}
+        config = read_encoder_config(path)
     else:
         config = architecture_of(weights)
         if config is None:
-            config = {'model': 'ecapa-tdnn', 'C': 1024, 'sampling_rate': 16000, 'embedding_dim': None}
+            config = EncoderConfig(model='ecapa-tdnn', C=1024, sampling_rate=16000)
         else:
             print(f'{path}: no {os.path.basename(encoder_config_path(path))} beside it; its weights are those of '
-                  f'{config["model"]} C={config["C"]}, embedding {config["embedding_dim"]}, '
-                  f'{config["sampling_rate"]} Hz')
-    config.update({k: v for k, v in (('model', model), ('C', C), ('sampling_rate', sampling_rate)) if v})
-    encoder = build_encoder(config['model'], config['C'], config['sampling_rate'], config['embedding_dim'])
+                  f'{config.model} C={config.C}, embedding {config.embedding_dim}, {config.sampling_rate} Hz')
+    given = {'model': model, 'C': C, 'sampling_rate': sampling_rate}
+    config = dataclasses.replace(config, **{name: value for name, value in given.items() if value})
+    encoder = config.build()
     try:
         encoder.load_state_dict(weights)
     except RuntimeError:

@@ -10,6 +10,7 @@
 trainECAPAModel.py parses the flags and calls `run_training(args)`; nothing here reads the command line.
 """
 
+import argparse
 import contextlib
 import dataclasses
 import glob
@@ -26,17 +27,17 @@ import tqdm
 
 import distributed
 from augment import Augmenter, DeviceAugmenter
-from checkpoints import (FolderLock, ResumeState, average_checkpoints, encoder_config_path, encoder_weights,
-                         load_encoder_weights, read_encoder_config, remove_partial_writes, save_checkpoint)
-from dataLoader import (SPEED_PERTURBATION, CropMaker, EpochSampler, HardNegativeBatches, HardNegativePairBatches,
-                        PairDataset, SpeakerGroups, SpeakerPairSampler, TrainDataset, collate, leave_signals_to_parent)
+from checkpoints import (FolderLock, ResumeState, average_checkpoints, averaged_epochs_of, encoder_config_path,
+                         encoder_weights, load_encoder_weights, remove_partial_writes, save_checkpoint)
+from dataLoader import SPEED_PERTURBATION, CropMaker, PairDataset, TrainDataset, collate, leave_signals_to_parent
 from errors import UsageError, UserError, first_line, message_of
 from evaluation import cohort_of, evaluate_encoder, read_trial_lists
 from lists import ShardList, read_shard_list, read_train_list, require_files, without_repeats
 from loss import AAMsoftmax, build_objective
-from model import build_encoder, crop_samples
+from model import EncoderConfig, crop_samples
 from records import EpochRecord, average_line, changed_flags, recipe_changes, recorded_arguments, score_line
 from runlog import RunLog
+from samplers import EpochSampler, HardNegativeBatches, HardNegativePairBatches, SpeakerGroups, SpeakerPairSampler
 from schedules import training_schedule
 from shards import ShardDataset, steps_per_epoch
 
@@ -74,9 +75,9 @@ class SpeakerModel(nn.Module):
 
 
 def encoder_config(args):
-    """The JSON written beside each checkpoint: how to rebuild its encoder."""
-    return {'model': args.model, 'C': args.C, 'embedding_dim': args.embedding_dim,
-            'sampling_rate': args.sampling_rate}
+    """The EncoderConfig of the flags: how to rebuild the encoder trained, recorded beside each checkpoint."""
+    return EncoderConfig(model=args.model, C=args.C, sampling_rate=args.sampling_rate,
+                         embedding_dim=args.embedding_dim)
 
 
 def adam(parameters, lr):
@@ -128,13 +129,13 @@ class TrainingStep:
         self.model.speaker_loss.set_margin(margin)
 
     def __call__(self, batch, rng):
-        """`batch`: (waveforms, labels) or (view a, view b, labels); `rng` draws the device augmentation."""
-        labels = batch[-1].to(self.device, non_blocking=True)
-        waveforms = torch.cat([views.to(self.device, non_blocking=True) for views in batch[:-1]])
+        """A step on `batch`, a `dataLoader.Batch`; `rng` draws the device augmentation."""
+        labels = batch.labels.to(self.device, non_blocking=True)
+        waveforms = torch.cat([views.to(self.device, non_blocking=True) for views in batch.views])
         if self.device_augmenter is not None:
             waveforms = self.device_augmenter(waveforms, rng)
         buffers = [b.detach().clone() for b in self.model.buffers()]  # batch-norm statistics, kept for a bad step
-        loss, accuracy = self.forward(waveforms, labels, len(batch) - 1, self.amp_dtype, self.spec_augment)
+        loss, accuracy = self.forward(waveforms, labels, len(batch.views), self.amp_dtype, self.spec_augment)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.unscale_(self.optimizer)
@@ -246,24 +247,24 @@ class EpochProgress:
         return self.crops / self.seconds
 
 
-def train_one_epoch(step_fn, loader, epoch, schedule, seed, progress, stop=None, reported=None):
-    """Steps over `loader` (batches from `collate`: waveforms or two views, labels, skipped files) with
-    `step_fn`, a `TrainingStep`, setting the learning rate and margin of `schedule(epoch, step, steps of the
-    epoch)` before each step; `progress` (an `EpochProgress`, fresh or a stopped epoch's) is updated in place.
-    Returns whether the `stop` request came. Files a batch skipped are printed the first time (`reported`:
-    paths already printed). Device augmentation draws from a generator seeded by (seed, epoch, step, rank)."""
+def train_one_epoch(step_fn, feed, epoch, schedule, seed, progress, stop=None, reported=None):
+    """Steps over a `TrainingFeed`'s loader (`dataLoader.Batch`es) with `step_fn`, a `TrainingStep`, setting the
+    learning rate and margin of `schedule(epoch, step, the steps the feed declares for the epoch)` before each
+    step; `progress` (an `EpochProgress`, fresh or a stopped epoch's) is updated in place. Returns whether the
+    `stop` request came. Files a batch skipped are printed the first time (`reported`: paths already printed).
+    Device augmentation draws from a generator seeded by (seed, epoch, step, rank)."""
     reported = set() if reported is None else reported
     step_fn.model.train()
     loss_sum = torch.tensor(progress.loss_sum, device=step_fn.device)
     correct_sum = torch.tensor(progress.correct_sum, device=step_fn.device)
     start, seconds = time.time(), progress.seconds
-    total = progress.step + len(loader)
-    bar = tqdm.tqdm(loader, desc=f'epoch {epoch}', unit='batch', file=sys.stdout, dynamic_ncols=True,
+    total = feed.epochs.steps_in_epoch()
+    bar = tqdm.tqdm(feed.loader, desc=f'epoch {epoch}', unit='batch', file=sys.stdout, dynamic_ncols=True,
                     initial=progress.step, total=total, mininterval=1 if sys.stdout.isatty() else 30,
                     disable=not distributed.is_main())
     stopped = False
-    for step, (*batch, skipped) in enumerate(bar, start=progress.step + 1):
-        for path, reason in skipped:
+    for step, batch in enumerate(bar, start=progress.step + 1):
+        for path, reason in batch.skipped:
             progress.skipped.append((path, reason))
             if path not in reported:
                 reported.add(path)
@@ -273,10 +274,10 @@ def train_one_epoch(step_fn, loader, epoch, schedule, seed, progress, stop=None,
         loss, accuracy, taken = step_fn(batch, np.random.default_rng((seed, epoch, step, distributed.rank())))
         progress.step = step
         if taken:
-            progress.examples += len(batch[-1])
-            progress.crops += sum(len(views) for views in batch[:-1])
-            loss_sum += loss * len(batch[-1])
-            correct_sum += accuracy * len(batch[-1])
+            progress.examples += len(batch.labels)
+            progress.crops += sum(len(views) for views in batch.views)
+            loss_sum += loss * len(batch.labels)
+            correct_sum += accuracy * len(batch.labels)
         else:
             progress.bad_steps += 1
         if step % 10 == 0 or step == total:
@@ -299,39 +300,47 @@ def speeds(args):
     return SPEED_PERTURBATION if args.speed_perturb == 'on' else (1.0,)
 
 
+@dataclasses.dataclass(frozen=True)
+class TrainingFeed:
+    """What the epochs train on: the `loader` of batches; `epochs`, its plan of each epoch (a sampler of
+    samplers.py or a shards.ShardDataset: `set_epoch(epoch, steps_done)`, `steps_in_epoch()`); and with
+    --sampler chns the `grouping` of speakers whose groups the epoch's start sets."""
+    loader: torch.utils.data.DataLoader
+    epochs: object
+    grouping: SpeakerGroups | None = None
+
+
 def training_loader(args, data, augmenter, device):
-    """(sampler, loader, items the sampler yields per step) for --mode: crops of single utterances
-    (`EpochSampler`; a `ShardDataset` when `data` is a ShardList) or pairs of views of distinct speakers
-    (`SpeakerPairSampler`), batched by `collate`."""
+    """The TrainingFeed of --mode: crops of single utterances (`EpochSampler`, `HardNegativeBatches`; a
+    `ShardDataset` when `data` is a ShardList) or pairs of views of distinct speakers (`SpeakerPairSampler`,
+    `HardNegativePairBatches`), batched by `collate`."""
     loader_options = {'num_workers': args.n_cpu, 'pin_memory': device.type == 'cuda', 'collate_fn': collate,
                       'persistent_workers': args.n_cpu > 0, 'prefetch_factor': 4 if args.n_cpu > 0 else None,
                       'worker_init_fn': leave_signals_to_parent,
                       # Starting an epoch draws the workers' base seed: from its own generator, not the global one,
                       # so that a run resumed mid-epoch draws the same SpecAugment masks as an uninterrupted one.
                       'generator': torch.Generator().manual_seed(args.seed)}
+    share = (distributed.world_size(), distributed.rank())
     if isinstance(data, ShardList):  # workers start anew each epoch, to take the epoch's shards
         crops = CropMaker(crop_samples(args.num_frames, args.sampling_rate), args.sampling_rate, augmenter,
                           len(data.speakers), speeds(args), args.skip_silent == 'on')
         dataset = ShardDataset(data, crops, args.seed, args.batch_size,
-                               steps_per_epoch(data, args.batch_size, distributed.world_size()),
-                               distributed.world_size(), distributed.rank())
+                               steps_per_epoch(data, args.batch_size, distributed.world_size()), *share)
         loader_options['persistent_workers'] = False
-        return dataset, torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, **loader_options), \
-            args.batch_size
+        return TrainingFeed(torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, **loader_options),
+                            dataset)
     dataset_type = TrainDataset if args.mode == 'classifier' else PairDataset
     dataset = dataset_type(data, args.train_path, args.num_frames, args.sampling_rate, augmenter, args.seed,
                            args.skip_silent == 'on', speeds(args))
+    grouping = SpeakerGroups(dataset.labels, args.batch_size, args.hard_fraction) if args.sampler == 'chns' else None
     if args.mode == 'classifier':
-        sampler = HardNegativeBatches(dataset.labels, args.batch_size, args.hard_fraction, args.seed,
-                                      distributed.world_size(), distributed.rank()) if args.sampler == 'chns' else \
-            EpochSampler(len(dataset), args.seed, distributed.world_size(), distributed.rank())
-        loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, drop_last=True,
-                                             **loader_options)
-        return sampler, loader, args.batch_size
-    sampler = HardNegativePairBatches(dataset.labels, args.batch_size, args.hard_fraction, args.seed,
-                                      distributed.world_size(), distributed.rank()) if args.sampler == 'chns' else \
-        SpeakerPairSampler(dataset.labels, args.batch_size, args.seed, distributed.world_size(), distributed.rank())
-    return sampler, torch.utils.data.DataLoader(dataset, batch_sampler=sampler, **loader_options), 1
+        sampler = HardNegativeBatches(dataset.labels, args.batch_size, grouping, args.seed, *share) if grouping \
+            else EpochSampler(len(dataset), args.batch_size, args.seed, *share)
+    else:
+        sampler = HardNegativePairBatches(dataset.labels, args.batch_size, grouping, args.seed, *share) if grouping \
+            else SpeakerPairSampler(dataset.labels, args.batch_size, args.seed, *share)
+    return TrainingFeed(torch.utils.data.DataLoader(dataset, batch_sampler=sampler, **loader_options), sampler,
+                        grouping)
 
 
 def log(*parts):
@@ -361,7 +370,7 @@ def checkpoint_path(model_dir, epoch):
 def averaged(path, epochs):
     """Whether the average checkpoint at `path` is that of `epochs` ([first, last])."""
     return os.path.exists(path) and os.path.exists(encoder_config_path(path)) and \
-        read_encoder_config(path).get('averaged_epochs') == epochs
+        averaged_epochs_of(path) == epochs
 
 
 def last_epochs_average(model_dir, first, last, count):
@@ -421,8 +430,9 @@ def check_same_recipe(args, resume_path):
 
 
 def read_training_inputs(args):
-    """The training data (a TrainList, or a ShardList with --train_shards) and the trial lists, after checking
-    every file they name and the class count."""
+    """(the training data, a TrainList or with --train_shards a ShardList; the trial lists; the classifier's
+    classes: --n_class or else the speakers, times 3 under --speed_perturb on), after checking every file they
+    name and the class count."""
     if args.train_shards:
         data = read_shard_list(args.train_shards)
     else:
@@ -439,16 +449,14 @@ def read_training_inputs(args):
     if args.mode == 'classifier' and args.batch_size * distributed.world_size() > len(data):
         raise UsageError(f'--batch_size {args.batch_size} on {distributed.world_size()} processes is more than '
                          f'the {len(data)} utterances of {source}')
-    if args.n_class is None:
-        args.n_class = classes
-    elif args.n_class < classes:
+    if args.n_class is not None and args.n_class < classes:
         raise UsageError(f'--n_class {args.n_class} is smaller than the {speakers} speakers in {source}'
                          if classes == speakers else f'--n_class {args.n_class} is smaller than the {classes} '
                          f'classes of --speed_perturb on ({speakers} speakers in {source} x 3 speeds)')
     trial_lists = read_trial_lists(args)
     if all(trials.labels is None for trials in trial_lists):
         raise UsageError('training needs an --eval_list with labels to report EER')
-    return data, trial_lists
+    return data, trial_lists, args.n_class or classes
 
 
 def combined_record(epoch, everyone, lr, margin, train_seconds):
@@ -504,16 +512,16 @@ class TrainingRun:
     Under torchrun every process runs this with its share of each epoch; process 0 alone writes."""
 
     def __init__(self, args):
-        self.args = args
+        self.data, self.trial_lists, n_class = read_training_inputs(args)
+        self.args = args = argparse.Namespace(**vars(args) | {'n_class': n_class})  # as trained: the count resolved
         self.device = torch.device(args.device)
         self.model_dir = os.path.join(args.save_path, 'model')
         self.resume_path = os.path.join(self.model_dir, 'resume.pt')
         self.log = RunLog(args.save_path, writes=distributed.is_main())
         torch.manual_seed(args.seed + distributed.rank())
-        self.data, self.trial_lists = read_training_inputs(args)
         self.cohort = cohort_of(args, self.data)
         self.reported = set()  # unusable files already printed
-        encoder = build_encoder(args.model, args.C, args.sampling_rate, args.embedding_dim)
+        encoder = encoder_config(args).build()
         self.model = SpeakerModel(encoder, build_objective(args, encoder.embedding_dim)).to(self.device)
         self.optimizer = adam(self.model.parameters(), args.lr)
         log(f'{args.model}: {sum(p.numel() for p in encoder.parameters()) / 1e6:.2f} M parameters, '
@@ -526,7 +534,7 @@ class TrainingRun:
                                     device_augmenter, args.spec_augment == 'on', args.max_bad_steps)
         if self.resume is not None:
             self.step_fn.scaler.load_state_dict(self.resume.scaler)
-        self.sampler, self.loader, self.items_per_step = training_loader(args, self.data, augmenter, self.device)
+        self.feed = training_loader(args, self.data, augmenter, self.device)
         self.schedule = training_schedule(args)
         self.eers = self.resume.eers if self.resume else []
         self.first_epoch = self.resume.epoch + 1 if self.resume else 1
@@ -562,15 +570,16 @@ class TrainingRun:
     def train_epoch(self, epoch, stop):
         """Train `epoch`; returns (this process's EpochProgress, whether a stop was requested inside it)."""
         progress = self.progress_at(epoch)
-        self.sampler.set_epoch(epoch, progress.step * self.items_per_step)
-        if isinstance(self.sampler, SpeakerGroups):  # the groups of the epoch's start, kept for a resume
+        self.feed.epochs.set_epoch(epoch, progress.step)
+        grouping = self.feed.grouping
+        if grouping is not None:  # the groups of the epoch's start, kept for a resume
             if progress.speaker_groups is None:
-                progress.speaker_groups = self.sampler.group_speakers(self.model.classifier().weight)
-            self.sampler.groups = progress.speaker_groups
+                progress.speaker_groups = grouping.from_weights(self.model.classifier().weight, self.args.seed, epoch)
+            grouping.groups = progress.speaker_groups
         torch.backends.cudnn.benchmark = True  # fixed crop shapes: let cuDNN pick its fastest kernels
         if self.device.type == 'cuda':
             torch.cuda.reset_peak_memory_stats(self.device)
-        stopped = train_one_epoch(self.step_fn, self.loader, epoch, self.schedule, self.args.seed, progress, stop,
+        stopped = train_one_epoch(self.step_fn, self.feed, epoch, self.schedule, self.args.seed, progress, stop,
                                   self.reported)
         torch.backends.cudnn.benchmark = False  # evaluation sees every utterance length once
         if not stopped:
@@ -621,14 +630,14 @@ class TrainingRun:
                                     last_epochs_average(self.model_dir, *epochs, args.average))
         if state is None:
             return
-        encoder = build_encoder(args.model, args.C, args.sampling_rate, args.embedding_dim)
+        encoder = encoder_config(args).build()
         encoder.load_state_dict(encoder_weights(state))
         results = evaluate_encoder(encoder.to(self.device).eval(), args, self.device, self.trial_lists, self.cohort)
         line = average_line(*epochs, results)
         log(time.strftime('%Y-%m-%d %H:%M:%S'), line)
         self.log.score(line)
         if distributed.is_main():
-            save_checkpoint(state, encoder_config(args) | {'averaged_epochs': epochs}, path)
+            save_checkpoint(state, encoder_config(args), path, averaged_epochs=epochs)
 
     def evaluate_epoch(self, record):
         """Score the trial lists with the model as trained to `record.epoch`; log the score.txt line."""

@@ -39,7 +39,7 @@ import reference
 from common import SHARED_DATA, environment, synchronize, write_json
 import demo
 from augment import Augmenter, DeviceAugmenter
-from dataLoader import CropMaker, EpochSampler, TrainDataset
+from dataLoader import CropMaker, TrainDataset
 from lists import read_shard_list, read_train_list
 from shards import ShardDataset, pack_shards
 from model import crop_samples
@@ -214,9 +214,10 @@ def main():
                 with reference.cpu_patches():
                     runs.insert(0, ('original', original['dataLoader'].train_loader(
                         data['train_list'], data['train_path'], data['musan_path'], data['rir_path'], 200), every, 1))
-            runs += [(name, TrainDataset(entries, data['train_path'], 200, 16000, aug, 0), EpochSampler(len(paths), 0),
-                      workers) for workers in sorted({1, args.workers}) for name, aug in (('ours', augmenter),
-                                                                                          ('ours, read', None))]
+            epoch_items = [(int(i), 1) for i in np.random.default_rng(0).permutation(len(paths))]
+            runs += [(name, TrainDataset(entries, data['train_path'], 200, 16000, aug, 0), epoch_items, workers)
+                     for workers in sorted({1, args.workers})
+                     for name, aug in (('ours', augmenter), ('ours, read', None))]
             runs += [(name, shard_stream(data, root, aug, length), None, workers)
                      for workers in sorted({1, args.workers})
                      for name, aug in (('ours, shards', augmenter), ('ours, shards, read', None))]

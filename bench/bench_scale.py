@@ -71,21 +71,23 @@ def measure_lists(corpus):
 
 def measure_plans(train_list, batch_size):
     import numpy as np
-    from dataLoader import EpochSampler, HardNegativeBatches, HardNegativePairBatches, SpeakerPairSampler
+    import torch
     from lists import cohort_entries
+    from samplers import EpochSampler, HardNegativeBatches, HardNegativePairBatches, SpeakerGroups, SpeakerPairSampler
     found = {}
-    centres = np.random.default_rng(0).standard_normal((len(train_list.speakers), 16))
-    samplers = {'random': EpochSampler(len(train_list), 10),
-                'chns': HardNegativeBatches(train_list.labels, batch_size, 0.5, 10),
-                'pairs': SpeakerPairSampler(train_list.labels, batch_size, 10),
-                'chns_pairs': HardNegativePairBatches(train_list.labels, batch_size, 0.5, 10)}
+    centres = torch.from_numpy(np.random.default_rng(0).standard_normal((len(train_list.speakers), 16)))
+    labels = train_list.labels
+    groupings = {'chns': SpeakerGroups(labels, batch_size, 0.5), 'chns_pairs': SpeakerGroups(labels, batch_size, 0.5)}
+    samplers = {'random': EpochSampler(len(train_list), batch_size, 10),
+                'chns': HardNegativeBatches(labels, batch_size, groupings['chns'], 10),
+                'pairs': SpeakerPairSampler(labels, batch_size, 10),
+                'chns_pairs': HardNegativePairBatches(labels, batch_size, groupings['chns_pairs'], 10)}
     for name, sampler in samplers.items():
         sampler.set_epoch(2)
         started = time.perf_counter()
-        if hasattr(sampler, 'group_speakers'):
-            import torch
-            sampler.groups = sampler.group_speakers(torch.from_numpy(centres))
-        steps = sum(1 for _ in sampler)
+        if name in groupings:
+            groupings[name].groups = groupings[name].from_weights(centres, 10, 2)
+        steps = sum(len(batch) for batch in sampler)
         found[f'plan_{name}_s'] = time.perf_counter() - started
         found[f'plan_{name}_items'] = steps
     _, found['cohort_s'] = timed(cohort_entries, train_list, 20000, 10)

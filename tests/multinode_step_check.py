@@ -37,11 +37,12 @@ def main():
         crops = CropMaker(crop_samples(40, 16000), 16000, None, len(shard_list.speakers))
         steps = steps_per_epoch(shard_list, BATCH, distributed.world_size())
         dataset = ShardDataset(shard_list, crops, 3, BATCH, steps, distributed.world_size(), distributed.rank())
-        waveforms, labels, _ = next(iter(torch.utils.data.DataLoader(dataset, batch_size=BATCH, collate_fn=collate)))
+        batch = next(iter(torch.utils.data.DataLoader(dataset, batch_size=BATCH, collate_fn=collate)))
+        (waveforms,), labels = batch.views, batch.labels
         model = tiny_model(len(shard_list.speakers))
         initial = copy.deepcopy(model.state_dict())
         step = TrainingStep(model, adam(model.parameters(), 1e-3), 'cpu', spec_augment=False)
-        step((waveforms, labels), np.random.default_rng(0))
+        step(batch, np.random.default_rng(0))
         torch.save({'initial': initial, 'waveforms': waveforms, 'labels': labels,
                     'gradients': {n: p.grad for n, p in model.named_parameters()}},
                    os.path.join(out, f'rank{distributed.rank()}.pt'))

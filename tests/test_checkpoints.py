@@ -18,7 +18,7 @@ from checkpoints import (FolderLock, ResumeState, atomic_write, average_checkpoi
                          load_encoder_weights, load_state_dict_file, remove_partial_writes, save_checkpoint)
 from errors import UserError
 from loss import AAMsoftmax
-from model import ECAPA_TDNN, build_encoder
+from model import ECAPA_TDNN, EncoderConfig, build_encoder
 from trainer import SpeakerModel
 
 
@@ -206,8 +206,8 @@ def test_partial_loading_keeps_the_rest_of_the_encoder_fresh(tmp_path):
 def test_the_original_readme_snippet_loads_our_checkpoint(tmp_path):
     """The embedding snippet of the original README, run as written, on a checkpoint in our format."""
     speaker_model = SpeakerModel(ECAPA_TDNN(1024, 16000), AAMsoftmax(5994, 0.2, 30))
-    save_checkpoint(speaker_model.checkpoint_state(), {'model': 'ecapa-tdnn', 'C': 1024, 'embedding_dim': 192,
-                                                       'sampling_rate': 16000}, str(tmp_path / 'pretrained.model'))
+    save_checkpoint(speaker_model.checkpoint_state(), EncoderConfig(model='ecapa-tdnn', C=1024, sampling_rate=16000),
+                    str(tmp_path / 'pretrained.model'))
     soundfile.write(tmp_path / 'a.wav', np.random.default_rng(0).standard_normal(8000) * 0.1, 8000)
     snippet = '''
 import model

@@ -1,7 +1,6 @@
 """dataLoader.py: reading, resampling and cropping audio, unusable files, the training datasets and the
 epoch samplers."""
 
-import math
 import multiprocessing
 import os
 import signal
@@ -15,9 +14,8 @@ import soundfile
 import torch
 
 from augment import Augmenter
-from dataLoader import (SPEED_PERTURBATION, EpochSampler, HardNegativeBatches, HardNegativePairBatches, PairDataset,
-                        SpeakerPairSampler, TrainDataset, UnusableAudio, change_speed, collate, end_loader_workers,
-                        leave_signals_to_parent, random_crop, read_audio, read_usable_crop, speaker_groups)
+from dataLoader import (SPEED_PERTURBATION, PairDataset, TrainDataset, UnusableAudio, change_speed, collate,
+                        end_loader_workers, leave_signals_to_parent, random_crop, read_audio, read_usable_crop)
 from errors import UserError
 from lists import TrainEntry, TrainList, read_train_list
 from model import crop_samples
@@ -157,8 +155,8 @@ def test_training_items_replace_unusable_files_by_their_speakers_other_utterance
     mono = soundfile.read(os.path.join(corpus['train_path'], 'bad', 'stereo.wav'))[0].mean(axis=1)
     assert np.min(np.abs(np.subtract.outer(audio.numpy()[:5], mono).astype(np.float32)), axis=1).max() < 1e-6
     batch = collate([dataset[(i, 1)] for i in range(len(entries))])
-    assert batch[0].shape == (len(entries), dataset.crops.length) and len(batch[1]) == len(entries)
-    assert {os.path.basename(path) for path, _ in batch[2]} == set(broken_audio)  # substitutes may be bad too
+    assert batch.views[0].shape == (len(entries), dataset.crops.length) and len(batch.labels) == len(entries)
+    assert {os.path.basename(path) for path, _ in batch.skipped} == set(broken_audio)  # substitutes may be bad too
 
 
 def test_a_pair_speaker_without_any_usable_utterance_is_an_error_naming_it(tmp_path, broken_audio):
@@ -182,52 +180,6 @@ def test_training_items_are_reproducible_per_epoch(tiny_corpus, cache_dir):
     assert first.shape == (crop_samples(100, RATE),) and label == dataset.labels[4] and skipped == []
     assert np.array_equal(first, dataset[(4, 1)][0])
     assert not np.array_equal(first, dataset[(4, 2)][0])
-
-
-def test_epoch_sampler_shards_are_disjoint_and_equally_long():
-    whole = [i for i, _ in EpochSampler(11, seed=3)]
-    shards = [[i for i, _ in EpochSampler(11, seed=3, world_size=3, rank=r)] for r in range(3)]
-    assert sorted(whole) == list(range(11))
-    assert [len(s) for s in shards] == [3, 3, 3]
-    assert sorted(sum(shards, [])) == sorted(whole[:9])
-
-
-def test_pair_sampler_gives_distinct_speakers_and_covers_the_list():
-    labels = [0] * 7 + [1] * 4 + [2] * 1 + [3] * 6 + [4] * 5 + [5] * 3
-    sampler = SpeakerPairSampler(labels, batch_size=3, seed=0)
-    sampler.set_epoch(4)
-    batches = list(sampler)
-    used = []
-    for batch in batches:
-        assert len(batch) == 3 and len({labels[a] for a, _, _ in batch}) == 3
-        for a, b, epoch in batch:
-            assert labels[a] == labels[b] and epoch == 4
-            assert a != b or labels.count(labels[a]) == 1
-            used += [a, b]
-    # Every utterance appears, except those of pairs left when fewer than 3 speakers had pairs.
-    pairs_total = sum(math.ceil(labels.count(s) / 2) for s in set(labels))
-    assert len(batches) * 3 >= pairs_total - 2 * 3
-    assert len(set(used)) >= len(labels) - 2 * 2 * 3
-    assert list(sampler) == batches
-    sampler.set_epoch(5)
-    assert list(sampler) != batches
-
-
-def test_pair_sampler_needs_enough_speakers():
-    with pytest.raises(UserError, match='needs at least 3 speakers; the list has 2'):
-        SpeakerPairSampler([0, 0, 1, 1], batch_size=3, seed=0)
-
-
-def test_pair_sampler_shards_global_batches_of_distinct_speakers():
-    labels = [s for s in range(12) for _ in range(5)]
-    ranks = [SpeakerPairSampler(labels, batch_size=3, seed=4, world_size=2, rank=r) for r in range(2)]
-    batches = [list(sampler) for sampler in ranks]
-    assert len(batches[0]) == len(batches[1]) == len(ranks[0]) > 0
-    for part0, part1 in zip(*batches):
-        assert len(part0) == len(part1) == 3
-        speakers = [labels[a] for a, _, _ in part0 + part1]
-        assert len(set(speakers)) == 6
-        assert not {i for pair in part0 for i in pair[:2]} & {i for pair in part1 for i in pair[:2]}
 
 
 @pytest.mark.parametrize('name', ['stereo_24bit.WAV', 'stereo_16bit.wav', 'mono_int24.wav', 'mono_int32.wav',
@@ -333,80 +285,3 @@ def test_speed_perturbed_items_have_the_crop_length_and_one_speaker_label_per_sp
         pitch = 400 * SPEED_PERTURBATION[label // 2]
         assert abs(dominant_frequency(view_a.numpy(), 16000) - pitch) < 4
         assert abs(dominant_frequency(view_b.numpy(), 16000) - pitch) < 4
-
-
-def clustered_centres(clusters, per_cluster, seed=0):
-    """Speaker centres in `clusters` tight clusters of `per_cluster` speakers, cluster c holding speakers
-    c, c + clusters, c + 2 * clusters, ... (so that neighbours by number are in different clusters)."""
-    rng = np.random.default_rng(seed)
-    directions = np.linalg.qr(rng.standard_normal((16, clusters)))[0].T
-    speakers = clusters * per_cluster
-    return np.stack([directions[s % clusters] + 0.05 * rng.standard_normal(16) for s in range(speakers)])
-
-
-def test_speaker_groups_gather_speakers_whose_centres_lie_close_together():
-    centres = clustered_centres(4, 5)
-    groups = speaker_groups(centres, 5, np.random.default_rng(1))
-    assert sorted(sorted(g) for g in groups) == [[c + 4 * k for k in range(5)] for c in range(4)]
-    assert sorted(s for g in speaker_groups(centres, 3, np.random.default_rng(1)) for s in g) == list(range(20))
-
-
-def test_hard_negative_batches_fill_each_batch_with_one_group_and_use_each_utterance_as_the_plain_sampler():
-    speakers, utterances, batch = 20, 6, 10
-    labels = [s for s in range(speakers) for _ in range(utterances)]
-    sampler = HardNegativeBatches(labels, batch, 0.5, seed=3)
-    sampler.set_epoch(2)
-    sampler.groups = sampler.group_speakers(torch.from_numpy(clustered_centres(4, 5)))
-    items = [i for i, epoch in sampler]
-    plain = [i for i, _ in EpochSampler(len(labels), seed=3)]
-    assert sorted(items) == sorted(plain) == list(range(len(labels)))  # each utterance once, as plain
-    group_of = {s: g for g, members in enumerate(sampler.groups) for s in members}
-    within_one_group, distinct = 0, 0
-    for start in range(0, len(items), batch):
-        hard = [labels[i] for i in items[start:start + sampler.hard]]
-        assert len({group_of[s] for s in hard}) <= 2  # random batches of 5 from 4 groups span 3 on average
-        within_one_group += len({group_of[s] for s in hard}) == 1
-        distinct += len(set(hard))
-    assert within_one_group >= len(items) // batch // 2
-    assert distinct >= 0.7 * sampler.hard * (len(items) // batch)  # speakers take turns within a group
-    assert items == [i for i, _ in sampler]  # a pure function of (seed, epoch, groups)
-    sampler.set_epoch(2, skip=2 * batch)
-    assert [i for i, _ in sampler] == items[2 * batch:] and len(sampler) == len(items) - 2 * batch
-    sampler.set_epoch(3)
-    assert [i for i, _ in sampler] != items
-
-
-def test_hard_negative_batches_of_torchrun_ranks_are_disjoint_and_equally_long():
-    labels = [s for s in range(12) for _ in range(5)]
-    ranks = [HardNegativeBatches(labels, 4, 0.5, seed=1, world_size=2, rank=r) for r in range(2)]
-    parts = [[i for i, _ in sampler] for sampler in ranks]
-    assert len(parts[0]) == len(parts[1]) == len(ranks[0]) == 60 // 2 // 4 * 4
-    assert not set(parts[0]) & set(parts[1])
-
-
-def test_hard_negative_pair_batches_take_part_of_each_batch_from_one_group_of_distinct_speakers():
-    speakers, utterances, batch = 20, 8, 6
-    labels = [s for s in range(speakers) for _ in range(utterances)]
-    plain = SpeakerPairSampler(labels, batch, seed=2)
-    sampler = HardNegativePairBatches(labels, batch, 0.5, seed=2)
-    for epoch in (1, 2):
-        for each in (plain, sampler):
-            each.set_epoch(epoch)
-        sampler.groups = sampler.group_speakers(torch.from_numpy(clustered_centres(4, 5)))
-        group_of = {s: g for g, members in enumerate(sampler.groups) for s in members}
-        batches = list(sampler)
-        used = [pair[:2] for b in batches for pair in b]
-        assert len(set(used)) == len(used)  # each pair at most once
-        per_speaker = np.bincount([labels[a] for a, _ in used], minlength=speakers)
-        plain_per_speaker = np.bincount([labels[a] for b in plain for a, _, _ in b], minlength=speakers)
-        assert abs(len(batches) - len(list(plain))) <= 1 and np.abs(per_speaker - plain_per_speaker).max() <= 1
-        one_group = 0
-        for b in batches:
-            speakers_of = [labels[a] for a, _, _ in b]
-            assert len(set(speakers_of)) == batch and all(labels[a] == labels[c] for a, c, _ in b)
-            one_group += len({group_of[s] for s in speakers_of[:sampler.hard]}) == 1
-        assert one_group >= len(batches) // 2  # random batches: almost never (groups of 3 among 20 speakers)
-        assert list(sampler) == batches
-    ranks = [HardNegativePairBatches(labels, 3, 0.5, seed=2, world_size=2, rank=r) for r in range(2)]
-    for rank_batches in zip(*[list(r) for r in ranks]):
-        assert len({labels[a] for b in rank_batches for a, _, _ in b}) == 6  # no speaker twice in a step

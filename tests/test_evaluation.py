@@ -16,7 +16,7 @@ from dataLoader import EVAL_MAX_SECONDS
 from errors import UserError
 from lists import TrainEntry, TrialList
 from loss import AAMsoftmax
-from model import ConvMelSpectrogram, ECAPA_TDNN, build_encoder, crop_samples
+from model import ConvMelSpectrogram, ECAPA_TDNN, EncoderConfig, build_encoder, crop_samples
 from evaluation import (Autocast, Cohort, build_cohort, cached_embed_files, embed_files, evaluate,
                         protocol_vectors_of)
 from metrics import as_norm, verification_metrics
@@ -226,7 +226,7 @@ def test_waveform_without_a_rate_is_an_error():
 
 def test_a_checkpoint_of_another_width_is_a_clear_error(tmp_path):
     save_checkpoint({'speaker_encoder.' + k: v for k, v in ECAPA_TDNN(32).state_dict().items()},
-                    {'model': 'ecapa-tdnn', 'C': 32, 'embedding_dim': 192, 'sampling_rate': 16000},
+                    EncoderConfig(model='ecapa-tdnn', C=32, sampling_rate=16000, embedding_dim=192),
                     str(tmp_path / 'm.model'))
     with pytest.raises(UserError, match=r'm.model: does not fit a ECAPA_TDNN .*of another shape'):
         load_model(str(tmp_path / 'm.model'), C=64)
@@ -238,7 +238,7 @@ def test_checkpoint_round_trip_through_the_notebook_helpers(tmp_path, name, C, r
     encoder = build_encoder(name, C, rate, embedding_dim=40).eval()
     speaker_model = SpeakerModel(encoder, AAMsoftmax(7, 0.2, 30, 40))
     path = str(tmp_path / 'model_0003.model')
-    save_checkpoint(speaker_model.state_dict(), {'model': name, 'C': C, 'embedding_dim': 40, 'sampling_rate': rate},
+    save_checkpoint(speaker_model.state_dict(), EncoderConfig(model=name, C=C, sampling_rate=rate, embedding_dim=40),
                     path)
     loaded = load_model(path)
     assert type(loaded) is type(encoder) and loaded.sampling_rate == rate and not loaded.training

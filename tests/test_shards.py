@@ -30,12 +30,12 @@ def packed(tiny_shards):
     return read_shard_list(tiny_shards)
 
 
-def stream(shard_list, augmenter, epoch, world_size, rank, workers, batch_size=3, skip=0):
+def stream(shard_list, augmenter, epoch, world_size, rank, workers, batch_size=3, steps_done=0):
     """The batches process `rank` of `world_size` trains on in `epoch`, made by `workers` loader workers."""
     crops = CropMaker(crop_samples(FRAMES, RATE), RATE, augmenter, len(shard_list.speakers))
     dataset = ShardDataset(shard_list, crops, seed=7, batch_size=batch_size,
                            steps=steps_per_epoch(shard_list, batch_size, world_size), world_size=world_size, rank=rank)
-    dataset.set_epoch(epoch, skip)
+    dataset.set_epoch(epoch, steps_done)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=collate)
     return list(loader)
 
@@ -77,7 +77,7 @@ def test_shards_give_each_process_its_part_once_with_the_file_loaders_crops_and_
         for rank in (0, 1):
             batches = stream(packed, augmenter, epoch, 2, rank, workers=2)
             assert len(batches) == 6 and all(len(labels) == 3 for _, labels, _ in batches)
-            for crops, labels, skipped in batches:
+            for (crops,), labels, skipped in batches:
                 assert skipped == []
                 for crop, label in zip(crops, labels.tolist()):
                     match = [i for i, (audio, _, _) in expected.items() if torch.equal(audio, crop)]
@@ -90,9 +90,9 @@ def test_a_stream_resumed_after_some_batches_gives_the_same_batches(packed):
     whole = stream(packed, None, 3, 1, 0, workers=2)
     assert len(whole) == 12
     for done in (1, 4, 7):
-        rest = stream(packed, None, 3, 1, 0, workers=2, skip=done * 3)
+        rest = stream(packed, None, 3, 1, 0, workers=2, steps_done=done)
         assert len(rest) == 12 - done
-        for (a, la, _), (b, lb, _) in zip(whole[done:], rest):
+        for ((a,), la, _), ((b,), lb, _) in zip(whole[done:], rest):
             assert torch.equal(a, b) and torch.equal(la, lb)
 
 

@@ -22,7 +22,7 @@ import trainECAPAModel
 from checkpoints import save_checkpoint
 from lists import cohort_entries, read_train_list, read_trials
 from loss import AAMsoftmax
-from model import ECAPA_TDNN, build_encoder
+from model import ECAPA_TDNN, EncoderConfig, build_encoder
 from trainer import SpeakerModel
 
 
@@ -32,8 +32,7 @@ def checkpoint(tmp_path):
     torch.manual_seed(0)
     model = SpeakerModel(ECAPA_TDNN(32), AAMsoftmax(6, 0.2, 30))
     path = str(tmp_path / 'model_0001.model')
-    save_checkpoint(model.state_dict(), {'model': 'ecapa-tdnn', 'C': 32, 'embedding_dim': 192,
-                                         'sampling_rate': 16000}, path)
+    save_checkpoint(model.state_dict(), EncoderConfig(model='ecapa-tdnn', C=32, sampling_rate=16000), path)
     return path
 
 
@@ -248,7 +247,11 @@ def test_eval_of_a_training_checkpoint_gives_its_logged_eer_and_a_score_file(tin
 def test_a_broken_json_beside_a_checkpoint_or_in_a_run_folder_is_one_line(tiny_corpus, checkpoint, train_argv,
                                                                             tmp_path, cli_error):
     shutil.copy(checkpoint, tmp_path / 'm.model')
-    for text, why in (('{"model": "ecapa', 'Unterminated string'), ('{"model": "ecapa-tdnn"}', 'no C, sampling_rate')):
+    for text, why in (('{"model": "ecapa', 'Unterminated string'), ('{"model": "ecapa-tdnn"}', 'no C, sampling_rate'),
+                      ('{"model": "ecapa-tdnn", "C": "32", "sampling_rate": 16000}', "C: '32' is not a positive"),
+                      ('{"model": "ecapa", "C": 32, "sampling_rate": 16000}', "model: 'ecapa' is none of ecapa-tdnn"),
+                      ('{"model": "tdnn", "C": 32, "sampling_rate": 16000, "embedding_dim": 0}',
+                       'embedding_dim: 0 is not')):
         (tmp_path / 'm.json').write_text(text)
         status, printed, _ = cli_error(eval_argv(str(tmp_path / 'm.model'), tiny_corpus, tmp_path))
         assert status == 1 and printed.count('\n') == 1 and 'm.json: not a readable encoder config' in printed
@@ -521,7 +524,7 @@ def test_export_writes_a_torchscript_encoder_of_a_training_checkpoint(tmp_path):
     torch.manual_seed(0)
     encoder = build_encoder('tdnn', 32, 16000)
     model = SpeakerModel(encoder, AAMsoftmax(4, 0.2, 30, 512))
-    save_checkpoint(model.state_dict(), {'model': 'tdnn', 'C': 32, 'embedding_dim': 512, 'sampling_rate': 16000},
+    save_checkpoint(model.state_dict(), EncoderConfig(model='tdnn', C=32, sampling_rate=16000, embedding_dim=512),
                     str(tmp_path / 'model_0001.model'))
     trainECAPAModel.main(['--initial_model', str(tmp_path / 'model_0001.model'), '--export', str(tmp_path / 'e.pt')])
     x = 0.1 * torch.randn(2, 16000)

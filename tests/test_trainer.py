@@ -21,11 +21,12 @@ import torch
 import trainECAPAModel
 import trainer
 from conftest import assert_same_checkpoints
-from dataLoader import SpeakerPairSampler
+from dataLoader import Batch
 from loss import AAMsoftmax
 from lists import read_train_list, read_trials
 from model import ECAPA_TDNN, build_encoder
 from records import read_metrics
+from samplers import SpeakerPairSampler
 from schedules import warmup_exp
 from tools import load_model
 from trainer import NonFiniteTraining, SpeakerModel, TrainingStep
@@ -700,7 +701,7 @@ def small_model(seed=0):
 
 def batch(seed=1):
     generator = torch.Generator().manual_seed(seed)
-    return 0.1 * torch.randn(8, 4000, generator=generator), torch.arange(8) % 4
+    return Batch((0.1 * torch.randn(8, 4000, generator=generator),), torch.arange(8) % 4, [])
 
 
 def run_step(model, optimizer_class=torch.optim.Adam, lr=1e-3, **options):
@@ -753,20 +754,20 @@ def test_a_step_with_non_finite_gradients_changes_nothing_and_too_many_in_a_row_
     step = TrainingStep(model, optimizer, 'cpu', max_bad_steps=3)
     step(batch(), None)
     weights, moments = copy.deepcopy(model.state_dict()), copy.deepcopy(optimizer.state_dict())
-    waveforms, labels = batch()
+    (waveforms,), labels, _ = batch()
     poisoned = waveforms.clone()
     poisoned[3, 100] = float('nan')
     for _ in range(2):
-        loss, _, taken = step((poisoned, labels), None)
+        loss, _, taken = step(Batch((poisoned,), labels, []), None)
         assert not taken and not torch.isfinite(loss)
     for key, value in model.state_dict().items():
         torch.testing.assert_close(value, weights[key], rtol=0, atol=0, equal_nan=False, msg=key)
     assert optimizer.state_dict()['state'][0]['step'] == moments['state'][0]['step']
     assert step(batch(), None)[2] and step.bad_in_a_row == 0  # a good step resets the count
     for _ in range(2):
-        step((poisoned, labels), None)
+        step(Batch((poisoned,), labels, []), None)
     with pytest.raises(NonFiniteTraining, match='3 steps in a row'):
-        step((poisoned, labels), None)
+        step(Batch((poisoned,), labels, []), None)
 
 
 def test_silent_input_gives_a_finite_loss_when_silence_is_not_skipped():

@@ -15,7 +15,7 @@ import torch
 import demo
 import trainECAPAModel
 from checkpoints import save_checkpoint
-from model import build_encoder
+from model import EncoderConfig, build_encoder
 
 pytestmark = pytest.mark.slow  # each test trains for about a minute
 
@@ -31,7 +31,7 @@ def untrained_checkpoint(path, model, width):
     torch.manual_seed(1)
     encoder = build_encoder(model, width, 16000)
     save_checkpoint({'speaker_encoder.' + k: v for k, v in encoder.state_dict().items()},
-                    {'model': model, 'C': width, 'embedding_dim': None, 'sampling_rate': 16000}, str(path))
+                    EncoderConfig(model=model, C=width, sampling_rate=16000, embedding_dim=None), str(path))
     return str(path)
 
 
