@@ -291,7 +291,7 @@ def check_data(args, out=None):
     file. Returns the problems, ['where: path: what', ...]."""
     out = out or sys.stdout
     problems = []
-    skip_silent = args.skip_silent == 'on'
+    skip_silent = args.skip_silent
     try:
         sources = data_sources(args)
     except UserError as error:

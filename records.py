@@ -108,10 +108,16 @@ def recorded_arguments(config_path):
 
 def changed_flags(recorded, args):
     """{flag: (recorded value, value now)} for the flags of `args` that differ from `recorded` (a run's
-    config.json arguments). Flags the record does not hold (added to the code since) are not compared."""
+    config.json arguments). Flags the record does not hold (added to the code since) are not compared; a
+    switch recorded as 'on' or 'off' (as versions before every switch was a boolean wrote them) is that boolean."""
     changed = {}
     for name, value in sorted(vars(args).items()):
-        if name in recorded and json.loads(json.dumps(value)) != recorded[name]:
+        if name not in recorded:
+            continue
+        before = recorded[name]
+        if isinstance(value, bool) and before in ('on', 'off'):
+            before = before == 'on'
+        if json.loads(json.dumps(value)) != before:
             changed[name] = (recorded[name], value)
     return changed
 

@@ -10,6 +10,7 @@ trainer.py. A rerun continues from save_path/model/resume.pt; a mistake ends in 
 or list line.
 """
 
+import argparse
 import json
 import math
 import os
@@ -32,7 +33,7 @@ DEMO_WIDTHS = {'ecapa-tdnn': 128, 'tdnn': 256}  # --C for the demo; ResNets take
 # Large-margin fine-tuning, after wespeaker's VoxCeleb recipe (conf/ecapa_tdnn_lm.yaml): 5 epochs of 6 s crops,
 # margin 0.5, lr from 1e-4 to 2.5e-5 with a one-epoch warm-up, no SpecAugment.
 LARGE_MARGIN_DEFAULTS = {'num_frames': 600, 'm': 0.5, 'max_epoch': 5, 'scheduler': 'warmup_exp', 'lr': 1e-4,
-                         'final_lr': 2.5e-5, 'warmup_epochs': 1, 'spec_augment': 'off'}
+                         'final_lr': 2.5e-5, 'warmup_epochs': 1, 'spec_augment': False}
 CONTRASTIVE_FLAGS = ('classifier_weight', 'contrastive_weight', 'matching_weight', 'hard_negative',
                      'fixed_contrastive_scale', 'local_negatives')
 ONLY_WITH = {'out': ('extract', 'average_checkpoints'), 'check_decode': 'check_data', 'cohort': 'snorm',
@@ -47,6 +48,23 @@ def flag(group, name, **options):
     if options.get('default') not in (None, False, '') and '%(default)' not in options.get('help', ''):
         options['help'] = options.get('help', '') + ' (default: %(default)s)'
     group.add_argument(name, **options)
+
+
+ON_OFF = {'on': True, 'off': False, 'true': True, 'false': False}
+
+
+def on_or_off(text):
+    value = ON_OFF.get(text.lower())
+    if value is None:
+        raise argparse.ArgumentTypeError(f'expected on or off, got {text!r}')
+    return value
+
+
+def switch(group, name, default=False, help=''):
+    """Add the switch `name`, the one style of every setting that is on or off: `--name` alone turns it on,
+    `--name on` or `--name off` sets it either way (a default that is on is turned off so)."""
+    group.add_argument(name, nargs='?', const=True, default=default, type=on_or_off, metavar='on|off',
+                       help=help + (' (default: on)' if default else ''))
 
 
 def data_flags(group):
@@ -66,12 +84,12 @@ def data_flags(group):
                                    'RIRS_NOISES/simulated_rirs); omit to train without reverberation')
     flag(group, '--num_frames', type=int, default=200, help='training crop in 10 ms frames (200 = 2 s)')
     flag(group, '--sampling_rate', type=int, default=16000, help='all audio is resampled to this rate')
-    flag(group, '--skip_silent', default='on', choices=['on', 'off'],
-         help='on: an all-zero training crop is replaced like an unreadable file; off: it is trained on')
+    switch(group, '--skip_silent', default=True,
+           help='on: an all-zero training crop is replaced like an unreadable file; off: it is trained on')
     flag(group, '--cache_dir', default=default_cache_dir(), help='decoded noise and impulse-response banks')
-    flag(group, '--check_data', action='store_true',
-         help='check that every file the given lists and folders name decodes to usable audio; '
-              'report counts, durations, rates, speakers and problems with their list lines')
+    switch(group, '--check_data', help='check that every file the given lists and folders name decodes to usable '
+                                       'audio; report counts, durations, rates, speakers and problems with their '
+                                       'list lines')
     flag(group, '--check_decode', type=int, default=2000,
          help='--check_data: files of each source decoded in full, spread evenly (0: all); the others '
               'have their headers read')
@@ -108,11 +126,10 @@ def objective_flags(group):
     flag(group, '--hard_negative', default='softmax', choices=['softmax', 'argmax'],
          help='blip: draw each negative with probability softmax(similarity), or take the '
               'most similar')
-    flag(group, '--fixed_contrastive_scale', action='store_true',
-         help='clip/blip: scale the contrastive logits by --s, not by a learned temperature')
-    flag(group, '--local_negatives', action='store_true',
-         help='clip/blip under torchrun: negatives from this process\'s batch only, instead of '
-              'the batches of all processes')
+    switch(group, '--fixed_contrastive_scale',
+           help='clip/blip: scale the contrastive logits by --s, not by a learned temperature')
+    switch(group, '--local_negatives', help='clip/blip under torchrun: negatives from this process\'s batch only, '
+                                            'instead of the batches of all processes')
 
 
 def training_flags(group):
@@ -131,8 +148,7 @@ def training_flags(group):
     flag(group, '--final_lr', type=float, default=5e-5, help='--scheduler warmup_exp: lr at the last step')
     flag(group, '--margin_schedule', type=int, nargs=2, metavar=('START', 'END'),
          help='margin 0 until epoch START, then rising linearly (per step) to --m at epoch END')
-    flag(group, '--spec_augment', default='on', choices=['on', 'off'],
-         help='time and frequency masks on the training features')
+    switch(group, '--spec_augment', default=True, help='time and frequency masks on the training features')
     flag(group, '--sampler', default='random', choices=['random', 'chns'],
          help='random batches, or chns: --hard_fraction of each batch from speakers whose '
               'classifier weights lie close together (hard negatives)')
@@ -141,12 +157,11 @@ def training_flags(group):
     flag(group, '--noise_power_floor', type=float, default=0.0,
          help='added to the speech and noise powers of each SNR (the original code adds 1e-4, '
               'so that quiet noise files are mixed below the SNR drawn)')
-    flag(group, '--speed_perturb', default='off', choices=['on', 'off'],
-         help=f'on: each crop played at a speed drawn from {SPEED_PERTURBATION}, each speed a '
-              f'speaker of its own (so 3x the classes)')
-    flag(group, '--large_margin', action='store_true',
-         help=f'large-margin fine-tuning of --initial_model: flags not given take '
-              f'{LARGE_MARGIN_DEFAULTS}')
+    switch(group, '--speed_perturb',
+           help=f'each crop played at a speed drawn from {SPEED_PERTURBATION}, each speed a speaker of its own '
+                f'(so 3x the classes)')
+    switch(group, '--large_margin',
+           help=f'large-margin fine-tuning of --initial_model: flags not given take {LARGE_MARGIN_DEFAULTS}')
     flag(group, '--test_step', type=int, default=1, help='evaluate and save every this many epochs')
     flag(group, '--average', type=int, default=0, metavar='N',
          help='also save the last N epochs and, after the last, model/model_average.model: the mean '
@@ -155,23 +170,22 @@ def training_flags(group):
     flag(group, '--initial_model', default='',
          help='start from these weights (this toolkit\'s or the original code\'s checkpoints); '
               'every encoder weight must match')
-    flag(group, '--allow_partial_load', action='store_true',
-         help='--initial_model: load the encoder weights whose names and shapes match, list the '
-              'others and train them from scratch')
+    switch(group, '--allow_partial_load', help='--initial_model: load the encoder weights whose names and shapes '
+                                               'match, list the others and train them from scratch')
     flag(group, '--max_bad_steps', type=int, default=50,
          help='stop after this many steps in a row with a non-finite loss or gradients (skipped)')
     flag(group, '--amp', choices=['bf16', 'fp16', 'off'],
          help='mixed precision of the encoder\'s forward pass (default: bf16 on CUDA, off on CPU); '
               'features and losses stay float32; fp16 adds dynamic loss scaling')
-    flag(group, '--compile', action='store_true', help='torch.compile the encoder for training steps')
+    switch(group, '--compile', help='torch.compile the encoder for training steps')
     flag(group, '--grad_clip', type=float, default=0.0, help='clip the global gradient L2 norm (0: off)')
-    flag(group, '--gpu_augment', action='store_true',
-         help='add noise and reverberation on --device, batch by batch, not in the loader workers')
+    switch(group, '--gpu_augment',
+           help='add noise and reverberation on --device, batch by batch, not in the loader workers')
 
 
 def evaluation_flags(group):
     """Flags of scoring, export, extraction and the commands that need no training."""
-    flag(group, '--eval', action='store_true', help='only score --eval_list with --initial_model')
+    switch(group, '--eval', help='only score --eval_list with --initial_model')
     flag(group, '--export', metavar='FILE',
          help='write --initial_model\'s encoder as TorchScript (FILE.pt) or ONNX (FILE.onnx)')
     flag(group, '--eval_precision', default='float32', choices=['float32', 'bf16'],
@@ -179,7 +193,7 @@ def evaluation_flags(group):
               'autocast, features in float32: 1.4x as fast on a CPU with AMX (may be slower '
               'without AVX-512 BF16); scores move by about 1e-3: the demo\'s final EER is the '
               'same, its EER at other epochs within one trial (0.14) (bench/RESULTS.md)')
-    flag(group, '--snorm', action='store_true', help='also report AS-Norm scores (cohort: --train_list)')
+    switch(group, '--snorm', help='also report AS-Norm scores (cohort: --train_list)')
     flag(group, '--cohort_top_k', type=int, default=300, help='AS-Norm: top cohort scores used')
     flag(group, '--cohort', default='speaker', choices=['speaker', 'utterance'],
          help='AS-Norm cohort: speaker means or single utterances of the training list')
@@ -211,11 +225,10 @@ def system_flags(group):
     flag(group, '--n_cpu', type=int, default=distributed.available_cores(),
          help='data loader workers (for embedding on the CPU: none unless given)')
     flag(group, '--device', default=None, help='torch device (default: cuda when available, else cpu)')
-    flag(group, '--tensorboard', action='store_true',
-         help='also write each epoch\'s metrics to save_path/tensorboard (needs tensorboard)')
-    flag(group, '--demo', action='store_true',
-         help=f'generate a small corpus under save_path and train on it; given flags override '
-              f'the demo defaults {DEMO_DEFAULTS} and --C {DEMO_WIDTHS} (16 for ResNets)')
+    switch(group, '--tensorboard',
+           help='also write each epoch\'s metrics to save_path/tensorboard (needs tensorboard)')
+    switch(group, '--demo', help=f'generate a small corpus under save_path and train on it; given flags override '
+                                 f'the demo defaults {DEMO_DEFAULTS} and --C {DEMO_WIDTHS} (16 for ResNets)')
 
 def build_parser():
     parser = ArgumentParser(
@@ -414,15 +427,15 @@ def config_words(path):
                     if name != 'config' and name in settings['arguments']}
     if not isinstance(settings, dict):
         raise UsageError(f'--config {path}: not a mapping of flag names to values')
-    defaults = vars(build_parser().parse_args([]))  # a switch is the flag whose default is False
+    defaults = vars(build_parser().parse_args([]))  # a switch is the flag whose default is True or False
     words = []
     for name, value in settings.items():
         if name not in defaults or name == 'config':
             raise UsageError(f'--config {path}: {name!r} is not a flag (names as in --help, without the dashes)')
-        if defaults[name] is False:
-            if not isinstance(value, bool):
-                raise UsageError(f'--config {path}: {name} is a switch: true or false, not {value!r}')
-            words += [f'--{name}'] if value else []
+        if isinstance(defaults[name], bool):
+            if not isinstance(value, bool) and str(value).lower() not in ON_OFF:
+                raise UsageError(f'--config {path}: {name} is a switch: true or false (on or off), not {value!r}')
+            words += [f'--{name}', str(value).lower()]
         elif value is not None:
             words += [f'--{name}', *(str(v) for v in (value if isinstance(value, list) else [value]))]
     return words

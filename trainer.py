@@ -297,7 +297,7 @@ def train_one_epoch(step_fn, feed, epoch, schedule, seed, progress, stop=None, r
 
 def speeds(args):
     """The speeds training crops are played at: SPEED_PERTURBATION under --speed_perturb on, else (1.0,)."""
-    return SPEED_PERTURBATION if args.speed_perturb == 'on' else (1.0,)
+    return SPEED_PERTURBATION if args.speed_perturb else (1.0,)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -323,7 +323,7 @@ def training_loader(args, data, augmenter, device):
     share = (distributed.world_size(), distributed.rank())
     if isinstance(data, ShardList):  # workers start anew each epoch, to take the epoch's shards
         crops = CropMaker(crop_samples(args.num_frames, args.sampling_rate), args.sampling_rate, augmenter,
-                          len(data.speakers), speeds(args), args.skip_silent == 'on')
+                          len(data.speakers), speeds(args), args.skip_silent)
         dataset = ShardDataset(data, crops, args.seed, args.batch_size,
                                steps_per_epoch(data, args.batch_size, distributed.world_size()), *share)
         loader_options['persistent_workers'] = False
@@ -331,7 +331,7 @@ def training_loader(args, data, augmenter, device):
                             dataset)
     dataset_type = TrainDataset if args.mode == 'classifier' else PairDataset
     dataset = dataset_type(data, args.train_path, args.num_frames, args.sampling_rate, augmenter, args.seed,
-                           args.skip_silent == 'on', speeds(args))
+                           args.skip_silent, speeds(args))
     grouping = SpeakerGroups(dataset.labels, args.batch_size, args.hard_fraction) if args.sampler == 'chns' else None
     if args.mode == 'classifier':
         sampler = HardNegativeBatches(dataset.labels, args.batch_size, grouping, args.seed, *share) if grouping \
@@ -531,7 +531,7 @@ class TrainingRun:
         self.resume = restore_state(args, self.model, self.optimizer, self.device, self.resume_path)
         augmenter, device_augmenter = training_augmenters(args, self.device)
         self.step_fn = TrainingStep(self.model, self.optimizer, self.device, args.amp, args.compile, args.grad_clip,
-                                    device_augmenter, args.spec_augment == 'on', args.max_bad_steps)
+                                    device_augmenter, args.spec_augment, args.max_bad_steps)
         if self.resume is not None:
             self.step_fn.scaler.load_state_dict(self.resume.scaler)
         self.feed = training_loader(args, self.data, augmenter, self.device)

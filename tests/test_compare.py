@@ -67,9 +67,9 @@ def test_the_harness_trains_scores_every_checkpoint_and_writes_the_table(librisp
     scored = evaluation.evaluate(encoder, [trials], str(out / 'data' / 'test'), 'cpu')[trials.path].metrics
     assert results['ours']['1']['2']['eer'] == pytest.approx(scored.eer)
     speed = json.loads((out / 'runs' / 'speed_1' / 'config.json').read_text())['arguments']
-    assert speed['speed_perturb'] == 'on' and speed['n_class'] == 12 and speed['seed'] == 1
+    assert speed['speed_perturb'] is True and speed['n_class'] == 12 and speed['seed'] == 1
     tuned = json.loads((out / 'runs' / 'speed_1_finetuned' / 'config.json').read_text())['arguments']
-    assert tuned['large_margin'] and tuned['m'] == 0.5 and tuned['num_frames'] == 600 and tuned['speed_perturb'] == 'on'
+    assert tuned['large_margin'] and tuned['m'] == 0.5 and tuned['num_frames'] == 600 and tuned['speed_perturb'] is True
     assert tuned['initial_model'] == str(out / 'runs' / 'speed_1' / 'model' / 'model_0002.model')
     assert (out / 'eer_by_epoch.png').stat().st_size > 0
     scores = (out / 'runs' / 'ours_1' / 'scores.json').read_text()

@@ -32,7 +32,7 @@ def test_demo_recipe_prepares_checks_trains_finetunes_and_evaluates(tiny_corpus,
     assert 'no problems found' in done.stdout
     assert len((exp / 'ecapa' / 'score.txt').read_text().splitlines()) == 2
     finetune = json.loads((exp / 'ecapa_lm' / 'config.json').read_text())['arguments']
-    assert finetune['m'] == 0.5 and finetune['num_frames'] == 300 and finetune['spec_augment'] == 'off'
+    assert finetune['m'] == 0.5 and finetune['num_frames'] == 300 and finetune['spec_augment'] is False
     assert finetune['initial_model'].endswith('ecapa/model/model_0002.model')
     trained = json.loads((exp / 'ecapa' / 'config.json').read_text())['arguments']
     assert trained['config'] == 'exps/voxceleb/conf/ecapa_tdnn.yaml' and finetune['large_margin']

@@ -1,5 +1,6 @@
 """records.py: the score.txt line, metrics.jsonl records and what a resumed run forgets."""
 
+import argparse
 import json
 
 import numpy as np
@@ -7,7 +8,7 @@ import pytest
 
 from errors import UserError
 from lists import TrialList
-from records import EpochRecord, append_metrics, forget_epochs_after, read_metrics, score_line
+from records import EpochRecord, append_metrics, changed_flags, forget_epochs_after, read_metrics, score_line
 from evaluation import ListResult
 from metrics import verification_metrics
 
@@ -79,3 +80,11 @@ def test_a_last_log_line_cut_short_by_a_crash_is_dropped_and_other_bad_lines_are
     metrics.write_text('{"epoch": 1}\n{"epo\n{"epoch": 3}\n')
     with pytest.raises(UserError, match=r"metrics.jsonl:2: expected one JSON object a line, got '\{\"epo'"):
         read_metrics(metrics)
+
+
+def test_a_switch_recorded_as_on_or_off_by_an_older_version_compares_as_its_boolean():
+    now = argparse.Namespace(spec_augment=True, speed_perturb=False, skip_silent=False, lr=0.001, eval_list=['t.txt'])
+    recorded = {'spec_augment': 'on', 'speed_perturb': 'off', 'skip_silent': 'on', 'lr': 0.001,
+                'eval_list': ['t.txt']}
+    assert changed_flags(recorded, now) == {'skip_silent': ('on', False)}
+    assert changed_flags(recorded | {'skip_silent': False, 'lr': 0.01}, now) == {'lr': (0.01, 0.001)}

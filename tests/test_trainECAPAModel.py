@@ -62,23 +62,44 @@ def test_a_config_file_sets_flags_and_the_command_line_overrides_it(tmp_path):
     config.write_text('demo: true\nmax_epoch: 3\nlr: 1e-3\nspec_augment: "off"\ntensorboard: false\n'
                       'eval_list: [a.txt, b.txt]\nmargin_schedule: [2, 4]\n')
     args = trainECAPAModel.parse_args(['--config', str(config), '--max_epoch', '5', '--save_path', str(tmp_path)])
-    assert (args.max_epoch, args.lr, args.spec_augment, args.tensorboard) == (5, 0.001, 'off', False)
+    assert (args.max_epoch, args.lr, args.spec_augment, args.tensorboard) == (5, 0.001, False, False)
     assert args.eval_list == ['a.txt', 'b.txt'] and args.margin_schedule == [2, 4]
     assert args.batch_size == trainECAPAModel.DEMO_DEFAULTS['batch_size']  # --demo from the file, with its defaults
     assert {'demo', 'max_epoch', 'lr', 'eval_list', 'config', 'save_path'} <= set(args.given)
     as_json = tmp_path / 'run.json'
     as_json.write_text(json.dumps({'demo': True, 'max_epoch': 3, 'lr': 0.001, 'spec_augment': 'off',
-                                   'eval_list': ['a.txt', 'b.txt'], 'margin_schedule': [2, 4]}))
+                                   'tensorboard': False, 'eval_list': ['a.txt', 'b.txt'], 'margin_schedule': [2, 4]}))
     same = trainECAPAModel.parse_args(['--config', str(as_json), '--max_epoch', '5', '--save_path', str(tmp_path)])
     assert {k: v for k, v in vars(same).items() if k != 'config'} == {
         k: v for k, v in vars(args).items() if k != 'config'}
+
+
+def test_every_setting_that_is_on_or_off_is_a_switch_given_alone_or_with_on_or_off(tmp_path, cli_error):
+    def parsed(*flags):
+        return trainECAPAModel.parse_args(['--demo', '--save_path', str(tmp_path), *flags])
+    default = parsed()
+    assert (default.spec_augment, default.skip_silent, default.speed_perturb, default.snorm) == (True, True, False,
+                                                                                                False)
+    for flags, name, value in ((['--snorm'], 'snorm', True), (['--snorm', 'on'], 'snorm', True),
+                               (['--snorm', 'off'], 'snorm', False), (['--spec_augment', 'off'], 'spec_augment', False),
+                               (['--spec_augment'], 'spec_augment', True), (['--speed_perturb', 'on'], 'speed_perturb',
+                                                                            True),
+                               (['--skip_silent', 'OFF', '--lr', '0.1'], 'skip_silent', False)):
+        args = parsed(*flags)
+        assert getattr(args, name) is value and name in args.given, flags
+    status, message, _ = cli_error(['--demo', '--spec_augment', 'maybe'])
+    assert status == 2 and "argument --spec_augment: expected on or off, got 'maybe'" in message
+    yaml_file = tmp_path / 'c.yaml'
+    yaml_file.write_text('spec_augment: off\nspeed_perturb: "on"\nsnorm: true\n')  # YAML reads a bare off as false
+    args = trainECAPAModel.parse_args(['--demo', '--config', str(yaml_file), '--save_path', str(tmp_path)])
+    assert (args.spec_augment, args.speed_perturb, args.snorm) == (False, True, True)
 
 
 @pytest.mark.parametrize('text,error', [
     ('{"max_epochs": 3}', r"'max_epochs' is not a flag \(names as in --help, without the dashes\)"),
     ('{"lr": "fast"}', r"argument --lr: invalid float value: 'fast'"),
     ('{"model": "lstm"}', r"argument --model: invalid choice: 'lstm'"),
-    ('{"demo": "yes"}', r"demo is a switch: true or false, not 'yes'"),
+    ('{"demo": "yes"}', r"demo is a switch: true or false \(on or off\), not 'yes'"),
     ('[1, 2]', r'not a mapping of flag names to values'),
     ('{"lr": ', r'Expecting value'),
     ('{"arguments": {"lr": 0.1}}', r"a run's config.json that does not say which flags the run was given"),
@@ -121,7 +142,7 @@ def test_large_margin_sets_longer_crops_a_larger_margin_and_a_low_lr(tmp_path):
     args = trainECAPAModel.parse_args(['--demo', '--large_margin', '--initial_model', str(checkpoint),
                                        '--save_path', str(tmp_path)])
     assert (args.num_frames, args.m, args.max_epoch) == (600, 0.5, 5)
-    assert (args.scheduler, args.lr, args.final_lr, args.spec_augment) == ('warmup_exp', 1e-4, 2.5e-5, 'off')
+    assert (args.scheduler, args.lr, args.final_lr, args.spec_augment) == ('warmup_exp', 1e-4, 2.5e-5, False)
     args = trainECAPAModel.parse_args(['--demo', '--large_margin', '--initial_model', str(checkpoint), '--m', '0.4',
                                        '--save_path', str(tmp_path)])
     assert args.m == 0.4 and args.num_frames == 600
