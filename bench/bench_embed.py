@@ -11,7 +11,7 @@ import time
 import torch
 
 from common import environment, synchronize, write_json
-from model import build_encoder
+from speakerkit.model import build_encoder
 
 ENCODERS = [('ecapa-tdnn', 1024), ('ecapa-tdnn', 512), ('resnet34', 32), ('tdnn', 512)]
 

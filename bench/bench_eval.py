@@ -26,11 +26,11 @@ import torch
 
 import reference
 from common import SHARED_DATA, environment, synchronize, write_json
-import demo
-from dataLoader import read_audio
-from lists import read_trials
-from model import build_encoder
-from evaluation import Autocast, embed_files, evaluate, protocol_vectors_of
+from speakerkit import demo
+from speakerkit.dataLoader import read_audio
+from speakerkit.lists import read_trials
+from speakerkit.model import build_encoder
+from speakerkit.evaluation import Autocast, embed_files, evaluate, protocol_vectors_of
 
 
 def one_at_a_time(encoder, paths, root, device):

@@ -37,12 +37,12 @@ from scipy import signal
 
 import reference
 from common import SHARED_DATA, environment, synchronize, write_json
-import demo
-from augment import Augmenter, DeviceAugmenter
-from dataLoader import CropMaker, TrainDataset
-from lists import read_shard_list, read_train_list
-from shards import ShardDataset, pack_shards
-from model import crop_samples
+from speakerkit import demo
+from speakerkit.augment import Augmenter, DeviceAugmenter
+from speakerkit.dataLoader import CropMaker, TrainDataset
+from speakerkit.lists import read_shard_list, read_train_list
+from speakerkit.shards import ShardDataset, pack_shards
+from speakerkit.model import crop_samples
 
 BATCH = 32
 

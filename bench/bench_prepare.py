@@ -18,8 +18,8 @@ import av
 import numpy as np
 
 from common import environment, write_json
-import demo
-from prepare import convert_one, files_under, inspect_file
+from speakerkit import demo
+from speakerkit.prepare import convert_one, files_under, inspect_file
 
 
 def write_m4a(path, audio, rate=16000):

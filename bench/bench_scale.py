@@ -52,8 +52,8 @@ def timed(function, *args):
 
 
 def measure_lists(corpus):
-    from lists import read_train_list, read_trials, require_files, without_repeats
-    from dataLoader import unreadable_headers
+    from speakerkit.lists import read_train_list, read_trials, require_files, without_repeats
+    from speakerkit.dataLoader import unreadable_headers
     train_list, read_s = timed(read_train_list, os.path.join(corpus, 'train_list.txt'))
     (train_list, _), repeat_s = timed(without_repeats, train_list)
     _, exist_s = timed(require_files, train_list.paths, train_list.lines, os.path.join(corpus, 'train', 'wav'),
@@ -72,8 +72,9 @@ def measure_lists(corpus):
 def measure_plans(train_list, batch_size):
     import numpy as np
     import torch
-    from lists import cohort_entries
-    from samplers import EpochSampler, HardNegativeBatches, HardNegativePairBatches, SpeakerGroups, SpeakerPairSampler
+    from speakerkit.lists import cohort_entries
+    from speakerkit.samplers import (EpochSampler, HardNegativeBatches, HardNegativePairBatches, SpeakerGroups,
+                                     SpeakerPairSampler)
     found = {}
     centres = torch.from_numpy(np.random.default_rng(0).standard_normal((len(train_list.speakers), 16)))
     labels = train_list.labels
@@ -95,11 +96,11 @@ def measure_plans(train_list, batch_size):
 
 
 def train_child(out_json, started, steps, argv):
-    """In the training process: trainECAPAModel.main(argv), measured at its first and `steps`-th step, then
+    """In the training process: cli.main(argv), measured at its first and `steps`-th step, then
     stopped by SIGTERM (as a scheduler would)."""
-    import checkpoints
-    import trainECAPAModel
-    import trainer
+    from speakerkit import checkpoints
+    from speakerkit import cli
+    from speakerkit import trainer
     record = {'at_step': {}}
     taken = [0]
     step = trainer.TrainingStep.__call__
@@ -126,7 +127,7 @@ def train_child(out_json, started, steps, argv):
 
     trainer.TrainingStep.__call__ = measured_step
     checkpoints.ResumeState.save = measured_save
-    trainECAPAModel.main(argv)
+    cli.main(argv)
     with open(out_json, 'w') as f:
         json.dump(record, f)
 
@@ -145,7 +146,7 @@ def measure_training(args, corpus, save_path):
     subprocess.run(command, check=True)
     with open(out_json) as f:
         record = json.load(f)
-    from checkpoints import ResumeState
+    from speakerkit.checkpoints import ResumeState
     resume = os.path.join(save_path, 'model', 'resume.pt')
     _, record['resume_load_s'] = timed(ResumeState.load, resume)
     record['resume_mib'] = os.path.getsize(resume) / 2 ** 20

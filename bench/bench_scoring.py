@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from common import environment, peak_rss_gib, write_json
-from metrics import as_norm, compute_eer, compute_min_dcf
+from speakerkit.metrics import as_norm, compute_eer, compute_min_dcf
 
 
 def unit_rows(rng, n, d):

@@ -34,9 +34,9 @@ import torch
 
 import reference
 from common import environment, peak_rss_gib, synchronize, write_json
-from loss import AAMsoftmax
-from model import MODELS, build_encoder, crop_samples
-from trainer import SpeakerModel, TrainingStep, adam
+from speakerkit.loss import AAMsoftmax
+from speakerkit.model import MODELS, build_encoder, crop_samples
+from speakerkit.trainer import SpeakerModel, TrainingStep, adam
 
 ENCODERS = [('ecapa-tdnn', 1024), ('resnet34', 32), ('tdnn', 512)]
 SPEAKERS = 5994

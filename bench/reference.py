@@ -1,11 +1,11 @@
 """The original code, TaoRuijie/ECAPA-TDNN, imported from a checkout the user names (`--reference DIR`), so that
 a benchmark times it beside ours in one process. Nothing of it is copied here.
 
-Its modules are named like ours (model, loss, tools, dataLoader) and import each other by those names, so
-they are loaded while ours are out of `sys.modules`, then kept under `reference.modules`. The only run-time
-patches are what a CPU and numpy >= 1.24 need: `.cuda()` is the identity when CUDA is absent, and the alias
-`numpy.float` (removed from numpy) is `float` again. Its `tools.py` imports scikit-learn
-(bench/requirements.txt).
+Its modules are named like this checkout's top-level names (model, loss, tools, dataLoader) and import each
+other by those names, so they are loaded while ours are out of `sys.modules`, then kept under
+`reference.modules`. The only run-time patches are what a CPU and numpy >= 1.24 need: `.cuda()` is the identity
+when CUDA is absent, and the alias `numpy.float` (removed from numpy) is `float` again. Its `tools.py` imports
+scikit-learn (bench/requirements.txt).
 """
 
 import contextlib

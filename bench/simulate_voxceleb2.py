@@ -23,7 +23,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import demo  # noqa: E402
+from speakerkit import demo  # noqa: E402
 
 VIDEO_ID_LETTERS = np.array(list(string.ascii_letters + string.digits + '-_'))
 UTTERANCES_PER_VIDEO = 7.5  # VoxCeleb2 dev: 1,092,009 utterances from 145,569 videos

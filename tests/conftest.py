@@ -4,7 +4,7 @@
   tiny_shards      its training list packed into tar shards (session)
   train_argv       the flags of a tiny training run on a corpus: ECAPA-TDNN C=32, 0.4 s crops, batch 8
   reference_run    one tiny two-epoch run with those flags, shared by every test that only reads its outputs
-  cli_error        runs trainECAPAModel.main expecting a user error: (exit status, stderr, stdout)
+  cli_error        runs cli.main expecting a user error: (exit status, stderr, stdout)
   shared_data      a path under ../shared/data, or a skip when that folder is not beside the checkout
   broken_corpus    the tiny corpus with one unusable file of each BROKEN kind listed under its first speaker
 assert_same_checkpoints(a, b)  two checkpoint files hold bit-identical tensors
@@ -23,9 +23,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 SHARED_DATA = os.path.join(ROOT, '..', 'shared', 'data')
 
-import demo  # noqa: E402
-import prepare  # noqa: E402
-import trainECAPAModel  # noqa: E402
+from speakerkit import demo  # noqa: E402
+from speakerkit import prepare  # noqa: E402
+from speakerkit import cli  # noqa: E402
 
 if os.environ.get('PYTEST_XDIST_WORKER'):  # one process per core (pytest -n): no two workers fight over a core,
     torch.set_num_threads(1)
@@ -94,18 +94,18 @@ def reference_run(tiny_corpus, train_argv, tmp_path_factory):
     """The save_path of `train_argv` with --max_epoch 2, trained once for the whole session. Read it, never
     write into it."""
     path = tmp_path_factory.mktemp('reference_run')
-    trainECAPAModel.main(train_argv(tiny_corpus, path, '--max_epoch', '2'))
+    cli.main(train_argv(tiny_corpus, path, '--max_epoch', '2'))
     return path
 
 
 @pytest.fixture
 def cli_error(capsys):
-    """cli_error(argv) -> (exit status, stderr, stdout) of trainECAPAModel.main(argv), which must stop on a user
+    """cli_error(argv) -> (exit status, stderr, stdout) of cli.main(argv), which must stop on a user
     error."""
     def run(argv):
         capsys.readouterr()
         with pytest.raises(SystemExit) as stopped:
-            trainECAPAModel.main(argv)
+            cli.main(argv)
         printed = capsys.readouterr()
         return stopped.value.code, printed.err, printed.out
     return run

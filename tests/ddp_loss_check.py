@@ -11,8 +11,8 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import distributed  # noqa: E402
-from loss import JointObjective  # noqa: E402
+from speakerkit import distributed  # noqa: E402
+from speakerkit.loss import JointObjective  # noqa: E402
 
 PAIRS = 8  # over all processes
 

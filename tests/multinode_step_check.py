@@ -13,13 +13,13 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import distributed  # noqa: E402
-from dataLoader import CropMaker, collate  # noqa: E402
-from lists import read_shard_list  # noqa: E402
-from loss import AAMsoftmax  # noqa: E402
-from model import build_encoder, crop_samples  # noqa: E402
-from shards import ShardDataset, steps_per_epoch  # noqa: E402
-from trainer import SpeakerModel, TrainingStep, adam  # noqa: E402
+from speakerkit import distributed  # noqa: E402
+from speakerkit.dataLoader import CropMaker, collate  # noqa: E402
+from speakerkit.lists import read_shard_list  # noqa: E402
+from speakerkit.loss import AAMsoftmax  # noqa: E402
+from speakerkit.model import build_encoder, crop_samples  # noqa: E402
+from speakerkit.shards import ShardDataset, steps_per_epoch  # noqa: E402
+from speakerkit.trainer import SpeakerModel, TrainingStep, adam  # noqa: E402
 
 BATCH = 3
 

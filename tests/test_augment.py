@@ -9,10 +9,11 @@ import pytest
 import soundfile
 import torch
 
-import augment
-from augment import MUSAN_CATEGORIES, Augmenter, DeviceAugmenter, SignalBank, mix_at_snr, reverberate, snr_gain
-from dataLoader import read_audio
-from errors import UserError
+from speakerkit import augment
+from speakerkit.augment import (MUSAN_CATEGORIES, Augmenter, DeviceAugmenter, SignalBank, mix_at_snr, reverberate,
+                                snr_gain)
+from speakerkit.dataLoader import read_audio
+from speakerkit.errors import UserError
 
 RATE = 16000
 

@@ -14,12 +14,12 @@ import pytest
 import soundfile
 import torch
 
-from checkpoints import (FolderLock, ResumeState, atomic_write, average_checkpoints, encoder_weights,
-                         load_encoder_weights, load_state_dict_file, remove_partial_writes, save_checkpoint)
-from errors import UserError
-from loss import AAMsoftmax
-from model import ECAPA_TDNN, EncoderConfig, build_encoder
-from trainer import SpeakerModel
+from speakerkit.checkpoints import (FolderLock, ResumeState, atomic_write, average_checkpoints, encoder_weights,
+                                    load_encoder_weights, load_state_dict_file, remove_partial_writes, save_checkpoint)
+from speakerkit.errors import UserError
+from speakerkit.loss import AAMsoftmax
+from speakerkit.model import ECAPA_TDNN, EncoderConfig, build_encoder
+from speakerkit.trainer import SpeakerModel
 
 
 def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
@@ -210,7 +210,7 @@ def test_the_original_readme_snippet_loads_our_checkpoint(tmp_path):
                     str(tmp_path / 'pretrained.model'))
     soundfile.write(tmp_path / 'a.wav', np.random.default_rng(0).standard_normal(8000) * 0.1, 8000)
     snippet = '''
-import model
+from speakerkit import model
 import torch
 import torch, sys, os, tqdm, numpy, soundfile, time, pickle
 import torchaudio.transforms as T

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import soundfile
 
-import demo
-import evaluation
-import tools
-from lists import read_trials
+from speakerkit import demo
+from speakerkit import evaluation
+from speakerkit import tools
+from speakerkit.lists import read_trials
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, 'exps', 'librispeech'))

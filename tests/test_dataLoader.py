@@ -13,12 +13,13 @@ import pytest
 import soundfile
 import torch
 
-from augment import Augmenter
-from dataLoader import (SPEED_PERTURBATION, PairDataset, TrainDataset, UnusableAudio, change_speed, collate,
-                        end_loader_workers, leave_signals_to_parent, random_crop, read_audio, read_usable_crop)
-from errors import UserError
-from lists import TrainEntry, TrainList, read_train_list
-from model import crop_samples
+from speakerkit.augment import Augmenter
+from speakerkit.dataLoader import (SPEED_PERTURBATION, PairDataset, TrainDataset, UnusableAudio, change_speed, collate,
+                                   end_loader_workers, leave_signals_to_parent, random_crop, read_audio,
+                                   read_usable_crop)
+from speakerkit.errors import UserError
+from speakerkit.lists import TrainEntry, TrainList, read_train_list
+from speakerkit.model import crop_samples
 
 RATE = 16000
 

@@ -11,9 +11,9 @@ import time
 import pytest
 import torch
 
-import trainECAPAModel
+from speakerkit import cli
 from conftest import assert_same_checkpoints
-from records import read_metrics
+from speakerkit.records import read_metrics
 
 pytestmark = pytest.mark.slow  # every test starts torchrun processes
 
@@ -88,7 +88,7 @@ def test_score_txt_under_torchrun_describes_the_saved_checkpoint(straight_torchr
     path, _ = straight_torchrun_run
     logged = [record['eval'] for record in read_metrics(path / 'metrics.jsonl')]
     for epoch in (1, 2, 3):
-        results = trainECAPAModel.main(['--eval', '--initial_model', str(path / 'model' / f'model_{epoch:04d}.model'),
+        results = cli.main(['--eval', '--initial_model', str(path / 'model' / f'model_{epoch:04d}.model'),
                                         '--eval_list', tiny_corpus['eval_list'], '--eval_path',
                                         tiny_corpus['eval_path'], '--save_path', str(tmp_path), '--n_cpu', '0'])
         result, = results.values()

@@ -11,17 +11,17 @@ import soundfile
 import torch
 import torch.nn.functional as F
 
-from checkpoints import save_checkpoint
-from dataLoader import EVAL_MAX_SECONDS
-from errors import UserError
-from lists import TrainEntry, TrialList
-from loss import AAMsoftmax
-from model import ConvMelSpectrogram, ECAPA_TDNN, EncoderConfig, build_encoder, crop_samples
-from evaluation import (Autocast, Cohort, build_cohort, cached_embed_files, embed_files, evaluate,
-                        protocol_vectors_of)
-from metrics import as_norm, verification_metrics
-from tools import embed, export_onnx, export_torchscript, load_model, protocol_vectors, score
-from trainer import SpeakerModel
+from speakerkit.checkpoints import save_checkpoint
+from speakerkit.dataLoader import EVAL_MAX_SECONDS
+from speakerkit.errors import UserError
+from speakerkit.lists import TrainEntry, TrialList
+from speakerkit.loss import AAMsoftmax
+from speakerkit.model import ConvMelSpectrogram, ECAPA_TDNN, EncoderConfig, build_encoder, crop_samples
+from speakerkit.evaluation import (Autocast, Cohort, build_cohort, cached_embed_files, embed_files, evaluate,
+                                   protocol_vectors_of)
+from speakerkit.metrics import as_norm, verification_metrics
+from speakerkit.tools import embed, export_onnx, export_torchscript, load_model, protocol_vectors, score
+from speakerkit.trainer import SpeakerModel
 
 
 def reference_as_norm(embeddings, trials, cohort, top_k):

@@ -3,9 +3,10 @@
 import numpy as np
 import pytest
 
-from errors import UserError
-from lists import (TrainEntry, TrainList, TrialList, cohort_entries, distinct_names, files_under, read_path_list,
-                   read_score_file, read_train_list, read_trials, require_files, without_repeats, write_score_file)
+from speakerkit.errors import UserError
+from speakerkit.lists import (TrainEntry, TrainList, TrialList, cohort_entries, distinct_names, files_under,
+                              read_path_list, read_score_file, read_train_list, read_trials, require_files,
+                              without_repeats, write_score_file)
 
 
 def test_a_byte_order_mark_crlf_endings_and_blank_lines_change_nothing(tmp_path):
@@ -112,10 +113,13 @@ def test_score_files_round_trip(tmp_path):
     assert scores.tolist() == [0.25, -1.5] and labels.tolist() == [1, 0]
 
 
-def test_path_lists_take_the_last_field_and_folders_their_audio_files(tmp_path):
+def test_path_lists_take_each_audio_field_or_the_last_and_folders_their_audio_files(tmp_path):
     path = tmp_path / 'files.txt'
-    path.write_text('id1 id1/a.wav\n\nid1/b.flac\nid1 id1/a.wav\n')
-    assert read_path_list(str(path)) == {'id1/a.wav': 1, 'id1/b.flac': 3}
+    path.write_text('id1 id1/a.wav\n\nid1/b.flac\nid1 id1/a.wav\nid2/c\n')
+    assert read_path_list(str(path)) == {'id1/a.wav': 1, 'id1/b.flac': 3, 'id2/c': 5}
+    trials = tmp_path / 'trials.txt'  # files that only enrol are embedded too
+    trials.write_text('1 e/1.wav t/1.wav\n0 e/1.wav t/2.WAV\ne/3.m4a t/1.wav\ne/4.wav t/3.wav target\n')
+    assert list(read_path_list(str(trials))) == ['e/1.wav', 't/1.wav', 't/2.WAV', 'e/3.m4a', 'e/4.wav', 't/3.wav']
     for rel in ('s/a.wav', 's/v/b.FLAC', 's/notes.txt'):
         (tmp_path / 'tree' / rel).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / 'tree' / rel).write_bytes(b'')

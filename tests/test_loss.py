@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 from scipy.stats import chisquare
 
-from loss import AAMsoftmax, InfoNCE, JointObjective, PairMatchingHead, additive_angular_margin, sample_hard_negatives
+from speakerkit.loss import (AAMsoftmax, InfoNCE, JointObjective, PairMatchingHead, additive_angular_margin,
+                             sample_hard_negatives)
 
 
 def test_margin_is_cos_theta_plus_m():

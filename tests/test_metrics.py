@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from metrics import cohort_statistics, compute_eer, compute_min_dcf
+from speakerkit.metrics import cohort_statistics, compute_eer, compute_min_dcf
 
 
 def reference_rates(scores, labels):

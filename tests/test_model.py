@@ -4,7 +4,7 @@ import pytest
 import torch
 import torchaudio
 
-from model import ECAPA_TDNN, FbankAug, PreEmphasis, build_encoder, crop_samples, frame_geometry
+from speakerkit.model import ECAPA_TDNN, FbankAug, PreEmphasis, build_encoder, crop_samples, frame_geometry
 
 
 def reference_ecapa_keys(C):

@@ -12,9 +12,9 @@ import pytest
 import soundfile
 import torch
 
-import tools
-from dataLoader import decode_with_av, read_audio, wrap_pad
-from model import ECAPA_TDNN
+from speakerkit import tools
+from speakerkit.dataLoader import decode_with_av, read_audio, wrap_pad
+from speakerkit.model import ECAPA_TDNN
 
 ATOL = 1e-5
 
@@ -85,6 +85,9 @@ def test_a_batch_with_lengths_gives_each_row_the_vector_of_its_own_file(encoder,
     assert rows.shape == (2, 192)
     torch.testing.assert_close(rows, tools.embed(encoder, paths), rtol=0, atol=ATOL)
     torch.testing.assert_close(rows[1], tools.embed(encoder, paths[1]), rtol=0, atol=ATOL)
+    relative = torch.tensor([1.0, len(b) / len(a)])  # SpeechBrain's wav_lens
+    torch.testing.assert_close(tools.embed(encoder, torch.from_numpy(batch), 16000, lengths=relative), rows, rtol=0,
+                               atol=0)
     unpadded = tools.embed(encoder, torch.from_numpy(batch), 16000)[1]
     assert not torch.allclose(unpadded, rows[1], atol=1e-3)  # without lengths the zeros are part of row 1
     with pytest.raises(ValueError, match=r'lengths \[16000\] do not fit a batch of shape \[2, 32000\]'):
@@ -154,8 +157,8 @@ def test_bad_inputs_are_errors_naming_them_and_silence_warns(encoder, tmp_path):
 PEAK_MEMORY = """
 import resource, sys, numpy as np, torch
 sys.path.insert(0, sys.argv[1])
-import tools
-from model import ECAPA_TDNN
+from speakerkit import tools
+from speakerkit.model import ECAPA_TDNN
 torch.manual_seed(0)
 encoder = ECAPA_TDNN(512, 16000).eval()
 tools.embed(encoder, np.random.default_rng(0).standard_normal(16000).astype(np.float32), 16000)  # warm up

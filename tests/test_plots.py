@@ -5,10 +5,10 @@ import json
 import numpy as np
 from matplotlib.image import imread
 
-from lists import TrialList
-from plots import det_curve, evaluation_plots, score_histograms, training_curve
-from evaluation import ListResult
-from metrics import verification_metrics
+from speakerkit.lists import TrialList
+from speakerkit.plots import det_curve, evaluation_plots, score_histograms, training_curve
+from speakerkit.evaluation import ListResult
+from speakerkit.metrics import verification_metrics
 
 PNG_SIGNATURE = b'\x89PNG\r\n\x1a\n'
 

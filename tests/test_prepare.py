@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import soundfile
 
-import prepare
-import trainECAPAModel
-from augment import Augmenter, musan_files, rir_files
-from dataLoader import UnusableAudio, read_usable_crop, resample
-from errors import UserError
+from speakerkit import prepare
+from speakerkit import cli
+from speakerkit.augment import Augmenter, musan_files, rir_files
+from speakerkit.dataLoader import UnusableAudio, read_usable_crop, resample
+from speakerkit.errors import UserError
 
 
 def write_m4a(path, seconds, frequency, rate=16000):
@@ -85,10 +85,10 @@ def test_train_list_from_a_converted_tree_checks_and_trains(m4a_tree, tiny_corpu
     assert len(lines) == 8 and lines[0] == 'id00001 id00001/vidA/00001.wav'
     assert {line.split()[0] for line in lines} == {'id00001', 'id00002'}
     assert all(line.split()[1].startswith(line.split()[0] + '/') for line in lines)
-    assert trainECAPAModel.main(['--check_data', '--train_list', str(tmp_path / 'train_list.txt'),
+    assert cli.main(['--check_data', '--train_list', str(tmp_path / 'train_list.txt'),
                                  '--train_path', str(target), '--n_cpu', '0']) == []
     assert '8 files, 2 speakers' in capsys.readouterr().out
-    trainECAPAModel.main(['--train_list', str(tmp_path / 'train_list.txt'), '--train_path', str(target),
+    cli.main(['--train_list', str(tmp_path / 'train_list.txt'), '--train_path', str(target),
                           '--eval_list', tiny_corpus['eval_list'], '--eval_path', tiny_corpus['eval_path'],
                           '--save_path', str(tmp_path / 'run'), '--C', '16', '--num_frames', '40', '--batch_size', '4',
                           '--max_epoch', '1', '--n_cpu', '0'])
@@ -171,7 +171,7 @@ def test_check_data_reports_planted_problems_with_their_list_lines(broken_corpus
     assert '6 speakers' in printed and 'MUSAN noise' in printed and 'RIRs' in printed
     clean = tmp_path / 'clean.txt'
     clean.write_text(''.join(line for line in open(corpus['train_list']) if 'bad/' not in line or 'stereo' in line))
-    assert trainECAPAModel.main(['--check_data', '--train_list', str(clean), '--train_path', corpus['train_path'],
+    assert cli.main(['--check_data', '--train_list', str(clean), '--train_path', corpus['train_path'],
                                  '--n_cpu', '0']) == []
 
 

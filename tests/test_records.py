@@ -6,11 +6,11 @@ import json
 import numpy as np
 import pytest
 
-from errors import UserError
-from lists import TrialList
-from records import EpochRecord, append_metrics, changed_flags, forget_epochs_after, read_metrics, score_line
-from evaluation import ListResult
-from metrics import verification_metrics
+from speakerkit.errors import UserError
+from speakerkit.lists import TrialList
+from speakerkit.records import EpochRecord, append_metrics, changed_flags, forget_epochs_after, read_metrics, score_line
+from speakerkit.evaluation import ListResult
+from speakerkit.metrics import verification_metrics
 
 
 def result(name, labels=True, snorm=False):

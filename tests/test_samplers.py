@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from errors import UserError
-from samplers import (EpochSampler, HardNegativeBatches, HardNegativePairBatches, SpeakerGroups, SpeakerPairSampler,
-                      speaker_groups)
+from speakerkit.errors import UserError
+from speakerkit.samplers import (EpochSampler, HardNegativeBatches, HardNegativePairBatches, SpeakerGroups,
+                                 SpeakerPairSampler, speaker_groups)
 
 
 def items(sampler):

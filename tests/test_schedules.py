@@ -4,7 +4,7 @@ import argparse
 
 import pytest
 
-from schedules import margin, step_lr, training_schedule, warmup_exp
+from speakerkit.schedules import margin, step_lr, training_schedule, warmup_exp
 
 
 def test_step_lr_is_the_original_steplr():

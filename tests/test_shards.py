@@ -10,15 +10,15 @@ import pytest
 import torch
 import webdataset
 
-import prepare
+from speakerkit import prepare
 from conftest import assert_same_checkpoints
 from test_trainer import signal_at_step
-from augment import Augmenter
-from dataLoader import CropMaker, TrainDataset, collate
-from errors import UserError
-from lists import read_shard_list, read_train_list
-from model import crop_samples
-from shards import ShardDataset, epoch_shards, steps_per_epoch
+from speakerkit.augment import Augmenter
+from speakerkit.dataLoader import CropMaker, TrainDataset, collate
+from speakerkit.errors import UserError
+from speakerkit.lists import read_shard_list, read_train_list
+from speakerkit.model import crop_samples
+from speakerkit.shards import ShardDataset, epoch_shards, steps_per_epoch
 
 RATE = 16000
 FRAMES = 40
@@ -161,20 +161,20 @@ def test_training_from_shards_stopped_inside_an_epoch_continues_exactly_and_refu
         packed, tiny_corpus, tmp_path, cli_error, monkeypatch):
     """Two loader workers, stopped by SIGTERM after step 3 of epoch 2 (6 steps an epoch): the workers' turns
     and the batches already trained are taken up where they were."""
-    import trainECAPAModel
-    from trainer import TrainingStep
+    from speakerkit import cli
+    from speakerkit.trainer import TrainingStep
 
     def argv(save_path, *extra):
         return ['--train_shards', packed.path, '--eval_list', tiny_corpus['eval_list'], '--eval_path',
                 tiny_corpus['eval_path'], '--save_path', str(save_path), '--C', '16', '--num_frames', '40',
                 '--batch_size', '6', '--n_cpu', '2', '--seed', '5', '--max_epoch', '2', *extra]
-    trainECAPAModel.main(argv(tmp_path / 'straight'))
+    cli.main(argv(tmp_path / 'straight'))
     _, original_step = signal_at_step(monkeypatch, 9, signal.SIGTERM)
-    assert trainECAPAModel.main(argv(tmp_path / 'stopped')) is False
+    assert cli.main(argv(tmp_path / 'stopped')) is False
     state = torch.load(tmp_path / 'stopped' / 'model' / 'resume.pt', weights_only=True)
     assert state['epoch'] == 1 and state['partial_epoch'][0]['step'] == 3
     monkeypatch.setattr(TrainingStep, '__call__', original_step)
-    trainECAPAModel.main(argv(tmp_path / 'stopped'))
+    cli.main(argv(tmp_path / 'stopped'))
     assert_same_checkpoints(tmp_path / 'straight' / 'model' / 'model_0002.model',
                             tmp_path / 'stopped' / 'model' / 'model_0002.model')
     assert (tmp_path / 'straight' / 'score.txt').read_text() == (tmp_path / 'stopped' / 'score.txt').read_text()

@@ -14,16 +14,16 @@ import pytest
 import soundfile
 import torch
 
-import commands
-import evaluation
-import metrics
-import tools
-import trainECAPAModel
-from checkpoints import save_checkpoint
-from lists import cohort_entries, read_train_list, read_trials
-from loss import AAMsoftmax
-from model import ECAPA_TDNN, EncoderConfig, build_encoder
-from trainer import SpeakerModel
+from speakerkit import commands
+from speakerkit import evaluation
+from speakerkit import metrics
+from speakerkit import tools
+from speakerkit import cli
+from speakerkit.checkpoints import save_checkpoint
+from speakerkit.lists import cohort_entries, read_train_list, read_trials
+from speakerkit.loss import AAMsoftmax
+from speakerkit.model import ECAPA_TDNN, EncoderConfig, build_encoder
+from speakerkit.trainer import SpeakerModel
 
 
 @pytest.fixture
@@ -61,22 +61,22 @@ def test_a_config_file_sets_flags_and_the_command_line_overrides_it(tmp_path):
     config = tmp_path / 'run.yaml'
     config.write_text('demo: true\nmax_epoch: 3\nlr: 1e-3\nspec_augment: "off"\ntensorboard: false\n'
                       'eval_list: [a.txt, b.txt]\nmargin_schedule: [2, 4]\n')
-    args = trainECAPAModel.parse_args(['--config', str(config), '--max_epoch', '5', '--save_path', str(tmp_path)])
+    args = cli.parse_args(['--config', str(config), '--max_epoch', '5', '--save_path', str(tmp_path)])
     assert (args.max_epoch, args.lr, args.spec_augment, args.tensorboard) == (5, 0.001, False, False)
     assert args.eval_list == ['a.txt', 'b.txt'] and args.margin_schedule == [2, 4]
-    assert args.batch_size == trainECAPAModel.DEMO_DEFAULTS['batch_size']  # --demo from the file, with its defaults
+    assert args.batch_size == cli.DEMO_DEFAULTS['batch_size']  # --demo from the file, with its defaults
     assert {'demo', 'max_epoch', 'lr', 'eval_list', 'config', 'save_path'} <= set(args.given)
     as_json = tmp_path / 'run.json'
     as_json.write_text(json.dumps({'demo': True, 'max_epoch': 3, 'lr': 0.001, 'spec_augment': 'off',
                                    'tensorboard': False, 'eval_list': ['a.txt', 'b.txt'], 'margin_schedule': [2, 4]}))
-    same = trainECAPAModel.parse_args(['--config', str(as_json), '--max_epoch', '5', '--save_path', str(tmp_path)])
+    same = cli.parse_args(['--config', str(as_json), '--max_epoch', '5', '--save_path', str(tmp_path)])
     assert {k: v for k, v in vars(same).items() if k != 'config'} == {
         k: v for k, v in vars(args).items() if k != 'config'}
 
 
 def test_every_setting_that_is_on_or_off_is_a_switch_given_alone_or_with_on_or_off(tmp_path, cli_error):
     def parsed(*flags):
-        return trainECAPAModel.parse_args(['--demo', '--save_path', str(tmp_path), *flags])
+        return cli.parse_args(['--demo', '--save_path', str(tmp_path), *flags])
     default = parsed()
     assert (default.spec_augment, default.skip_silent, default.speed_perturb, default.snorm) == (True, True, False,
                                                                                                 False)
@@ -91,7 +91,7 @@ def test_every_setting_that_is_on_or_off_is_a_switch_given_alone_or_with_on_or_o
     assert status == 2 and "argument --spec_augment: expected on or off, got 'maybe'" in message
     yaml_file = tmp_path / 'c.yaml'
     yaml_file.write_text('spec_augment: off\nspeed_perturb: "on"\nsnorm: true\n')  # YAML reads a bare off as false
-    args = trainECAPAModel.parse_args(['--demo', '--config', str(yaml_file), '--save_path', str(tmp_path)])
+    args = cli.parse_args(['--demo', '--config', str(yaml_file), '--save_path', str(tmp_path)])
     assert (args.spec_augment, args.speed_perturb, args.snorm) == (False, True, True)
 
 
@@ -126,31 +126,31 @@ def test_a_yaml_config_with_aliases_is_refused_before_it_expands(tmp_path, cli_e
 
 
 def test_demo_defaults_yield_to_given_flags(tmp_path):
-    args = trainECAPAModel.parse_args(['--demo', '--max_epoch', '2', '--C', '256', '--save_path', str(tmp_path)])
+    args = cli.parse_args(['--demo', '--max_epoch', '2', '--C', '256', '--save_path', str(tmp_path)])
     assert (args.max_epoch, args.C, args.save_path) == (2, 256, str(tmp_path))
-    assert args.batch_size == trainECAPAModel.DEMO_DEFAULTS['batch_size']
+    assert args.batch_size == cli.DEMO_DEFAULTS['batch_size']
     assert args.train_list == os.path.join(str(tmp_path), 'corpus', 'voxceleb', 'train_list.txt')
-    assert trainECAPAModel.parse_args(['--demo', '--model', 'tdnn']).C == trainECAPAModel.DEMO_WIDTHS['tdnn']
-    assert trainECAPAModel.parse_args(['--demo', '--model', 'resnet34']).C == 16
-    assert trainECAPAModel.parse_args(['--demo']).loss == 'aamsoftmax'
-    assert trainECAPAModel.parse_args(['--demo', '--mode', 'clip']).loss == 'infonce'
+    assert cli.parse_args(['--demo', '--model', 'tdnn']).C == cli.DEMO_WIDTHS['tdnn']
+    assert cli.parse_args(['--demo', '--model', 'resnet34']).C == 16
+    assert cli.parse_args(['--demo']).loss == 'aamsoftmax'
+    assert cli.parse_args(['--demo', '--mode', 'clip']).loss == 'infonce'
 
 
 def test_large_margin_sets_longer_crops_a_larger_margin_and_a_low_lr(tmp_path):
     checkpoint = tmp_path / 'model.model'
     checkpoint.write_bytes(b'')
-    args = trainECAPAModel.parse_args(['--demo', '--large_margin', '--initial_model', str(checkpoint),
+    args = cli.parse_args(['--demo', '--large_margin', '--initial_model', str(checkpoint),
                                        '--save_path', str(tmp_path)])
     assert (args.num_frames, args.m, args.max_epoch) == (600, 0.5, 5)
     assert (args.scheduler, args.lr, args.final_lr, args.spec_augment) == ('warmup_exp', 1e-4, 2.5e-5, False)
-    args = trainECAPAModel.parse_args(['--demo', '--large_margin', '--initial_model', str(checkpoint), '--m', '0.4',
+    args = cli.parse_args(['--demo', '--large_margin', '--initial_model', str(checkpoint), '--m', '0.4',
                                        '--save_path', str(tmp_path)])
     assert args.m == 0.4 and args.num_frames == 600
 
 
 def test_help_shows_no_empty_defaults(capsys):
     with pytest.raises(SystemExit) as stopped:
-        trainECAPAModel.main(['--help'])
+        cli.main(['--help'])
     printed = capsys.readouterr().out
     assert stopped.value.code == 0 and '--snorm' in printed
     assert '(default: None)' not in printed and '(default: False)' not in printed
@@ -245,7 +245,7 @@ def test_a_save_path_that_is_a_file_is_one_line(tiny_corpus, train_argv, tmp_pat
 def test_eval_of_a_training_checkpoint_gives_its_logged_eer_and_a_score_file(tiny_corpus, reference_run, tmp_path,
                                                                             capsys):
     checkpoint = str(reference_run / 'model' / 'model_0002.model')
-    results = trainECAPAModel.main(eval_argv(checkpoint, tiny_corpus, tmp_path))
+    results = cli.main(eval_argv(checkpoint, tiny_corpus, tmp_path))
     metrics = results[tiny_corpus['eval_list']].metrics
     logged = (reference_run / 'score.txt').read_text().splitlines()[1]
     assert f'{metrics.text()}, bestEER' in logged
@@ -260,7 +260,7 @@ def test_eval_of_a_training_checkpoint_gives_its_logged_eer_and_a_score_file(tin
                         os.path.join(tiny_corpus['eval_path'], trials.test[0]))
     assert float(rows[0][2]) == pytest.approx(first, abs=1e-5)
     # --score_file recomputes the metrics from that file alone.
-    again = trainECAPAModel.main(['--score_file', str(score_file)])[str(score_file)]
+    again = cli.main(['--score_file', str(score_file)])[str(score_file)]
     assert again.eer == pytest.approx(metrics.eer, abs=1e-3)
     assert again.min_dcf == pytest.approx(metrics.min_dcf, abs=1e-3)
 
@@ -303,7 +303,7 @@ def test_as_norm_scores_equal_a_direct_computation_with_either_cohort(tiny_corpu
     argv = eval_argv(checkpoint, tiny_corpus, tmp_path) + [
         '--snorm', '--cohort', cohort, '--cohort_size', '20', '--cohort_top_k', '4',
         '--train_list', tiny_corpus['train_list'], '--train_path', tiny_corpus['train_path']]
-    result = trainECAPAModel.main(argv)[tiny_corpus['eval_list']]
+    result = cli.main(argv)[tiny_corpus['eval_list']]
     encoder = tools.load_model(checkpoint)
     trials = read_trials(tiny_corpus['eval_list'])
     files = sorted(set(trials.enroll + trials.test))
@@ -335,7 +335,7 @@ def test_several_lists_in_one_run_embed_each_file_once(tiny_corpus, checkpoint, 
                                                                                 trials.test))[::2]))
     unlabelled = tmp_path / 'test_phase.txt'
     unlabelled.write_text(''.join(f'{e} {t}\n' for e, t in zip(trials.enroll, trials.test)))
-    results = trainECAPAModel.main(eval_argv(checkpoint, tiny_corpus, tmp_path / 'run', tiny_corpus['eval_list'],
+    results = cli.main(eval_argv(checkpoint, tiny_corpus, tmp_path / 'run', tiny_corpus['eval_list'],
                                              str(half), str(unlabelled)))
     assert sorted(embed_calls) == sorted(set(trials.enroll) | set(trials.test))
     full, part, blind = (results[p] for p in (tiny_corpus['eval_list'], str(half), str(unlabelled)))
@@ -352,12 +352,12 @@ def test_a_replaced_audio_file_is_embedded_again(tiny_corpus, checkpoint, tmp_pa
     shutil.copytree(tiny_corpus['eval_path'], eval_path)
     argv = eval_argv(checkpoint, tiny_corpus, tmp_path / 'run')
     argv[argv.index('--eval_path') + 1] = str(eval_path)
-    before = trainECAPAModel.main(argv)[tiny_corpus['eval_list']]
+    before = cli.main(argv)[tiny_corpus['eval_list']]
     trials = read_trials(tiny_corpus['eval_list'])
     replaced, other = trials.enroll[0], next(f for f in trials.test if f != trials.enroll[0])
     shutil.copyfile(eval_path / other, eval_path / replaced)
     embed_calls.clear()
-    after = trainECAPAModel.main(argv)[tiny_corpus['eval_list']]
+    after = cli.main(argv)[tiny_corpus['eval_list']]
     assert embed_calls == [replaced]
     changed = [i for i, (e, t) in enumerate(zip(trials.enroll, trials.test)) if replaced in (e, t)]
     assert not np.allclose(after.scores[changed], before.scores[changed])
@@ -371,7 +371,7 @@ def test_two_lists_of_one_file_name_keep_their_own_outputs(tiny_corpus, checkpoi
         (tmp_path / folder).mkdir()
         (tmp_path / folder / 'trials.txt').write_text('\n'.join(part) + '\n')
     lists = [str(tmp_path / 'O' / 'trials.txt'), str(tmp_path / 'E' / 'trials.txt')]
-    results = trainECAPAModel.main(eval_argv(checkpoint, tiny_corpus, tmp_path / 'run', *lists))
+    results = cli.main(eval_argv(checkpoint, tiny_corpus, tmp_path / 'run', *lists))
     for path, folder, part in zip(lists, ('O', 'E'), (lines[::2], lines[1::2])):
         written = (tmp_path / 'run' / 'scores' / f'{folder}_trials.txt').read_text().splitlines()
         assert [line.split()[:2] for line in written] == [line.split()[1:] for line in part]
@@ -383,21 +383,21 @@ def test_two_lists_of_one_file_name_keep_their_own_outputs(tiny_corpus, checkpoi
 @pytest.mark.slow
 def test_embeddings_are_cached_per_checkpoint(tiny_corpus, checkpoint, tmp_path, embed_calls):
     argv = eval_argv(checkpoint, tiny_corpus, tmp_path / 'run')
-    first = trainECAPAModel.main(argv)[tiny_corpus['eval_list']]
+    first = cli.main(argv)[tiny_corpus['eval_list']]
     count = len(embed_calls)
     assert count > 0 and os.listdir(tmp_path / 'run' / 'embeddings')
-    second = trainECAPAModel.main(argv)[tiny_corpus['eval_list']]
+    second = cli.main(argv)[tiny_corpus['eval_list']]
     assert len(embed_calls) == count
     np.testing.assert_array_equal(first.scores, second.scores)
     # Another precision: the cache does not apply, and the scores move only a little.
-    bf16 = trainECAPAModel.main(argv + ['--eval_precision', 'bf16'])[tiny_corpus['eval_list']]
+    bf16 = cli.main(argv + ['--eval_precision', 'bf16'])[tiny_corpus['eval_list']]
     assert len(embed_calls) == 2 * count and len(os.listdir(tmp_path / 'run' / 'embeddings')) == 2
     assert not np.array_equal(bf16.scores, first.scores) and np.abs(bf16.scores - first.scores).max() < 0.02
     # Other weights: the cache does not apply.
     state = torch.load(checkpoint, weights_only=True)
     state['speaker_encoder.fc6.bias'] += 1
     torch.save(state, checkpoint)
-    trainECAPAModel.main(argv)
+    cli.main(argv)
     assert len(embed_calls) == 3 * count
 
 
@@ -406,7 +406,7 @@ def test_embeddings_are_cached_per_checkpoint(tiny_corpus, checkpoint, tmp_path,
 @pytest.mark.slow
 def test_extract_writes_embeddings_for_a_folder_and_a_list(tiny_corpus, checkpoint, tmp_path):
     out = tmp_path / 'folder.pt'
-    trainECAPAModel.main(['--initial_model', checkpoint, '--extract', tiny_corpus['eval_path'], '--out', str(out),
+    cli.main(['--initial_model', checkpoint, '--extract', tiny_corpus['eval_path'], '--out', str(out),
                           '--n_cpu', '0'])
     saved = torch.load(out, weights_only=True)
     trials = read_trials(tiny_corpus['eval_list'])
@@ -418,7 +418,7 @@ def test_extract_writes_embeddings_for_a_folder_and_a_list(tiny_corpus, checkpoi
     torch.testing.assert_close(saved['embeddings'][0], tools.embed(encoder, first), atol=1e-5, rtol=0)
     torch.testing.assert_close(saved['protocol_vectors'][0], tools.protocol_vectors(encoder, first), atol=1e-6, rtol=0)
     listed = tmp_path / 'listed.pt'
-    trainECAPAModel.main(['--initial_model', checkpoint, '--extract', tiny_corpus['train_list'],
+    cli.main(['--initial_model', checkpoint, '--extract', tiny_corpus['train_list'],
                           '--eval_path', tiny_corpus['train_path'], '--out', str(listed), '--n_cpu', '0'])
     assert torch.load(listed, weights_only=True)['paths'] == [
         entry.path for entry in read_train_list(tiny_corpus['train_list'])]
@@ -426,7 +426,7 @@ def test_extract_writes_embeddings_for_a_folder_and_a_list(tiny_corpus, checkpoi
 
 def test_embed_extract_torchscript_and_onnx_give_one_embedding(tiny_corpus, checkpoint, tmp_path):
     out = tmp_path / 'embeddings.npz'
-    trainECAPAModel.main(['--initial_model', checkpoint, '--extract', tiny_corpus['eval_path'], '--out', str(out),
+    cli.main(['--initial_model', checkpoint, '--extract', tiny_corpus['eval_path'], '--out', str(out),
                           '--n_cpu', '0'])
     saved = np.load(out)  # no pickle needed
     assert saved['skipped'].shape == (0, 2) and int(saved['sampling_rate']) == 16000
@@ -436,34 +436,43 @@ def test_embed_extract_torchscript_and_onnx_give_one_embedding(tiny_corpus, chec
     np.testing.assert_allclose(saved['embeddings'][0], embedding, rtol=0, atol=1e-5)
     np.testing.assert_allclose(saved['protocol_vectors'][0], tools.protocol_vectors(encoder, path), rtol=0, atol=1e-5)
     waveform = soundfile.read(path, dtype='float32')[0][None]
-    trainECAPAModel.main(['--initial_model', checkpoint, '--export', str(tmp_path / 'encoder.pt')])
+    cli.main(['--initial_model', checkpoint, '--export', str(tmp_path / 'encoder.pt')])
     with torch.no_grad():
         scripted = torch.jit.load(str(tmp_path / 'encoder.pt'))(torch.from_numpy(waveform))[0].numpy()
     np.testing.assert_allclose(scripted, embedding, rtol=0, atol=1e-5)
     pytest.importorskip('onnx', reason='onnx is an optional extra (requirements-extras.txt)')
     onnxruntime = pytest.importorskip('onnxruntime', reason='onnxruntime is an optional extra')
-    trainECAPAModel.main(['--initial_model', checkpoint, '--export', str(tmp_path / 'encoder.onnx')])
+    cli.main(['--initial_model', checkpoint, '--export', str(tmp_path / 'encoder.onnx')])
     session = onnxruntime.InferenceSession(str(tmp_path / 'encoder.onnx'))
     np.testing.assert_allclose(session.run(['embedding'], {'waveform': waveform})[0][0], embedding, rtol=0, atol=1e-5)
 
 
-def test_an_exported_model_embeds_from_any_folder_with_plain_torch(checkpoint, tmp_path):
-    trainECAPAModel.main(['--initial_model', checkpoint, '--export', str(tmp_path / 'encoder.pt')])
+@pytest.mark.parametrize('suffix, loader', [
+    ('.pt', 'torch.jit.load(sys.argv[1])'),
+    pytest.param('.pt2', 'torch.export.load(sys.argv[1]).module()', marks=pytest.mark.slow),  # 20 s to export
+])
+def test_an_exported_model_embeds_from_any_folder_with_plain_torch(checkpoint, tmp_path, suffix, loader):
+    cli.main(['--initial_model', checkpoint, '--export', str(tmp_path / f'encoder{suffix}')])
     elsewhere = tmp_path / 'notebook'
     elsewhere.mkdir()
-    program = ("import sys, torch; assert 'model' not in sys.modules; "
-               "m = torch.jit.load(sys.argv[1]); print(tuple(m(0.1 * torch.randn(2, 16000)).shape))")
+    waveform = tmp_path / 'waveform.npy'
+    np.save(waveform, (0.1 * np.random.default_rng(0).standard_normal((3, 23000))).astype(np.float32))
+    program = (f"import sys, numpy, torch; assert 'model' not in sys.modules and 'speakerkit' not in sys.modules; "
+               f"m = {loader}; x = torch.from_numpy(numpy.load(sys.argv[2])); "
+               f"numpy.save(sys.argv[3], m(x).detach().numpy())")
     env = {k: v for k, v in os.environ.items() if k != 'PYTHONPATH'}
-    ran = subprocess.run([sys.executable, '-c', program, str(tmp_path / 'encoder.pt')], cwd=elsewhere, env=env,
-                         capture_output=True, text=True, timeout=300)
+    ran = subprocess.run([sys.executable, '-W', 'error::FutureWarning' if suffix == '.pt2' else 'default', '-c',
+                          program, str(tmp_path / f'encoder{suffix}'), str(waveform), str(tmp_path / 'out.npy')],
+                         cwd=elsewhere, env=env, capture_output=True, text=True, timeout=300)
     assert ran.returncode == 0, ran.stderr
-    assert ran.stdout.split() == ['(2,', '192)']
+    expected = tools.embed(tools.load_model(checkpoint), np.load(waveform), 16000)
+    np.testing.assert_allclose(np.load(tmp_path / 'out.npy'), expected.numpy(), rtol=0, atol=1e-5)
 
 
 def test_score_pair_prints_the_cosine_and_the_protocol_score(tiny_corpus, checkpoint, capsys, cli_error, tmp_path):
     trials = read_trials(tiny_corpus['eval_list'])
     pair = [os.path.join(tiny_corpus['eval_path'], f) for f in (trials.enroll[0], trials.test[0])]
-    cosine, protocol = trainECAPAModel.main(['--initial_model', checkpoint, '--score_pair', *pair])
+    cosine, protocol = cli.main(['--initial_model', checkpoint, '--score_pair', *pair])
     encoder = tools.load_model(checkpoint)
     a, b = (tools.embed(encoder, p) for p in pair)
     assert cosine == pytest.approx(float(a @ b / (a.norm() * b.norm())), abs=1e-5)
@@ -489,7 +498,7 @@ def test_extract_skips_and_lists_files_it_cannot_embed_and_writes_the_rest(tiny_
     for name, (write, _) in broken_audio.items():
         write(str(folder / name))
     out = tmp_path / 'embeddings.pt'
-    trainECAPAModel.main(['--initial_model', checkpoint, '--extract', str(folder), '--out', str(out), '--n_cpu', '1'])
+    cli.main(['--initial_model', checkpoint, '--extract', str(folder), '--out', str(out), '--n_cpu', '1'])
     printed = capsys.readouterr().out
     saved = torch.load(out, weights_only=True)
     unembeddable = {'garbage.wav', 'empty.wav', 'short.wav', 'nan.wav'}  # silent.wav is embedded and reported
@@ -537,7 +546,7 @@ def test_export_to_a_path_that_cannot_be_written_is_one_line_and_into_a_new_fold
                         (tmp_path / 'file' / f'e{suffix}', f'its folder {tmp_path / "file"}: File exists')):
         status, message, _ = cli_error(['--initial_model', checkpoint, '--export', str(target)])
         assert status == 1 and message == f'trainECAPAModel.py: error: {target}: cannot be written ({why})\n'
-    trainECAPAModel.main(['--initial_model', checkpoint, '--export', str(tmp_path / 'new' / f'e{suffix}')])
+    cli.main(['--initial_model', checkpoint, '--export', str(tmp_path / 'new' / f'e{suffix}')])
     assert (tmp_path / 'new' / f'e{suffix}').stat().st_size > 0 and os.listdir(tmp_path / 'new') == [f'e{suffix}']
 
 
@@ -547,17 +556,42 @@ def test_export_writes_a_torchscript_encoder_of_a_training_checkpoint(tmp_path):
     model = SpeakerModel(encoder, AAMsoftmax(4, 0.2, 30, 512))
     save_checkpoint(model.state_dict(), EncoderConfig(model='tdnn', C=32, sampling_rate=16000, embedding_dim=512),
                     str(tmp_path / 'model_0001.model'))
-    trainECAPAModel.main(['--initial_model', str(tmp_path / 'model_0001.model'), '--export', str(tmp_path / 'e.pt')])
+    cli.main(['--initial_model', str(tmp_path / 'model_0001.model'), '--export', str(tmp_path / 'e.pt')])
     x = 0.1 * torch.randn(2, 16000)
     with torch.no_grad():
         torch.testing.assert_close(torch.jit.load(str(tmp_path / 'e.pt'))(x), encoder.eval()(x, False), rtol=0,
                                    atol=1e-4)
 
 
-def test_training_needs_a_labelled_trial_list(tiny_corpus, train_argv, tmp_path, cli_error):
+@pytest.mark.slow
+def test_training_runs_without_a_trial_list_or_with_one_without_labels(tiny_corpus, train_argv, tmp_path, cli_error):
+    argv = train_argv(tiny_corpus, tmp_path / 'run', '--max_epoch', '2', '--average', '2')
+    at = argv.index('--eval_list')
+    status, printed, _ = cli_error(argv[:at + 2] + argv[at + 4:])  # --eval_list without --eval_path
+    assert status == 2 and 'error: --eval_list needs --eval_path' in printed
+    cli.main(argv[:at] + argv[at + 4:])
+    lines = (tmp_path / 'run' / 'score.txt').read_text().splitlines()
+    assert [re.sub(r'[\d.]+', 'N', line) for line in lines] == ['N epoch, LR N, LOSS N, ACC N%'] * 2 + [
+        'N epoch, average of epochs N-N']
+    assert (tmp_path / 'run' / 'model' / 'model_0002.model').exists()
+    assert (tmp_path / 'run' / 'model' / 'model_average.model').exists()
     blind = tmp_path / 'blind.txt'
     blind.write_text(''.join(' '.join(line.split()[1:]) + '\n' for line in open(tiny_corpus['eval_list'])))
-    argv = train_argv(tiny_corpus, tmp_path / 'run', '--max_epoch', '1')
+    argv = train_argv(tiny_corpus, tmp_path / 'blind_run', '--max_epoch', '1')
     argv[argv.index('--eval_list') + 1] = str(blind)
-    status, printed, _ = cli_error(argv)
-    assert status == 2 and re.search('needs an --eval_list with labels', printed)
+    cli.main(argv)
+    line = (tmp_path / 'blind_run' / 'score.txt').read_text()
+    assert line.endswith('%, 48 trials scored (no labels)\n') and 'EER' not in line
+
+
+def test_an_initial_model_of_another_width_names_the_flags_of_its_own_encoder(tiny_corpus, checkpoint, train_argv,
+                                                                              tmp_path, cli_error):
+    status, message, _ = cli_error(train_argv(tiny_corpus, tmp_path / 'run', '--initial_model', checkpoint,
+                                              '--C', '16'))
+    assert status == 1 and message.count('\n') == 1
+    assert (f'{checkpoint}: does not fit this ECAPA_TDNN (its model_0001.json records another encoder: give --C 32 '
+            f'to build that one, or --allow_partial_load to load the weights that fit): ') in message
+    os.remove(checkpoint[:-len('.model')] + '.json')  # without it, nothing to name but the partial load
+    status, message, _ = cli_error(train_argv(tiny_corpus, tmp_path / 'run2', '--initial_model', checkpoint,
+                                              '--C', '16'))
+    assert status == 1 and '(--allow_partial_load loads the weights that do)' in message

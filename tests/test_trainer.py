@@ -18,18 +18,18 @@ import pytest
 import soundfile
 import torch
 
-import trainECAPAModel
-import trainer
+from speakerkit import cli
+from speakerkit import trainer
 from conftest import assert_same_checkpoints
-from dataLoader import Batch
-from loss import AAMsoftmax
-from lists import read_train_list, read_trials
-from model import ECAPA_TDNN, build_encoder
-from records import read_metrics
-from samplers import SpeakerPairSampler
-from schedules import warmup_exp
-from tools import load_model
-from trainer import NonFiniteTraining, SpeakerModel, TrainingStep
+from speakerkit.dataLoader import Batch
+from speakerkit.loss import AAMsoftmax
+from speakerkit.lists import read_train_list, read_trials
+from speakerkit.model import ECAPA_TDNN, build_encoder
+from speakerkit.records import read_metrics
+from speakerkit.samplers import SpeakerPairSampler
+from speakerkit.schedules import warmup_exp
+from speakerkit.tools import load_model
+from speakerkit.trainer import NonFiniteTraining, SpeakerModel, TrainingStep
 
 WARMUP_FLAGS = ('--scheduler', 'warmup_exp', '--warmup_epochs', '1', '--margin_schedule', '1', '2')
 
@@ -40,7 +40,7 @@ def warmup_run(tiny_corpus, train_argv, tmp_path_factory):
     TensorBoard records."""
     path = tmp_path_factory.mktemp('warmup_run')
     tensorboard = ['--tensorboard'] if importlib.util.find_spec('tensorboard') else []
-    trainECAPAModel.main(train_argv(tiny_corpus, path, '--max_epoch', '2', *WARMUP_FLAGS, *tensorboard))
+    cli.main(train_argv(tiny_corpus, path, '--max_epoch', '2', *WARMUP_FLAGS, *tensorboard))
     return path
 
 
@@ -68,7 +68,7 @@ def test_a_run_writes_checkpoints_score_lines_records_and_its_resume_state(refer
 
 @pytest.mark.slow
 def test_a_runs_config_json_reruns_the_same_run(reference_run, tmp_path):
-    trainECAPAModel.main(['--config', str(reference_run / 'config.json'), '--save_path', str(tmp_path)])
+    cli.main(['--config', str(reference_run / 'config.json'), '--save_path', str(tmp_path)])
     assert_same_checkpoints(reference_run / 'model' / 'model_0002.model', tmp_path / 'model' / 'model_0002.model')
     assert (tmp_path / 'score.txt').read_text() == (reference_run / 'score.txt').read_text()
 
@@ -115,7 +115,7 @@ def test_a_run_interrupted_in_epoch_2_resumes_to_the_uninterrupted_result(tiny_c
         straight = request.getfixturevalue('warmup_run')
     else:
         straight = tmp_path / 'straight'
-        trainECAPAModel.main(train_argv(tiny_corpus, straight, *argv))
+        cli.main(train_argv(tiny_corpus, straight, *argv))
     train_one_epoch = trainer.train_one_epoch
 
     def stopped_in_epoch_2(step_fn, loader, epoch, *rest):
@@ -126,10 +126,10 @@ def test_a_run_interrupted_in_epoch_2_resumes_to_the_uninterrupted_result(tiny_c
     monkeypatch.setattr(trainer, 'train_one_epoch', stopped_in_epoch_2)
     interrupted = tmp_path / 'interrupted'
     with pytest.raises(SystemExit) as stopped:  # KeyboardInterrupt, reported as "interrupted"
-        trainECAPAModel.main(train_argv(tiny_corpus, interrupted, *argv))
+        cli.main(train_argv(tiny_corpus, interrupted, *argv))
     assert stopped.value.code == 130
     monkeypatch.setattr(trainer, 'train_one_epoch', train_one_epoch)
-    trainECAPAModel.main(train_argv(tiny_corpus, interrupted, *argv))
+    cli.main(train_argv(tiny_corpus, interrupted, *argv))
     assert_same_checkpoints(straight / 'model' / 'model_0002.model', interrupted / 'model' / 'model_0002.model')
     assert (straight / 'score.txt').read_text() == (interrupted / 'score.txt').read_text()
 
@@ -156,7 +156,7 @@ def signal_at_step(monkeypatch, step, *numbers):
 def test_a_signal_stops_after_the_step_and_the_run_resumes_exactly(tiny_corpus, train_argv, reference_run, tmp_path,
                                                                    monkeypatch, capsys, number):
     calls, original_step = signal_at_step(monkeypatch, 6, number)  # epoch 2, step 2 (4 steps an epoch)
-    assert trainECAPAModel.main(train_argv(tiny_corpus, tmp_path, '--max_epoch', '2')) is False
+    assert cli.main(train_argv(tiny_corpus, tmp_path, '--max_epoch', '2')) is False
     printed = capsys.readouterr().out
     name = signal.Signals(number).name
     assert f'Stopped by {name} in epoch 2 after step 2' in printed and 'Run the same command again' in printed
@@ -164,7 +164,7 @@ def test_a_signal_stops_after_the_step_and_the_run_resumes_exactly(tiny_corpus, 
     state = torch.load(tmp_path / 'model' / 'resume.pt', weights_only=True)
     assert state['epoch'] == 1 and state['partial_epoch'][0]['step'] == 2
     monkeypatch.setattr(TrainingStep, '__call__', original_step)
-    trainECAPAModel.main(train_argv(tiny_corpus, tmp_path, '--max_epoch', '2'))
+    cli.main(train_argv(tiny_corpus, tmp_path, '--max_epoch', '2'))
     assert 'after epoch 1 and 2 steps of epoch 2' in capsys.readouterr().out
     assert_same_checkpoints(reference_run / 'model' / 'model_0002.model', tmp_path / 'model' / 'model_0002.model')
     assert (reference_run / 'score.txt').read_text() == (tmp_path / 'score.txt').read_text()
@@ -180,11 +180,11 @@ def test_a_signal_during_an_evaluation_stops_after_it_and_the_run_resumes_exactl
         os.kill(os.getpid(), signal.SIGTERM)
         return evaluate_encoder(*args, **kwargs)
     monkeypatch.setattr(trainer, 'evaluate_encoder', signalled)
-    assert trainECAPAModel.main(train_argv(tiny_corpus, tmp_path, '--max_epoch', '2')) is False
+    assert cli.main(train_argv(tiny_corpus, tmp_path, '--max_epoch', '2')) is False
     assert 'Stopped by SIGTERM after epoch 1' in capsys.readouterr().out
     assert torch.load(tmp_path / 'model' / 'resume.pt', weights_only=True)['epoch'] == 1
     monkeypatch.setattr(trainer, 'evaluate_encoder', evaluate_encoder)
-    assert trainECAPAModel.main(train_argv(tiny_corpus, tmp_path, '--max_epoch', '2')) is True
+    assert cli.main(train_argv(tiny_corpus, tmp_path, '--max_epoch', '2')) is True
     assert_same_checkpoints(reference_run / 'model' / 'model_0002.model', tmp_path / 'model' / 'model_0002.model')
     assert (reference_run / 'score.txt').read_text() == (tmp_path / 'score.txt').read_text()
 
@@ -199,7 +199,7 @@ def test_a_signal_while_the_average_is_made_lets_the_finished_run_end_with_it(ti
         return average_checkpoints(paths)
     monkeypatch.setattr(trainer, 'average_checkpoints', signalled)
     argv = train_argv(tiny_corpus, tmp_path, '--max_epoch', '2', '--test_step', '2', '--average', '2')
-    assert trainECAPAModel.main(argv) is True
+    assert cli.main(argv) is True
     assert (tmp_path / 'model' / 'model_average.model').exists()
     assert open(tmp_path / 'score.txt').read().splitlines()[-1].startswith('2 epoch, average of epochs 1-2, EER ')
 
@@ -208,7 +208,7 @@ def test_a_signal_while_the_average_is_made_lets_the_finished_run_end_with_it(ti
 def test_an_unreadable_checkpoint_to_average_is_one_line_and_the_trained_run_is_kept(tiny_corpus, train_argv,
                                                                                      tmp_path, cli_error):
     argv = train_argv(tiny_corpus, tmp_path, '--max_epoch', '2', '--test_step', '2', '--average', '2')
-    trainECAPAModel.main(argv)
+    cli.main(argv)
     (tmp_path / 'model' / 'model_average.model').unlink()
     (tmp_path / 'model' / 'model_0001.model').write_bytes(b'PK\x03\x04 cut short')
     status, message, _ = cli_error(argv)
@@ -230,14 +230,14 @@ def test_an_unreadable_checkpoint_to_average_is_one_line_and_the_trained_run_is_
 def test_hard_negative_batches_train_and_a_run_stopped_inside_an_epoch_resumes_exactly(tiny_corpus, train_argv,
                                                                                           tmp_path, monkeypatch):
     argv = ('--max_epoch', '2', '--sampler', 'chns', '--hard_fraction', '0.5')
-    trainECAPAModel.main(train_argv(tiny_corpus, tmp_path / 'straight', *argv))
+    cli.main(train_argv(tiny_corpus, tmp_path / 'straight', *argv))
     _, original_step = signal_at_step(monkeypatch, 6, signal.SIGTERM)  # epoch 2, step 2
-    assert trainECAPAModel.main(train_argv(tiny_corpus, tmp_path / 'resumed', *argv)) is False
+    assert cli.main(train_argv(tiny_corpus, tmp_path / 'resumed', *argv)) is False
     state = torch.load(tmp_path / 'resumed' / 'model' / 'resume.pt', weights_only=True)
     groups = state['partial_epoch'][0]['speaker_groups']
     assert sorted(s for group in groups for s in group) == list(range(6)) and len(groups[0]) == 4
     monkeypatch.setattr(TrainingStep, '__call__', original_step)
-    trainECAPAModel.main(train_argv(tiny_corpus, tmp_path / 'resumed', *argv))
+    cli.main(train_argv(tiny_corpus, tmp_path / 'resumed', *argv))
     assert_same_checkpoints(tmp_path / 'straight' / 'model' / 'model_0002.model',
                             tmp_path / 'resumed' / 'model' / 'model_0002.model')
     assert (tmp_path / 'straight' / 'score.txt').read_text() == (tmp_path / 'resumed' / 'score.txt').read_text()
@@ -257,10 +257,10 @@ def test_a_kill_while_the_first_epoch_is_saved_loses_nothing(tiny_corpus, train_
         return original(self, epoch, *rest, **keywords)
     monkeypatch.setattr(trainer.TrainingRun, killed_in, killed)
     with pytest.raises(SystemExit):
-        trainECAPAModel.main(train_argv(tiny_corpus, tmp_path, '--max_epoch', '2'))
+        cli.main(train_argv(tiny_corpus, tmp_path, '--max_epoch', '2'))
     assert not (tmp_path / 'model' / 'model_0001.model').exists()
     monkeypatch.setattr(trainer.TrainingRun, killed_in, original)
-    trainECAPAModel.main(train_argv(tiny_corpus, tmp_path, '--max_epoch', '2'))
+    cli.main(train_argv(tiny_corpus, tmp_path, '--max_epoch', '2'))
     for epoch in (1, 2):
         assert_same_checkpoints(reference_run / 'model' / f'model_000{epoch}.model',
                                 tmp_path / 'model' / f'model_000{epoch}.model')
@@ -398,7 +398,7 @@ def test_contrastive_modes_train_evaluate_and_resume_exactly(tiny_corpus, train_
     def run(save_path, epochs):
         argv = train_argv(tiny_corpus, save_path, '--max_epoch', epochs, '--mode', mode, '--loss', loss, *extra)
         argv[argv.index('--batch_size') + 1] = '4'
-        trainECAPAModel.main(argv)
+        cli.main(argv)
 
     run(tmp_path / 'straight', '2')
     run(tmp_path / 'interrupted', '1')
@@ -421,7 +421,7 @@ def test_contrastive_modes_train_evaluate_and_resume_exactly(tiny_corpus, train_
 def test_other_encoders_train_and_evaluate(tiny_corpus, train_argv, tmp_path, model, width, kind):
     argv = train_argv(tiny_corpus, tmp_path, '--max_epoch', '1', '--model', model)
     argv[argv.index('--C') + 1] = width
-    trainECAPAModel.main(argv)
+    cli.main(argv)
     assert (tmp_path / 'score.txt').read_text().startswith('1 epoch, ')
     config = json.loads((tmp_path / 'model' / 'model_0001.json').read_text())
     assert config == {'model': model, 'C': int(width), 'embedding_dim': {'tdnn': 512}.get(model, 256),
@@ -436,7 +436,7 @@ def test_an_original_format_checkpoint_starts_training(tiny_corpus, train_argv, 
     """A checkpoint of the original code (5994-class head, no JSON beside it) seeds a run with 6 speakers."""
     original = SpeakerModel(ECAPA_TDNN(32), AAMsoftmax(5994, 0.2, 30))
     torch.save(original.state_dict(), tmp_path / 'pretrain.model')
-    trainECAPAModel.main(train_argv(tiny_corpus, tmp_path / 'run', '--max_epoch', '1', '--initial_model',
+    cli.main(train_argv(tiny_corpus, tmp_path / 'run', '--max_epoch', '1', '--initial_model',
                                     str(tmp_path / 'pretrain.model')))
     assert 'encoder; classifier initialised afresh' in capsys.readouterr().out
     assert (tmp_path / 'run' / 'model' / 'model_0001.model').exists()
@@ -457,7 +457,7 @@ def test_a_mismatched_initial_model_lists_its_keys_unless_partial_load_is_allowe
     assert status == 1 and message.count('\n') == 1
     assert f'{len(dropped)} missing: ' in message and dropped[0][len('speaker_encoder.'):] in message
     assert '1 unexpected: extra.weight' in message and '--allow_partial_load' in message
-    trainECAPAModel.main(argv + ['--allow_partial_load'])
+    cli.main(argv + ['--allow_partial_load'])
     assert f'{len(state) - 2} of {len(state) - 2 + len(dropped)} encoder weights and classifier' in \
         capsys.readouterr().out
 
@@ -465,7 +465,7 @@ def test_a_mismatched_initial_model_lists_its_keys_unless_partial_load_is_allowe
 @pytest.mark.slow
 def test_large_margin_fine_tunes_a_trained_model(tiny_corpus, train_argv, reference_run, tmp_path):
     checkpoint = str(reference_run / 'model' / 'model_0001.model')
-    trainECAPAModel.main(train_argv(tiny_corpus, tmp_path, '--large_margin', '--initial_model', checkpoint,
+    cli.main(train_argv(tiny_corpus, tmp_path, '--large_margin', '--initial_model', checkpoint,
                                     '--max_epoch', '2', '--num_frames', '60'))
     records = read_metrics(tmp_path / 'metrics.jsonl')
     assert [r['margin'] for r in records] == [0.5, 0.5]
@@ -480,7 +480,7 @@ def test_large_margin_fine_tunes_a_trained_model(tiny_corpus, train_argv, refere
 def test_average_saves_the_last_epochs_and_scores_the_mean_of_their_weights(tiny_corpus, train_argv, tmp_path,
                                                                               capsys):
     run = tmp_path / 'run'
-    trainECAPAModel.main(train_argv(tiny_corpus, run, '--max_epoch', '4', '--test_step', '4', '--average', '2'))
+    cli.main(train_argv(tiny_corpus, run, '--max_epoch', '4', '--test_step', '4', '--average', '2'))
     saved = sorted(p.name for p in (run / 'model').glob('model_*.model'))
     assert saved == ['model_0003.model', 'model_0004.model', 'model_average.model']
     last = open(run / 'score.txt').read().splitlines()[-1]
@@ -493,14 +493,14 @@ def test_average_saves_the_last_epochs_and_scores_the_mean_of_their_weights(tiny
     encoder = load_model(str(run / 'model' / 'model_average.model'))
     for name, value in encoder.state_dict().items():
         assert torch.equal(value, averaged['speaker_encoder.' + name]), name
-    trainECAPAModel.main(['--average_checkpoints', str(run / 'model' / 'model_0003.model'),
+    cli.main(['--average_checkpoints', str(run / 'model' / 'model_0003.model'),
                           str(run / 'model' / 'model_0004.model'), '--out', str(tmp_path / 'tool.model')])
     assert 'the mean of the weights of 2 checkpoints' in capsys.readouterr().out
     tool = torch.load(tmp_path / 'tool.model')
     assert all(torch.equal(tool[k], averaged[k]) for k in averaged) and (tmp_path / 'tool.json').exists()
-    trainECAPAModel.main(train_argv(tiny_corpus, run, '--max_epoch', '4', '--test_step', '4', '--average', '2'))
+    cli.main(train_argv(tiny_corpus, run, '--max_epoch', '4', '--test_step', '4', '--average', '2'))
     assert open(run / 'score.txt').read().count('average of epochs') == 1  # a rerun of a finished run adds nothing
-    trainECAPAModel.main(train_argv(tiny_corpus, run, '--max_epoch', '5', '--test_step', '4', '--average', '2'))
+    cli.main(train_argv(tiny_corpus, run, '--max_epoch', '5', '--test_step', '4', '--average', '2'))
     assert 'continuing with --max_epoch 5 (the run had 4)' in capsys.readouterr().out
     assert open(run / 'score.txt').read().splitlines()[-1].startswith('5 epoch, average of epochs 4-5, EER ')
     averaged = torch.load(run / 'model' / 'model_average.model')
@@ -514,8 +514,8 @@ def test_a_run_continues_only_from_the_weights_it_started_from(tiny_corpus, trai
                                                                 cli_error, capsys):
     first = str(reference_run / 'model' / 'model_0001.model')
     argv = train_argv(tiny_corpus, tmp_path, '--max_epoch', '1', '--initial_model', first)
-    trainECAPAModel.main(argv)
-    assert trainECAPAModel.main(argv) is True and 'Resuming from' in capsys.readouterr().out  # the same start
+    cli.main(argv)
+    assert cli.main(argv) is True and 'Resuming from' in capsys.readouterr().out  # the same start
     other = str(reference_run / 'model' / 'model_0002.model')
     status, message, _ = cli_error(train_argv(tiny_corpus, tmp_path, '--max_epoch', '1', '--initial_model', other))
     assert status == 2 and f'resume.pt continues a run started from {first}, not from --initial_model {other}' in \
@@ -554,7 +554,7 @@ def test_in_pair_modes_the_schedules_end_where_they_say_though_epochs_differ_in_
                       '--scheduler', 'warmup_exp', '--warmup_epochs', '1', '--final_lr', '1e-4',
                       '--margin_schedule', '1', '3')
     argv[argv.index('--train_list') + 1] = str(uneven)
-    trainECAPAModel.main(argv)
+    cli.main(argv)
     records = read_metrics(tmp_path / 'run' / 'metrics.jsonl')
     assert records[-1]['lr'] == pytest.approx(1e-4, rel=1e-12)
     # at each epoch's last step, (epoch - 1) + (steps - 1) / steps epochs are done of the margin's two
@@ -581,7 +581,7 @@ def test_a_run_continues_only_with_the_flags_that_decide_what_is_trained(tiny_co
 def test_a_run_continues_with_other_evaluation_and_system_flags_and_names_them(tiny_corpus, train_argv,
                                                                                reference_run, tmp_path, capsys):
     shutil.copytree(reference_run, tmp_path / 'run')
-    assert trainECAPAModel.main(train_argv(tiny_corpus, tmp_path / 'run', '--max_epoch', '2', '--eval_precision',
+    assert cli.main(train_argv(tiny_corpus, tmp_path / 'run', '--max_epoch', '2', '--eval_precision',
                                            'bf16', '--max_bad_steps', '7')) is True
     printed = capsys.readouterr().out
     assert 'continuing with --eval_precision bf16 (the run had float32)' in printed
@@ -637,7 +637,7 @@ def test_a_failing_evaluation_loses_no_trained_epoch(tiny_corpus, train_argv, re
                                 tmp_path / 'run' / 'model' / 'model_0001.model')
         assert not (tmp_path / 'run' / 'score.txt').exists() or not (tmp_path / 'run' / 'score.txt').read_text()
     shutil.copy(tmp_path / 'good.wav', bad)
-    trainECAPAModel.main(argv)
+    cli.main(argv)
     assert 'Evaluating epoch 1, trained before the last run stopped' in capsys.readouterr().out
     run = tmp_path / 'run'
     assert_same_checkpoints(reference_run / 'model' / 'model_0002.model', run / 'model' / 'model_0002.model')
@@ -661,7 +661,7 @@ def test_trial_files_that_do_not_decode_stop_training_before_its_first_step(tiny
 
 def test_training_over_broken_files_skips_counts_and_lists_them(broken_corpus, train_argv, tmp_path):
     corpus, _ = broken_corpus
-    trainECAPAModel.main(train_argv(corpus, tmp_path / 'run', '--max_epoch', '1', '--batch_size', '4'))
+    cli.main(train_argv(corpus, tmp_path / 'run', '--max_epoch', '1', '--batch_size', '4'))
     record = json.loads((tmp_path / 'run' / 'metrics.jsonl').read_text().splitlines()[0])
     listed = [line.split('\t') for line in (tmp_path / 'run' / 'skipped_files.txt').read_text().splitlines()]
     assert record['skipped_files'] == len(listed) > 0 and record['bad_steps'] == 0

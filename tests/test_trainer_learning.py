@@ -12,10 +12,10 @@ untrained encoder; the test asks for three target trials (5 points) at least."""
 import pytest
 import torch
 
-import demo
-import trainECAPAModel
-from checkpoints import save_checkpoint
-from model import EncoderConfig, build_encoder
+from speakerkit import demo
+from speakerkit import cli
+from speakerkit.checkpoints import save_checkpoint
+from speakerkit.model import EncoderConfig, build_encoder
 
 pytestmark = pytest.mark.slow  # each test trains for about a minute
 
@@ -36,7 +36,7 @@ def untrained_checkpoint(path, model, width):
 
 
 def eval_eer(corpus, checkpoint, save_path):
-    results = trainECAPAModel.main(['--eval', '--initial_model', checkpoint, '--eval_list', corpus['eval_list'],
+    results = cli.main(['--eval', '--initial_model', checkpoint, '--eval_list', corpus['eval_list'],
                                     '--eval_path', corpus['eval_path'], '--save_path', str(save_path),
                                     '--n_cpu', '0'])
     return results[corpus['eval_list']].metrics.eer
@@ -49,7 +49,7 @@ def test_training_beats_the_untrained_encoder(corpus, tmp_path, mode, loss, mode
     untrained = untrained_checkpoint(tmp_path / 'untrained.model', model, width)
     before = eval_eer(corpus, untrained, tmp_path / 'untrained')
     # No --musan_path/--rir_path: this is about the objectives; augmentation has its tests in test_augment.py.
-    trainECAPAModel.main([
+    cli.main([
         '--train_list', corpus['train_list'], '--train_path', corpus['train_path'],
         '--eval_list', corpus['eval_list'], '--eval_path', corpus['eval_path'], '--save_path', str(tmp_path / 'run'),
         '--initial_model', untrained, '--model', model, '--C', str(width), '--mode', mode, '--loss', loss,

@@ -37,10 +37,10 @@ import numpy as np
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), '..', '..'))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import evaluation  # noqa: E402
-import plots  # noqa: E402
-import tools  # noqa: E402
-from lists import read_trials  # noqa: E402
+from speakerkit import evaluation  # noqa: E402
+from speakerkit import plots  # noqa: E402
+from speakerkit import tools  # noqa: E402
+from speakerkit.lists import read_trials  # noqa: E402
 from make_lists import make_lists  # noqa: E402
 
 SHARED = os.path.join(ROOT, '..', 'shared', 'data')

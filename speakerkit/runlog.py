@@ -6,9 +6,9 @@ hold a RunLog that writes nothing."""
 
 import os
 
-from checkpoints import remove_partial_writes
-from plots import evaluation_plots, training_curve
-from records import TensorBoard, append_metrics, forget_epochs_after, write_config
+from speakerkit.checkpoints import remove_partial_writes
+from speakerkit.plots import evaluation_plots, training_curve
+from speakerkit.records import TensorBoard, append_metrics, forget_epochs_after, write_config
 
 
 class RunLog:

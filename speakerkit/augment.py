@@ -20,9 +20,9 @@ import numpy as np
 import torch
 from scipy.signal import fftconvolve
 
-from checkpoints import atomic_json_save, atomic_write, remove_partial_writes
-from dataLoader import audio_problem, random_crop, read_audio
-from errors import UserError
+from speakerkit.checkpoints import atomic_json_save, atomic_write, remove_partial_writes
+from speakerkit.dataLoader import audio_problem, random_crop, read_audio
+from speakerkit.errors import UserError
 
 
 class NoiseCategory(NamedTuple):

@@ -19,7 +19,7 @@ tar-shard stream (shards.py) plans its own steps and answers `set_epoch` and `st
 import numpy as np
 import torch
 
-from errors import UserError
+from speakerkit.errors import UserError
 
 
 def speaker_groups(centres, size, rng):

@@ -25,21 +25,24 @@ import torch
 import torch.nn as nn
 import tqdm
 
-import distributed
-from augment import Augmenter, DeviceAugmenter
-from checkpoints import (FolderLock, ResumeState, average_checkpoints, averaged_epochs_of, encoder_config_path,
-                         encoder_weights, load_encoder_weights, remove_partial_writes, save_checkpoint)
-from dataLoader import SPEED_PERTURBATION, CropMaker, PairDataset, TrainDataset, collate, leave_signals_to_parent
-from errors import UsageError, UserError, first_line, message_of
-from evaluation import cohort_of, evaluate_encoder, read_trial_lists
-from lists import ShardList, read_shard_list, read_train_list, require_files, without_repeats
-from loss import AAMsoftmax, build_objective
-from model import EncoderConfig, crop_samples
-from records import EpochRecord, average_line, changed_flags, recipe_changes, recorded_arguments, score_line
-from runlog import RunLog
-from samplers import EpochSampler, HardNegativeBatches, HardNegativePairBatches, SpeakerGroups, SpeakerPairSampler
-from schedules import training_schedule
-from shards import ShardDataset, steps_per_epoch
+from speakerkit import distributed
+from speakerkit.augment import Augmenter, DeviceAugmenter
+from speakerkit.checkpoints import (FolderLock, ResumeState, average_checkpoints, averaged_epochs_of,
+                                    encoder_config_path, encoder_weights, load_encoder_weights, remove_partial_writes,
+                                    save_checkpoint)
+from speakerkit.dataLoader import (SPEED_PERTURBATION, CropMaker, PairDataset, TrainDataset, collate,
+                                   leave_signals_to_parent)
+from speakerkit.errors import UsageError, UserError, first_line, message_of
+from speakerkit.evaluation import cohort_of, evaluate_encoder, read_trial_lists
+from speakerkit.lists import ShardList, read_shard_list, read_train_list, require_files, without_repeats
+from speakerkit.loss import AAMsoftmax, build_objective
+from speakerkit.model import EncoderConfig, crop_samples
+from speakerkit.records import EpochRecord, average_line, changed_flags, recipe_changes, recorded_arguments, score_line
+from speakerkit.runlog import RunLog
+from speakerkit.samplers import (EpochSampler, HardNegativeBatches, HardNegativePairBatches, SpeakerGroups,
+                                 SpeakerPairSampler)
+from speakerkit.schedules import training_schedule
+from speakerkit.shards import ShardDataset, steps_per_epoch
 
 
 class SpeakerModel(nn.Module):
@@ -453,10 +456,7 @@ def read_training_inputs(args):
         raise UsageError(f'--n_class {args.n_class} is smaller than the {speakers} speakers in {source}'
                          if classes == speakers else f'--n_class {args.n_class} is smaller than the {classes} '
                          f'classes of --speed_perturb on ({speakers} speakers in {source} x 3 speeds)')
-    trial_lists = read_trial_lists(args)
-    if all(trials.labels is None for trials in trial_lists):
-        raise UsageError('training needs an --eval_list with labels to report EER')
-    return data, trial_lists, args.n_class or classes
+    return data, read_trial_lists(args) if args.eval_list else [], args.n_class or classes
 
 
 def combined_record(epoch, everyone, lr, margin, train_seconds):
@@ -476,7 +476,7 @@ def restore_state(args, model, optimizer, device, resume_path):
     if resume is None:
         if args.initial_model:
             loaded = load_encoder_weights(model.speaker_encoder, model.classifier(), args.initial_model,
-                                          args.allow_partial_load)
+                                          args.allow_partial_load, encoder_config(args))
             log(f'Model {args.initial_model} loaded ({loaded})')
         return None
     try:
@@ -640,7 +640,7 @@ class TrainingRun:
             save_checkpoint(state, encoder_config(args), path, averaged_epochs=epochs)
 
     def evaluate_epoch(self, record):
-        """Score the trial lists with the model as trained to `record.epoch`; log the score.txt line."""
+        """Score the trial lists (if any) with the model as trained to `record.epoch`; log the score.txt line."""
         epoch = record.epoch
         try:
             results = evaluate_encoder(self.model.speaker_encoder, self.args, self.device, self.trial_lists,
@@ -649,8 +649,8 @@ class TrainingRun:
             raise UserError(f'epoch {epoch} is trained and saved in {self.resume_path}, but its evaluation failed: '
                             f'{message_of(error)}; once that is put right, run the same command again to evaluate '
                             f'epoch {epoch} and continue') from error
-        self.eers.append(next(r.metrics.eer for r in results.values() if r.metrics))
-        line = score_line(record, results, min(self.eers))
+        self.eers += [r.metrics.eer for r in results.values() if r.metrics][:1]
+        line = score_line(record, results, min(self.eers) if self.eers else None)
         log(time.strftime('%Y-%m-%d %H:%M:%S'), line)
         record.add_results(results)
         self.log.score(line)

@@ -12,17 +12,17 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from checkpoints import (atomic_torch_save, atomic_write, average_checkpoints, encoder_config_path, file_digest,
-                         read_encoder_config, write_encoder_config)
-from errors import UsageError, UserError
-from lists import files_to_embed, read_score_file, write_score_file
-from plots import evaluation_plots
-from prepare import check_data
-from evaluation import (cohort_of, embed_files, embedding_readers, embeddings_and_protocol_vectors, evaluate_encoder,
-                        read_trial_lists)
-from metrics import verification_metrics
-from tools import as_recordings, export_onnx, export_torchscript, load_model
-from trainer import run_training
+from speakerkit.checkpoints import (atomic_torch_save, atomic_write, average_checkpoints, encoder_config_path,
+                                    file_digest, read_encoder_config, write_encoder_config)
+from speakerkit.errors import UsageError, UserError
+from speakerkit.lists import files_to_embed, read_score_file, write_score_file
+from speakerkit.plots import evaluation_plots
+from speakerkit.prepare import check_data
+from speakerkit.evaluation import (cohort_of, embed_files, embedding_readers, embeddings_and_protocol_vectors,
+                                   evaluate_encoder, read_trial_lists)
+from speakerkit.metrics import verification_metrics
+from speakerkit.tools import as_recordings, export_onnx, export_program, export_torchscript, load_model
+from speakerkit.trainer import run_training
 
 EXTRACT_FORMATS = ('.pt', '.npz')
 
@@ -49,9 +49,12 @@ def load_initial_encoder(args, device):
     return load_model(args.initial_model, device=device, **overrides)
 
 
+EXPORTERS = {'.pt2': export_program, '.pt': export_torchscript, '.onnx': export_onnx}  # by --export's suffix
+
+
 def run_export(args):
     encoder = load_initial_encoder(args, 'cpu')
-    (export_onnx if args.export.endswith('.onnx') else export_torchscript)(encoder, args.export)
+    EXPORTERS[os.path.splitext(args.export)[1]](encoder, args.export)
     print(f'{args.export}: {type(encoder).__name__} at {encoder.sampling_rate} Hz, waveform [batch, samples] in, '
           f'embedding [batch, {encoder.embedding_dim}] out')
 
@@ -156,8 +159,8 @@ def check_train(args):
 
 
 def check_export(args):
-    if os.path.splitext(args.export)[1] not in ('.pt', '.onnx'):
-        raise UsageError(f'--export {args.export}: name a .pt (TorchScript) or .onnx file')
+    if os.path.splitext(args.export)[1] not in EXPORTERS:
+        raise UsageError(f'--export {args.export}: name a .pt2 (torch.export), .pt (TorchScript) or .onnx file')
 
 
 def check_extract(args):
@@ -202,5 +205,5 @@ COMMANDS = {  # the flag that selects each command (training: none of them)
     'score_pair': Command(run_score_pair, ('initial_model',), check_score_pair),
     'average_checkpoints': Command(run_average_checkpoints, ('out',), check_average_checkpoints),
     'eval': Command(run_eval, ('initial_model', 'eval_list', 'eval_path')),
-    'train': Command(run_training, ('eval_list', 'eval_path'), check_train),
+    'train': Command(run_training, (), check_train),
 }

@@ -5,7 +5,8 @@
   read_train_list    `<speaker> <relative path>`                      -> TrainList (numpy arrays; [i]: TrainEntry)
   read_shard_list    `<tar file> <utterances>` + speakers.txt          -> ShardList (tar shards, shards.py)
   read_trials        `<0|1> <enroll> <test>` or `<enroll> <test>`      -> TrialList (distinct_names: outputs)
-  read_path_list     one audio path per line, its last field; files_to_embed: such a list or a folder (--extract)
+  read_path_list     the audio paths a list names (each field with an audio extension, or the last); files_to_embed:
+                     such a list or a folder (--extract)
   read_score_file    `<enroll> <test> <score> <0|1>`                  -> (scores, labels)
   write_score_file   the same lines, written atomically
   files_under        a folder's audio files, as a list
@@ -22,10 +23,11 @@ from typing import NamedTuple
 
 import numpy as np
 
-from checkpoints import atomic_write
-from errors import UserError
+from speakerkit.checkpoints import atomic_write
+from speakerkit.errors import UserError
 
 AUDIO_EXTENSIONS = ('.wav', '.flac')
+NAMED_AUDIO = AUDIO_EXTENSIONS + ('.m4a', '.mp3', '.ogg', '.opus', '.aac')  # what marks a list's field as a file
 
 
 class ListLine(NamedTuple):
@@ -289,10 +291,12 @@ def distinct_names(trial_lists):
 # ---------------------------------------------------------------- other lists
 
 def read_path_list(path):
-    """{relative path: its line} of a list whose lines end with an audio path (the last field)."""
+    """{relative path: its first line} of a list of audio files: of each line, every field that names an audio
+    file by its extension (a trial's enrolment and test files, a training line's path), or else the last field."""
     found = {}
     for line in list_lines(path, 'list of files'):
-        found.setdefault(line.fields[-1], line.number)
+        for name in [f for f in line.fields if f.lower().endswith(NAMED_AUDIO)] or line.fields[-1:]:
+            found.setdefault(name, line.number)
     return found
 
 

@@ -16,10 +16,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from scipy.stats import norm  # noqa: E402
 
-from checkpoints import atomic_write  # noqa: E402
-from errors import UsageError, UserError, reported_as_exit  # noqa: E402
-from records import read_metrics  # noqa: E402
-from metrics import operating_points  # noqa: E402
+from speakerkit.checkpoints import atomic_write  # noqa: E402
+from speakerkit.errors import UsageError, UserError, reported_as_exit  # noqa: E402
+from speakerkit.records import read_metrics  # noqa: E402
+from speakerkit.metrics import operating_points  # noqa: E402
 
 
 def save_figure(figure, path):
@@ -80,14 +80,15 @@ def training_curve(metrics_path, path):
     loss_axes.set_title('training loss')
     accuracy_axes.plot(epochs, [r['accuracy'] for r in records], 'o-')
     accuracy_axes.set_title('training accuracy (%)')
-    lists = sorted({name for r in records for name in r.get('eval', {})})
-    for name in lists:
+    plotted = False
+    for name in sorted({name for r in records for name in r.get('eval', {})}):
         points = [(r['epoch'], r['eval'][name]['metrics']['eer']) for r in records
                   if name in r.get('eval', {}) and r['eval'][name].get('metrics')]
         if points:
             eer_axes.plot(*zip(*points), 'o-', label=name)
+            plotted = True
     eer_axes.set_title('EER (%)')
-    if lists:
+    if plotted:
         eer_axes.legend()
     for axes in (loss_axes, accuracy_axes, eer_axes):
         axes.set_xlabel('epoch')
@@ -112,7 +113,7 @@ def evaluation_plots(results, folder):
 
 def main(argv):
     if len(argv) != 1:
-        raise UsageError('give one argument, the save_path of a run: python plots.py SAVE_PATH')
+        raise UsageError('give one argument, the save_path of a run: python -m speakerkit.plots SAVE_PATH')
     target = os.path.join(argv[0], 'plots', 'training_curve.png')
     if not training_curve(os.path.join(argv[0], 'metrics.jsonl'), target):
         raise UserError(f'{argv[0]}/metrics.jsonl: no epochs recorded')
@@ -120,5 +121,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
-    with reported_as_exit('plots.py'):
+    with reported_as_exit('speakerkit.plots'):
         main(sys.argv[1:])

@@ -20,13 +20,14 @@ import torch
 import torch.nn.functional as F
 import tqdm
 
-import distributed
-from checkpoints import atomic_torch_save
-from dataLoader import CUT_SHORT, NEAR_SILENT, EvalDataset, leave_signals_to_parent, unreadable_headers, wrap_pad
-from errors import UsageError, UserError
-from lists import TrainList, cohort_entries, distinct_names, read_train_list, read_trials, require_files
-from metrics import Metrics, as_norm, verification_metrics
-from model import crop_samples
+from speakerkit import distributed
+from speakerkit.checkpoints import atomic_torch_save
+from speakerkit.dataLoader import (CUT_SHORT, NEAR_SILENT, EvalDataset, leave_signals_to_parent, unreadable_headers,
+                                   wrap_pad)
+from speakerkit.errors import UsageError, UserError
+from speakerkit.lists import TrainList, cohort_entries, distinct_names, read_train_list, read_trials, require_files
+from speakerkit.metrics import Metrics, as_norm, verification_metrics
+from speakerkit.model import crop_samples
 
 EVAL_CROPS = 5
 EVAL_CROP_FRAMES = 300
@@ -312,7 +313,9 @@ def embed_for(encoder, files, root, device, n_cpu=0, cache_dir=None, identity=No
 
 def evaluate(encoder, trial_lists, eval_path, device, n_cpu=0, cohort=None, cache_dir=None, identity=None):
     """Score each `lists.TrialList`, embedding each utterance once (`embed_for`), with AS-Norm against
-    `cohort` when one is given. Returns {list path: ListResult}."""
+    `cohort` when one is given. Returns {list path: ListResult} (empty without lists)."""
+    if not trial_lists:
+        return {}
     files = sorted({f for trials in trial_lists for f in trials.enroll + trials.test})
     vectors = embed_for(encoder, files, eval_path, device, n_cpu, cache_dir, identity)
     results = {trials.path: ListResult(trials, score_trials(vectors, trials.enroll, trials.test))

@@ -25,8 +25,8 @@ import time
 import numpy as np
 import torch
 
-from errors import UserError, first_line
-from model import EncoderConfig
+from speakerkit.errors import UserError, first_line
+from speakerkit.model import EncoderConfig
 
 
 def current_umask():
@@ -294,18 +294,33 @@ def mismatches(own, weights):
             if keys]
 
 
-def load_encoder_weights(encoder, classifier, path, allow_partial=False):
-    """Load a checkpoint's encoder weights into `encoder` and, when `classifier` (an AAM-softmax head, or
-    None) and the checkpoint's `speaker_loss.weight` have one shape, that too. Every encoder weight must be in
-    the checkpoint with its shape, and nothing else, unless `allow_partial`: then those that match are loaded
-    and the rest keep their fresh initialisation. Returns what was loaded, in words."""
+def flags_of_checkpoint(path, config):
+    """The flags (`--C 128`, ...) that build the encoder the JSON beside checkpoint `path` records where it
+    differs from `config` (the EncoderConfig built); empty without a JSON or a difference."""
+    if config is None or not os.path.exists(encoder_config_path(path)):
+        return []
+    saved = read_encoder_config(path)
+    return [f'--{field.name} {getattr(saved, field.name)}' for field in dataclasses.fields(EncoderConfig)
+            if getattr(saved, field.name) is not None and getattr(saved, field.name) != getattr(config, field.name)]
+
+
+def load_encoder_weights(encoder, classifier, path, allow_partial=False, config=None):
+    """Load a checkpoint's encoder weights into `encoder` (built from `config`, an EncoderConfig, when given)
+    and, when `classifier` (an AAM-softmax head, or None) and the checkpoint's `speaker_loss.weight` have one
+    shape, that too. Every encoder weight must be in the checkpoint with its shape, and nothing else, unless
+    `allow_partial`: then those that match are loaded and the rest keep their fresh initialisation. Returns
+    what was loaded, in words. When they do not fit, the error names the flags of the checkpoint's own encoder
+    (from its JSON)."""
     state = load_state_dict_file(path)
     weights = encoder_weights(state)
     own = encoder.state_dict()
     problems = mismatches(own, weights)
     if problems and not allow_partial:
-        raise UserError(f'{path}: does not fit this {type(encoder).__name__} (--allow_partial_load loads the '
-                        f'weights that do): ' + '; '.join(problems))
+        flags = flags_of_checkpoint(path, config)
+        advice = (f'its {os.path.basename(encoder_config_path(path))} records another encoder: give '
+                  f'{" ".join(flags)} to build that one, or --allow_partial_load to load the weights that fit'
+                  if flags else '--allow_partial_load loads the weights that do')
+        raise UserError(f'{path}: does not fit this {type(encoder).__name__} ({advice}): ' + '; '.join(problems))
     matching = {k: v for k, v in weights.items() if k in own and v.shape == own[k].shape}
     encoder.load_state_dict({**own, **matching})
     loaded = f'{len(matching)} of {len(own)} encoder weights' if problems else 'encoder'

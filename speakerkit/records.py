@@ -12,9 +12,9 @@ import time
 import torch
 import torchaudio
 
-from checkpoints import atomic_json_save, atomic_write, read_json
-from errors import UserError
-from lists import list_lines, malformed
+from speakerkit.checkpoints import atomic_json_save, atomic_write, read_json
+from speakerkit.errors import UserError
+from speakerkit.lists import list_lines, malformed
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -45,20 +45,22 @@ class EpochRecord:
         return {k: v for k, v in dataclasses.asdict(self).items() if v is not None and (k != 'eval' or v)}
 
 
-def results_text(results):
+def results_parts(results):
     """Each trial list's metrics, named when there are several."""
-    return ', '.join((f'{r.trials.name} ' if len(results) > 1 else '') + r.text() for r in results.values())
+    return [(f'{r.trials.name} ' if len(results) > 1 else '') + r.text() for r in results.values()]
 
 
 def score_line(record, results, best_eer):
-    """score.txt's line for an evaluated epoch, in the original code's format with one part per trial list."""
-    return (f'{record.epoch} epoch, LR {record.lr:f}, LOSS {record.loss:f}, ACC {record.accuracy:2.2f}%, '
-            + results_text(results) + f', bestEER {best_eer:2.2f}%')
+    """score.txt's line for an evaluated epoch, in the original code's format with one part per trial list; the
+    best EER so far (None: no list with labels) ends it."""
+    parts = [f'{record.epoch} epoch, LR {record.lr:f}, LOSS {record.loss:f}, ACC {record.accuracy:2.2f}%',
+             *results_parts(results)]
+    return ', '.join(parts + ([f'bestEER {best_eer:2.2f}%'] if best_eer is not None else []))
 
 
 def average_line(first, last, results):
     """score.txt's line for --average's model: it starts with the last epoch, as the lines of epochs do."""
-    return f'{last} epoch, average of epochs {first}-{last}, ' + results_text(results)
+    return ', '.join([f'{last} epoch, average of epochs {first}-{last}', *results_parts(results)])
 
 
 def git_commit():

@@ -27,10 +27,10 @@ import numpy as np
 import torch
 import webdataset
 
-from checkpoints import atomic_write
-from dataLoader import UnusableAudio
-from errors import UserError
-from lists import require_files
+from speakerkit.checkpoints import atomic_write
+from speakerkit.dataLoader import UnusableAudio
+from speakerkit.errors import UserError
+from speakerkit.lists import require_files
 
 SHUFFLE_BUFFER = 500  # samples (the audio files' bytes) each loader worker shuffles among: ~125 MB of VoxCeleb2
 
