@@ -77,8 +77,9 @@ def data_flags(group):
          help='train from tar shards (`prepare.py shards`) instead of --train_list/--train_path: their '
               'shards.txt, with speakers.txt beside it (--mode classifier, --sampler random)')
     flag(group, '--eval_list', nargs='+',
-         help='trial lists, lines "<0|1> <enroll> <test>" (or "<enroll> <test>": scored without '
-              'metrics); e.g. veri_test2.txt list_test_all2.txt list_test_hard2.txt')
+         help='trial lists, lines "<0|1> <enroll> <test>", Kaldi\'s "<enroll> <test> <target|nontarget>" '
+              '(or "<enroll> <test>": scored without metrics); e.g. veri_test2.txt list_test_all2.txt '
+              'list_test_hard2.txt')
     flag(group, '--eval_path', help='folder the trial list paths are relative to')
     flag(group, '--musan_path', help='MUSAN split into 5 s chunks (noise|speech|music/<subset>/<stem>/*.wav); '
                                      'omit to train without additive noise')

@@ -68,7 +68,7 @@ def run_eval(args):
         score_path = os.path.join(args.save_path, 'scores', result.trials.name)
         for suffix, scores, _ in result.score_sets():
             write_score_file(score_path + suffix.replace('_', '.'), result.trials.enroll, result.trials.test, scores,
-                             result.trials.labels)
+                             result.trials.labels, result.trials.kaldi)
         print(f'{path}: {len(result.scores)} trials, {result.text()}\n'
               f'  scores (enroll test score [label]): {score_path}' + (' and .asnorm' if args.snorm else ''))
     evaluation_plots(results, os.path.join(args.save_path, 'plots'))

@@ -240,13 +240,15 @@ def read_shard_list(path):
 @dataclasses.dataclass(frozen=True)
 class TrialList:
     """A trial list: `labels` (int array, 1 = same speaker) is None for a list without labels. `name` names
-    its outputs (score files, plots, records): the file name, made distinct by `distinct_names`."""
+    its outputs (score files, plots, records): the file name, made distinct by `distinct_names`. `kaldi`: its
+    labels are written Kaldi's way (`target`/`nontarget`), and so are those of its score files."""
     path: str
     labels: np.ndarray | None
     enroll: list
     test: list
     lines: list
     name: str = ''
+    kaldi: bool = False
 
     def references(self):
         """{relative audio path: the first line naming it}."""
@@ -257,22 +259,43 @@ class TrialList:
         return found
 
 
+KALDI_LABELS = {'nontarget': 0, 'target': 1}
+
+
+def trial_form(fields):
+    """The form of a trial line: 'labelled' (`<0|1> <enroll> <test>`: VoxCeleb's), 'kaldi' (`<enroll> <test>
+    <target|nontarget>`: Kaldi's and wespeaker's), 'unlabelled' (`<enroll> <test>`), or None."""
+    if len(fields) == 2:
+        return 'unlabelled'
+    if len(fields) == 3 and fields[0] in ('0', '1'):
+        return 'labelled'
+    if len(fields) == 3 and fields[2] in KALDI_LABELS:
+        return 'kaldi'
+    return None
+
+
 def read_trials(path):
-    """`<0|1> <enroll> <test>` lines, or `<enroll> <test>` throughout (the official test-phase format);
+    """Lines in one form throughout: `<0|1> <enroll> <test>` (VoxCeleb's), `<enroll> <test> <target|nontarget>`
+    (Kaldi's and wespeaker's `.kaldi` lists) or `<enroll> <test>` (the official test-phase format, no labels);
     raises naming a malformed line, an empty list, or labels of one class only."""
-    rows, width = [], None
+    rows, form = [], None
     for line in list_lines(path, 'trial list'):
-        width = width or len(line.fields)
-        if len(line.fields) != width or width not in (2, 3) or (width == 3 and line.fields[0] not in ('0', '1')):
-            raise malformed(path, line, "'<0|1> <enroll> <test>' or '<enroll> <test>' on every line")
+        form = form or trial_form(line.fields)
+        if form is None or trial_form(line.fields) != form:
+            raise malformed(path, line, "'<0|1> <enroll> <test>', '<enroll> <test> <target|nontarget>' or "
+                                        "'<enroll> <test>' on every line")
         rows.append(line)
     if not rows:
         raise UserError(f'{path}: the trial list is empty')
-    labels = np.array([int(line.fields[0]) for line in rows]) if width == 3 else None
-    if labels is not None:
+    if form == 'unlabelled':
+        labels = None
+    else:
+        labels = np.array([int(line.fields[0]) if form == 'labelled' else KALDI_LABELS[line.fields[2]]
+                           for line in rows])
         require_both_classes(path, labels)
-    return TrialList(path, labels, [line.fields[-2] for line in rows], [line.fields[-1] for line in rows],
-                     [line.number for line in rows], os.path.basename(path))
+    pairs = [line.fields[1:] if form == 'labelled' else line.fields[:2] for line in rows]
+    return TrialList(path, labels, [e for e, _ in pairs], [t for _, t in pairs], [line.number for line in rows],
+                     os.path.basename(path), kaldi=form == 'kaldi')
 
 
 def distinct_names(trial_lists):
@@ -301,17 +324,18 @@ def read_path_list(path):
 
 
 def read_score_file(path):
-    """(scores, labels) of a score file with `enroll test score label` lines, of both classes."""
+    """(scores, labels) of a score file with `enroll test score label` lines, the label 0|1 or (Kaldi's and
+    wespeaker's) target|nontarget, of both classes."""
     scores, labels = [], []
     for line in list_lines(path, 'score file'):
         fields = line.fields
         try:
-            if len(fields) != 4 or fields[3] not in ('0', '1') or not math.isfinite(float(fields[2])):
+            if len(fields) != 4 or fields[3] not in ('0', '1', *KALDI_LABELS) or not math.isfinite(float(fields[2])):
                 raise ValueError
             scores.append(float(fields[2]))
-            labels.append(int(fields[3]))
+            labels.append(KALDI_LABELS[fields[3]] if fields[3] in KALDI_LABELS else int(fields[3]))
         except ValueError:
-            raise malformed(path, line, "'<enroll> <test> <finite score> <0|1>'") from None
+            raise malformed(path, line, "'<enroll> <test> <finite score> <0|1|target|nontarget>'") from None
     if not scores:
         raise UserError(f"{path}: no scores")
     return np.array(scores), require_both_classes(path, np.array(labels))
@@ -325,9 +349,11 @@ def require_both_classes(path, labels):
     return labels
 
 
-def write_score_file(path, enroll, test, scores, labels=None):
-    """One `enroll test score [label]` line per trial, written atomically."""
-    suffixes = [''] * len(scores) if labels is None else [f' {label}' for label in labels]
+def write_score_file(path, enroll, test, scores, labels=None, kaldi=False):
+    """One `enroll test score [label]` line per trial, written atomically; the label 0|1, or with `kaldi`
+    target|nontarget (what wespeaker's scoring reads)."""
+    words = ('nontarget', 'target') if kaldi else ('0', '1')
+    suffixes = [''] * len(scores) if labels is None else [f' {words[int(label)]}' for label in labels]
     text = ''.join(f'{e} {t} {s:.6f}{suffix}\n' for e, t, s, suffix in zip(enroll, test, scores, suffixes))
     atomic_write(path, lambda f: f.write(text.encode()))
 

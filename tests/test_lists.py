@@ -47,6 +47,9 @@ def test_bytes_that_are_not_utf8_are_named_by_file_and_line(tmp_path, reader):
     (read_train_list, 'id1 id1/a/1.wav\nid2\n', 2),
     (read_trials, '1 a.wav b.wav\nyes a.wav c.wav\n', 2),
     (read_trials, '1 a b\nc d\n', 2),                  # labelled and unlabelled lines mixed
+    (read_trials, 'a b target\n1 a c\n', 2),          # Kaldi's form and VoxCeleb's mixed
+    (read_trials, 'a b target\na c impostor\n', 2),
+    (read_score_file, 'a b 0.5 target\na c 0.1 impostor\n', 2),
     (read_score_file, 'a b 0.5 1\na c high 0\n', 2),
     (read_score_file, 'a b 0.5 1\na c nan 0\n', 2),
     (read_score_file, 'a b 0.5 2\n', 1),
@@ -75,7 +78,25 @@ def test_trial_lists_with_and_without_labels(tmp_path):
     assert trials.enroll == ['a.wav', 'a.wav'] and trials.test == ['b.wav', 'c.wav'] and trials.lines == [1, 3]
     assert trials.references() == {'a.wav': 1, 'b.wav': 1, 'c.wav': 3}
     path.write_text('a.wav b.wav\n')
-    assert read_trials(str(path)).labels is None
+    assert read_trials(str(path)).labels is None and not read_trials(str(path)).kaldi
+
+
+def test_kaldi_trial_lists_read_as_the_voxceleb_form_and_their_score_files_as_wespeaker_writes_them(tmp_path):
+    voxceleb, kaldi = tmp_path / 'veri_test2.txt', tmp_path / 'vox1_O_cleaned.kaldi'
+    voxceleb.write_text('1 id1/a/1.wav id1/b/2.wav\n0 id1/a/1.wav id2/c/3.wav\n')
+    kaldi.write_text('id1/a/1.wav id1/b/2.wav target\nid1/a/1.wav id2/c/3.wav nontarget\n')  # wespeaker's form
+    ours, theirs = read_trials(str(voxceleb)), read_trials(str(kaldi))
+    assert theirs.kaldi and not ours.kaldi
+    assert (theirs.enroll, theirs.test, theirs.labels.tolist()) == (ours.enroll, ours.test, ours.labels.tolist())
+    scores = tmp_path / 'vox1_O_cleaned.kaldi.score'
+    write_score_file(str(scores), theirs.enroll, theirs.test, np.array([0.5, -0.25]), theirs.labels, theirs.kaldi)
+    assert scores.read_text() == ('id1/a/1.wav id1/b/2.wav 0.500000 target\n'
+                                  'id1/a/1.wav id2/c/3.wav -0.250000 nontarget\n')
+    read_back, labels = read_score_file(str(scores))
+    assert read_back.tolist() == [0.5, -0.25] and labels.tolist() == [1, 0]
+    # what wespeaker's compute_metrics takes from each line: the third token, and whether the last is 'target'
+    tokens = [line.split() for line in scores.read_text().splitlines()]
+    assert [(float(t[2]), t[-1] == 'target') for t in tokens] == [(0.5, True), (-0.25, False)]
 
 
 @pytest.mark.parametrize('reader,text', [(read_trials, '1 a.wav b.wav\n1 a.wav c.wav\n'),

@@ -263,6 +263,14 @@ def test_eval_of_a_training_checkpoint_gives_its_logged_eer_and_a_score_file(tin
     again = cli.main(['--score_file', str(score_file)])[str(score_file)]
     assert again.eer == pytest.approx(metrics.eer, abs=1e-3)
     assert again.min_dcf == pytest.approx(metrics.min_dcf, abs=1e-3)
+    # The same trials in Kaldi's form (wespeaker's .kaldi lists): the same metrics, its score file in that form.
+    kaldi = tmp_path / 'vox1_O.kaldi'
+    kaldi.write_text(''.join(f'{e} {t} {"target" if label else "nontarget"}\n'
+                             for e, t, label in zip(trials.enroll, trials.test, trials.labels)))
+    same = cli.main(eval_argv(checkpoint, tiny_corpus, tmp_path / 'kaldi', str(kaldi)))[str(kaldi)].metrics
+    assert same.text() == metrics.text()
+    kaldi_rows = [line.split() for line in (tmp_path / 'kaldi' / 'scores' / 'vox1_O.kaldi').read_text().splitlines()]
+    assert [(r[2], r[3] == 'target') for r in kaldi_rows] == [(r[2], r[3] == '1') for r in rows]
 
 
 def test_a_broken_json_beside_a_checkpoint_or_in_a_run_folder_is_one_line(tiny_corpus, checkpoint, train_argv,
