@@ -354,8 +354,14 @@ def _resnet(name):
     return build
 
 
+def _speechbrain_ecapa(C, sampling_rate, embedding_dim):
+    from speakerkit.published import SpeechBrainECAPA  # published.py builds on this module
+    return SpeechBrainECAPA(C, sampling_rate, embedding_dim)
+
+
 MODELS = {
     'ecapa-tdnn': EncoderSpec(ECAPA_TDNN, 1024, 192),
+    'ecapa-speechbrain': EncoderSpec(_speechbrain_ecapa, 1024, 192),
     'tdnn': EncoderSpec(TDNN, 512, 512),
     'resnet': EncoderSpec(_resnet('resnet34'), 32, 256),
     **{name: EncoderSpec(_resnet(name), 32, 256) for name in RESNET_DEPTHS},
@@ -408,15 +414,16 @@ def same_tensor(a, b):
 def architecture_of(weights):
     """The EncoderConfig of the registered encoder that an encoder state_dict fits, read from its names and
     shapes: the architecture from the set of names, the width and the embedding size from the first and last
-    tensors that follow them, the rate from the mel filters (which depend on it; 16000 when no common rate fits).
-    None when no architecture has these names."""
+    tensors that follow them, the rate from the mel filters (which depend on it; 16000 when no common rate fits,
+    or for an encoder that keeps no filters, as SpeechBrain's). None when no architecture has these names."""
     for name in (n for n in MODELS if n != 'resnet'):  # 'resnet' is another name of resnet34
         probe = build_encoder(name, 8, 16000, 5).state_dict()  # width 8, embedding 5: their tensors stand out
         if probe.keys() != weights.keys():
             continue
         width_key = next(k for k, v in probe.items() if v.ndim and v.shape[0] == 8)
         embedding_key = [k for k, v in probe.items() if v.ndim and v.shape[0] == 5][-1]
-        rate = next((r for r in COMMON_RATES if same_tensor(weights[MEL_FILTERS], mel_filters(r))), 16000)
+        rate = next((r for r in COMMON_RATES if MEL_FILTERS in weights and
+                     same_tensor(weights[MEL_FILTERS], mel_filters(r))), 16000)
         return EncoderConfig(model=name, C=weights[width_key].shape[0], sampling_rate=rate,
                              embedding_dim=weights[embedding_key].shape[0])
     return None

@@ -169,12 +169,15 @@ def score(encoder, audio_1, audio_2, sampling_rate=None):
 
 class ExportableEncoder(torch.nn.Module):
     """An eval-mode copy of an encoder with waveform [B, T] in and embedding out (no augmentation), its
-    mel front-end computed by convolution so that tracing and ONNX export can follow it."""
+    spectrum computed by convolution so that tracing and ONNX export can follow it."""
 
     def __init__(self, encoder):
         super().__init__()
         self.encoder = copy.deepcopy(encoder).cpu().eval()
-        self.encoder.torchfbank[1] = ConvMelSpectrogram(self.encoder.torchfbank[1])
+        if hasattr(self.encoder, 'torchfbank'):  # our front end
+            self.encoder.torchfbank[1] = ConvMelSpectrogram(self.encoder.torchfbank[1])
+        else:  # SpeechBrain's (published.SpeechBrainFbank)
+            self.encoder.features.by_convolution = True
 
     def forward(self, waveform):
         return self.encoder(waveform, False)

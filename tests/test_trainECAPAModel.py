@@ -211,8 +211,8 @@ def test_unreadable_score_files_and_checkpoints_are_named(tmp_path, tiny_corpus,
     scores = tmp_path / 'scores.txt'
     scores.write_text('a b 0.5 1\na c high 0\n')
     assert cli_error(['--score_file', str(scores)])[:2] == (
-        1, f"trainECAPAModel.py: error: {scores}:2: expected '<enroll> <test> <finite score> <0|1|target|nontarget>', got "
-           f"'a c high 0'\n")
+        1, f"trainECAPAModel.py: error: {scores}:2: expected '<enroll> <test> <finite score> "
+           f"<0|1|target|nontarget>', got 'a c high 0'\n")
     scores.write_text('a b 0.5 1\na c 0.7 1\n')
     status, printed, _ = cli_error(['--score_file', str(scores)])
     assert status == 1 and 'every trial has label 1' in printed
