@@ -274,12 +274,13 @@ def average_checkpoints(paths):
 
 
 def encoder_weights(state):
-    """The encoder's entries of a checkpoint: the `speaker_encoder.*` ones with that prefix removed, or the
-    whole state_dict when it is an encoder's alone. A `module.` prefix left by DataParallel is removed."""
+    """The encoder's entries of a checkpoint: the `speaker_encoder.*` ones with that prefix removed, or, for
+    an encoder's own state_dict (SpeechBrain's, wespeaker's), all but wespeaker's margin head (`projection.*`).
+    A `module.` prefix left by DataParallel is removed."""
     state = {(k[len('module.'):] if k.startswith('module.') else k): v for k, v in state.items()}
     prefix = 'speaker_encoder.'
     if not any(k.startswith(prefix) for k in state):
-        return state
+        return {k: v for k, v in state.items() if not k.startswith('projection.')}
     return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
 
 

@@ -304,8 +304,10 @@ class ResNet(Encoder):
         x = self.features(x, aug).unsqueeze(1)
         x = F.relu(self.bn1(self.conv1(x)))
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
-        x = x.flatten(1, 2)
-        return self.seg_1(statistics_pooling(x))
+        return self.seg_1(self.pool(x.flatten(1, 2)))
+
+    def pool(self, x):
+        return statistics_pooling(x)
 
 
 class TDNN(Encoder):
@@ -359,12 +361,22 @@ def _speechbrain_ecapa(C, sampling_rate, embedding_dim):
     return SpeechBrainECAPA(C, sampling_rate, embedding_dim)
 
 
+def _wespeaker_resnet(name):
+    block, blocks = RESNET_DEPTHS[name]
+
+    def build(C, sampling_rate, embedding_dim):
+        from speakerkit.published import WespeakerResNet  # published.py builds on this module
+        return WespeakerResNet(block, blocks, C, sampling_rate, embedding_dim)
+    return build
+
+
 MODELS = {
     'ecapa-tdnn': EncoderSpec(ECAPA_TDNN, 1024, 192),
     'ecapa-speechbrain': EncoderSpec(_speechbrain_ecapa, 1024, 192),
     'tdnn': EncoderSpec(TDNN, 512, 512),
     'resnet': EncoderSpec(_resnet('resnet34'), 32, 256),
     **{name: EncoderSpec(_resnet(name), 32, 256) for name in RESNET_DEPTHS},
+    **{f'{name}-wespeaker': EncoderSpec(_wespeaker_resnet(name), 32, 256) for name in RESNET_DEPTHS},
 }
 
 

@@ -4,6 +4,9 @@ export here like ours: waveform [B, T] in, embedding [B, D] out, the toolkit's o
   SpeechBrainECAPA  `--model ecapa-speechbrain`: SpeechBrain's ECAPA-TDNN (speechbrain/spkrec-ecapa-voxceleb:
                     its `embedding_model.ckpt` loads as it is), with SpeechBrain's filterbank features and
                     per-utterance mean normalisation
+  WespeakerResNet   `--model resnet34-wespeaker` (and every depth of model.RESNET_DEPTHS): wespeaker's ResNet
+                    (its VoxCeleb ResNet34/221/293 `avg_model.pt` loads; its margin head is left out), with
+                    Kaldi filterbank features and per-utterance mean normalisation, as wespeaker extracts
 
 Written from the published architecture (Desplanques et al. 2020, as SpeechBrain lays it out: parameter names,
 the order of activation and batch norm, reflect-padded 'same' convolutions, attentive statistics pooling with
@@ -16,7 +19,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from speakerkit.model import FbankAug
+import torchaudio
+
+from speakerkit.model import FbankAug, ResNet
 
 
 def mel(hz):
@@ -187,7 +192,7 @@ class SpeechBrainECAPA(nn.Module):
         super().__init__()
         self.sampling_rate = sampling_rate
         self.embedding_dim = embedding_dim
-        self.features = SpeechBrainFbank(sampling_rate, n_mels)
+        self.torchfbank = SpeechBrainFbank(sampling_rate, n_mels)  # the name of every encoder's front end
         self.specaug = FbankAug()
         self.blocks = nn.ModuleList([TDNNBlock(n_mels, C, 5, 1)] +
                                     [SERes2NetBlock(C, 3, dilation) for dilation in (2, 3, 4)])
@@ -198,7 +203,7 @@ class SpeechBrainECAPA(nn.Module):
 
     def forward(self, x, aug=False):
         with torch.no_grad():
-            x = self.features(x)
+            x = self.torchfbank(x)
             if aug:
                 x = self.specaug(x)
         outputs = []
@@ -207,3 +212,71 @@ class SpeechBrainECAPA(nn.Module):
             outputs.append(x)
         x = self.mfa(torch.cat(outputs[1:], dim=1))
         return self.fc(self.asp_bn(self.asp(x))).squeeze(2)
+
+
+class KaldiFbank(nn.Module):
+    """Kaldi's filterbank features as wespeaker computes them for extraction (torchaudio.compliance.kaldi.fbank
+    of the waveform scaled to the 16-bit range, no dither, Hamming window, no energy term), for a batch:
+    waveform [B, T] -> [B, n_mels, frames]. 25 ms frames every 10 ms that fit in the waveform, each frame's mean
+    removed, pre-emphasis 0.97 (the first sample against itself), a Hamming window, the power spectrum of the
+    frame zero-padded to a power of two (with `by_convolution`, for export, by products with cosines and
+    sines, which tracing and ONNX follow), Kaldi's mel filters from 20 Hz to half the rate, the log of each
+    energy (at least float32's epsilon), then each utterance's mean over time subtracted (wespeaker's CMN).
+    No state: rebuilt from the rate."""
+
+    def __init__(self, sampling_rate, n_mels=80):
+        super().__init__()
+        self.length = int(sampling_rate * 0.025)
+        self.shift = int(sampling_rate * 0.010)
+        self.padded = 1 << (self.length - 1).bit_length()
+        self.register_buffer('window', torch.hamming_window(self.length, periodic=False, alpha=0.54, beta=0.46),
+                             persistent=False)
+        filters, _ = torchaudio.compliance.kaldi.get_mel_banks(n_mels, self.padded, float(sampling_rate), 20.0,
+                                                                0.0, 100.0, -500.0, 1.0)
+        self.register_buffer('filters', F.pad(filters, (0, 1)).transpose(0, 1).float(), persistent=False)
+        self.by_convolution = False
+
+    def export_kernels(self, device):
+        """[2 (padded // 2 + 1), 1, length]: the frame's mean removed, pre-emphasis, the window and the real and
+        imaginary parts of the DFT, one linear map of the frame's samples, as convolution kernels."""
+        eye = torch.eye(self.length, dtype=torch.float64, device=device)
+        centred = eye - 1.0 / self.length
+        emphasis = eye - 0.97 * torch.cat((eye[:1], eye[:-1]))  # row i: sample i less 0.97 sample i - 1 (0: i)
+        angle = 2 * math.pi * torch.arange(self.length, dtype=torch.float64, device=device)[:, None] * \
+            torch.arange(self.padded // 2 + 1, dtype=torch.float64, device=device)[None, :] / self.padded
+        dft = torch.cat((torch.cos(angle), torch.sin(angle)), dim=1) * self.window.double()[:, None]
+        return (centred @ emphasis.T @ dft).T.float().unsqueeze(1)
+
+    def power_spectrum(self, x):
+        """[B, frames, padded // 2 + 1] of waveforms [B, T] at the 16-bit scale."""
+        if self.by_convolution:  # tracing and ONNX follow neither unfold of a dynamic length nor the FFT
+            real, imaginary = F.conv1d(x.unsqueeze(1), self.export_kernels(x.device), stride=self.shift).chunk(2, 1)
+            return (real ** 2 + imaginary ** 2).transpose(1, 2)
+        frames = x.unfold(1, self.length, self.shift)
+        frames = frames - frames.mean(dim=2, keepdim=True)
+        frames = frames - 0.97 * torch.cat((frames[..., :1], frames[..., :-1]), dim=2)
+        return torch.fft.rfft(F.pad(frames * self.window, (0, self.padded - self.length))).abs().pow(2.0)
+
+    def forward(self, x):
+        with torch.autocast(x.device.type, enabled=False):
+            power = self.power_spectrum(x.float() * 32768)
+            logs = torch.log(torch.clamp(torch.matmul(power, self.filters), min=torch.finfo(torch.float32).eps))
+            return (logs - logs.mean(dim=1, keepdim=True)).transpose(1, 2)
+
+
+class WespeakerResNet(ResNet):
+    """model.ResNet under wespeaker's parameter names (the same as ours), with wespeaker's features
+    (`KaldiFbank`, SpecAugment's masks in training) and its statistics pooling (standard deviation from the
+    variance plus 1e-7)."""
+
+    def __init__(self, block, num_blocks, C=32, sampling_rate=16000, embedding_dim=256, n_mels=80):
+        super().__init__(block, num_blocks, C, sampling_rate, embedding_dim, n_mels)
+        self.torchfbank = KaldiFbank(sampling_rate, n_mels)
+
+    def features(self, x, aug):
+        with torch.no_grad():
+            x = self.torchfbank(x)
+            return self.specaug(x) if aug else x
+
+    def pool(self, x):
+        return torch.cat((x.mean(dim=-1), torch.sqrt(x.var(dim=-1) + 1e-7)), dim=-1)

@@ -174,10 +174,11 @@ class ExportableEncoder(torch.nn.Module):
     def __init__(self, encoder):
         super().__init__()
         self.encoder = copy.deepcopy(encoder).cpu().eval()
-        if hasattr(self.encoder, 'torchfbank'):  # our front end
-            self.encoder.torchfbank[1] = ConvMelSpectrogram(self.encoder.torchfbank[1])
-        else:  # SpeechBrain's (published.SpeechBrainFbank)
-            self.encoder.features.by_convolution = True
+        front = self.encoder.torchfbank
+        if isinstance(front, torch.nn.Sequential):  # our log-mel front end
+            front[1] = ConvMelSpectrogram(front[1])
+        else:  # another toolkit's features (published.py)
+            front.by_convolution = True
 
     def forward(self, waveform):
         return self.encoder(waveform, False)

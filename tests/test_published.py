@@ -1,13 +1,21 @@
-"""published.py: SpeechBrain's ECAPA-TDNN, exact against SpeechBrain's own code (speechbrain on PyPI, in
-requirements-test.txt; skipped with the reason where it is not installed), and a checkpoint in its layout
-loaded, evaluated, fine-tuned and exported through our entry points."""
+"""published.py: SpeechBrain's ECAPA-TDNN and wespeaker's ResNets, exact against their own code (speechbrain
+from PyPI, in requirements-test.txt; wespeaker, which PyPI does not carry, from a checkout named by
+WESPEAKER_CHECKOUT; each skipped with the reason where it is missing), and checkpoints in their layouts loaded,
+evaluated, fine-tuned and exported through our entry points."""
+
+import os
+import sys
+import types
 
 import numpy as np
 import pytest
 import torch
+import torchaudio
 
 from speakerkit import cli, tools
+from speakerkit.checkpoints import encoder_weights
 from speakerkit.model import build_encoder
+from speakerkit.published import KaldiFbank
 
 
 def speechbrain_ecapa(C, embedding_dim):
@@ -49,50 +57,118 @@ def test_speechbrain_ecapa_gives_speechbrains_embedding(C, seconds):
                                    atol=1e-5)
 
 
-@pytest.fixture
-def speechbrain_checkpoint(tmp_path):
-    """A checkpoint as SpeechBrain publishes one (embedding_model.ckpt: the encoder's state_dict, no prefix,
-    nothing beside it), at C=64."""
+def wespeaker_features(waveform):
+    """What wespeaker's processor computes for extraction (compute_fbank with dither 0, then apply_cmvn)."""
+    mat = torchaudio.compliance.kaldi.fbank(waveform.unsqueeze(0) * (1 << 15), num_mel_bins=80, frame_length=25,
+                                            frame_shift=10, dither=0.0, sample_frequency=16000,
+                                            window_type='hamming', use_energy=False)
+    return mat - torch.mean(mat, dim=0)
+
+
+def test_kaldi_fbank_is_torchaudios_kaldi_fbank_with_the_utterance_mean_removed():
+    waveforms = 0.1 * torch.randn(3, 17000, generator=torch.Generator().manual_seed(4))
+    ours = KaldiFbank(16000)
+    expected = torch.stack([wespeaker_features(w) for w in waveforms])
+    torch.testing.assert_close(ours(waveforms).transpose(1, 2), expected, rtol=0, atol=0)
+    ours.by_convolution = True  # for export: the spectrum by matrix products
+    torch.testing.assert_close(ours(waveforms).transpose(1, 2), expected, rtol=0, atol=2e-3)
+
+
+@pytest.fixture(scope='module')
+def wespeaker_models():
+    """wespeaker.models.resnet from the checkout WESPEAKER_CHECKOUT names, imported without its package's
+    __init__ (which loads its command-line tools and their dependencies)."""
+    root = os.environ.get('WESPEAKER_CHECKOUT', '')
+    if not os.path.isfile(os.path.join(root, 'wespeaker', 'models', 'resnet.py')):
+        pytest.skip('WESPEAKER_CHECKOUT does not name a checkout of wenet-e2e/wespeaker (not on PyPI)')
+    saved = {name: sys.modules.pop(name) for name in list(sys.modules) if name.split('.')[0] == 'wespeaker'}
+    for name in ('wespeaker', 'wespeaker.models'):
+        package = types.ModuleType(name)
+        package.__path__ = [os.path.join(root, *name.split('.'))]
+        sys.modules[name] = package
+    try:
+        from wespeaker.models import resnet
+        yield resnet
+    finally:
+        for name in [n for n in sys.modules if n.split('.')[0] == 'wespeaker']:
+            del sys.modules[name]
+        sys.modules.update(saved)
+
+
+@pytest.mark.parametrize('depth', ['34', '293'])
+def test_wespeaker_resnet_gives_wespeakers_embedding(wespeaker_models, depth):
+    torch.manual_seed(0)
+    network = getattr(wespeaker_models, f'ResNet{depth}')(feat_dim=80, embed_dim=256).eval()
+    with torch.no_grad():
+        for module in network.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.running_mean.normal_(0, 0.3)
+                module.running_var.uniform_(0.5, 2.0)
+                module.weight.normal_(1, 0.2)
+                module.bias.normal_(0, 0.2)
+    published = network.state_dict() | {'projection.weight': torch.randn(5994, 256)}  # avg_model.pt's keys
+    ours = build_encoder(f'resnet{depth}-wespeaker').eval()
+    ours.load_state_dict(encoder_weights(published), strict=True)
+    waveforms = 0.1 * torch.randn(2, 24000, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        expected = network(torch.stack([wespeaker_features(w) for w in waveforms]))[-1]
+        torch.testing.assert_close(ours(waveforms), expected, rtol=1e-5, atol=1e-5)
+
+
+PUBLISHED = {  # --model: (width for the tests, the file its toolkit publishes, extra keys it holds)
+    'ecapa-speechbrain': (64, 'embedding_model.ckpt', {}),
+    'resnet34-wespeaker': (8, 'avg_model.pt', {'projection.weight': torch.zeros(5994, 256)}),
+}
+
+
+@pytest.fixture(params=sorted(PUBLISHED))
+def published_checkpoint(request, tmp_path):
+    """A checkpoint as the toolkit publishes one (the encoder's own state_dict, no prefix, wespeaker's with its
+    margin head, nothing beside it): (model name, width, path, the encoder in eval mode)."""
+    name = request.param
+    width, file_name, extra = PUBLISHED[name]
     torch.manual_seed(2)
-    encoder = build_encoder('ecapa-speechbrain', 64, 16000, 192)
-    path = tmp_path / 'embedding_model.ckpt'
-    torch.save(encoder.state_dict(), path)
-    return str(path), encoder.eval()
+    encoder = build_encoder(name, width, 16000)
+    path = tmp_path / file_name
+    torch.save(encoder.state_dict() | extra, path)
+    return name, width, str(path), encoder.eval()
 
 
-def test_a_speechbrain_checkpoint_loads_from_its_weights_alone_and_embeds(speechbrain_checkpoint, tmp_path, capsys):
-    path, encoder = speechbrain_checkpoint
+def test_a_published_checkpoint_loads_from_its_weights_alone_and_embeds(published_checkpoint, capsys):
+    name, width, path, encoder = published_checkpoint
     loaded = tools.load_model(path)
-    assert capsys.readouterr().out == (f'{path}: no embedding_model.json beside it; its weights are those of '
-                                       f'ecapa-speechbrain C=64, embedding 192, 16000 Hz\n')
+    stem = os.path.splitext(os.path.basename(path))[0]
+    assert capsys.readouterr().out == (f'{path}: no {stem}.json beside it; its weights are those of {name} '
+                                       f'C={width}, embedding {encoder.embedding_dim}, 16000 Hz\n')
     waveform = (0.1 * np.random.default_rng(0).standard_normal(24000)).astype(np.float32)
     torch.testing.assert_close(tools.embed(loaded, waveform, 16000), tools.embed(encoder, waveform, 16000),
                                rtol=0, atol=0)
 
 
 @pytest.mark.slow
-def test_a_speechbrain_checkpoint_evaluates_fine_tunes_and_exports(speechbrain_checkpoint, tiny_corpus, train_argv,
-                                                                  tmp_path):
-    path, encoder = speechbrain_checkpoint
+def test_a_published_checkpoint_evaluates_fine_tunes_and_exports(published_checkpoint, tiny_corpus, train_argv,
+                                                                 tmp_path):
+    name, width, path, encoder = published_checkpoint
     results = cli.main(['--eval', '--initial_model', path, '--eval_list', tiny_corpus['eval_list'],
                         '--eval_path', tiny_corpus['eval_path'], '--save_path', str(tmp_path / 'eval'),
                         '--n_cpu', '0'])
     assert results[tiny_corpus['eval_list']].metrics is not None
     tuned = tmp_path / 'tuned'
-    cli.main(train_argv(tiny_corpus, tuned, '--model', 'ecapa-speechbrain', '--C', '64', '--initial_model', path,
+    cli.main(train_argv(tiny_corpus, tuned, '--model', name, '--C', str(width), '--initial_model', path,
                         '--max_epoch', '1'))
     lines = (tuned / 'score.txt').read_text().splitlines()
     assert len(lines) == 1 and 'EER' in lines[0]
     state = torch.load(tuned / 'model' / 'model_0001.model', weights_only=True)
-    assert state['speaker_loss.weight'].shape == (6, 192)  # a new head for this list's six speakers
-    assert not torch.equal(state['speaker_encoder.fc.conv.weight'], encoder.state_dict()['fc.conv.weight'])
+    assert state['speaker_loss.weight'].shape == (6, encoder.embedding_dim)  # a new head for the six speakers
+    last = [k for k in encoder.state_dict() if k.endswith('weight')][-1]
+    assert not torch.equal(state[f'speaker_encoder.{last}'], encoder.state_dict()[last])  # it trained
     for suffix in ('.pt2', '.onnx'):
         cli.main(['--initial_model', path, '--export', str(tmp_path / f'encoder{suffix}')])
     waveform = 0.1 * torch.randn(2, 20000, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         expected = encoder(waveform)
         exported = torch.export.load(str(tmp_path / 'encoder.pt2')).module()
-        torch.testing.assert_close(exported(waveform), expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(exported(waveform), expected, rtol=1e-4, atol=1e-4)
     onnxruntime = pytest.importorskip('onnxruntime')
     session = onnxruntime.InferenceSession(str(tmp_path / 'encoder.onnx'))
     np.testing.assert_allclose(session.run(['embedding'], {'waveform': waveform.numpy()})[0], expected.numpy(),
