@@ -98,9 +98,7 @@ def measure_plans(train_list, batch_size):
 def train_child(out_json, started, steps, argv):
     """In the training process: cli.main(argv), measured at its first and `steps`-th step, then
     stopped by SIGTERM (as a scheduler would)."""
-    from speakerkit import checkpoints
-    from speakerkit import cli
-    from speakerkit import trainer
+    from speakerkit import checkpoints, cli, trainer
     record = {'at_step': {}}
     taken = [0]
     step = trainer.TrainingStep.__call__

@@ -20,8 +20,7 @@ import sys
 import torch
 import yaml
 
-from speakerkit import demo
-from speakerkit import distributed
+from speakerkit import demo, distributed
 from speakerkit.augment import default_cache_dir
 from speakerkit.commands import COMMANDS
 from speakerkit.dataLoader import SPEED_PERTURBATION, end_loader_workers
@@ -71,8 +70,10 @@ def switch(group, name, default=False, help=''):
 
 def data_flags(group):
     """Flags of training and trial data, augmentation banks, and the data check."""
-    flag(group, '--train_list', help='training list, lines "<speaker> <relative path>"')
-    flag(group, '--train_path', help='folder the training list paths are relative to')
+    flag(group, '--train_list', help='training list, lines "<speaker> <relative path>", or a Kaldi data folder '
+                                     '(wav.scp and utt2spk)')
+    flag(group, '--train_path', help='folder the training list paths are relative to (for a Kaldi data folder: '
+                                     'the current folder unless given)')
     flag(group, '--train_shards', metavar='SHARDS_TXT',
          help='train from tar shards (`prepare.py shards`) instead of --train_list/--train_path: their '
               'shards.txt, with speakers.txt beside it (--mode classifier, --sampler random)')
@@ -261,14 +262,17 @@ def take_defaults(args, defaults):
 
 
 def resolve_defaults(args):
-    """Fill what the flags leave open: the demo's and --large_margin's settings (given flags win), the loss
-    of the mode, the encoder's width and embedding size, the device and mixed precision."""
+    """Fill what the flags leave open: the demo's and --large_margin's settings (given flags win), the folder
+    of a Kaldi data folder's relative paths, the loss of the mode, the encoder's width and embedding size, the
+    device and mixed precision."""
     if args.demo:
         take_defaults(args, DEMO_DEFAULTS | {'C': DEMO_WIDTHS.get(args.model, 16)})
         corpus = demo.corpus_paths(os.path.join(args.save_path, 'corpus'))
         take_defaults(args, corpus | {'eval_list': [corpus['eval_list']]})
     if args.large_margin:
         take_defaults(args, LARGE_MARGIN_DEFAULTS)
+    if kaldi_data(args.train_list) and args.train_path is None:  # wav.scp's paths: absolute, or from here
+        args.train_path = os.curdir
     args.loss = args.loss or ('aamsoftmax' if args.mode == 'classifier' else 'infonce')
     spec = MODELS[args.model]
     args.C = spec.width if args.C is None else args.C  # 0 is a mistake that check_ranges names, not the default
@@ -355,12 +359,19 @@ def check_command_flags(args):
             raise UsageError(f"--{flag} needs {' and '.join(f'--{n}' for n in needed)}")
 
 
+def kaldi_data(path):
+    """Whether `path` is a Kaldi data folder (--train_list given as one: lists.read_kaldi_data)."""
+    return bool(path) and os.path.isfile(os.path.join(path, 'wav.scp'))
+
+
 def check_paths(args):
     for name in ('train_list', 'train_shards', 'eval_list', 'initial_model'):
         paths = getattr(args, name) or []
         for path in ([paths] if isinstance(paths, str) else paths):
-            if path and not os.path.isfile(path) and not (args.demo and name != 'initial_model'):
-                raise UsageError(f'--{name} {path}: no such file')
+            if path and not os.path.isfile(path) and not (args.demo and name != 'initial_model') and \
+                    not (name == 'train_list' and kaldi_data(path)):
+                raise UsageError(f'--{name} {path}: no such file' + (' (nor a Kaldi data folder with wav.scp)'
+                                                                      if name == 'train_list' else ''))
     for name in ('train_path', 'eval_path', 'musan_path', 'rir_path'):
         path = getattr(args, name)
         if path and not os.path.isdir(path) and not args.demo:

@@ -3,11 +3,13 @@
   list_lines         non-blank lines with their numbers; a UTF-8 byte-order mark, CRLF endings and blank
                      lines are accepted; bytes that are not UTF-8 are an error naming the file and line
   read_train_list    `<speaker> <relative path>`                      -> TrainList (numpy arrays; [i]: TrainEntry)
+                     or a Kaldi data folder: wav.scp and utt2spk       -> the same
   read_shard_list    `<tar file> <utterances>` + speakers.txt          -> ShardList (tar shards, shards.py)
-  read_trials        `<0|1> <enroll> <test>` or `<enroll> <test>`      -> TrialList (distinct_names: outputs)
+  read_trials        `<0|1> <enroll> <test>`, Kaldi's `<enroll> <test> <target|nontarget>` or `<enroll> <test>`
+                                                                       -> TrialList (distinct_names: outputs)
   read_path_list     the audio paths a list names (each field with an audio extension, or the last); files_to_embed:
                      such a list or a folder (--extract)
-  read_score_file    `<enroll> <test> <score> <0|1>`                  -> (scores, labels)
+  read_score_file    `<enroll> <test> <score> <0|1|target|nontarget>`  -> (scores, labels)
   write_score_file   the same lines, written atomically
   files_under        a folder's audio files, as a list
 A malformed line is a `UserError` naming the file and line; `require_files` checks that every file a list
@@ -148,7 +150,10 @@ class PathColumn(collections.abc.Sequence):
 
 
 def read_train_list(path):
-    """The `TrainList` of a training list; raises naming a malformed line, or an empty list."""
+    """The `TrainList` of a training list, or of a Kaldi data folder (`read_kaldi_data`); raises naming a
+    malformed line, or an empty list."""
+    if os.path.isdir(path):
+        return read_kaldi_data(path)
     entries = []
     for line in list_lines(path, 'training list'):
         if len(line.fields) != 2:
@@ -157,6 +162,37 @@ def read_train_list(path):
     if not entries:
         raise UserError(f'{path}: the training list is empty')
     return TrainList.of(entries, path)
+
+
+def read_kaldi_data(folder):
+    """The `TrainList` of a Kaldi data folder (Kaldi's and wespeaker's training input): `wav.scp` lines `<utterance>
+    <audio path>`, `utt2spk` lines `<utterance> <speaker>`; the entries in wav.scp's order, its lines and paths
+    (relative ones are relative to --train_path, or else to the current folder, as Kaldi recipes run). A command
+    in place of a path (Kaldi's `sox ... |`), an utterance named twice, or one that the other file lacks is an
+    error naming the file and line."""
+    scp, speakers_of = os.path.join(folder, 'wav.scp'), os.path.join(folder, 'utt2spk')
+    files = {}
+    for line in list_lines(scp, 'wav.scp'):
+        if len(line.fields) != 2:
+            raise malformed(scp, line, "'<utterance> <audio path>' (a command in place of the path is not run: "
+                                       "give the audio file)")
+        if line.fields[0] in files:
+            raise UserError(f'{scp}:{line.number}: utterance {line.fields[0]} is named again (first on line '
+                            f'{files[line.fields[0]][1]})')
+        files[line.fields[0]] = (line.fields[1], line.number)
+    speakers = {}
+    for line in list_lines(speakers_of, 'utt2spk'):
+        if len(line.fields) != 2:
+            raise malformed(speakers_of, line, "'<utterance> <speaker>'")
+        if line.fields[0] not in files:
+            raise UserError(f'{speakers_of}:{line.number}: utterance {line.fields[0]} is not in {scp}')
+        speakers[line.fields[0]] = line.fields[1]
+    missing = next((utterance for utterance in files if utterance not in speakers), None)
+    if missing is not None:
+        raise UserError(f'{scp}:{files[missing][1]}: utterance {missing} has no speaker in {speakers_of}')
+    if not files:
+        raise UserError(f'{scp}: the training list is empty')
+    return TrainList.of([(speakers[u], path, number) for u, (path, number) in files.items()], scp)
 
 
 def without_repeats(train_list):

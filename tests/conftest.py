@@ -23,9 +23,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 SHARED_DATA = os.path.join(ROOT, '..', 'shared', 'data')
 
-from speakerkit import demo  # noqa: E402
-from speakerkit import prepare  # noqa: E402
-from speakerkit import cli  # noqa: E402
+from speakerkit import cli, demo, prepare  # noqa: E402
 
 if os.environ.get('PYTEST_XDIST_WORKER'):  # one process per core (pytest -n): no two workers fight over a core,
     torch.set_num_threads(1)

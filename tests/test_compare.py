@@ -10,9 +10,7 @@ import numpy as np
 import pytest
 import soundfile
 
-from speakerkit import demo
-from speakerkit import evaluation
-from speakerkit import tools
+from speakerkit import demo, evaluation, tools
 from speakerkit.lists import read_trials
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

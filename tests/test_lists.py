@@ -194,3 +194,25 @@ def test_cohort_entries_spread_over_speakers():
     uneven = TrainList.of([TrainEntry(f's{i * i % 7}', f'u{i}') for i in range(60)])
     for size in (1, 5, 13, 40):
         assert cohort_entries(uneven, size, seed=3) == round_robin_cohort(list(uneven), size, seed=3)
+
+
+def test_a_kaldi_data_folder_reads_as_the_training_list_it_describes(tmp_path):
+    folder = tmp_path / 'train'
+    folder.mkdir()
+    (folder / 'wav.scp').write_text('u1 /data/a/1.wav\nu2 b/2.wav\n\nu3 /data/a/3.wav\n')
+    (folder / 'utt2spk').write_text('u2 spkB\nu1 spkA\nu3 spkA\n')
+    data = read_train_list(str(folder))
+    assert [tuple(entry) for entry in data] == [('spkA', '/data/a/1.wav', 1), ('spkB', 'b/2.wav', 2),
+                                                ('spkA', '/data/a/3.wav', 4)]
+    assert data.source == str(folder / 'wav.scp') and data.speakers.tolist() == ['spkA', 'spkB']
+    scp, utt2spk = str(folder / 'wav.scp'), str(folder / 'utt2spk')
+    for files, speakers, error in (
+            ('u1 sox a.flac -t wav - |\n', 'u1 s\n', f"{scp}:1: expected '<utterance> <audio path>' (a command"),
+            ('u1 a.wav\nu1 b.wav\n', 'u1 s\n', f'{scp}:2: utterance u1 is named again (first on line 1)'),
+            ('u1 a.wav\nu2 b.wav\n', 'u1 s\n', f'{scp}:2: utterance u2 has no speaker in {utt2spk}'),
+            ('u1 a.wav\n', 'u1 s\nu9 s\n', f'{utt2spk}:2: utterance u9 is not in {scp}')):
+        (folder / 'wav.scp').write_text(files)
+        (folder / 'utt2spk').write_text(speakers)
+        with pytest.raises(UserError) as raised:
+            read_train_list(str(folder))
+        assert str(raised.value).startswith(error), raised.value

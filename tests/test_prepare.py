@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 import soundfile
 
-from speakerkit import prepare
-from speakerkit import cli
+from speakerkit import cli, prepare
 from speakerkit.augment import Augmenter, musan_files, rir_files
 from speakerkit.dataLoader import UnusableAudio, read_usable_crop, resample
 from speakerkit.errors import UserError

@@ -14,11 +14,8 @@ import pytest
 import soundfile
 import torch
 
-from speakerkit import commands
-from speakerkit import evaluation
-from speakerkit import metrics
-from speakerkit import tools
-from speakerkit import cli
+from conftest import assert_same_checkpoints
+from speakerkit import cli, commands, evaluation, metrics, tools
 from speakerkit.checkpoints import save_checkpoint
 from speakerkit.lists import cohort_entries, read_train_list, read_trials
 from speakerkit.loss import AAMsoftmax
@@ -603,3 +600,21 @@ def test_an_initial_model_of_another_width_names_the_flags_of_its_own_encoder(ti
     status, message, _ = cli_error(train_argv(tiny_corpus, tmp_path / 'run2', '--initial_model', checkpoint,
                                               '--C', '16'))
     assert status == 1 and '(--allow_partial_load loads the weights that do)' in message
+
+
+@pytest.mark.slow
+def test_a_kaldi_data_folder_trains_as_the_list_it_describes(tiny_corpus, train_argv, reference_run, tmp_path):
+    """wav.scp with absolute paths and utt2spk, no --train_path: the reference run's first epoch, bit for bit."""
+    folder = tmp_path / 'kaldi'
+    folder.mkdir()
+    lines = [line.split() for line in open(tiny_corpus['train_list'])]
+    (folder / 'wav.scp').write_text(''.join(f'utt{i} {os.path.join(tiny_corpus["train_path"], path)}\n'
+                                            for i, (_, path) in enumerate(lines)))
+    (folder / 'utt2spk').write_text(''.join(f'utt{i} {speaker}\n' for i, (speaker, _) in enumerate(lines)))
+    argv = train_argv(tiny_corpus, tmp_path / 'run', '--max_epoch', '1')
+    at = argv.index('--train_list')
+    cli.main(argv[:at] + ['--train_list', str(folder)] + argv[at + 4:])  # without --train_path
+    assert_same_checkpoints(reference_run / 'model' / 'model_0001.model',
+                            tmp_path / 'run' / 'model' / 'model_0001.model')
+    assert (tmp_path / 'run' / 'score.txt').read_text().splitlines()[0] == \
+        (reference_run / 'score.txt').read_text().splitlines()[0]

@@ -18,8 +18,7 @@ import pytest
 import soundfile
 import torch
 
-from speakerkit import cli
-from speakerkit import trainer
+from speakerkit import cli, trainer
 from conftest import assert_same_checkpoints
 from speakerkit.dataLoader import Batch
 from speakerkit.loss import AAMsoftmax

@@ -12,8 +12,7 @@ untrained encoder; the test asks for three target trials (5 points) at least."""
 import pytest
 import torch
 
-from speakerkit import demo
-from speakerkit import cli
+from speakerkit import cli, demo
 from speakerkit.checkpoints import save_checkpoint
 from speakerkit.model import EncoderConfig, build_encoder
 

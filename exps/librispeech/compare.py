@@ -37,9 +37,7 @@ import numpy as np
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), '..', '..'))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from speakerkit import evaluation  # noqa: E402
-from speakerkit import plots  # noqa: E402
-from speakerkit import tools  # noqa: E402
+from speakerkit import evaluation, plots, tools  # noqa: E402
 from speakerkit.lists import read_trials  # noqa: E402
 from make_lists import make_lists  # noqa: E402
 
