@@ -205,12 +205,12 @@ def evaluation_flags(group):
     flag(group, '--cohort_size', type=int, default=20000,
          help='AS-Norm: training utterances embedded for the cohort, over all speakers (0: all)')
     flag(group, '--extract', metavar='LIST_OR_DIR',
-         help='embed every file of a folder, or of a list (each field with an audio extension, both sides '
-              'of a trial, or else the last field of a line; relative to --eval_path or the list\'s folder), '
-              'with --initial_model; needs --out')
-    flag(group, '--out', help='--extract: file to write {paths, embeddings, protocol_vectors, ...} to: '
-                              'FILE.pt (torch.save) or FILE.npz (numpy); --average_checkpoints: the '
-                              'averaged checkpoint')
+         help='embed every file of a folder, of a Kaldi data folder\'s wav.scp, or of a list (each field '
+              'with an audio extension, both sides of a trial, or else the last field of a line; relative to '
+              '--eval_path or the list\'s folder), with --initial_model; needs --out')
+    flag(group, '--out', help='--extract: file to write {paths, names, embeddings, protocol_vectors, ...} to: '
+                              'FILE.pt (torch.save), FILE.npz (numpy) or FILE.ark (Kaldi\'s, the embeddings '
+                              'under their names, with FILE.scp); --average_checkpoints: the averaged checkpoint')
     flag(group, '--average_checkpoints', nargs='+', metavar='FILE',
          help='write the mean of these checkpoints\' weights to --out (what --average N does at '
               'the end of training)')

@@ -5,6 +5,8 @@ A module of its own so that the entry script holds the flags, their defaults and
 what the commands do with them.
 """
 
+import importlib.util
+import io
 import os
 from collections.abc import Callable
 from typing import NamedTuple
@@ -24,7 +26,7 @@ from speakerkit.metrics import verification_metrics
 from speakerkit.tools import as_recordings, export_onnx, export_program, export_torchscript, load_model
 from speakerkit.trainer import run_training
 
-EXTRACT_FORMATS = ('.pt', '.npz')
+EXTRACT_FORMATS = ('.pt', '.npz', '.ark')
 
 
 def run_score_files(args):
@@ -76,20 +78,20 @@ def run_eval(args):
 
 
 def run_extract(args):
-    """Embed every file of a folder or a list (one path per line, its last field, relative to --eval_path or
-    else to the list's folder) and write `write_extracted`'s fields to --out; files that cannot be embedded
-    are skipped and listed."""
+    """Embed every file of a folder, a Kaldi data folder's wav.scp or a list (`lists.files_to_embed`) and write
+    `write_extracted`'s fields to --out; files that cannot be embedded are skipped and listed."""
     device = torch.device(args.device)
     encoder = load_initial_encoder(args, device)
-    root, references = files_to_embed(args.extract, args.eval_path)
+    files = files_to_embed(args.extract, args.eval_path)
     skipped = []
-    vectors = embed_files(encoder, list(references), root, device, n_cpu=embedding_readers(args, device),
+    vectors = embed_files(encoder, list(files.references), files.root, device, n_cpu=embedding_readers(args, device),
                           unusable=skipped, represent=embeddings_and_protocol_vectors)
     print(''.join(f'{args.extract}: skipped {path} ({why})\n' for path, why in skipped), end='')
     if not vectors:
-        raise UserError(f'--extract {args.extract}: none of its {len(references)} files can be embedded')
+        raise UserError(f'--extract {args.extract}: none of its {len(files.references)} files can be embedded')
     rows = list(vectors.values())
-    write_extracted(args.out, {'paths': list(vectors), 'embeddings': torch.stack([row.embeddings for row in rows]),
+    write_extracted(args.out, {'paths': list(vectors), 'names': [files.names[path] for path in vectors],
+                               'embeddings': torch.stack([row.embeddings for row in rows]),
                                'protocol_vectors': torch.stack([row.protocol_vectors for row in rows]),
                                'model': args.initial_model, 'sampling_rate': encoder.sampling_rate,
                                'skipped': [list(p) for p in skipped]})
@@ -98,17 +100,38 @@ def run_extract(args):
 
 
 def write_extracted(path, fields):
-    """--extract's output: `paths` (in the order of --extract), `embeddings` [N, D] (the encoder's, unnormalised,
-    as `tools.embed` and the exported models give them), `protocol_vectors` [N, 2D] (the evaluation protocol's,
-    whose dot products are --eval's scores), `model`, `sampling_rate` and `skipped` ([path, why] pairs); with
-    torch.save for .pt, numpy's savez for .npz (strings as unicode arrays: np.load needs no pickle)."""
-    if path.endswith('.npz'):
+    """--extract's output: `paths` (in the order of --extract), `names` (each one's utterance in a wav.scp, or its
+    path), `embeddings` [N, D] (the encoder's, unnormalised, as `tools.embed` and the exported models give them),
+    `protocol_vectors` [N, 2D] (the evaluation protocol's, whose dot products are --eval's scores), `model`,
+    `sampling_rate` and `skipped` ([path, why] pairs); with torch.save for .pt, numpy's savez for .npz (strings as
+    unicode arrays: np.load needs no pickle). For .ark, Kaldi's form: the embeddings under their names, and
+    the .scp beside it (wespeaker's xvector.scp)."""
+    if path.endswith('.ark'):
+        write_kaldi_vectors(path, fields['names'], fields['embeddings'])
+    elif path.endswith('.npz'):
         arrays = {name: value.numpy() if isinstance(value, torch.Tensor) else np.array(value, dtype=None)
                   for name, value in fields.items()}
         arrays['skipped'] = np.array(fields['skipped'], dtype=str).reshape(-1, 2)
         atomic_write(path, lambda f: np.savez(f, **arrays))
     else:
         atomic_torch_save(fields, path)
+
+
+def write_kaldi_vectors(ark, names, vectors):
+    """`ark` (Kaldi's binary float vectors, written by kaldiio) and the .scp beside it: `<name> <ark>:<offset>`
+    lines, what Kaldi, kaldiio and wespeaker's scoring read. Names with white space are an error."""
+    if importlib.util.find_spec('kaldiio') is None:
+        raise UserError(f'{ark}: Kaldi output needs the kaldiio package (pip install -r requirements-extras.txt)')
+    import kaldiio
+    spaced = next((name for name in names if len(name.split()) != 1), None)
+    if spaced is not None:
+        raise UserError(f'{ark}: {spaced!r} cannot be a Kaldi key (white space); name the files without it')
+    buffer, lines = io.BytesIO(), []
+    for name, vector in zip(names, vectors):
+        lines.append(f'{name} {os.path.abspath(ark)}:{buffer.tell() + len(name.encode()) + 1}\n')
+        kaldiio.save_ark(buffer, {name: vector.numpy()})
+    atomic_write(ark, lambda f: f.write(buffer.getvalue()))
+    atomic_write(os.path.splitext(ark)[0] + '.scp', lambda f: f.write(''.join(lines).encode()))
 
 
 def run_score_pair(args):
@@ -169,7 +192,7 @@ def check_extract(args):
     if os.path.isdir(args.out):
         raise UsageError(f'--out {args.out}: a folder; name the file to write')
     if os.path.splitext(args.out)[1] not in EXTRACT_FORMATS:
-        raise UsageError(f'--out {args.out}: name a .pt (torch.save) or .npz (numpy) file')
+        raise UsageError(f'--out {args.out}: name a .pt (torch.save), .npz (numpy) or .ark (Kaldi, with .scp) file')
 
 
 def check_average_checkpoints(args):

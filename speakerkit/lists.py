@@ -171,15 +171,7 @@ def read_kaldi_data(folder):
     in place of a path (Kaldi's `sox ... |`), an utterance named twice, or one that the other file lacks is an
     error naming the file and line."""
     scp, speakers_of = os.path.join(folder, 'wav.scp'), os.path.join(folder, 'utt2spk')
-    files = {}
-    for line in list_lines(scp, 'wav.scp'):
-        if len(line.fields) != 2:
-            raise malformed(scp, line, "'<utterance> <audio path>' (a command in place of the path is not run: "
-                                       "give the audio file)")
-        if line.fields[0] in files:
-            raise UserError(f'{scp}:{line.number}: utterance {line.fields[0]} is named again (first on line '
-                            f'{files[line.fields[0]][1]})')
-        files[line.fields[0]] = (line.fields[1], line.number)
+    files = read_wav_scp(scp)
     speakers = {}
     for line in list_lines(speakers_of, 'utt2spk'):
         if len(line.fields) != 2:
@@ -193,6 +185,21 @@ def read_kaldi_data(folder):
     if not files:
         raise UserError(f'{scp}: the training list is empty')
     return TrainList.of([(speakers[u], path, number) for u, (path, number) in files.items()], scp)
+
+
+def read_wav_scp(scp):
+    """{utterance: (audio path, line)} of a Kaldi `wav.scp`; a command in place of a path or an utterance named
+    twice is an error naming the line."""
+    files = {}
+    for line in list_lines(scp, 'wav.scp'):
+        if len(line.fields) != 2:
+            raise malformed(scp, line, "'<utterance> <audio path>' (a command in place of the path is not run: "
+                                       "give the audio file)")
+        if line.fields[0] in files:
+            raise UserError(f'{scp}:{line.number}: utterance {line.fields[0]} is named again (first on line '
+                            f'{files[line.fields[0]][1]})')
+        files[line.fields[0]] = (line.fields[1], line.number)
+    return files
 
 
 def without_repeats(train_list):
@@ -410,18 +417,35 @@ def files_under(root, extensions=AUDIO_EXTENSIONS):
     return sorted(found)
 
 
-def files_to_embed(list_or_folder, root=None):
-    """(root, {relative path: line or None}) of the audio files in a folder, or of a list of files (the last
-    field of each line, relative to `root` or else to the list's folder); every one of them exists."""
-    if os.path.isdir(list_or_folder):
-        root, references = list_or_folder, dict.fromkeys(files_under(list_or_folder))
+class FilesToEmbed(NamedTuple):
+    """--extract's input: `references` {path relative to `root`: its line, or None}, and `names` {path: the
+    name its vectors are written under: its utterance in a wav.scp, else the path itself}."""
+    root: str
+    references: dict
+    names: dict
+
+
+def files_to_embed(source, root=None):
+    """The FilesToEmbed of `source`: the audio files of a folder; the utterances of a Kaldi data folder's
+    wav.scp (paths relative to `root`, or else to the current folder); or the files a list names
+    (`read_path_list`, relative to `root` or else to the list's folder). Every one of them exists."""
+    scp = os.path.join(source, 'wav.scp')
+    if os.path.isfile(scp):
+        root, listed = root or os.curdir, read_wav_scp(scp)
+        references = {path: number for path, number in listed.values()}
+        names = {path: utterance for utterance, (path, _) in listed.items()}
+        source = scp
+    elif os.path.isdir(source):
+        root, references = source, dict.fromkeys(files_under(source))
+        names = {path: path for path in references}
     else:
-        root = root or os.path.dirname(os.path.abspath(list_or_folder))
-        references = read_path_list(list_or_folder)
+        root = root or os.path.dirname(os.path.abspath(source))
+        references = read_path_list(source)
+        names = {path: path for path in references}
     if not references:
-        raise UserError(f'{list_or_folder}: no audio files to embed')
-    require_files(list(references), list(references.values()), root, list_or_folder)
-    return root, references
+        raise UserError(f'{source}: no audio files to embed')
+    require_files(list(references), list(references.values()), root, source)
+    return FilesToEmbed(root, references, names)
 
 
 def require_files(paths, lines, root, source, threads=8):

@@ -521,7 +521,7 @@ def test_extract_skips_and_lists_files_it_cannot_embed_and_writes_the_rest(tiny_
     (tmp_path / 'empty').mkdir()
     for argv, status_and_line in (
             (['--extract', str(folder), '--out', str(tmp_path / 'e.txt')],
-             (2, f'--out {tmp_path / "e.txt"}: name a .pt (torch.save) or .npz (numpy) file')),
+             (2, f'--out {tmp_path / "e.txt"}: name a .pt (torch.save), .npz (numpy) or .ark (Kaldi, with .scp) file')),
             (['--extract', str(tmp_path / 'nothing'), '--out', str(out)],
              (2, f'--extract {tmp_path / "nothing"}: no such file or folder')),
             (['--extract', str(tmp_path / 'empty'), '--out', str(out)],
@@ -618,3 +618,30 @@ def test_a_kaldi_data_folder_trains_as_the_list_it_describes(tiny_corpus, train_
                             tmp_path / 'run' / 'model' / 'model_0001.model')
     assert (tmp_path / 'run' / 'score.txt').read_text().splitlines()[0] == \
         (reference_run / 'score.txt').read_text().splitlines()[0]
+
+
+def test_extract_from_a_kaldi_data_folder_writes_kaldi_vectors_under_its_utterances(tiny_corpus, checkpoint,
+                                                                                   tmp_path):
+    kaldiio = pytest.importorskip('kaldiio', reason='kaldiio is an optional extra (requirements-extras.txt)')
+    trials = read_trials(tiny_corpus['eval_list'])
+    files = sorted(set(trials.enroll + trials.test))[:4]
+    folder = tmp_path / 'vox1'
+    folder.mkdir()
+    (folder / 'wav.scp').write_text(''.join(f'utt-{i} {path}\n' for i, path in enumerate(files)))
+    cli.main(['--initial_model', checkpoint, '--extract', str(folder), '--eval_path', tiny_corpus['eval_path'],
+              '--out', str(tmp_path / 'xvector.ark'), '--n_cpu', '0'])
+    read_back = dict(kaldiio.load_scp(str(tmp_path / 'xvector.scp')))
+    assert list(read_back) == [f'utt-{i}' for i in range(4)]
+    encoder = tools.load_model(checkpoint)
+    for i, path in enumerate(files):
+        np.testing.assert_allclose(read_back[f'utt-{i}'], tools.embed(encoder, os.path.join(
+            tiny_corpus['eval_path'], path)).numpy(), rtol=0, atol=1e-5)
+    cli.main(['--initial_model', checkpoint, '--extract', str(folder), '--eval_path', tiny_corpus['eval_path'],
+              '--out', str(tmp_path / 'e.npz'), '--n_cpu', '0'])
+    saved = np.load(tmp_path / 'e.npz')
+    assert saved['names'].tolist() == [f'utt-{i}' for i in range(4)] and saved['paths'].tolist() == files
+    np.testing.assert_allclose(saved['embeddings'], np.stack([read_back[f'utt-{i}'] for i in range(4)]), rtol=0,
+                               atol=0)
+    cli.main(['--initial_model', checkpoint, '--extract', tiny_corpus['eval_list'], '--eval_path',
+              tiny_corpus['eval_path'], '--out', str(tmp_path / 'trials.ark'), '--n_cpu', '0'])
+    assert sorted(dict(kaldiio.load_scp(str(tmp_path / 'trials.scp')))) == sorted(set(trials.enroll + trials.test))
