@@ -361,6 +361,11 @@ def _speechbrain_ecapa(C, sampling_rate, embedding_dim):
     return SpeechBrainECAPA(C, sampling_rate, embedding_dim)
 
 
+def _wespeaker_ecapa(C, sampling_rate, embedding_dim):
+    from speakerkit.published import WespeakerECAPA  # published.py builds on this module
+    return WespeakerECAPA(C, sampling_rate, embedding_dim)
+
+
 def _wespeaker_resnet(name):
     block, blocks = RESNET_DEPTHS[name]
 
@@ -373,6 +378,7 @@ def _wespeaker_resnet(name):
 MODELS = {
     'ecapa-tdnn': EncoderSpec(ECAPA_TDNN, 1024, 192),
     'ecapa-speechbrain': EncoderSpec(_speechbrain_ecapa, 1024, 192),
+    'ecapa-wespeaker': EncoderSpec(_wespeaker_ecapa, 1024, 192),
     'tdnn': EncoderSpec(TDNN, 512, 512),
     'resnet': EncoderSpec(_resnet('resnet34'), 32, 256),
     **{name: EncoderSpec(_resnet(name), 32, 256) for name in RESNET_DEPTHS},

@@ -7,6 +7,8 @@ export here like ours: waveform [B, T] in, embedding [B, D] out, the toolkit's o
   WespeakerResNet   `--model resnet34-wespeaker` (and every depth of model.RESNET_DEPTHS): wespeaker's ResNet
                     (its VoxCeleb ResNet34/221/293 `avg_model.pt` loads; its margin head is left out), with
                     Kaldi filterbank features and per-utterance mean normalisation, as wespeaker extracts
+  WespeakerECAPA    `--model ecapa-wespeaker`: wespeaker's ECAPA-TDNN with global context (ECAPA_TDNN_GLOB_c1024,
+                    _c512 with --C 512), with the same features
 
 Written from the published architecture (Desplanques et al. 2020, as SpeechBrain lays it out: parameter names,
 the order of activation and batch norm, reflect-padded 'same' convolutions, attentive statistics pooling with
@@ -280,3 +282,112 @@ class WespeakerResNet(ResNet):
 
     def pool(self, x):
         return torch.cat((x.mean(dim=-1), torch.sqrt(x.var(dim=-1) + 1e-7)), dim=-1)
+
+
+class ConvReluBn(nn.Module):
+    """Convolution (zero-padded to keep the length), ReLU, batch norm: wespeaker's Conv1dReluBn (`conv`, `bn`)."""
+
+    def __init__(self, in_channels, out_channels, kernel_size=1, dilation=1):
+        super().__init__()
+        self.conv = nn.Conv1d(in_channels, out_channels, kernel_size, padding=dilation * (kernel_size - 1) // 2,
+                              dilation=dilation)
+        self.bn = nn.BatchNorm1d(out_channels)
+
+    def forward(self, x):
+        return self.bn(F.relu(self.conv(x)))
+
+
+class WespeakerRes2Conv(nn.Module):
+    """wespeaker's Res2Conv1dReluBn: the channels in `scale` groups; group 0 through the first convolution, each
+    next group k < scale - 1 through convolution k after the previous output is added to it; the last group
+    passes as it is, at the end (`convs`, `bns`)."""
+
+    def __init__(self, channels, kernel_size, dilation, scale=8):
+        super().__init__()
+        width = channels // scale
+        self.width = width
+        self.convs = nn.ModuleList(nn.Conv1d(width, width, kernel_size, padding=dilation * (kernel_size - 1) // 2,
+                                             dilation=dilation) for _ in range(scale - 1))
+        self.bns = nn.ModuleList(nn.BatchNorm1d(width) for _ in range(scale - 1))
+
+    def forward(self, x):
+        groups = torch.split(x, self.width, dim=1)
+        outputs = []
+        for k, (conv, bn) in enumerate(zip(self.convs, self.bns)):
+            outputs.append(bn(F.relu(conv(groups[k] if k == 0 else groups[k] + outputs[-1]))))
+        return torch.cat(outputs + [groups[-1]], dim=1)
+
+
+class WespeakerSE(nn.Module):
+    """Squeeze and excitation with linear layers (`linear1`, `linear2`), wespeaker's SE_Connect."""
+
+    def __init__(self, channels, bottleneck=128):
+        super().__init__()
+        self.linear1 = nn.Linear(channels, bottleneck)
+        self.linear2 = nn.Linear(bottleneck, channels)
+
+    def forward(self, x):
+        return x * torch.sigmoid(self.linear2(F.relu(self.linear1(x.mean(dim=2))))).unsqueeze(2)
+
+
+class WespeakerSERes2Block(nn.Module):
+    def __init__(self, channels, kernel_size, dilation, scale=8):
+        super().__init__()
+        self.se_res2block = nn.Sequential(ConvReluBn(channels, channels),
+                                          WespeakerRes2Conv(channels, kernel_size, dilation, scale),
+                                          ConvReluBn(channels, channels), WespeakerSE(channels))
+
+    def forward(self, x):
+        return x + self.se_res2block(x)
+
+
+class WespeakerAttentivePooling(nn.Module):
+    """wespeaker's ASTP with global context: attention from each frame and the utterance's mean and standard
+    deviation (from the unbiased variance plus 1e-7), then the weighted mean and standard deviation (from the
+    weighted second moment less the squared mean, at least 1e-7): [B, C, T] -> [B, 2C]."""
+
+    def __init__(self, channels, bottleneck=128):
+        super().__init__()
+        self.linear1 = nn.Conv1d(3 * channels, bottleneck, kernel_size=1)
+        self.linear2 = nn.Conv1d(bottleneck, channels, kernel_size=1)
+
+    def forward(self, x):
+        mean = x.mean(dim=-1, keepdim=True).expand_as(x)
+        std = torch.sqrt(x.var(dim=-1, keepdim=True) + 1e-7).expand_as(x)
+        attention = torch.softmax(self.linear2(torch.tanh(self.linear1(torch.cat((x, mean, std), dim=1)))), dim=2)
+        weighted_mean = torch.sum(attention * x, dim=2)
+        variance = torch.sum(attention * x ** 2, dim=2) - weighted_mean ** 2
+        return torch.cat([weighted_mean, torch.sqrt(variance.clamp(min=1e-7))], dim=1)
+
+
+class WespeakerECAPA(nn.Module):
+    """wespeaker's ECAPA-TDNN with global context (its VoxCeleb ECAPA_TDNN_GLOB_c1024 and _c512): channels C in
+    three SE-Res2Net blocks (dilations 2, 3, 4), their outputs joined into 1536 channels (whatever C), attentive
+    statistics pooling, batch norm, a linear embedding; its features are `KaldiFbank`'s."""
+
+    def __init__(self, C=1024, sampling_rate=16000, embedding_dim=192, n_mels=80):
+        super().__init__()
+        self.sampling_rate = sampling_rate
+        self.embedding_dim = embedding_dim
+        self.torchfbank = KaldiFbank(sampling_rate, n_mels)  # the name of every encoder's front end
+        self.specaug = FbankAug()
+        self.layer1 = ConvReluBn(n_mels, C, kernel_size=5)
+        self.layer2 = WespeakerSERes2Block(C, 3, 2)
+        self.layer3 = WespeakerSERes2Block(C, 3, 3)
+        self.layer4 = WespeakerSERes2Block(C, 3, 4)
+        self.conv = nn.Conv1d(3 * C, 1536, kernel_size=1)
+        self.pool = WespeakerAttentivePooling(1536)
+        self.bn = nn.BatchNorm1d(3072)
+        self.linear = nn.Linear(3072, embedding_dim)
+
+    def forward(self, x, aug=False):
+        with torch.no_grad():
+            x = self.torchfbank(x)
+            if aug:
+                x = self.specaug(x)
+        first = self.layer1(x)
+        second = self.layer2(first)
+        third = self.layer3(second)
+        fourth = self.layer4(third)
+        x = F.relu(self.conv(torch.cat([second, third, fourth], dim=1)))
+        return self.linear(self.bn(self.pool(x)))

@@ -76,8 +76,9 @@ def test_kaldi_fbank_is_torchaudios_kaldi_fbank_with_the_utterance_mean_removed(
 
 @pytest.fixture(scope='module')
 def wespeaker_models():
-    """wespeaker.models.resnet from the checkout WESPEAKER_CHECKOUT names, imported without its package's
-    __init__ (which loads its command-line tools and their dependencies)."""
+    """{our --model: (wespeaker's builder, width, embedding size)} from the checkout WESPEAKER_CHECKOUT names,
+    its modules imported without its package's __init__ (which loads its command-line tools and their
+    dependencies)."""
     root = os.environ.get('WESPEAKER_CHECKOUT', '')
     if not os.path.isfile(os.path.join(root, 'wespeaker', 'models', 'resnet.py')):
         pytest.skip('WESPEAKER_CHECKOUT does not name a checkout of wenet-e2e/wespeaker (not on PyPI)')
@@ -87,27 +88,29 @@ def wespeaker_models():
         package.__path__ = [os.path.join(root, *name.split('.'))]
         sys.modules[name] = package
     try:
-        from wespeaker.models import resnet
-        yield resnet
+        from wespeaker.models import ecapa_tdnn, resnet
+        yield {'resnet34-wespeaker': (resnet.ResNet34, 32, 256), 'resnet293-wespeaker': (resnet.ResNet293, 32, 256),
+               'ecapa-wespeaker': (ecapa_tdnn.ECAPA_TDNN_GLOB_c1024, 1024, 192)}
     finally:
         for name in [n for n in sys.modules if n.split('.')[0] == 'wespeaker']:
             del sys.modules[name]
         sys.modules.update(saved)
 
 
-@pytest.mark.parametrize('depth', ['34', '293'])
-def test_wespeaker_resnet_gives_wespeakers_embedding(wespeaker_models, depth):
+@pytest.mark.parametrize('name', ['resnet34-wespeaker', 'resnet293-wespeaker', 'ecapa-wespeaker'])
+def test_wespeakers_encoders_give_wespeakers_embedding(wespeaker_models, name):
+    build, width, embedding_dim = wespeaker_models[name]
     torch.manual_seed(0)
-    network = getattr(wespeaker_models, f'ResNet{depth}')(feat_dim=80, embed_dim=256).eval()
+    network = build(feat_dim=80, embed_dim=embedding_dim).eval()
     with torch.no_grad():
         for module in network.modules():
-            if isinstance(module, torch.nn.BatchNorm2d):
+            if isinstance(module, (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d)) and module.affine:
                 module.running_mean.normal_(0, 0.3)
                 module.running_var.uniform_(0.5, 2.0)
                 module.weight.normal_(1, 0.2)
                 module.bias.normal_(0, 0.2)
-    published = network.state_dict() | {'projection.weight': torch.randn(5994, 256)}  # avg_model.pt's keys
-    ours = build_encoder(f'resnet{depth}-wespeaker').eval()
+    published = network.state_dict() | {'projection.weight': torch.randn(5994, embedding_dim)}  # avg_model.pt
+    ours = build_encoder(name, width, 16000, embedding_dim).eval()
     ours.load_state_dict(encoder_weights(published), strict=True)
     waveforms = 0.1 * torch.randn(2, 24000, generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
@@ -118,6 +121,7 @@ def test_wespeaker_resnet_gives_wespeakers_embedding(wespeaker_models, depth):
 PUBLISHED = {  # --model: (width for the tests, the file its toolkit publishes, extra keys it holds)
     'ecapa-speechbrain': (64, 'embedding_model.ckpt', {}),
     'resnet34-wespeaker': (8, 'avg_model.pt', {'projection.weight': torch.zeros(5994, 256)}),
+    'ecapa-wespeaker': (64, 'avg_model.pt', {'projection.weight': torch.zeros(5994, 192)}),
 }
 
 
