@@ -645,3 +645,15 @@ def test_extract_from_a_kaldi_data_folder_writes_kaldi_vectors_under_its_utteran
     cli.main(['--initial_model', checkpoint, '--extract', tiny_corpus['eval_list'], '--eval_path',
               tiny_corpus['eval_path'], '--out', str(tmp_path / 'trials.ark'), '--n_cpu', '0'])
     assert sorted(dict(kaldiio.load_scp(str(tmp_path / 'trials.scp')))) == sorted(set(trials.enroll + trials.test))
+
+
+def test_kaldi_output_refuses_a_name_that_cannot_be_a_kaldi_key(tiny_corpus, checkpoint, tmp_path, cli_error):
+    pytest.importorskip('kaldiio', reason='kaldiio is an optional extra (requirements-extras.txt)')
+    folder = tmp_path / 'files'
+    folder.mkdir()
+    trials = read_trials(tiny_corpus['eval_list'])
+    shutil.copy(os.path.join(tiny_corpus['eval_path'], trials.enroll[0]), folder / 'a b.wav')
+    status, message, _ = cli_error(['--initial_model', checkpoint, '--extract', str(folder), '--out',
+                                    str(tmp_path / 'x.ark'), '--n_cpu', '0'])
+    assert status == 1 and "x.ark: 'a b.wav' cannot be a Kaldi key (white space)" in message
+    assert not (tmp_path / 'x.ark').exists()
