@@ -6,7 +6,8 @@ same programs are `python trainECAPAModel.py` and `python prepare.py`, and `impo
 """
 
 from speakerkit.model import ECAPA_TDNN, build_encoder
-from speakerkit.tools import embed, export_onnx, export_torchscript, load_model, protocol_vectors, score
+from speakerkit.tools import (embed, export_onnx, export_program, export_torchscript, load_calibration, load_model,
+                              protocol_vectors, score, verify)
 
-__all__ = ['ECAPA_TDNN', 'build_encoder', 'embed', 'export_onnx', 'export_torchscript', 'load_model',
-           'protocol_vectors', 'score']
+__all__ = ['ECAPA_TDNN', 'build_encoder', 'embed', 'export_onnx', 'export_program', 'export_torchscript',
+           'load_calibration', 'load_model', 'protocol_vectors', 'score', 'verify']

@@ -17,6 +17,7 @@ import fcntl
 import glob
 import hashlib
 import json
+import math
 import os
 import socket
 import tempfile
@@ -26,6 +27,7 @@ import numpy as np
 import torch
 
 from speakerkit.errors import UserError, first_line
+from speakerkit.metrics import Calibration
 from speakerkit.model import EncoderConfig
 
 
@@ -218,6 +220,31 @@ def read_encoder_config(checkpoint_path):
                                 if field.name in found})
     except ValueError as error:
         raise UserError(f'{path}: not a readable encoder config ({error}); fix it or move it away') from None
+
+
+def calibration_path(checkpoint_path):
+    """The JSON beside a checkpoint that `--calibrate` writes: its scores' map to log-likelihood ratios."""
+    return os.path.splitext(checkpoint_path)[0] + '.calibration.json'
+
+
+def write_calibration(calibration, checkpoint_path, record):
+    """`calibration` (a metrics.Calibration) beside the checkpoint, with `record`: what it was fitted on."""
+    atomic_json_save(dataclasses.asdict(calibration) | record, calibration_path(checkpoint_path))
+
+
+def read_calibration(checkpoint_path):
+    """The Calibration written beside a checkpoint, or None where there is none; a `UserError` naming the file
+    when it does not hold one."""
+    path = calibration_path(checkpoint_path)
+    if not os.path.exists(path):
+        return None
+    found = read_json(path, 'calibration', ('scale', 'offset', 'p_target'))
+    values = [found[name] for name in ('scale', 'offset', 'p_target')]
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values) \
+            or not values[0] > 0 or not 0 < values[2] < 1:
+        raise UserError(f'{path}: not a readable calibration (a positive scale, a finite offset and a p_target '
+                        f'in (0, 1) expected); run --calibrate again')
+    return Calibration(scale=float(values[0]), offset=float(values[1]), p_target=float(values[2]))
 
 
 def averaged_epochs_of(checkpoint_path):

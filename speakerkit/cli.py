@@ -36,7 +36,8 @@ LARGE_MARGIN_DEFAULTS = {'num_frames': 600, 'm': 0.5, 'max_epoch': 5, 'scheduler
                          'final_lr': 2.5e-5, 'warmup_epochs': 1, 'spec_augment': False}
 CONTRASTIVE_FLAGS = ('classifier_weight', 'contrastive_weight', 'matching_weight', 'hard_negative',
                      'fixed_contrastive_scale', 'local_negatives')
-ONLY_WITH = {'out': ('extract', 'average_checkpoints'), 'check_decode': 'check_data', 'cohort': 'snorm',
+ONLY_WITH = {'out': ('extract', 'average_checkpoints'), 'check_decode': 'check_data', 'p_target': 'calibrate',
+             'cohort': 'snorm',
              'cohort_top_k': 'snorm', 'cohort_size': 'snorm',
              'allow_partial_load': 'initial_model'}  # flag -> the flag(s) it refines
 NEEDS = {'large_margin': ('initial_model',),        # it fine-tunes a trained model
@@ -217,6 +218,12 @@ def evaluation_flags(group):
     flag(group, '--score_pair', nargs=2, metavar='FILE',
          help='print the cosine of two recordings\' embeddings and their protocol score '
               '(as --eval scores a trial), with --initial_model')
+    flag(group, '--calibrate', metavar='DEV_TRIALS',
+         help='fit the map from --initial_model\'s scores to log-likelihood ratios on this labelled trial list '
+              '(files under --eval_path; a development list, apart from those it will decide on) and write it '
+              'beside the checkpoint (NAME.calibration.json), for --score_pair and tools.verify')
+    flag(group, '--p_target', type=float, default=0.01,
+         help='--calibrate: the prior of a target trial that decisions assume (equal costs)')
     flag(group, '--score_file', nargs='+', metavar='FILE',
          help='only compute EER and minDCF of existing "enroll test score label" files')
 
@@ -296,6 +303,10 @@ def check_ranges(args):
         raise UsageError(f'--average must be 0 (off) or from 2 to --max_epoch {args.max_epoch}, got {args.average}')
     if args.sampling_rate < 8000:
         raise UsageError(f'--sampling_rate must be at least 8000 Hz, got {args.sampling_rate}')
+    if args.model in ('ecapa-speechbrain', 'ecapa-wespeaker') and args.C % 8:
+        raise UsageError(f'--C must be a multiple of 8 for {args.model} (its Res2Net groups), got {args.C}')
+    if not 0 < args.p_target < 1:
+        raise UsageError(f'--p_target must be in (0, 1), got {args.p_target}')
 
 
 def check_schedule(args):

@@ -14,15 +14,16 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from speakerkit.checkpoints import (atomic_torch_save, atomic_write, average_checkpoints, encoder_config_path,
-                                    file_digest, read_encoder_config, write_encoder_config)
+from speakerkit.checkpoints import (atomic_torch_save, atomic_write, average_checkpoints, calibration_path,
+                                    encoder_config_path, file_digest, read_calibration, read_encoder_config,
+                                    write_calibration, write_encoder_config)
 from speakerkit.errors import UsageError, UserError
 from speakerkit.lists import files_to_embed, read_score_file, write_score_file
 from speakerkit.plots import evaluation_plots
 from speakerkit.prepare import check_data
 from speakerkit.evaluation import (cohort_of, embed_files, embedding_readers, embeddings_and_protocol_vectors,
                                    evaluate_encoder, read_trial_lists)
-from speakerkit.metrics import verification_metrics
+from speakerkit.metrics import cllr, fit_calibration, verification_metrics
 from speakerkit.tools import as_recordings, export_onnx, export_program, export_torchscript, load_model
 from speakerkit.trainer import run_training
 
@@ -148,7 +149,38 @@ def run_score_pair(args):
     cosine = float(torch.nn.functional.cosine_similarity(embeddings[0], embeddings[1], dim=0))
     protocol = float(vectors[0] @ vectors[1])
     print(f'cosine of the embeddings {cosine:.4f}; protocol score (as --eval scores a trial) {protocol:.4f}')
+    calibration = read_calibration(args.initial_model)
+    if calibration is not None:
+        same = bool(calibration.decide(protocol))
+        print(f'calibrated log-likelihood ratio {float(calibration.llr(protocol)):.4f} '
+              f'({calibration_path(args.initial_model)}); at p_target {calibration.p_target:g}: '
+              + ('the same speaker' if same else 'different speakers'))
     return cosine, protocol
+
+
+def run_calibrate(args):
+    """Fit the map from --initial_model's protocol scores to log-likelihood ratios on the labelled trial list
+    --calibrate (a development list, apart from the lists it will decide on) and write it beside the checkpoint,
+    where --score_pair and `tools.verify` find it."""
+    trials = read_trial_lists(args, [args.calibrate])[0]
+    if trials.labels is None:
+        raise UserError(f'--calibrate {args.calibrate}: a list without labels; calibration needs target and '
+                        f'non-target trials')
+    encoder = load_initial_encoder(args, args.device)
+    result = evaluate_encoder(encoder, args, args.device, [trials], None, file_digest(args.initial_model))[trials.path]
+    calibration = fit_calibration(result.scores, trials.labels, args.p_target)
+    if calibration.scale <= 0:
+        raise UserError(f'--calibrate {args.calibrate}: the scores do not rank targets above non-targets '
+                        f'(EER {result.metrics.eer:.2f}%), so there is nothing to calibrate')
+    calibrated = cllr(calibration.llr(result.scores), trials.labels)
+    write_calibration(calibration, args.initial_model, {'trial_list': os.path.abspath(args.calibrate),
+                                                        'trials': len(result.scores), 'cllr': calibrated,
+                                                        'eer': result.metrics.eer})
+    print(f'{args.calibrate}: {len(result.scores)} trials, {result.metrics.text()}\n'
+          f'  LLR = {calibration.scale:.4f} x score + {calibration.offset:.4f}; Cllr {calibrated:.4f} bits; '
+          f'at p_target {calibration.p_target:g}, same speaker when the score is above '
+          f'{calibration.threshold:.4f}\n  written to {calibration_path(args.initial_model)}')
+    return calibration
 
 
 def run_average_checkpoints(args):
@@ -226,6 +258,7 @@ COMMANDS = {  # the flag that selects each command (training: none of them)
     'export': Command(run_export, ('initial_model',), check_export),
     'extract': Command(run_extract, ('initial_model', 'out'), check_extract),
     'score_pair': Command(run_score_pair, ('initial_model',), check_score_pair),
+    'calibrate': Command(run_calibrate, ('initial_model', 'eval_path')),
     'average_checkpoints': Command(run_average_checkpoints, ('out',), check_average_checkpoints),
     'eval': Command(run_eval, ('initial_model', 'eval_list', 'eval_path')),
     'train': Command(run_training, (), check_train),

@@ -342,10 +342,11 @@ def evaluate(encoder, trial_lists, eval_path, device, n_cpu=0, cohort=None, cach
 
 # ---------------------------------------------------------------- from the flags: training and --eval alike
 
-def read_trial_lists(args):
-    """Every --eval_list, after checking that each file it names is under --eval_path and has a header that
-    decodes, so that a bad file stops a run before its first step, not at its first evaluation."""
-    trial_lists = distinct_names([read_trials(path) for path in args.eval_list])
+def read_trial_lists(args, paths=None):
+    """Every --eval_list (or the lists `paths`), after checking that each file it names is under --eval_path and
+    has a header that decodes, so that a bad file stops a run before its first step, not at its first
+    evaluation."""
+    trial_lists = distinct_names([read_trials(path) for path in (paths or args.eval_list)])
     for trials in trial_lists:
         references = trials.references()
         require_files(list(references), list(references.values()), args.eval_path, trials.path)

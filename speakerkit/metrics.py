@@ -3,6 +3,7 @@ EER and minDCF (`Metrics`), and AS-Norm against a cohort. Edge cases (ties, perf
 trials) are pinned down by tests/test_metrics.py."""
 
 import dataclasses
+import math
 
 import numpy as np
 
@@ -120,3 +121,54 @@ def as_norm(embeddings, trials, cohort, top_k):
         z_t = (raw - mean[sides[:, 1]]) / std[sides[:, 1]]
         normalised[start:start + 65536] = 0.5 * (z_e + z_t)
     return normalised
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Calibration:
+    """A linear map from a system's scores to log-likelihood ratios, LLR = scale * score + offset, fitted on a
+    development trial list; `decide` accepts a trial when its LLR passes the Bayes threshold for the prior
+    `p_target` (equal costs): log((1 - p_target) / p_target)."""
+    scale: float
+    offset: float
+    p_target: float = 0.01
+
+    def llr(self, scores):
+        return self.scale * np.asarray(scores, dtype=np.float64) + self.offset
+
+    @property
+    def threshold(self):
+        """The score above which `decide` accepts."""
+        return (math.log((1 - self.p_target) / self.p_target) - self.offset) / self.scale
+
+    def decide(self, scores):
+        return self.llr(scores) > math.log((1 - self.p_target) / self.p_target)
+
+
+def cllr(llrs, labels):
+    """The log-likelihood-ratio cost in bits: the mean over targets of log2(1 + e^-LLR) and over non-targets of
+    log2(1 + e^LLR), averaged (1 for LLRs of 0, 0 for perfect ones)."""
+    llrs, labels = np.asarray(llrs, dtype=np.float64), np.asarray(labels)
+    return float((np.mean(np.logaddexp(0, -llrs[labels == 1])) + np.mean(np.logaddexp(0, llrs[labels == 0])))
+                 / (2 * math.log(2)))
+
+
+def fit_calibration(scores, labels, p_target=0.01, steps=100):
+    """The Calibration of `scores` that minimises Cllr on them (logistic regression with targets and
+    non-targets weighted equally, by Newton's method; a small ridge keeps the scale finite when the two classes
+    do not overlap). `p_target` is only stored, for decisions."""
+    scores, labels = np.asarray(scores, dtype=np.float64), np.asarray(labels)
+    compute_eer(scores, labels)  # the same checks of the input
+    sign = np.where(labels == 1, 1.0, -1.0)
+    weight = np.where(labels == 1, 0.5 / np.sum(labels == 1), 0.5 / np.sum(labels == 0))
+    features = np.stack([scores, np.ones_like(scores)], axis=1)
+    params, ridge = np.zeros(2), 1e-6
+    for _ in range(steps):
+        margins = sign * (features @ params)
+        pushed = 1 / (1 + np.exp(margins))  # the sigmoid of -margin: each trial's share of the gradient
+        gradient = -(features * (weight * sign * pushed)[:, None]).sum(0) + ridge * params
+        hessian = (features * (weight * pushed * (1 - pushed))[:, None]).T @ features + ridge * np.eye(2)
+        change = np.linalg.solve(hessian, gradient)
+        params -= change
+        if np.abs(change).max() < 1e-10:
+            break
+    return Calibration(scale=float(params[0]), offset=float(params[1]), p_target=p_target)

@@ -1,5 +1,6 @@
 """The notebook helpers: load a checkpoint (`load_model`), embed recordings (`embed`), their protocol vectors
-and score (`protocol_vectors`, `score`), and export (TorchScript, ONNX). The evaluation protocol itself, with
+and score (`protocol_vectors`, `score`), decide with a calibration (`load_calibration`, `verify`), and export
+(torch.export, TorchScript, ONNX). The evaluation protocol itself, with
 the trial path, is evaluation.py's."""
 
 import copy
@@ -12,8 +13,8 @@ import warnings
 import numpy as np
 import torch
 
-from speakerkit.checkpoints import (atomic_write, encoder_config_path, encoder_weights, load_state_dict_file,
-                                    mismatches, read_encoder_config)
+from speakerkit.checkpoints import (atomic_write, calibration_path, encoder_config_path, encoder_weights,
+                                    load_state_dict_file, mismatches, read_calibration, read_encoder_config)
 from speakerkit.dataLoader import (LOWEST_FILE_RATE, MIN_SECONDS, NEAR_SILENT, audio_problem, near_silent, read_audio,
                                    resample, wrap_pad)
 from speakerkit.errors import UserError
@@ -165,6 +166,22 @@ def protocol_vectors(encoder, audio, sampling_rate=None, lengths=None, channels=
 def score(encoder, audio_1, audio_2, sampling_rate=None):
     """The protocol score of two recordings (paths, or waveforms at `sampling_rate`): about 1 for one speaker."""
     return float(protocol_vectors(encoder, audio_1, sampling_rate) @ protocol_vectors(encoder, audio_2, sampling_rate))
+
+
+def load_calibration(path):
+    """The Calibration that --calibrate wrote beside checkpoint `path` (metrics.Calibration: `llr`, `decide`,
+    `threshold`); a ValueError when there is none."""
+    calibration = read_calibration(path)
+    if calibration is None:
+        raise UserError(f'{calibration_path(path)}: no calibration beside {path}; run --calibrate first')
+    return calibration
+
+
+def verify(encoder, audio_1, audio_2, calibration, sampling_rate=None):
+    """(protocol score, calibrated log-likelihood ratio, whether the same speaker at the calibration's
+    p_target) of two recordings, with a `calibration` from `load_calibration`."""
+    protocol = score(encoder, audio_1, audio_2, sampling_rate)
+    return protocol, float(calibration.llr(protocol)), bool(calibration.decide(protocol))
 
 
 class ExportableEncoder(torch.nn.Module):

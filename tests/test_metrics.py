@@ -1,7 +1,9 @@
+import math
+
 import numpy as np
 import pytest
 
-from speakerkit.metrics import cohort_statistics, compute_eer, compute_min_dcf
+from speakerkit.metrics import cllr, cohort_statistics, compute_eer, compute_min_dcf, fit_calibration
 
 
 def reference_rates(scores, labels):
@@ -114,3 +116,25 @@ def test_cohort_statistics_do_not_depend_on_chunking():
     top = np.sort(rows.astype(np.float64) @ cohort.T.astype(np.float64), axis=1)[:, -20:]
     np.testing.assert_allclose(whole[0], top.mean(axis=1), rtol=1e-5)
     np.testing.assert_allclose(whole[1], top.std(axis=1), rtol=1e-4)
+
+
+def test_calibration_recovers_the_log_likelihood_ratio_of_gaussian_scores():
+    """Targets N(1, 0.5^2) and non-targets N(-1, 0.5^2): the true LLR is 8 x score."""
+    rng = np.random.default_rng(0)
+    scores = np.r_[rng.normal(1, 0.5, 20000), rng.normal(-1, 0.5, 20000)]
+    labels = np.r_[np.ones(20000, dtype=int), np.zeros(20000, dtype=int)]
+    calibration = fit_calibration(scores, labels, p_target=0.05)
+    assert calibration.scale == pytest.approx(8, rel=0.05) and abs(calibration.offset) < 0.1
+    assert cllr(calibration.llr(scores), labels) <= cllr(8 * scores, labels) + 1e-9  # the fit's own data
+    assert compute_eer(calibration.llr(scores), labels) == compute_eer(scores, labels)  # monotone: EER unchanged
+    assert calibration.threshold == pytest.approx((math.log(19) - calibration.offset) / calibration.scale)
+    assert calibration.decide([calibration.threshold + 1e-6, calibration.threshold - 1e-6]).tolist() == [True, False]
+
+
+def test_cllr_is_one_bit_for_no_information_and_falls_to_zero_for_certainty():
+    labels = np.array([1, 1, 0, 0])
+    assert cllr(np.zeros(4), labels) == pytest.approx(1.0)
+    assert cllr(np.array([50.0, 50.0, -50.0, -50.0]), labels) < 1e-20
+    assert cllr(np.array([-50.0, -50.0, 50.0, 50.0]), labels) > 70  # confidently wrong costs the most
+    separable = fit_calibration(np.array([0.9, 0.8, 0.1, 0.2]), labels)
+    assert 0 < separable.scale < np.inf and np.isfinite(separable.offset)  # the ridge keeps it finite

@@ -18,6 +18,18 @@ from speakerkit.model import build_encoder
 from speakerkit.published import KaldiFbank
 
 
+def randomised_batch_norms(network):
+    """`network` in eval mode with random batch-norm statistics and affine parameters, so that they matter."""
+    with torch.no_grad():
+        for module in network.modules():
+            if isinstance(module, (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d)) and module.affine:
+                module.running_mean.normal_(0, 0.3)
+                module.running_var.uniform_(0.5, 2.0)
+                module.weight.normal_(1, 0.2)
+                module.bias.normal_(0, 0.2)
+    return network.eval()
+
+
 def speechbrain_ecapa(C, embedding_dim):
     """SpeechBrain's ECAPA-TDNN with channels [C, C, C, C, 3C], eval mode, random weights and batch-norm
     statistics (so that every parameter and statistic matters), with its feature pipeline."""
@@ -25,14 +37,7 @@ def speechbrain_ecapa(C, embedding_dim):
     features = pytest.importorskip('speechbrain.lobes.features')
     normalisation = pytest.importorskip('speechbrain.processing.features')
     torch.manual_seed(0)
-    network = models.ECAPA_TDNN(80, channels=[C] * 4 + [3 * C], lin_neurons=embedding_dim).eval()
-    with torch.no_grad():
-        for module in network.modules():
-            if isinstance(module, torch.nn.BatchNorm1d):
-                module.running_mean.normal_(0, 0.5)
-                module.running_var.uniform_(0.5, 2.0)
-                module.weight.normal_(1, 0.2)
-                module.bias.normal_(0, 0.2)
+    network = randomised_batch_norms(models.ECAPA_TDNN(80, channels=[C] * 4 + [3 * C], lin_neurons=embedding_dim))
 
     def embed(waveforms):
         """What SpeechBrain's EncoderClassifier.encode_batch computes for whole (unpadded) waveforms."""
@@ -101,14 +106,7 @@ def wespeaker_models():
 def test_wespeakers_encoders_give_wespeakers_embedding(wespeaker_models, name):
     build, width, embedding_dim = wespeaker_models[name]
     torch.manual_seed(0)
-    network = build(feat_dim=80, embed_dim=embedding_dim).eval()
-    with torch.no_grad():
-        for module in network.modules():
-            if isinstance(module, (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d)) and module.affine:
-                module.running_mean.normal_(0, 0.3)
-                module.running_var.uniform_(0.5, 2.0)
-                module.weight.normal_(1, 0.2)
-                module.bias.normal_(0, 0.2)
+    network = randomised_batch_norms(build(feat_dim=80, embed_dim=embedding_dim))
     published = network.state_dict() | {'projection.weight': torch.randn(5994, embedding_dim)}  # avg_model.pt
     ours = build_encoder(name, width, 16000, embedding_dim).eval()
     ours.load_state_dict(encoder_weights(published), strict=True)

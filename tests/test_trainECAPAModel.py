@@ -3,6 +3,7 @@
 
 import importlib.util
 import json
+import math
 import os
 import re
 import shutil
@@ -657,3 +658,31 @@ def test_kaldi_output_refuses_a_name_that_cannot_be_a_kaldi_key(tiny_corpus, che
                                     str(tmp_path / 'x.ark'), '--n_cpu', '0'])
     assert status == 1 and "x.ark: 'a b.wav' cannot be a Kaldi key (white space)" in message
     assert not (tmp_path / 'x.ark').exists()
+
+
+def test_calibrate_writes_the_map_to_llrs_that_score_pair_and_verify_decide_with(tiny_corpus, checkpoint,
+                                                                                  tmp_path, cli_error, capsys):
+    model = checkpoint  # untrained, yet its scores rank the tiny corpus's targets higher (EER 25%)
+    calibration = cli.main(['--calibrate', tiny_corpus['eval_list'], '--eval_path', tiny_corpus['eval_path'],
+                            '--initial_model', model, '--p_target', '0.05', '--save_path', str(tmp_path / 'run'),
+                            '--n_cpu', '0'])
+    written = json.loads((tmp_path / 'model_0001.calibration.json').read_text())
+    assert written['scale'] == calibration.scale > 0 and written['p_target'] == 0.05 and written['trials'] == 48
+    assert 0 < written['cllr'] < 1.5 and written['trial_list'] == os.path.abspath(tiny_corpus['eval_list'])
+    trials = read_trials(tiny_corpus['eval_list'])
+    pair = [os.path.join(tiny_corpus['eval_path'], f) for f in (trials.enroll[0], trials.test[0])]
+    capsys.readouterr()
+    _, protocol = cli.main(['--initial_model', model, '--score_pair', *pair])
+    llr = calibration.scale * protocol + calibration.offset
+    same = llr > math.log(19)
+    assert f'calibrated log-likelihood ratio {llr:.4f}' in capsys.readouterr().out
+    assert tools.verify(tools.load_model(model), *pair, tools.load_calibration(model)) == \
+        pytest.approx((protocol, llr, same), abs=1e-4)
+    blind = tmp_path / 'blind.txt'
+    blind.write_text(''.join(f'{e} {t}\n' for e, t in zip(trials.enroll, trials.test)))
+    status, message, _ = cli_error(['--calibrate', str(blind), '--eval_path', tiny_corpus['eval_path'],
+                                    '--initial_model', model])
+    assert status == 1 and 'a list without labels; calibration needs target and non-target trials' in message
+    (tmp_path / 'model_0001.calibration.json').write_text('{"scale": -1, "offset": 0, "p_target": 0.01}')
+    status, message, _ = cli_error(['--initial_model', model, '--score_pair', *pair])
+    assert status == 1 and 'model_0001.calibration.json: not a readable calibration' in message
