@@ -82,6 +82,18 @@ def log_mel_frontend(sampling_rate, n_mels=80):
     )
 
 
+def stft_kernels(window, n_fft):
+    """Convolution kernels [2 (n_fft // 2 + 1), 1, n_fft] whose outputs at a frame are the real and imaginary
+    parts of its `n_fft`-point DFT after `window` (centred, zero-padded to n_fft): a STFT that tracing and
+    ONNX export follow."""
+    left = (n_fft - len(window)) // 2
+    window = F.pad(window, (left, n_fft - len(window) - left)).double()
+    bins = torch.arange(n_fft // 2 + 1, dtype=torch.float64, device=window.device)
+    angle = 2 * math.pi * torch.arange(n_fft, dtype=torch.float64, device=window.device)[None, :] * \
+        bins[:, None] / n_fft
+    return (torch.cat((torch.cos(angle), -torch.sin(angle))) * window).float().unsqueeze(1)
+
+
 class ConvMelSpectrogram(nn.Module):
     """The same power mel spectrogram as a torchaudio `MelSpectrogram` (centred reflect-padded frames, its
     window and filterbank), computed as one strided convolution with windowed cosine and sine kernels.
@@ -91,13 +103,7 @@ class ConvMelSpectrogram(nn.Module):
         super().__init__()
         spectrogram = mel.spectrogram
         self.n_fft, self.hop_length = spectrogram.n_fft, spectrogram.hop_length
-        window = spectrogram.window
-        left = (self.n_fft - len(window)) // 2
-        window = F.pad(window, (left, self.n_fft - len(window) - left))
-        bins = torch.arange(self.n_fft // 2 + 1, dtype=torch.float64)
-        angle = 2 * math.pi * torch.arange(self.n_fft, dtype=torch.float64)[None, :] * bins[:, None] / self.n_fft
-        kernels = torch.cat((torch.cos(angle), -torch.sin(angle))) * window.double()
-        self.register_buffer('kernels', kernels.float().unsqueeze(1))
+        self.register_buffer('kernels', stft_kernels(spectrogram.window, self.n_fft))
         self.register_buffer('fb', mel.mel_scale.fb.clone())
 
     def forward(self, x):

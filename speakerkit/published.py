@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 import torchaudio
 
-from speakerkit.model import FbankAug, ResNet
+from speakerkit.model import FbankAug, ResNet, stft_kernels
 
 
 def mel(hz):
@@ -61,14 +61,8 @@ class SpeechBrainFbank(nn.Module):
             spectrum = torch.stft(x, self.n_fft, self.hop, self.window_length, self.window, center=True,
                                   pad_mode='constant', return_complex=True)
             return torch.view_as_real(spectrum).pow(2).sum(-1).transpose(1, 2)
-        left = (self.n_fft - self.window_length) // 2
-        window = F.pad(self.window, (left, self.n_fft - self.window_length - left)).double()
-        bins = torch.arange(self.n_fft // 2 + 1, dtype=torch.float64, device=x.device)
-        angle = 2 * math.pi * torch.arange(self.n_fft, dtype=torch.float64, device=x.device)[None, :] * \
-            bins[:, None] / self.n_fft
-        kernels = (torch.cat((torch.cos(angle), -torch.sin(angle))) * window).float().unsqueeze(1)
         padded = F.pad(x.unsqueeze(1), (self.n_fft // 2, self.n_fft // 2))
-        real, imaginary = F.conv1d(padded, kernels, stride=self.hop).chunk(2, dim=1)
+        real, imaginary = F.conv1d(padded, stft_kernels(self.window, self.n_fft), stride=self.hop).chunk(2, dim=1)
         return (real ** 2 + imaginary ** 2).transpose(1, 2)
 
     def forward(self, x):
