@@ -1,33 +1,40 @@
-"""Score calibration held out: a trial list split by enrolment speaker into a development half (where the map
-to log-likelihood ratios is fitted, as --calibrate fits it) and a test half (where it is judged).
+"""Score calibration held out: a trial list split by speaker into a development half (where the map to
+log-likelihood ratios is fitted, as --calibrate fits it) and a test half (where it is judged); a trial whose
+two sides fall in different halves is left out, so no speaker of the test half is seen in the fit.
 
-  python bench/bench_calibration.py MODEL TRIALS EVAL_PATH [--p_target 0.01]
+  python bench/bench_calibration.py MODEL TRIALS EVAL_PATH [--train_list L --train_path P] [--p_target 0.01]
 
-Prints, on the test half: EER before and after calibration (the same: the map is monotone), Cllr of the
-calibrated LLRs (1 bit: no information; 0: certainty), and at p_target the detection cost of the calibration's
-own decisions (actual DCF) beside the best any threshold reaches on that half (minDCF).
+For each back end (plain protocol scores; with --train_list also the training mean subtracted, as
+--subtract_mean does) and each map (score only; score and the durations' quality terms, as --duration_terms)
+it prints, on the test half: EER before and after calibration (the same for a map of the score alone, which is
+monotone), Cllr of the calibrated LLRs (1 bit: no information; 0: certainty), and at p_target the detection
+cost of the calibration's own decisions (actual DCF, at the Bayes threshold) beside the actual DCF at the
+threshold of the development half's minDCF operating point, and the best any threshold reaches on the test
+half (minDCF).
 """
 
 import argparse
+import os
 
 import numpy as np
 
 from common import ROOT  # noqa: F401 (puts the checkout on the path)
-from speakerkit.evaluation import evaluate
-from speakerkit.lists import TrialList, read_trials
+from speakerkit.dataLoader import audio_duration
+from speakerkit.evaluation import Cohort, evaluate
+from speakerkit.lists import TrialList, cohort_entries, read_train_list, read_trials
 from speakerkit.metrics import cllr, compute_eer, compute_min_dcf, fit_calibration
 from speakerkit.tools import load_model
 
 
 def halves(trials):
-    """The trials whose enrolment speaker (the path's first folder) is in the first half of the sorted
-    speakers, and the others."""
-    speakers = sorted({e.split('/')[0] for e in trials.enroll})
+    """The trials of the first half of the sorted speakers (the path's first folder), both sides, and those of
+    the second half."""
+    speakers = sorted({name.split('/')[0] for name in trials.enroll + trials.test})
     first = set(speakers[:len(speakers) // 2])
     parts = []
-    for keep in (True, False):
-        chosen = [i for i, e in enumerate(trials.enroll) if (e.split('/')[0] in first) == keep]
-        name = 'dev' if keep else 'test'
+    for name, keep in (('dev', True), ('test', False)):
+        chosen = [i for i, (e, t) in enumerate(zip(trials.enroll, trials.test))
+                  if (e.split('/')[0] in first) == keep and (t.split('/')[0] in first) == keep]
         parts.append(TrialList(name, trials.labels[chosen], [trials.enroll[i] for i in chosen],
                                [trials.test[i] for i in chosen], [trials.lines[i] for i in chosen], name))
     return parts
@@ -40,27 +47,63 @@ def actual_dcf(decisions, labels, p_target):
     return (p_target * miss + (1 - p_target) * false_alarm) / min(p_target, 1 - p_target)
 
 
+def min_dcf_threshold(llrs, labels, p_target):
+    """The LLR threshold of the lowest detection cost on these trials: midway between the two distinct values
+    around the best place to cut."""
+    values = np.unique(llrs)
+    cuts = np.r_[values[0] - 1, (values[1:] + values[:-1]) / 2, values[-1] + 1]
+    costs = [actual_dcf(llrs > cut, labels, p_target) for cut in cuts]
+    return cuts[int(np.argmin(costs))]
+
+
+def seconds_of(trials, root):
+    durations = {name: audio_duration(os.path.join(root, name)) for name in set(trials.enroll + trials.test)}
+    return np.array([[durations[e], durations[t]] for e, t in zip(trials.enroll, trials.test)])
+
+
+def report(name, dev, test, scores, seconds, p_target, durations):
+    dev_seconds, test_seconds = (seconds['dev'], seconds['test']) if durations else (None, None)
+    calibration = fit_calibration(scores['dev'], dev.labels, p_target, dev_seconds)
+    llrs = calibration.llr(scores['test'], test_seconds)
+    dev_llrs = calibration.llr(scores['dev'], dev_seconds)
+    cut = min_dcf_threshold(dev_llrs, dev.labels, p_target)
+    terms = (f' {calibration.duration_weights[0]:+.4f} x log shorter {calibration.duration_weights[1]:+.4f} x log '
+             f'longer' if durations else '')
+    print(f'{name}{", duration terms" if durations else ""}: LLR = {calibration.scale:.4f} x score '
+          f'{calibration.offset:+.4f}{terms}')
+    print(f'  test EER {compute_eer(scores["test"], test.labels):.2f}% raw, {compute_eer(llrs, test.labels):.2f}% '
+          f'calibrated; Cllr {cllr(llrs, test.labels):.4f} bits (dev {cllr(dev_llrs, dev.labels):.4f})')
+    decided = actual_dcf(calibration.decide(scores['test'], test_seconds), test.labels, p_target)
+    print(f'  at p_target {p_target:g}: actual DCF {decided:.4f} '
+          f'(Bayes threshold {calibration.llr_threshold:.2f}), {actual_dcf(llrs > cut, test.labels, p_target):.4f} '
+          f'(dev minDCF threshold {cut:.2f}); minDCF {compute_min_dcf(scores["test"], test.labels, p_target):.4f}')
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('model')
     parser.add_argument('trials')
     parser.add_argument('eval_path')
+    parser.add_argument('--train_list', help='with --train_path: also score with the training mean subtracted')
+    parser.add_argument('--train_path')
+    parser.add_argument('--cohort_size', type=int, default=20000)
     parser.add_argument('--p_target', type=float, default=0.01)
     args = parser.parse_args()
     encoder = load_model(args.model)
     dev, test = halves(read_trials(args.trials))
-    results = evaluate(encoder, [dev, test], args.eval_path, 'cpu')  # every file embedded once
-    dev_scores, test_scores = results['dev'].scores, results['test'].scores
-    calibration = fit_calibration(dev_scores, dev.labels, args.p_target)
-    llrs = calibration.llr(test_scores)
-    print(f'dev: {len(dev.labels)} trials; test: {len(test.labels)} trials')
-    print(f'calibration: LLR = {calibration.scale:.4f} x score + {calibration.offset:.4f}')
-    print(f'test EER {compute_eer(test_scores, test.labels):.2f}% raw, {compute_eer(llrs, test.labels):.2f}% '
-          f'calibrated')
-    print(f'test Cllr {cllr(llrs, test.labels):.4f} bits (dev {cllr(calibration.llr(dev_scores), dev.labels):.4f})')
-    decided = actual_dcf(calibration.decide(test_scores), test.labels, args.p_target)
-    print(f'test at p_target {args.p_target:g}: actual DCF {decided:.4f}, '
-          f'minDCF {compute_min_dcf(test_scores, test.labels, args.p_target):.4f}')
+    print(f'dev: {len(dev.labels)} trials ({int(dev.labels.sum())} targets); test: {len(test.labels)} trials '
+          f'({int(test.labels.sum())} targets)')
+    seconds = {'dev': seconds_of(dev, args.eval_path), 'test': seconds_of(test, args.eval_path)}
+    back_ends = {'plain scores': None}
+    if args.train_list:
+        entries = cohort_entries(read_train_list(args.train_list), args.cohort_size, 10)
+        back_ends['training mean subtracted'] = Cohort(entries, args.train_path, 'utterance', 2, as_norm=False,
+                                                       subtract_mean=True)
+    for name, cohort in back_ends.items():
+        results = evaluate(encoder, [dev, test], args.eval_path, 'cpu', cohort=cohort)  # each file embedded once
+        scores = {part: results[part].scores for part in ('dev', 'test')}
+        for durations in (False, True):
+            report(name, dev, test, scores, seconds, args.p_target, durations)
 
 
 if __name__ == '__main__':

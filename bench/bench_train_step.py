@@ -34,6 +34,7 @@ import torch
 
 import reference
 from common import environment, peak_rss_gib, synchronize, write_json
+from speakerkit.dataLoader import Batch
 from speakerkit.loss import AAMsoftmax
 from speakerkit.model import MODELS, build_encoder, crop_samples
 from speakerkit.trainer import SpeakerModel, TrainingStep, adam
@@ -50,10 +51,11 @@ def measure(name, C, batch_size, amp, compile, device, seconds):
                          AAMsoftmax(SPEAKERS, 0.2, 30, embedding_dim)).to(device).train()
     optimizer = adam(model.parameters(), 0.001)
     step = TrainingStep(model, optimizer, device, amp, compile)
-    batch = (0.1 * torch.randn(batch_size, crop_samples(200, 16000)), torch.randint(0, SPEAKERS, (batch_size,)))
+    crops, labels = 0.1 * torch.randn(batch_size, crop_samples(200, 16000)), torch.randint(0, SPEAKERS, (batch_size,))
     if device.type == 'cuda':
         torch.backends.cudnn.benchmark = True
-        batch = tuple(t.pin_memory() for t in batch)
+        crops, labels = crops.pin_memory(), labels.pin_memory()
+    batch = Batch((crops,), labels, [])
     for _ in range(3 if compile else 2 if device.type == 'cuda' else 1):
         step(batch, None)
     synchronize(device)
@@ -109,9 +111,10 @@ def compare_with_reference(directory, widths, batch_size, rounds, steps, device)
         with reference.cpu_patches():
             theirs = original['ECAPAModel'].ECAPAModel(lr=0.001, lr_decay=0.97, C=C, n_class=SPEAKERS, m=0.2, s=30,
                                                        test_step=1).to(device)
-        ours((waveforms, labels), None)  # warm-up
+        batch = Batch((waveforms,), labels, [])
+        ours(batch, None)  # warm-up
         run_theirs(theirs, [(waveforms, labels)])
-        runs = {'ours': lambda ours=ours: [ours((waveforms, labels), None) for _ in range(steps)],
+        runs = {'ours': lambda ours=ours, batch=batch: [ours(batch, None) for _ in range(steps)],
                 'original': lambda theirs=theirs: run_theirs(theirs, [(waveforms, labels)] * steps)}
         times = {'ours': [], 'original': []}
         for round_ in range(rounds):

@@ -240,11 +240,20 @@ def read_calibration(checkpoint_path):
         return None
     found = read_json(path, 'calibration', ('scale', 'offset', 'p_target'))
     values = [found[name] for name in ('scale', 'offset', 'p_target')]
-    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values) \
-            or not values[0] > 0 or not 0 < values[2] < 1:
-        raise UserError(f'{path}: not a readable calibration (a positive scale, a finite offset and a p_target '
-                        f'in (0, 1) expected); run --calibrate again')
-    return Calibration(scale=float(values[0]), offset=float(values[1]), p_target=float(values[2]))
+    weights, mean = found.get('duration_weights', []), found.get('training_mean', [])
+    if not all(is_number(v) for v in values) or not values[0] > 0 or not 0 < values[2] < 1 \
+            or not isinstance(weights, list) or len(weights) not in (0, 2) or not isinstance(mean, list) \
+            or not all(is_number(v) for v in weights + mean):
+        raise UserError(f'{path}: not a readable calibration (a positive scale, a finite offset, a p_target in '
+                        f'(0, 1), and where present two duration weights and a mean vector expected); run '
+                        f'--calibrate again')
+    return Calibration(scale=float(values[0]), offset=float(values[1]), p_target=float(values[2]),
+                       duration_weights=tuple(map(float, weights)), training_mean=tuple(map(float, mean)))
+
+
+def is_number(value):
+    """A finite int or float from JSON (not a bool)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def averaged_epochs_of(checkpoint_path):

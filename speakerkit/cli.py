@@ -25,7 +25,7 @@ from speakerkit.augment import default_cache_dir
 from speakerkit.commands import COMMANDS
 from speakerkit.dataLoader import SPEED_PERTURBATION, end_loader_workers
 from speakerkit.errors import ArgumentParser, UsageError, reported_as_exit
-from speakerkit.model import MODELS
+from speakerkit.model import MODELS, width_problem
 
 DEMO_DEFAULTS = {'save_path': 'exps/demo', 'max_epoch': 7, 'batch_size': 32, 'num_frames': 150,
                  'test_step': 1, 'lr': 0.002, 'n_cpu': 1}
@@ -37,12 +37,13 @@ LARGE_MARGIN_DEFAULTS = {'num_frames': 600, 'm': 0.5, 'max_epoch': 5, 'scheduler
 CONTRASTIVE_FLAGS = ('classifier_weight', 'contrastive_weight', 'matching_weight', 'hard_negative',
                      'fixed_contrastive_scale', 'local_negatives')
 ONLY_WITH = {'out': ('extract', 'average_checkpoints'), 'check_decode': 'check_data', 'p_target': 'calibrate',
-             'cohort': 'snorm',
-             'cohort_top_k': 'snorm', 'cohort_size': 'snorm',
+             'cohort': 'snorm', 'cohort_top_k': 'snorm', 'cohort_size': ('snorm', 'subtract_mean'),
+             'duration_terms': 'calibrate',
              'allow_partial_load': 'initial_model'}  # flag -> the flag(s) it refines
 NEEDS = {'large_margin': ('initial_model',),        # it fine-tunes a trained model
          'eval_list': ('eval_path',),               # its paths are relative to it
-         'snorm': ('train_list', 'train_path')}     # the cohort comes from the training list
+         'snorm': ('train_list', 'train_path'),     # the cohort comes from the training list
+         'subtract_mean': ('train_list', 'train_path')}
 
 
 def flag(group, name, **options):
@@ -107,9 +108,10 @@ def model_flags(group):
               'this flag is not given)')
     flag(group, '--C', type=int, default=None,
          help='encoder width: channels of ECAPA-TDNN (default 1024), base channels of ResNet '
-              '(32), frame-layer channels of TDNN (512)')
+              '(32), frame-layer channels of TDNN (512), growth rate of CAM++ (32), stem channels of ReDimNet '
+              '(each size\'s own: B0 10, B1 12, B2 and B3 16, B4-B6 32)')
     flag(group, '--embedding_dim', type=int, default=None,
-         help='embedding size (default 192 for ECAPA-TDNN, 256 ResNet, 512 TDNN)')
+         help='embedding size (default 192 for ECAPA-TDNN and ReDimNet, 256 ResNet, 512 TDNN and CAM++)')
 
 
 def objective_flags(group):
@@ -204,7 +206,10 @@ def evaluation_flags(group):
     flag(group, '--cohort', default='speaker', choices=['speaker', 'utterance'],
          help='AS-Norm cohort: speaker means or single utterances of the training list')
     flag(group, '--cohort_size', type=int, default=20000,
-         help='AS-Norm: training utterances embedded for the cohort, over all speakers (0: all)')
+         help='AS-Norm and --subtract_mean: training utterances embedded, over all speakers (0: all)')
+    switch(group, '--subtract_mean',
+           help='subtract the mean vector of --train_list\'s utterances (--cohort_size of them) from every '
+                'vector before scoring (wespeaker\'s cosine back end); with --calibrate, saved with the map')
     flag(group, '--extract', metavar='LIST_OR_DIR',
          help='embed every file of a folder, of a Kaldi data folder\'s wav.scp, or of a list (each field '
               'with an audio extension, both sides of a trial, or else the last field of a line; relative to '
@@ -224,6 +229,9 @@ def evaluation_flags(group):
               'beside the checkpoint (NAME.calibration.json), for --score_pair and tools.verify')
     flag(group, '--p_target', type=float, default=0.01,
          help='--calibrate: the prior of a target trial that decisions assume (equal costs)')
+    switch(group, '--duration_terms',
+           help='--calibrate: the two recordings\' durations (log, capped at 20 s) enter the map as quality '
+                'measures, as in wespeaker\'s QMF')
     flag(group, '--score_file', nargs='+', metavar='FILE',
          help='only compute EER and minDCF of existing "enroll test score label" files')
 
@@ -273,7 +281,7 @@ def resolve_defaults(args):
     of a Kaldi data folder's relative paths, the loss of the mode, the encoder's width and embedding size, the
     device and mixed precision."""
     if args.demo:
-        take_defaults(args, DEMO_DEFAULTS | {'C': DEMO_WIDTHS.get(args.model, 16)})
+        take_defaults(args, DEMO_DEFAULTS | {'C': DEMO_WIDTHS.get(args.model, max(16, MODELS[args.model].probe_width))})
         corpus = demo.corpus_paths(os.path.join(args.save_path, 'corpus'))
         take_defaults(args, corpus | {'eval_list': [corpus['eval_list']]})
     if args.large_margin:
@@ -303,8 +311,9 @@ def check_ranges(args):
         raise UsageError(f'--average must be 0 (off) or from 2 to --max_epoch {args.max_epoch}, got {args.average}')
     if args.sampling_rate < 8000:
         raise UsageError(f'--sampling_rate must be at least 8000 Hz, got {args.sampling_rate}')
-    if args.model in ('ecapa-speechbrain', 'ecapa-wespeaker') and args.C % 8:
-        raise UsageError(f'--C must be a multiple of 8 for {args.model} (its Res2Net groups), got {args.C}')
+    problem = width_problem(args.model, args.C) if args.C >= 1 else None
+    if problem:
+        raise UsageError(f'--C {args.C} does not fit {args.model}: {problem}')
     if not 0 < args.p_target < 1:
         raise UsageError(f'--p_target must be in (0, 1), got {args.p_target}')
 

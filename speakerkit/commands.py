@@ -5,6 +5,7 @@ A module of its own so that the entry script holds the flags, their defaults and
 what the commands do with them.
 """
 
+import dataclasses
 import importlib.util
 import io
 import os
@@ -21,8 +22,9 @@ from speakerkit.errors import UsageError, UserError
 from speakerkit.lists import files_to_embed, read_score_file, write_score_file
 from speakerkit.plots import evaluation_plots
 from speakerkit.prepare import check_data
-from speakerkit.evaluation import (cohort_of, embed_files, embedding_readers, embeddings_and_protocol_vectors,
-                                   evaluate_encoder, read_trial_lists)
+from speakerkit.dataLoader import audio_duration
+from speakerkit.evaluation import (calibrated_pair, cohort_of, embed_files, embedding_readers,
+                                   embeddings_and_protocol_vectors, evaluate_encoder, read_trial_lists, training_mean)
 from speakerkit.metrics import cllr, fit_calibration, verification_metrics
 from speakerkit.tools import as_recordings, export_onnx, export_program, export_torchscript, load_model
 from speakerkit.trainer import run_training
@@ -151,36 +153,60 @@ def run_score_pair(args):
     print(f'cosine of the embeddings {cosine:.4f}; protocol score (as --eval scores a trial) {protocol:.4f}')
     calibration = read_calibration(args.initial_model)
     if calibration is not None:
-        same = bool(calibration.decide(protocol))
-        print(f'calibrated log-likelihood ratio {float(calibration.llr(protocol)):.4f} '
+        seconds = [len(w) / encoder.sampling_rate for w in waveforms]
+        calibrated, llr, same = calibrated_pair(calibration, vectors, seconds)
+        centred = ' (of centred vectors, as calibrated)' if calibration.training_mean else ''
+        print(f'calibrated log-likelihood ratio {llr:.4f} of the score {calibrated:.4f}{centred} '
               f'({calibration_path(args.initial_model)}); at p_target {calibration.p_target:g}: '
               + ('the same speaker' if same else 'different speakers'))
     return cosine, protocol
 
 
 def run_calibrate(args):
-    """Fit the map from --initial_model's protocol scores to log-likelihood ratios on the labelled trial list
-    --calibrate (a development list, apart from the lists it will decide on) and write it beside the checkpoint,
-    where --score_pair and `tools.verify` find it."""
+    """Fit the map from --initial_model's protocol scores (of centred vectors with --subtract_mean; with the
+    recordings' durations as quality terms with --duration_terms) to log-likelihood ratios on the labelled trial
+    list --calibrate (a development list, apart from the lists it will decide on) and write it beside the
+    checkpoint, where --score_pair and `tools.verify` find it."""
     trials = read_trial_lists(args, [args.calibrate])[0]
     if trials.labels is None:
         raise UserError(f'--calibrate {args.calibrate}: a list without labels; calibration needs target and '
                         f'non-target trials')
     encoder = load_initial_encoder(args, args.device)
-    result = evaluate_encoder(encoder, args, args.device, [trials], None, file_digest(args.initial_model))[trials.path]
-    calibration = fit_calibration(result.scores, trials.labels, args.p_target)
-    if calibration.scale <= 0:
+    identity = file_digest(args.initial_model)
+    result = evaluate_encoder(encoder, args, args.device, [trials], cohort_of(args), identity)[trials.path]
+    seconds = trial_seconds(trials, args.eval_path) if args.duration_terms else None
+    fitted = fit_calibration(result.scores, trials.labels, args.p_target, seconds)
+    if fitted.scale <= 0:
         raise UserError(f'--calibrate {args.calibrate}: the scores do not rank targets above non-targets '
                         f'(EER {result.metrics.eer:.2f}%), so there is nothing to calibrate')
-    calibrated = cllr(calibration.llr(result.scores), trials.labels)
+    mean = training_mean(encoder, args, args.device, identity).tolist() if args.subtract_mean else []
+    calibration = dataclasses.replace(fitted, training_mean=tuple(mean))
+    calibrated = cllr(calibration.llr(result.scores, seconds), trials.labels)
     write_calibration(calibration, args.initial_model, {'trial_list': os.path.abspath(args.calibrate),
                                                         'trials': len(result.scores), 'cllr': calibrated,
                                                         'eer': result.metrics.eer})
+    terms = (f' {calibration.duration_weights[0]:+.4f} x log shorter s {calibration.duration_weights[1]:+.4f} x '
+             f'log longer s' if args.duration_terms else '')
+    where = (f'{calibration.threshold():.4f}' if not args.duration_terms else
+             f'{calibration.threshold([4.0, 4.0]):.4f} for two 4 s recordings, '
+             f'{calibration.threshold([20.0, 20.0]):.4f} for two of 20 s')
     print(f'{args.calibrate}: {len(result.scores)} trials, {result.metrics.text()}\n'
-          f'  LLR = {calibration.scale:.4f} x score + {calibration.offset:.4f}; Cllr {calibrated:.4f} bits; '
-          f'at p_target {calibration.p_target:g}, same speaker when the score is above '
-          f'{calibration.threshold:.4f}\n  written to {calibration_path(args.initial_model)}')
+          f'  LLR = {calibration.scale:.4f} x score {calibration.offset:+.4f}{terms}; Cllr {calibrated:.4f} bits; '
+          f'at p_target {calibration.p_target:g}, same speaker when the score is above {where}\n'
+          f'  written to {calibration_path(args.initial_model)}')
     return calibration
+
+
+def trial_seconds(trials, root):
+    """[N, 2]: the durations of each trial's two files under `root`, from their headers."""
+    seconds = {name: audio_duration(os.path.join(root, name)) for name in set(trials.enroll + trials.test)}
+    return np.array([[seconds[e], seconds[t]] for e, t in zip(trials.enroll, trials.test)])
+
+
+def check_calibrate(args):
+    if args.snorm:
+        raise UsageError('--calibrate with --snorm: AS-Norm scores need the cohort at every decision, which '
+                         '--score_pair and tools.verify do not have; calibrate raw scores, or with --subtract_mean')
 
 
 def run_average_checkpoints(args):
@@ -203,9 +229,9 @@ def check_check_data(args):
 
 def check_train(args):
     if args.train_shards:
-        if args.train_list and not args.snorm:
+        if args.train_list and not (args.snorm or args.subtract_mean):
             raise UsageError('--train_shards and --train_list: training reads the shards, and the list would serve '
-                             'only --snorm\'s cohort; give one of them')
+                             'only --snorm\'s cohort or --subtract_mean; give one of them')
         if args.mode != 'classifier' or args.sampler != 'random':
             raise UsageError('--train_shards streams utterances in a shuffled order, which trains --mode classifier '
                              'with --sampler random; the pair modes and --sampler chns need --train_list')
@@ -258,7 +284,7 @@ COMMANDS = {  # the flag that selects each command (training: none of them)
     'export': Command(run_export, ('initial_model',), check_export),
     'extract': Command(run_extract, ('initial_model', 'out'), check_extract),
     'score_pair': Command(run_score_pair, ('initial_model',), check_score_pair),
-    'calibrate': Command(run_calibrate, ('initial_model', 'eval_path')),
+    'calibrate': Command(run_calibrate, ('initial_model', 'eval_path'), check_calibrate),
     'average_checkpoints': Command(run_average_checkpoints, ('out',), check_average_checkpoints),
     'eval': Command(run_eval, ('initial_model', 'eval_list', 'eval_path')),
     'train': Command(run_training, (), check_train),

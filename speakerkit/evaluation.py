@@ -198,6 +198,32 @@ def unembeddable(root, problems):
                      + '; '.join(f'{name} ({why})' for name, why in problems[:3]))
 
 
+def centred(vectors, mean):
+    """Protocol vectors [..., 2D] with the training `mean` [2D] subtracted and each half (whole utterance, crops)
+    normalised again: a score is then the mean of the two halves' cosines of centred embeddings (the mean
+    subtraction of wespeaker's cosine back end, in this protocol)."""
+    moved = vectors - mean
+    half = moved.shape[-1] // 2
+    return torch.cat((F.normalize(moved[..., :half], dim=-1), F.normalize(moved[..., half:], dim=-1)), -1) \
+        / math.sqrt(2)
+
+
+def centred_all(vectors, mean):
+    """{name: vector} with every vector `centred`."""
+    names = list(vectors)
+    return dict(zip(names, centred(torch.stack([vectors[n] for n in names]), mean))) if names else {}
+
+
+def calibrated_pair(calibration, vectors, seconds):
+    """(score, LLR, same speaker) of two recordings `seconds` long, from their protocol vectors [2, 2D], scored
+    as the `calibration` (metrics.Calibration) was fitted: with its training mean subtracted where it has one."""
+    if calibration.training_mean:
+        vectors = centred(vectors, torch.tensor(calibration.training_mean, dtype=vectors.dtype))
+    protocol = float(vectors[0] @ vectors[1])
+    llr = float(calibration.llr(protocol, seconds).ravel()[0])
+    return protocol, llr, llr > calibration.llr_threshold
+
+
 def score_trials(vectors, enroll, test):
     """Raw scores v_e . v_t for each trial."""
     e = torch.stack([vectors[name] for name in enroll])
@@ -264,12 +290,15 @@ def cached_embed_files(encoder, relative_paths, root, device, cache_dir, identit
 
 @dataclasses.dataclass(frozen=True)
 class Cohort:
-    """AS-Norm settings: the training `entries` (`lists.TrainEntry`) under `root` whose vectors form the
-    cohort, as speaker means or single utterances (`kind`), and the top scores used."""
+    """What scoring takes from the training list: the `entries` (`lists.TrainEntry`) under `root` whose vectors
+    form the AS-Norm cohort (`as_norm`: as speaker means or single utterances, `kind`, and the `top_k` scores
+    used) and whose mean is subtracted from every vector before scoring (`subtract_mean`)."""
     entries: list
     root: str
     kind: str
     top_k: int
+    as_norm: bool = True
+    subtract_mean: bool = False
 
 
 @dataclasses.dataclass
@@ -312,17 +341,22 @@ def embed_for(encoder, files, root, device, n_cpu=0, cache_dir=None, identity=No
 
 
 def evaluate(encoder, trial_lists, eval_path, device, n_cpu=0, cohort=None, cache_dir=None, identity=None):
-    """Score each `lists.TrialList`, embedding each utterance once (`embed_for`), with AS-Norm against
-    `cohort` when one is given. Returns {list path: ListResult} (empty without lists)."""
+    """Score each `lists.TrialList`, embedding each utterance once (`embed_for`), with what a `cohort` asks
+    for when one is given (the training mean subtracted, AS-Norm). Returns {list path: ListResult} (empty
+    without lists)."""
     if not trial_lists:
         return {}
     files = sorted({f for trials in trial_lists for f in trials.enroll + trials.test})
     vectors = embed_for(encoder, files, eval_path, device, n_cpu, cache_dir, identity)
-    results = {trials.path: ListResult(trials, score_trials(vectors, trials.enroll, trials.test))
-               for trials in trial_lists}
     if cohort is not None:
         cohort_vectors = embed_for(encoder, [entry.path for entry in cohort.entries], cohort.root, device, n_cpu,
                                    cache_dir, identity)
+        if cohort.subtract_mean:
+            mean = torch.stack(list(cohort_vectors.values())).mean(dim=0)
+            vectors, cohort_vectors = centred_all(vectors, mean), centred_all(cohort_vectors, mean)
+    results = {trials.path: ListResult(trials, score_trials(vectors, trials.enroll, trials.test))
+               for trials in trial_lists}
+    if cohort is not None and cohort.as_norm:
         index = {name: i for i, name in enumerate(files)}
         pairs = np.array([(index[e], index[t]) for trials in trial_lists for e, t in zip(trials.enroll, trials.test)])
         normalised = as_norm(torch.stack([vectors[f] for f in files]), pairs,
@@ -358,27 +392,42 @@ def read_trial_lists(args, paths=None):
 
 
 def cohort_of(args, train_entries=None):
-    """The AS-Norm cohort that --snorm and the --cohort_* flags describe, or None without --snorm; drawn from
-    `train_entries` (a TrainList) when the training list is already read."""
-    if not args.snorm:
+    """The Cohort that --snorm, --subtract_mean and the --cohort_* flags describe, or None without either;
+    drawn from `train_entries` (a TrainList) when the training list is already read."""
+    if not (args.snorm or args.subtract_mean):
         return None
     train_entries = train_entries if isinstance(train_entries, TrainList) else read_train_list(args.train_list)
     entries = cohort_entries(train_entries, args.cohort_size, args.seed)
     size = len({entry.speaker for entry in entries}) if args.cohort == 'speaker' else len(entries)
-    if size < 2:
+    if args.snorm and size < 2:
         raise UsageError(f'--snorm: a cohort of {size} {"speaker" if args.cohort == "speaker" else "utterance"} from '
                          f'{args.train_list}; AS-Norm needs at least two to normalise by (their spread would be 0)')
-    return Cohort(entries, args.train_path, args.cohort, args.cohort_top_k)
+    return Cohort(entries, args.train_path, args.cohort, args.cohort_top_k, args.snorm, args.subtract_mean)
+
+
+def training_mean(encoder, args, device, identity=None):
+    """The mean protocol vector of --subtract_mean's training utterances (cached as `evaluate_encoder` caches)."""
+    cohort = cohort_of(args)
+    encoder, identity = at_eval_precision(encoder, args, identity)
+    vectors = embed_for(encoder, [entry.path for entry in cohort.entries], cohort.root, device,
+                        embedding_readers(args, device), os.path.join(args.save_path, 'embeddings'), identity)
+    return torch.stack(list(vectors.values())).mean(dim=0)
 
 
 def evaluate_encoder(encoder, args, device, trial_lists, cohort, identity=None):
     """`evaluate` with the flags' settings (--eval_precision bf16: under `Autocast`) and the AS-Norm
     `cohort` (or None); embeddings are cached under save_path/embeddings when the checkpoint's `identity` is
     given, apart for each precision."""
-    if args.eval_precision == 'bf16':
-        encoder, identity = Autocast(encoder), identity and f'{identity} bf16'
+    encoder, identity = at_eval_precision(encoder, args, identity)
     return evaluate(encoder, trial_lists, args.eval_path, device, embedding_readers(args, device), cohort,
                     os.path.join(args.save_path, 'embeddings'), identity)
+
+
+def at_eval_precision(encoder, args, identity):
+    """The encoder run at --eval_precision (bf16: under `Autocast`), and the cache identity of its vectors."""
+    if args.eval_precision == 'bf16':
+        return Autocast(encoder), identity and f'{identity} bf16'
+    return encoder, identity
 
 
 def embedding_readers(args, device):

@@ -123,25 +123,56 @@ def as_norm(embeddings, trials, cohort, top_k):
     return normalised
 
 
+QUALITY_SECONDS_CAP = 20.0  # durations beyond this add no information to a calibration (wespeaker's QMF caps at 20)
+
+
+def duration_terms(seconds):
+    """The quality terms of trials from the durations of their two recordings ([N, 2] seconds, each capped at
+    QUALITY_SECONDS_CAP): log of the shorter and log of the longer, [N, 2]. (wespeaker's QMF takes the shorter,
+    the longer, their difference and their ratio; in the log domain two terms span those.)"""
+    seconds = np.asarray(seconds, dtype=np.float64).reshape(-1, 2)
+    if not np.all(seconds > 0):
+        raise ValueError('durations of calibrated trials must be positive seconds')
+    capped = np.log(np.minimum(seconds, QUALITY_SECONDS_CAP))
+    return np.stack([capped.min(axis=1), capped.max(axis=1)], axis=1)
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Calibration:
-    """A linear map from a system's scores to log-likelihood ratios, LLR = scale * score + offset, fitted on a
-    development trial list; `decide` accepts a trial when its LLR passes the Bayes threshold for the prior
-    `p_target` (equal costs): log((1 - p_target) / p_target)."""
+    """A linear map from a system's scores to log-likelihood ratios, fitted on a development trial list:
+    LLR = scale * score + offset, plus, with `duration_weights`, weights times the trials' `duration_terms` (a
+    quality measure: short recordings give less certain scores). `decide` accepts a trial when its LLR passes
+    the Bayes threshold for the prior `p_target` (equal costs), log((1 - p_target) / p_target).
+    `training_mean` is the mean protocol vector that was subtracted from every vector before scoring (empty:
+    none), so that a score to be calibrated is computed the same way (`evaluation.calibrated_pair`)."""
     scale: float
     offset: float
     p_target: float = 0.01
+    duration_weights: tuple = ()
+    training_mean: tuple = ()
 
-    def llr(self, scores):
-        return self.scale * np.asarray(scores, dtype=np.float64) + self.offset
+    def llr(self, scores, seconds=None):
+        """The LLRs of `scores`; `seconds` ([N, 2], the two recordings of each trial) where the calibration has
+        duration terms."""
+        llrs = self.scale * np.asarray(scores, dtype=np.float64) + self.offset
+        if not self.duration_weights:
+            return llrs
+        if seconds is None:
+            raise ValueError('this calibration has duration terms: give the durations of both recordings')
+        return llrs + (duration_terms(seconds) @ np.asarray(self.duration_weights)).reshape(llrs.shape)
 
     @property
-    def threshold(self):
-        """The score above which `decide` accepts."""
-        return (math.log((1 - self.p_target) / self.p_target) - self.offset) / self.scale
+    def llr_threshold(self):
+        """The LLR above which `decide` accepts: log((1 - p_target) / p_target)."""
+        return math.log((1 - self.p_target) / self.p_target)
 
-    def decide(self, scores):
-        return self.llr(scores) > math.log((1 - self.p_target) / self.p_target)
+    def threshold(self, seconds=None):
+        """The score above which `decide` accepts (for recordings of `seconds`, [2], with duration terms)."""
+        return (self.llr_threshold - float(self.llr(0.0, None if seconds is None else [seconds]).ravel()[0])) \
+            / self.scale
+
+    def decide(self, scores, seconds=None):
+        return self.llr(scores, seconds) > self.llr_threshold
 
 
 def cllr(llrs, labels):
@@ -152,23 +183,28 @@ def cllr(llrs, labels):
                  / (2 * math.log(2)))
 
 
-def fit_calibration(scores, labels, p_target=0.01, steps=100):
+def fit_calibration(scores, labels, p_target=0.01, seconds=None, steps=100):
     """The Calibration of `scores` that minimises Cllr on them (logistic regression with targets and
     non-targets weighted equally, by Newton's method; a small ridge keeps the scale finite when the two classes
-    do not overlap). `p_target` is only stored, for decisions."""
+    do not overlap), with duration terms when the trials' `seconds` ([N, 2]) are given. `p_target` is only
+    stored, for decisions."""
     scores, labels = np.asarray(scores, dtype=np.float64), np.asarray(labels)
     compute_eer(scores, labels)  # the same checks of the input
     sign = np.where(labels == 1, 1.0, -1.0)
     weight = np.where(labels == 1, 0.5 / np.sum(labels == 1), 0.5 / np.sum(labels == 0))
-    features = np.stack([scores, np.ones_like(scores)], axis=1)
-    params, ridge = np.zeros(2), 1e-6
+    columns = [scores[:, None], np.ones((len(scores), 1))]
+    if seconds is not None:
+        columns.append(duration_terms(seconds))
+    features = np.concatenate(columns, axis=1)
+    params, ridge = np.zeros(features.shape[1]), 1e-6
     for _ in range(steps):
         margins = sign * (features @ params)
         pushed = 1 / (1 + np.exp(margins))  # the sigmoid of -margin: each trial's share of the gradient
         gradient = -(features * (weight * sign * pushed)[:, None]).sum(0) + ridge * params
-        hessian = (features * (weight * pushed * (1 - pushed))[:, None]).T @ features + ridge * np.eye(2)
+        hessian = (features * (weight * pushed * (1 - pushed))[:, None]).T @ features + ridge * np.eye(len(params))
         change = np.linalg.solve(hessian, gradient)
         params -= change
         if np.abs(change).max() < 1e-10:
             break
-    return Calibration(scale=float(params[0]), offset=float(params[1]), p_target=p_target)
+    return Calibration(scale=float(params[0]), offset=float(params[1]), p_target=p_target,
+                       duration_weights=tuple(float(w) for w in params[2:]))

@@ -348,10 +348,11 @@ RESNET_DEPTHS = {
 
 class EncoderSpec(NamedTuple):
     """How `--model NAME` is built: `build(C, sampling_rate, embedding_dim)` and the defaults of C (the
-    width) and of the embedding size."""
+    width) and of the embedding size; `probe_width`, a small width it builds at (`architecture_of`)."""
     build: Callable
     width: int
     embedding_dim: int
+    probe_width: int = 8
 
 
 def _resnet(name):
@@ -372,6 +373,24 @@ def _wespeaker_ecapa(C, sampling_rate, embedding_dim):
     return WespeakerECAPA(C, sampling_rate, embedding_dim)
 
 
+def _campplus(C, sampling_rate, embedding_dim):
+    from speakerkit.campplus import CAMPPlus  # built on this module
+    return CAMPPlus(C, sampling_rate, embedding_dim)
+
+
+def _redimnet(size):
+    def build(C, sampling_rate, embedding_dim):
+        from speakerkit.redimnet import ReDimNet  # built on this module
+        return ReDimNet(size, C, sampling_rate, embedding_dim)
+    return build
+
+
+# redimnet.SIZES' C, and the smallest power of two from 8 that it builds with (redimnet.width_problem)
+REDIMNET_WIDTHS = {'b0': (10, 8), 'b1': (12, 8), 'b2': (16, 8), 'b3': (16, 16), 'b4': (32, 16), 'b5': (32, 16),
+                   'b6': (32, 32)}
+ALIASES = {'resnet': 'resnet34', 'redimnet': 'redimnet-b2'}  # a short name and the encoder it builds
+
+
 def _wespeaker_resnet(name):
     block, blocks = RESNET_DEPTHS[name]
 
@@ -386,10 +405,23 @@ MODELS = {
     'ecapa-speechbrain': EncoderSpec(_speechbrain_ecapa, 1024, 192),
     'ecapa-wespeaker': EncoderSpec(_wespeaker_ecapa, 1024, 192),
     'tdnn': EncoderSpec(TDNN, 512, 512),
-    'resnet': EncoderSpec(_resnet('resnet34'), 32, 256),
+    'campplus': EncoderSpec(_campplus, 32, 512),
+    **{f'redimnet-{size}': EncoderSpec(_redimnet(size), width, 192, probe)
+       for size, (width, probe) in REDIMNET_WIDTHS.items()},
     **{name: EncoderSpec(_resnet(name), 32, 256) for name in RESNET_DEPTHS},
     **{f'{name}-wespeaker': EncoderSpec(_wespeaker_resnet(name), 32, 256) for name in RESNET_DEPTHS},
 }
+MODELS |= {alias: MODELS[name] for alias, name in ALIASES.items()}
+
+
+def width_problem(name, C):
+    """Why encoder `name` cannot be built `C` wide, or None."""
+    if name in ('ecapa-speechbrain', 'ecapa-wespeaker') and C % 8:
+        return 'its Res2Net splits channels in 8 groups, so C must be a multiple of 8'
+    if name.startswith('redimnet'):
+        from speakerkit.redimnet import width_problem as redimnet_problem  # built on this module
+        return redimnet_problem(ALIASES.get(name, name).removeprefix('redimnet-'), C)
+    return None
 
 
 def build_encoder(name, C=None, sampling_rate=16000, embedding_dim=None):
@@ -439,16 +471,21 @@ def architecture_of(weights):
     """The EncoderConfig of the registered encoder that an encoder state_dict fits, read from its names and
     shapes: the architecture from the set of names, the width and the embedding size from the first and last
     tensors that follow them, the rate from the mel filters (which depend on it; 16000 when no common rate fits,
-    or for an encoder that keeps no filters, as SpeechBrain's). None when no architecture has these names."""
-    for name in (n for n in MODELS if n != 'resnet'):  # 'resnet' is another name of resnet34
-        probe = build_encoder(name, 8, 16000, 5).state_dict()  # width 8, embedding 5: their tensors stand out
+    or for an encoder that keeps no filters, as SpeechBrain's), and, among architectures with the same names (as
+    ReDimNet B4 and B5), the one whose every shape fits. None when no architecture has these names and shapes."""
+    for name in (n for n in MODELS if n not in ALIASES):
+        width = MODELS[name].probe_width  # a small width and embedding 5: their tensors stand out
+        probe = build_encoder(name, width, 16000, 5).state_dict()
         if probe.keys() != weights.keys():
             continue
-        width_key = next(k for k, v in probe.items() if v.ndim and v.shape[0] == 8)
+        width_key = next(k for k, v in probe.items() if v.ndim and v.shape[0] == width)
         embedding_key = [k for k, v in probe.items() if v.ndim and v.shape[0] == 5][-1]
         rate = next((r for r in COMMON_RATES if MEL_FILTERS in weights and
                      same_tensor(weights[MEL_FILTERS], mel_filters(r))), 16000)
-        return EncoderConfig(model=name, C=weights[width_key].shape[0], sampling_rate=rate,
-                             embedding_dim=weights[embedding_key].shape[0])
+        config = EncoderConfig(model=name, C=weights[width_key].shape[0], sampling_rate=rate,
+                               embedding_dim=weights[embedding_key].shape[0])
+        built = config.build().state_dict()
+        if all(built[k].shape == weights[k].shape for k in built):
+            return config
     return None
 

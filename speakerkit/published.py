@@ -260,19 +260,23 @@ class KaldiFbank(nn.Module):
             return (logs - logs.mean(dim=1, keepdim=True)).transpose(1, 2)
 
 
-class WespeakerResNet(ResNet):
-    """model.ResNet under wespeaker's parameter names (the same as ours), with wespeaker's features
-    (`KaldiFbank`, SpecAugment's masks in training) and its statistics pooling (standard deviation from the
-    variance plus 1e-7)."""
-
-    def __init__(self, block, num_blocks, C=32, sampling_rate=16000, embedding_dim=256, n_mels=80):
-        super().__init__(block, num_blocks, C, sampling_rate, embedding_dim, n_mels)
-        self.torchfbank = KaldiFbank(sampling_rate, n_mels)
+class KaldiFeatures:
+    """The `features` of an encoder whose front end (`torchfbank`) is a `KaldiFbank`: its filterbank, then in
+    training SpecAugment's masks (`specaug`)."""
 
     def features(self, x, aug):
         with torch.no_grad():
             x = self.torchfbank(x)
             return self.specaug(x) if aug else x
+
+
+class WespeakerResNet(KaldiFeatures, ResNet):
+    """model.ResNet under wespeaker's parameter names (the same as ours), with wespeaker's features
+    (`KaldiFbank`) and its statistics pooling (standard deviation from the variance plus 1e-7)."""
+
+    def __init__(self, block, num_blocks, C=32, sampling_rate=16000, embedding_dim=256, n_mels=80):
+        super().__init__(block, num_blocks, C, sampling_rate, embedding_dim, n_mels)
+        self.torchfbank = KaldiFbank(sampling_rate, n_mels)
 
     def pool(self, x):
         return torch.cat((x.mean(dim=-1), torch.sqrt(x.var(dim=-1) + 1e-7)), dim=-1)
@@ -354,7 +358,7 @@ class WespeakerAttentivePooling(nn.Module):
         return torch.cat([weighted_mean, torch.sqrt(variance.clamp(min=1e-7))], dim=1)
 
 
-class WespeakerECAPA(nn.Module):
+class WespeakerECAPA(KaldiFeatures, nn.Module):
     """wespeaker's ECAPA-TDNN with global context (its VoxCeleb ECAPA_TDNN_GLOB_c1024 and _c512): channels C in
     three SE-Res2Net blocks (dilations 2, 3, 4), their outputs joined into 1536 channels (whatever C), attentive
     statistics pooling, batch norm, a linear embedding; its features are `KaldiFbank`'s."""
@@ -375,11 +379,7 @@ class WespeakerECAPA(nn.Module):
         self.linear = nn.Linear(3072, embedding_dim)
 
     def forward(self, x, aug=False):
-        with torch.no_grad():
-            x = self.torchfbank(x)
-            if aug:
-                x = self.specaug(x)
-        first = self.layer1(x)
+        first = self.layer1(self.features(x, aug))
         second = self.layer2(first)
         third = self.layer3(second)
         fourth = self.layer4(third)

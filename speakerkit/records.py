@@ -96,9 +96,9 @@ def write_config(path, args, device, processes, resumed_after):
 # continue with them changed. Every other flag decides what is trained and must stay as the run started.
 RESUMABLE_FLAGS = frozenset({
     'max_epoch', 'test_step', 'average', 'train_list', 'train_path', 'train_shards', 'musan_path', 'rir_path',
-    'cache_dir', 'eval_list', 'eval_path', 'eval_precision', 'snorm', 'cohort', 'cohort_top_k', 'cohort_size',
-    'n_cpu', 'device', 'amp', 'compile', 'gpu_augment', 'max_bad_steps', 'tensorboard', 'save_path', 'config',
-    'check_data', 'check_decode', 'allow_partial_load', 'demo'})
+    'cache_dir', 'eval_list', 'eval_path', 'eval_precision', 'snorm', 'subtract_mean', 'cohort', 'cohort_top_k',
+    'cohort_size', 'n_cpu', 'device', 'amp', 'compile', 'gpu_augment', 'max_bad_steps', 'tensorboard', 'save_path',
+    'config', 'check_data', 'check_decode', 'allow_partial_load', 'demo'})
 
 
 def recorded_arguments(config_path):

@@ -18,7 +18,7 @@ from speakerkit.checkpoints import (atomic_write, calibration_path, encoder_conf
 from speakerkit.dataLoader import (LOWEST_FILE_RATE, MIN_SECONDS, NEAR_SILENT, audio_problem, near_silent, read_audio,
                                    resample, wrap_pad)
 from speakerkit.errors import UserError
-from speakerkit.evaluation import protocol_vectors_of, whole_embeddings
+from speakerkit.evaluation import calibrated_pair, protocol_vectors_of, whole_embeddings
 from speakerkit.model import ConvMelSpectrogram, EncoderConfig, architecture_of
 
 
@@ -178,10 +178,18 @@ def load_calibration(path):
 
 
 def verify(encoder, audio_1, audio_2, calibration, sampling_rate=None):
-    """(protocol score, calibrated log-likelihood ratio, whether the same speaker at the calibration's
-    p_target) of two recordings, with a `calibration` from `load_calibration`."""
-    protocol = score(encoder, audio_1, audio_2, sampling_rate)
-    return protocol, float(calibration.llr(protocol)), bool(calibration.decide(protocol))
+    """(score, calibrated log-likelihood ratio, whether the same speaker at the calibration's p_target) of two
+    recordings (paths, or waveforms at `sampling_rate`), with a `calibration` from `load_calibration`; the score
+    is the protocol score, of centred vectors where the calibration was fitted with --subtract_mean."""
+    encoder.eval()
+    waveforms = []
+    for audio in (audio_1, audio_2):
+        found, single = as_recordings(audio, sampling_rate, encoder.sampling_rate)
+        if not single:
+            raise ValueError(f'verify compares two recordings; got a batch of {len(found)}')
+        waveforms += found
+    vectors = protocol_vectors_of(encoder, waveforms, next(encoder.parameters()).device)
+    return calibrated_pair(calibration, vectors, [len(w) / encoder.sampling_rate for w in waveforms])
 
 
 class ExportableEncoder(torch.nn.Module):

@@ -128,6 +128,25 @@ def test_evaluate_scores_each_list_and_normalises_against_the_cohort(tmp_path, e
     assert [suffix for suffix, _, _ in results['l.txt'].score_sets()] == ['', '_asnorm']
 
 
+def test_subtracting_the_training_mean_scores_the_mean_of_two_cosines_of_centred_embeddings(tmp_path, encoder):
+    rng = np.random.default_rng(4)
+    for name in ('a', 'b', 'c', 'd', 'e'):
+        soundfile.write(tmp_path / f'{name}.wav', 0.1 * rng.standard_normal(12000 + 4000 * (name == 'e')), 16000)
+    trials = TrialList('l.txt', np.array([1, 0]), ['a.wav', 'a.wav'], ['b.wav', 'c.wav'], [1, 2])
+    cohort = Cohort([TrainEntry('s', 'd.wav'), TrainEntry('t', 'e.wav')], str(tmp_path), 'utterance', 2,
+                    as_norm=False, subtract_mean=True)
+    result = evaluate(encoder, [trials], str(tmp_path), 'cpu', cohort=cohort)['l.txt']
+    assert result.snorm_scores is None  # the cohort serves the mean only
+    vectors = {f'{n}.wav': protocol_vectors(encoder, str(tmp_path / f'{n}.wav')) * np.sqrt(2) for n in 'abcde'}
+    mean = (vectors['d.wav'] + vectors['e.wav']) / 2
+    halves = {n: (v - mean).split(192) for n, v in vectors.items()}
+    expected = [np.mean([float(F.cosine_similarity(x, y, dim=0)) for x, y in zip(halves[e], halves[t])])
+                for e, t in zip(trials.enroll, trials.test)]
+    np.testing.assert_allclose(result.scores, expected, atol=1e-5)
+    plain = evaluate(encoder, [trials], str(tmp_path), 'cpu')['l.txt'].scores
+    assert np.abs(plain - result.scores).max() > 1e-3  # it changed the scores
+
+
 @pytest.fixture
 def odd_files(tmp_path):
     """Two noises, two silent files, one near-silent (-90 dBFS) file and three that cannot be embedded."""
@@ -260,7 +279,7 @@ def test_checkpoint_round_trip_through_the_notebook_helpers(tmp_path, name, C, r
     torch.testing.assert_close(embed(alone, waveform, rate), embed(encoder, waveform, rate), rtol=0, atol=0)
 
 
-ENCODERS = [('ecapa-tdnn', 48), ('tdnn', 64), ('resnet18', 8)]
+ENCODERS = [('ecapa-tdnn', 48), ('tdnn', 64), ('resnet18', 8), ('campplus', 8), ('redimnet-b2', 8)]
 
 
 def eager(encoder, x):

@@ -127,8 +127,32 @@ def test_calibration_recovers_the_log_likelihood_ratio_of_gaussian_scores():
     assert calibration.scale == pytest.approx(8, rel=0.05) and abs(calibration.offset) < 0.1
     assert cllr(calibration.llr(scores), labels) <= cllr(8 * scores, labels) + 1e-9  # the fit's own data
     assert compute_eer(calibration.llr(scores), labels) == compute_eer(scores, labels)  # monotone: EER unchanged
-    assert calibration.threshold == pytest.approx((math.log(19) - calibration.offset) / calibration.scale)
-    assert calibration.decide([calibration.threshold + 1e-6, calibration.threshold - 1e-6]).tolist() == [True, False]
+    assert calibration.threshold() == pytest.approx((math.log(19) - calibration.offset) / calibration.scale)
+    assert calibration.decide([calibration.threshold() + 1e-6, calibration.threshold() - 1e-6]).tolist() == \
+        [True, False]
+
+
+def test_duration_terms_recover_a_shift_of_short_trials_scores():
+    """Scores of trials whose shorter recording lasts 1 s are 0.5 higher, targets and non-targets alike, than
+    those of 16 s: the true LLR is 8 x score - 4 for the short ones and 8 x score for the long ones."""
+    rng = np.random.default_rng(1)
+    n = 20000
+    labels = np.r_[np.ones(n, dtype=int), np.zeros(n, dtype=int)]
+    short = rng.random(2 * n) < 0.5
+    scores = np.where(labels == 1, 1.0, -1.0) + rng.normal(0, 0.5, 2 * n) + 0.5 * short
+    seconds = np.stack([np.where(short, 1.0, 16.0), rng.uniform(16, 30, 2 * n)], axis=1)
+    calibration = fit_calibration(scores, labels, seconds=seconds)
+    assert len(calibration.duration_weights) == 2 and calibration.scale == pytest.approx(8, rel=0.05)
+    llrs = calibration.llr(scores, seconds)
+    np.testing.assert_allclose((llrs - 8 * scores)[short].mean(), -4, atol=0.3)
+    np.testing.assert_allclose((llrs - 8 * scores)[~short].mean(), 0, atol=0.3)
+    without = fit_calibration(scores, labels)
+    assert cllr(llrs, labels) < cllr(without.llr(scores), labels) - 0.02
+    with pytest.raises(ValueError, match='give the durations'):
+        calibration.llr(scores)
+    # 30 s counts as 20 s: durations past the cap change nothing
+    np.testing.assert_allclose(calibration.llr([0.3], [[1.0, 30.0]]), calibration.llr([0.3], [[20.0, 1.0]]))
+    assert calibration.decide([calibration.threshold([1.0, 20.0]) + 1e-6], [[1.0, 20.0]]).tolist() == [True]
 
 
 def test_cllr_is_one_bit_for_no_information_and_falls_to_zero_for_certainty():

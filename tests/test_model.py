@@ -1,10 +1,14 @@
-"""model.py: the reference ECAPA-TDNN layout, the front-end, every encoder's shapes and SpecAugment."""
+"""model.py: the reference ECAPA-TDNN layout, the front-end, every encoder's shapes and SpecAugment; the sizes
+and widths of CAM++ (campplus.py) and ReDimNet (redimnet.py), whose exactness against wespeaker's code is in
+test_published.py."""
 
 import pytest
 import torch
 import torchaudio
 
-from speakerkit.model import ECAPA_TDNN, FbankAug, PreEmphasis, build_encoder, crop_samples, frame_geometry
+from speakerkit import redimnet
+from speakerkit.model import (ALIASES, ECAPA_TDNN, MODELS, REDIMNET_WIDTHS, FbankAug, PreEmphasis, architecture_of,
+                              build_encoder, crop_samples, frame_geometry, width_problem)
 
 
 def reference_ecapa_keys(C):
@@ -53,10 +57,13 @@ def test_ecapa_front_end_is_the_reference_mel_spectrogram():
 
 @pytest.mark.parametrize('name,expected', [
     ('ecapa-tdnn', 15_444_544), ('resnet18', 4_105_440), ('resnet34', 6_634_336), ('resnet293', 28_626_016),
-    ('tdnn', 4_618_644)])
+    ('tdnn', 4_618_644), ('campplus', 7_176_224), ('redimnet-b0', 1_001_851), ('redimnet-b1', 2_123_481),
+    ('redimnet-b2', 4_888_241), ('redimnet-b3', 3_220_413), ('redimnet-b4', 6_432_305), ('redimnet-b5', 7_650_545),
+    ('redimnet-b6', 15_006_257)])
 def test_parameter_counts(name, expected):
     """Exact: a layer left out or of another shape changes the count (the published sizes, to their rounding:
-    ResNet34 6.6 M and ResNet293 28.6 M in wespeaker's tables, the TDNN 4.6 M of the x-vector paper)."""
+    ResNet34 6.6 M and ResNet293 28.6 M in wespeaker's tables, the TDNN 4.6 M of the x-vector paper, CAM++ 7.2 M
+    in its paper; ReDimNet B0-B6 1.0, 2.1, 4.9, 3.2, 6.4, 7.65 and 15.0 M as wespeaker's redimnet.py lists them)."""
     assert sum(p.numel() for p in build_encoder(name).parameters()) == expected
 
 
@@ -67,7 +74,8 @@ def test_eight_kilohertz_front_end_keeps_25_and_10_ms():
 
 
 @pytest.mark.parametrize('rate', [8000, 16000])
-@pytest.mark.parametrize('name,C', [('ecapa-tdnn', 64), ('resnet18', 8), ('tdnn', 64)])
+@pytest.mark.parametrize('name,C', [('ecapa-tdnn', 64), ('resnet18', 8), ('tdnn', 64), ('campplus', 8),
+                                    ('redimnet-b0', 8), ('redimnet-b2', 8)])
 def test_encoder_shapes_gradients_and_determinism(name, C, rate):
     torch.manual_seed(0)
     encoder = build_encoder(name, C, rate, embedding_dim=48)
@@ -75,7 +83,8 @@ def test_encoder_shapes_gradients_and_determinism(name, C, rate):
     out = encoder(x, aug=True)
     assert out.shape == (3, 48)
     out.square().sum().backward()
-    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in encoder.parameters())
+    trained = [p for p in encoder.parameters() if p.requires_grad]  # ReDimNet's first input weight is fixed
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in trained)
     encoder.eval()
     with torch.no_grad():
         torch.testing.assert_close(encoder(x), encoder(x), rtol=0, atol=0)
@@ -86,6 +95,25 @@ def test_width_reaches_the_network():
     assert ECAPA_TDNN(256).conv1.out_channels == 256
     assert build_encoder('resnet34', 16).conv1.out_channels == 16
     assert build_encoder('tdnn', 128).frame_layers[0][0].out_channels == 128
+
+
+def test_redimnet_sizes_widths_and_their_checks():
+    for size, (width, probe) in REDIMNET_WIDTHS.items():
+        assert width == redimnet.SIZES[size].C and width_problem(f'redimnet-{size}', width) is None
+        assert MODELS[f'redimnet-{size}'].probe_width == probe and width_problem(f'redimnet-{size}', probe) is None
+        assert all(width_problem(f'redimnet-{size}', w) for w in (8, 16, 32) if w < probe)  # the smallest
+    assert MODELS['redimnet'] is MODELS[ALIASES['redimnet']] == MODELS['redimnet-b2']
+    assert build_encoder('redimnet').backbone.stem[0].out_channels == 16
+    assert width_problem('redimnet-b6', 100).startswith('stage 1: 100 channels do not split into groups of 32')
+    with pytest.raises(ValueError, match='ReDimNet B3 with C=8: stage 1: a time block of 18 channels'):
+        build_encoder('redimnet-b3', 8)
+
+
+def test_redimnet_b4_and_b5_share_their_names_and_are_told_apart_by_shapes():
+    b4, b5 = (build_encoder(f'redimnet-{s}', 16, 16000, 24).state_dict() for s in ('b4', 'b5'))
+    assert b4.keys() == b5.keys()
+    assert architecture_of(b4).model == 'redimnet-b4' and architecture_of(b5).model == 'redimnet-b5'
+    assert architecture_of(b5).C == 16 and architecture_of(b5).embedding_dim == 24
 
 
 def test_unknown_model_is_an_error():

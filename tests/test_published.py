@@ -1,7 +1,8 @@
-"""published.py: SpeechBrain's ECAPA-TDNN and wespeaker's ResNets, exact against their own code (speechbrain
-from PyPI, in requirements-test.txt; wespeaker, which PyPI does not carry, from a checkout named by
-WESPEAKER_CHECKOUT; each skipped with the reason where it is missing), and checkpoints in their layouts loaded,
-evaluated, fine-tuned and exported through our entry points."""
+"""published.py: SpeechBrain's ECAPA-TDNN and wespeaker's ResNets and ECAPA-TDNN, and campplus.py and redimnet.py
+(CAM++ and ReDimNet B0-B6), exact against their own code (speechbrain from PyPI, in requirements-test.txt;
+wespeaker, which PyPI does not carry, from a checkout named by WESPEAKER_CHECKOUT; each skipped with the reason
+where it is missing), and checkpoints in their layouts loaded, evaluated, fine-tuned and exported through our
+entry points."""
 
 import os
 import sys
@@ -16,17 +17,19 @@ from speakerkit import cli, tools
 from speakerkit.checkpoints import encoder_weights
 from speakerkit.model import build_encoder
 from speakerkit.published import KaldiFbank
+from speakerkit.redimnet import SIZES
 
 
 def randomised_batch_norms(network):
     """`network` in eval mode with random batch-norm statistics and affine parameters, so that they matter."""
     with torch.no_grad():
         for module in network.modules():
-            if isinstance(module, (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d)) and module.affine:
+            if isinstance(module, (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d)):
                 module.running_mean.normal_(0, 0.3)
                 module.running_var.uniform_(0.5, 2.0)
-                module.weight.normal_(1, 0.2)
-                module.bias.normal_(0, 0.2)
+                if module.affine:
+                    module.weight.normal_(1, 0.2)
+                    module.bias.normal_(0, 0.2)
     return network.eval()
 
 
@@ -62,9 +65,9 @@ def test_speechbrain_ecapa_gives_speechbrains_embedding(C, seconds):
                                    atol=1e-5)
 
 
-def wespeaker_features(waveform):
+def wespeaker_features(waveform, n_mels=80):
     """What wespeaker's processor computes for extraction (compute_fbank with dither 0, then apply_cmvn)."""
-    mat = torchaudio.compliance.kaldi.fbank(waveform.unsqueeze(0) * (1 << 15), num_mel_bins=80, frame_length=25,
+    mat = torchaudio.compliance.kaldi.fbank(waveform.unsqueeze(0) * (1 << 15), num_mel_bins=n_mels, frame_length=25,
                                             frame_shift=10, dither=0.0, sample_frequency=16000,
                                             window_type='hamming', use_energy=False)
     return mat - torch.mean(mat, dim=0)
@@ -81,8 +84,8 @@ def test_kaldi_fbank_is_torchaudios_kaldi_fbank_with_the_utterance_mean_removed(
 
 @pytest.fixture(scope='module')
 def wespeaker_models():
-    """{our --model: (wespeaker's builder, width, embedding size)} from the checkout WESPEAKER_CHECKOUT names,
-    its modules imported without its package's __init__ (which loads its command-line tools and their
+    """{our --model: (wespeaker's builder, width, embedding size, mel bins)} from the checkout WESPEAKER_CHECKOUT
+    names, its modules imported without its package's __init__ (which loads its command-line tools and their
     dependencies)."""
     root = os.environ.get('WESPEAKER_CHECKOUT', '')
     if not os.path.isfile(os.path.join(root, 'wespeaker', 'models', 'resnet.py')):
@@ -93,33 +96,49 @@ def wespeaker_models():
         package.__path__ = [os.path.join(root, *name.split('.'))]
         sys.modules[name] = package
     try:
-        from wespeaker.models import ecapa_tdnn, resnet
-        yield {'resnet34-wespeaker': (resnet.ResNet34, 32, 256), 'resnet293-wespeaker': (resnet.ResNet293, 32, 256),
-               'ecapa-wespeaker': (ecapa_tdnn.ECAPA_TDNN_GLOB_c1024, 1024, 192)}
+        from wespeaker.models import campplus, ecapa_tdnn, redimnet, resnet
+        yield {'resnet34-wespeaker': (resnet.ResNet34, 32, 256, 80),
+               'resnet293-wespeaker': (resnet.ResNet293, 32, 256, 80),
+               'ecapa-wespeaker': (ecapa_tdnn.ECAPA_TDNN_GLOB_c1024, 1024, 192, 80),
+               'campplus': (campplus.CAMPPlus, 32, 512, 80),
+               **{f'redimnet-{size}': (getattr(redimnet, f'ReDimNet{size.upper()}'), shape.C, 192, shape.n_mels)
+                  for size, shape in SIZES.items()}}
     finally:
         for name in [n for n in sys.modules if n.split('.')[0] == 'wespeaker']:
             del sys.modules[name]
         sys.modules.update(saved)
 
 
-@pytest.mark.parametrize('name', ['resnet34-wespeaker', 'resnet293-wespeaker', 'ecapa-wespeaker'])
+@pytest.mark.parametrize('name', ['resnet34-wespeaker', 'resnet293-wespeaker', 'ecapa-wespeaker', 'campplus']
+                         + [f'redimnet-{size}' for size in SIZES])
 def test_wespeakers_encoders_give_wespeakers_embedding(wespeaker_models, name):
-    build, width, embedding_dim = wespeaker_models[name]
+    """Its weights, under its names (a published avg_model.pt's, less the margin head), give its embedding of the
+    same waveform (ReDimNet: through attention and layer norms computed another way, so to float32 rounding of
+    the largest value)."""
+    build, width, embedding_dim, n_mels = wespeaker_models[name]
     torch.manual_seed(0)
-    network = randomised_batch_norms(build(feat_dim=80, embed_dim=embedding_dim))
+    network = build(feat_dim=n_mels, embed_dim=embedding_dim)
+    with torch.no_grad():  # off their initial values (ReDimNet's stage mixtures start uniform)
+        for parameter in network.parameters():
+            parameter.add_(0.05 * torch.randn_like(parameter))
+    network = randomised_batch_norms(network)
     published = network.state_dict() | {'projection.weight': torch.randn(5994, embedding_dim)}  # avg_model.pt
     ours = build_encoder(name, width, 16000, embedding_dim).eval()
     ours.load_state_dict(encoder_weights(published), strict=True)
     waveforms = 0.1 * torch.randn(2, 24000, generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
-        expected = network(torch.stack([wespeaker_features(w) for w in waveforms]))[-1]
-        torch.testing.assert_close(ours(waveforms), expected, rtol=1e-5, atol=1e-5)
+        output = network(torch.stack([wespeaker_features(w, n_mels) for w in waveforms]))
+        expected = output[-1] if isinstance(output, tuple) else output  # (embedding a, embedding b) or one
+        scale = float(expected.abs().max())
+        torch.testing.assert_close(ours(waveforms), expected, rtol=1e-5, atol=1e-5 * max(1.0, scale))
 
 
 PUBLISHED = {  # --model: (width for the tests, the file its toolkit publishes, extra keys it holds)
     'ecapa-speechbrain': (64, 'embedding_model.ckpt', {}),
     'resnet34-wespeaker': (8, 'avg_model.pt', {'projection.weight': torch.zeros(5994, 256)}),
     'ecapa-wespeaker': (64, 'avg_model.pt', {'projection.weight': torch.zeros(5994, 192)}),
+    'campplus': (8, 'avg_model.pt', {'projection.weight': torch.zeros(5994, 512)}),
+    'redimnet-b2': (8, 'avg_model.pt', {'projection.weight': torch.zeros(5994, 192)}),
 }
 
 

@@ -686,3 +686,35 @@ def test_calibrate_writes_the_map_to_llrs_that_score_pair_and_verify_decide_with
     (tmp_path / 'model_0001.calibration.json').write_text('{"scale": -1, "offset": 0, "p_target": 0.01}')
     status, message, _ = cli_error(['--initial_model', model, '--score_pair', *pair])
     assert status == 1 and 'model_0001.calibration.json: not a readable calibration' in message
+
+
+def test_calibration_with_the_training_mean_and_durations_decides_as_it_was_fitted(tiny_corpus, checkpoint,
+                                                                                     tmp_path, capsys):
+    model = checkpoint
+    calibration = cli.main(['--calibrate', tiny_corpus['eval_list'], '--eval_path', tiny_corpus['eval_path'],
+                            '--initial_model', model, '--subtract_mean', '--duration_terms', '--train_list',
+                            tiny_corpus['train_list'], '--train_path', tiny_corpus['train_path'],
+                            '--save_path', str(tmp_path / 'run'), '--n_cpu', '0'])
+    written = json.loads((tmp_path / 'model_0001.calibration.json').read_text())
+    encoder = tools.load_model(model)
+    assert len(written['duration_weights']) == 2 and len(written['training_mean']) == 2 * 192
+    assert tools.load_calibration(model) == calibration
+    # the same scores as --eval --subtract_mean gives, and the map fitted on them with the files' durations
+    results = cli.main(['--eval', '--initial_model', model, '--eval_list', tiny_corpus['eval_list'], '--eval_path',
+                        tiny_corpus['eval_path'], '--subtract_mean', '--train_list', tiny_corpus['train_list'],
+                        '--train_path', tiny_corpus['train_path'], '--save_path', str(tmp_path / 'run'),
+                        '--n_cpu', '0'])
+    trials = read_trials(tiny_corpus['eval_list'])
+    scores = next(iter(results.values())).scores
+    seconds = [[soundfile.info(os.path.join(tiny_corpus['eval_path'], f)).duration for f in pair]
+               for pair in zip(trials.enroll, trials.test)]
+    assert metrics.cllr(calibration.llr(scores, seconds), trials.labels) == pytest.approx(written['cllr'])
+    pair = [os.path.join(tiny_corpus['eval_path'], f) for f in (trials.enroll[0], trials.test[0])]
+    score, llr, same = tools.verify(encoder, *pair, calibration)
+    assert score == pytest.approx(scores[0], abs=1e-5)
+    assert llr == pytest.approx(float(calibration.llr([scores[0]], [seconds[0]])[0]), abs=1e-4)
+    assert same == (llr > math.log(99))
+    capsys.readouterr()
+    cli.main(['--initial_model', model, '--score_pair', *pair])
+    assert f'calibrated log-likelihood ratio {llr:.4f} of the score {score:.4f} (of centred vectors' in \
+        capsys.readouterr().out

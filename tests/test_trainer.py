@@ -4,6 +4,7 @@ signal, and what a run does with unusable files, diverging losses and initial we
 import copy
 import importlib.util
 import json
+import math
 import os
 import re
 import resource
@@ -427,6 +428,26 @@ def test_other_encoders_train_and_evaluate(tiny_corpus, train_argv, tmp_path, mo
                       'sampling_rate': 16000}
     encoder = load_model(str(tmp_path / 'model' / 'model_0001.model'))
     assert type(encoder).__name__ == kind and encoder.sampling_rate == 16000
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('mode', ['clip', 'blip'])
+@pytest.mark.parametrize('model,kind', [('campplus', 'CAMPPlus'), ('redimnet-b0', 'ReDimNet')])
+def test_campplus_and_redimnet_train_in_the_pair_modes(tiny_corpus, train_argv, tmp_path, model, kind, mode):
+    """The classifier mode: test_published.py fine-tunes both (and evaluates and exports them)."""
+    argv = train_argv(tiny_corpus, tmp_path, '--max_epoch', '1', '--model', model, '--mode', mode)
+    argv[argv.index('--C') + 1] = '8'
+    argv[argv.index('--batch_size') + 1] = '4'  # pairs of views of distinct speakers: the corpus has 6
+    at = argv.index('--eval_list')
+    del argv[at:at + 4]  # --eval_list, --eval_path: the training alone
+    cli.main(argv)
+    line = (tmp_path / 'score.txt').read_text()
+    assert line.startswith('1 epoch, ') and math.isfinite(float(line.split('LOSS ')[1].split(',')[0]))
+    encoder = load_model(str(tmp_path / 'model' / 'model_0001.model'))
+    assert type(encoder).__name__ == kind and encoder.embedding_dim == {'campplus': 512}.get(model, 192)
+    state = encoder.state_dict()
+    assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
+    assert all(v.abs().sum() > 0 for k, v in state.items() if k.endswith('running_mean'))  # training steps ran
 
 
 # ---------------------------------------------------------------- initial weights

@@ -1,0 +1,44 @@
+"""bench/: the scripts that measure what the tests do not (speed, size) still run against the current code, on a
+tiny setting each, and write what they say they write. Their figures are not checked here: bench/RESULTS.md
+holds them."""
+
+import json
+import os
+import subprocess
+import sys
+
+import torch
+
+from speakerkit.model import build_encoder, crop_samples
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_bench(script, *flags):
+    done = subprocess.run([sys.executable, os.path.join(ROOT, 'bench', script), *flags], capture_output=True,
+                          text=True, cwd=ROOT, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout
+
+
+def test_train_step_bench_times_a_step(tmp_path):
+    run_bench('bench_train_step.py', '--encoders', 'tdnn', '--batch_sizes', '2', '--amp', 'off', '--compile', 'off',
+              '--seconds', '0', '--json', str(tmp_path / 'steps.json'))
+    rows = json.loads((tmp_path / 'steps.json').read_text())['rows']
+    assert [(row['encoder'], row['batch']) for row in rows] == [('tdnn', 2)] and rows[0]['steps_per_s'] > 0
+
+
+def test_encoder_bench_counts_parameters_and_multiply_accumulates(tmp_path):
+    run_bench('bench_encoders.py', '--encoders', 'tdnn:16', 'redimnet-b0:8', '--batch_size', '2', '--steps', '1',
+              '--json', str(tmp_path / 'encoders.json'))
+    rows = json.loads((tmp_path / 'encoders.json').read_text())['rows']
+    tdnn = rows[0]
+    # The x-vector at 16 channels: its frame layers' products at each frame they output (contexts 5, 3 dilated 2,
+    # 3 dilated 3, 1, 1), then the segment layers 3000 -> 512 -> 512.
+    frames = build_encoder('tdnn', 16).features(torch.zeros(1, crop_samples(200, 16000)), False).shape[-1]
+    layers = [(frames - 4, 80 * 16 * 5), (frames - 8, 16 * 16 * 3), (frames - 14, 16 * 16 * 3),
+              (frames - 14, 16 * 16), (frames - 14, 16 * 1500)]
+    expected = sum(n * macs for n, macs in layers) + 3000 * 512 + 512 * 512
+    assert tdnn['encoder'] == 'tdnn' and round(tdnn['gmacs_per_2s'] * 1e9) == expected
+    assert rows[1]['parameters'] == sum(p.numel() for p in build_encoder('redimnet-b0', 8).parameters())
+    assert all(row['train_step_s'] > 0 and row['embed_2s_ms'] > 0 for row in rows)
