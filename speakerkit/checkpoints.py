@@ -241,13 +241,16 @@ def read_calibration(checkpoint_path):
     found = read_json(path, 'calibration', ('scale', 'offset', 'p_target'))
     values = [found[name] for name in ('scale', 'offset', 'p_target')]
     weights, mean = found.get('duration_weights', []), found.get('training_mean', [])
+    decision = found.get('decision_llr')
     if not all(is_number(v) for v in values) or not values[0] > 0 or not 0 < values[2] < 1 \
+            or not (decision is None or is_number(decision)) \
             or not isinstance(weights, list) or len(weights) not in (0, 2) or not isinstance(mean, list) \
             or not all(is_number(v) for v in weights + mean):
         raise UserError(f'{path}: not a readable calibration (a positive scale, a finite offset, a p_target in '
-                        f'(0, 1), and where present two duration weights and a mean vector expected); run '
-                        f'--calibrate again')
+                        f'(0, 1), and where present a decision LLR, two duration weights and a mean vector '
+                        f'expected); run --calibrate again')
     return Calibration(scale=float(values[0]), offset=float(values[1]), p_target=float(values[2]),
+                       decision_llr=None if decision is None else float(decision),
                        duration_weights=tuple(map(float, weights)), training_mean=tuple(map(float, mean)))
 
 

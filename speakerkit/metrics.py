@@ -142,12 +142,16 @@ class Calibration:
     """A linear map from a system's scores to log-likelihood ratios, fitted on a development trial list:
     LLR = scale * score + offset, plus, with `duration_weights`, weights times the trials' `duration_terms` (a
     quality measure: short recordings give less certain scores). `decide` accepts a trial when its LLR passes
-    the Bayes threshold for the prior `p_target` (equal costs), log((1 - p_target) / p_target).
-    `training_mean` is the mean protocol vector that was subtracted from every vector before scoring (empty:
-    none), so that a score to be calibrated is computed the same way (`evaluation.calibrated_pair`)."""
+    `decision_llr`: the LLR of the development list's minDCF operating point at the prior `p_target` (equal
+    costs), which held out decided at a lower cost than the Bayes threshold log((1 - p_target) / p_target) of a
+    map fitted on a few dozen targets (bench/RESULTS.md); without it (a calibration of an older version), the
+    Bayes threshold. `training_mean` is the mean protocol vector that was subtracted from every vector before
+    scoring (empty: none), so that a score to be calibrated is computed the same way
+    (`evaluation.calibrated_pair`)."""
     scale: float
     offset: float
     p_target: float = 0.01
+    decision_llr: float | None = None
     duration_weights: tuple = ()
     training_mean: tuple = ()
 
@@ -163,8 +167,8 @@ class Calibration:
 
     @property
     def llr_threshold(self):
-        """The LLR above which `decide` accepts: log((1 - p_target) / p_target)."""
-        return math.log((1 - self.p_target) / self.p_target)
+        """The LLR above which `decide` accepts."""
+        return self.decision_llr if self.decision_llr is not None else bayes_threshold(self.p_target)
 
     def threshold(self, seconds=None):
         """The score above which `decide` accepts (for recordings of `seconds`, [2], with duration terms)."""
@@ -173,6 +177,24 @@ class Calibration:
 
     def decide(self, scores, seconds=None):
         return self.llr(scores, seconds) > self.llr_threshold
+
+
+def bayes_threshold(p_target):
+    """The LLR above which accepting costs less than rejecting, at prior `p_target` and equal costs."""
+    return math.log((1 - p_target) / p_target)
+
+
+def min_dcf_threshold(scores, labels, p_target):
+    """The threshold of `scores` at their minDCF operating point (equal costs): midway between the two distinct
+    scores around the best place to cut, so that accepting scores above it reaches `compute_min_dcf`."""
+    p_miss, p_fa = operating_points(scores, labels)
+    best = int(np.argmin(p_miss * p_target + p_fa * (1 - p_target)))
+    values = np.unique(np.asarray(scores, dtype=np.float64))
+    if best == 0:
+        return float(values[0] - 1)
+    if best == len(values):
+        return float(values[-1] + 1)
+    return float((values[best - 1] + values[best]) / 2)
 
 
 def cllr(llrs, labels):
@@ -186,8 +208,8 @@ def cllr(llrs, labels):
 def fit_calibration(scores, labels, p_target=0.01, seconds=None, steps=100):
     """The Calibration of `scores` that minimises Cllr on them (logistic regression with targets and
     non-targets weighted equally, by Newton's method; a small ridge keeps the scale finite when the two classes
-    do not overlap), with duration terms when the trials' `seconds` ([N, 2]) are given. `p_target` is only
-    stored, for decisions."""
+    do not overlap), with duration terms when the trials' `seconds` ([N, 2]) are given, and the decision
+    threshold at its minDCF operating point at `p_target`."""
     scores, labels = np.asarray(scores, dtype=np.float64), np.asarray(labels)
     compute_eer(scores, labels)  # the same checks of the input
     sign = np.where(labels == 1, 1.0, -1.0)
@@ -207,4 +229,5 @@ def fit_calibration(scores, labels, p_target=0.01, seconds=None, steps=100):
         if np.abs(change).max() < 1e-10:
             break
     return Calibration(scale=float(params[0]), offset=float(params[1]), p_target=p_target,
+                       decision_llr=min_dcf_threshold(features @ params, labels, p_target),
                        duration_weights=tuple(float(w) for w in params[2:]))

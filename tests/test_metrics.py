@@ -1,9 +1,11 @@
+import dataclasses
 import math
 
 import numpy as np
 import pytest
 
-from speakerkit.metrics import cllr, cohort_statistics, compute_eer, compute_min_dcf, fit_calibration
+from speakerkit.metrics import (cllr, cohort_statistics, compute_eer, compute_min_dcf, fit_calibration,
+                                min_dcf_threshold)
 
 
 def reference_rates(scores, labels):
@@ -127,9 +129,27 @@ def test_calibration_recovers_the_log_likelihood_ratio_of_gaussian_scores():
     assert calibration.scale == pytest.approx(8, rel=0.05) and abs(calibration.offset) < 0.1
     assert cllr(calibration.llr(scores), labels) <= cllr(8 * scores, labels) + 1e-9  # the fit's own data
     assert compute_eer(calibration.llr(scores), labels) == compute_eer(scores, labels)  # monotone: EER unchanged
-    assert calibration.threshold() == pytest.approx((math.log(19) - calibration.offset) / calibration.scale)
+    # the minDCF operating point of this many well-calibrated scores lies near the Bayes threshold, log(19)
+    assert calibration.llr_threshold == calibration.decision_llr == pytest.approx(math.log(19), abs=0.5)
+    assert calibration.threshold() == pytest.approx((calibration.decision_llr - calibration.offset) / calibration.scale)
     assert calibration.decide([calibration.threshold() + 1e-6, calibration.threshold() - 1e-6]).tolist() == \
         [True, False]
+    older = dataclasses.replace(calibration, decision_llr=None)  # a calibration written before it was kept
+    assert older.llr_threshold == pytest.approx(math.log(19))
+
+
+@pytest.mark.parametrize('p_target', [0.5, 0.05, 0.01])
+def test_min_dcf_threshold_is_where_accepting_costs_the_min_dcf(p_target):
+    rng = np.random.default_rng(2)
+    scores = np.round(np.r_[rng.normal(1, 1, 300), rng.normal(-1, 1, 3000)], 2)  # ties, as rounded scores give
+    labels = np.r_[np.ones(300, dtype=int), np.zeros(3000, dtype=int)]
+    cut = min_dcf_threshold(scores, labels, p_target)
+    accepted = scores > cut
+    cost = (p_target * np.mean(~accepted[labels == 1]) + (1 - p_target) * np.mean(accepted[labels == 0])) \
+        / min(p_target, 1 - p_target)
+    assert cost == pytest.approx(compute_min_dcf(scores, labels, p_target)) and not np.any(scores == cut)
+    assert min_dcf_threshold(np.array([0.1, 0.9]), np.array([0, 1]), 0.5) == pytest.approx(0.5)
+    assert min_dcf_threshold(np.array([0.1, 0.2]), np.array([1, 0]), 0.01) > 0.2  # reject all: above the largest
 
 
 def test_duration_terms_recover_a_shift_of_short_trials_scores():

@@ -3,7 +3,6 @@
 
 import importlib.util
 import json
-import math
 import os
 import re
 import shutil
@@ -674,7 +673,7 @@ def test_calibrate_writes_the_map_to_llrs_that_score_pair_and_verify_decide_with
     capsys.readouterr()
     _, protocol = cli.main(['--initial_model', model, '--score_pair', *pair])
     llr = calibration.scale * protocol + calibration.offset
-    same = llr > math.log(19)
+    same = llr > calibration.llr_threshold
     assert f'calibrated log-likelihood ratio {llr:.4f}' in capsys.readouterr().out
     assert tools.verify(tools.load_model(model), *pair, tools.load_calibration(model)) == \
         pytest.approx((protocol, llr, same), abs=1e-4)
@@ -713,7 +712,7 @@ def test_calibration_with_the_training_mean_and_durations_decides_as_it_was_fitt
     score, llr, same = tools.verify(encoder, *pair, calibration)
     assert score == pytest.approx(scores[0], abs=1e-5)
     assert llr == pytest.approx(float(calibration.llr([scores[0]], [seconds[0]])[0]), abs=1e-4)
-    assert same == (llr > math.log(99))
+    assert same == (llr > calibration.llr_threshold) and written['decision_llr'] == calibration.decision_llr
     capsys.readouterr()
     cli.main(['--initial_model', model, '--score_pair', *pair])
     assert f'calibrated log-likelihood ratio {llr:.4f} of the score {score:.4f} (of centred vectors' in \
