@@ -26,6 +26,7 @@ import time
 import numpy as np
 import torch
 
+from speakerkit.dataLoader import SPEED_PERTURBATION
 from speakerkit.errors import UserError, first_line
 from speakerkit.metrics import Calibration
 from speakerkit.model import EncoderConfig
@@ -367,10 +368,18 @@ def load_encoder_weights(encoder, classifier, path, allow_partial=False, config=
     if problems:
         print(f'{path}: partial load, the others start afresh:\n  ' + '\n  '.join(problems))
     weight = state.get('speaker_loss.weight')
+    classes = None if classifier is None else classifier.weight.shape[0]
     if classifier is not None and weight is not None and weight.shape == classifier.weight.shape:
         with torch.no_grad():
             classifier.weight.copy_(weight)
         return f'{loaded} and classifier'
+    if classifier is not None and weight is not None and weight.shape[1:] == classifier.weight.shape[1:] \
+            and weight.shape[0] == len(SPEED_PERTURBATION) * classes:
+        with torch.no_grad():  # a --speed_perturb run's head: class k * speakers + s is speaker s at speed k
+            classifier.weight.copy_(weight[:classes])
+        return (f'{loaded} and the classifier of its {classes} speakers at speed 1.0 (a --speed_perturb head of '
+                f'{weight.shape[0]} classes; the speakers at the other speeds are left out, as this run plays '
+                f'every crop at speed 1.0)')
     return f'{loaded}; classifier initialised afresh (none in the checkpoint, or another shape)'
 
 

@@ -186,6 +186,23 @@ def test_encoder_weights_strip_the_training_prefixes():
     assert encoder_weights({'a': weight}) == {'a': weight}
 
 
+def test_a_speed_perturbed_head_gives_its_speed_one_rows_to_a_run_without_perturbation(tmp_path):
+    """Fine-tuning a --speed_perturb model (3N classes: speaker s at the k-th speed is class k * N + s) without
+    perturbation keeps its classifier for the N speakers at speed 1.0."""
+    torch.manual_seed(0)
+    source = SpeakerModel(build_encoder('tdnn', 16, 16000, 8), AAMsoftmax(3 * 4, 0.2, 30, 8))
+    torch.save(source.state_dict(), tmp_path / 'speed.model')
+    target = SpeakerModel(build_encoder('tdnn', 16, 16000, 8), AAMsoftmax(4, 0.2, 30, 8))
+    loaded = load_encoder_weights(target.speaker_encoder, target.classifier(), str(tmp_path / 'speed.model'))
+    assert loaded == ('encoder and the classifier of its 4 speakers at speed 1.0 (a --speed_perturb head of 12 '
+                      'classes; the speakers at the other speeds are left out, as this run plays every crop at '
+                      'speed 1.0)')
+    assert torch.equal(target.classifier().weight, source.classifier().weight[:4])
+    other = SpeakerModel(build_encoder('tdnn', 16, 16000, 8), AAMsoftmax(5, 0.2, 30, 8))  # 12 is not 3 x 5
+    assert 'classifier initialised afresh' in load_encoder_weights(other.speaker_encoder, other.classifier(),
+                                                                   str(tmp_path / 'speed.model'))
+
+
 def test_partial_loading_keeps_the_rest_of_the_encoder_fresh(tmp_path):
     torch.manual_seed(0)
     source = SpeakerModel(build_encoder('tdnn', 16, 16000, 8), AAMsoftmax(3, 0.2, 30, 8))

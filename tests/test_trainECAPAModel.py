@@ -129,6 +129,8 @@ def test_demo_defaults_yield_to_given_flags(tmp_path):
     assert args.train_list == os.path.join(str(tmp_path), 'corpus', 'voxceleb', 'train_list.txt')
     assert cli.parse_args(['--demo', '--model', 'tdnn']).C == cli.DEMO_WIDTHS['tdnn']
     assert cli.parse_args(['--demo', '--model', 'resnet34']).C == 16
+    assert cli.parse_args(['--demo', '--model', 'campplus']).C == 16
+    assert cli.parse_args(['--demo', '--model', 'redimnet-b6']).C == 32  # its smallest width that builds
     assert cli.parse_args(['--demo']).loss == 'aamsoftmax'
     assert cli.parse_args(['--demo', '--mode', 'clip']).loss == 'infonce'
 
