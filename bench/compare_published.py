@@ -1,5 +1,7 @@
-"""Our encoders in other toolkits' layouts (speakerkit/published.py) against those toolkits' own code: the largest
-difference of the embeddings for the same random weights (batch-norm statistics included) and waveforms.
+"""Our encoders in other toolkits' layouts (speakerkit/published.py, campplus.py, redimnet.py) against those
+toolkits' own code: the largest difference of the embeddings for the same random weights (batch-norm statistics
+included; every parameter moved off its initial value, so that ReDimNet's stage mixtures are not uniform) and
+waveforms.
 
   python bench/compare_published.py [--wespeaker DIR]
 
@@ -19,16 +21,20 @@ import torchaudio
 from common import ROOT  # noqa: F401 (puts the checkout on the path)
 from speakerkit.checkpoints import encoder_weights
 from speakerkit.model import build_encoder
+from speakerkit.redimnet import SIZES
 
 
-def randomise_batch_norms(network):
+def randomise(network):
     with torch.no_grad():
+        for parameter in network.parameters():
+            parameter.add_(0.05 * torch.randn_like(parameter))
         for module in network.modules():
-            if isinstance(module, (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d)) and module.affine:
+            if isinstance(module, (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d)):
                 module.running_mean.normal_(0, 0.3)
                 module.running_var.uniform_(0.5, 2.0)
-                module.weight.normal_(1, 0.2)
-                module.bias.normal_(0, 0.2)
+                if module.affine:
+                    module.weight.normal_(1, 0.2)
+                    module.bias.normal_(0, 0.2)
     return network.eval()
 
 
@@ -37,7 +43,7 @@ def speechbrain_cases():
     from speechbrain.lobes.models.ECAPA_TDNN import ECAPA_TDNN
     from speechbrain.processing.features import InputNormalization
     for C in (512, 1024):
-        network = randomise_batch_norms(ECAPA_TDNN(80, channels=[C] * 4 + [3 * C], lin_neurons=192))
+        network = randomise(ECAPA_TDNN(80, channels=[C] * 4 + [3 * C], lin_neurons=192))
 
         def reference(waveforms, network=network):
             lengths = torch.ones(len(waveforms))
@@ -46,8 +52,8 @@ def speechbrain_cases():
         yield f'ecapa-speechbrain C={C}', 'ecapa-speechbrain', C, 192, network.state_dict(), reference
 
 
-def wespeaker_features(waveform):
-    mat = torchaudio.compliance.kaldi.fbank(waveform.unsqueeze(0) * (1 << 15), num_mel_bins=80, frame_length=25,
+def wespeaker_features(waveform, n_mels=80):
+    mat = torchaudio.compliance.kaldi.fbank(waveform.unsqueeze(0) * (1 << 15), num_mel_bins=n_mels, frame_length=25,
                                             frame_shift=10, dither=0.0, sample_frequency=16000,
                                             window_type='hamming', use_energy=False)
     return mat - torch.mean(mat, dim=0)
@@ -58,17 +64,20 @@ def wespeaker_cases(root):
         package = types.ModuleType(name)
         package.__path__ = [os.path.join(root, *name.split('.'))]
         sys.modules[name] = package
-    from wespeaker.models import ecapa_tdnn, resnet
-    for label, ours, build, C, dim in (('ResNet34', 'resnet34-wespeaker', resnet.ResNet34, 32, 256),
-                                       ('ResNet293', 'resnet293-wespeaker', resnet.ResNet293, 32, 256),
-                                       ('ECAPA_TDNN_GLOB_c512', 'ecapa-wespeaker', ecapa_tdnn.ECAPA_TDNN_GLOB_c512, 512,
-                                        192),
-                                       ('ECAPA_TDNN_GLOB_c1024', 'ecapa-wespeaker', ecapa_tdnn.ECAPA_TDNN_GLOB_c1024,
-                                        1024, 192)):
-        network = randomise_batch_norms(build(feat_dim=80, embed_dim=dim))
+    from wespeaker.models import campplus, ecapa_tdnn, redimnet, resnet
+    cases = [('ResNet34', 'resnet34-wespeaker', resnet.ResNet34, 32, 256, 80),
+             ('ResNet293', 'resnet293-wespeaker', resnet.ResNet293, 32, 256, 80),
+             ('ECAPA_TDNN_GLOB_c512', 'ecapa-wespeaker', ecapa_tdnn.ECAPA_TDNN_GLOB_c512, 512, 192, 80),
+             ('ECAPA_TDNN_GLOB_c1024', 'ecapa-wespeaker', ecapa_tdnn.ECAPA_TDNN_GLOB_c1024, 1024, 192, 80),
+             ('CAMPPlus', 'campplus', campplus.CAMPPlus, 32, 512, 80)]
+    cases += [(f'ReDimNet{size.upper()}', f'redimnet-{size}', getattr(redimnet, f'ReDimNet{size.upper()}'), shape.C,
+               192, shape.n_mels) for size, shape in SIZES.items()]
+    for label, ours, build, C, dim, n_mels in cases:
+        network = randomise(build(feat_dim=n_mels, embed_dim=dim))
 
-        def reference(waveforms, network=network):
-            return network(torch.stack([wespeaker_features(w) for w in waveforms]))[-1]
+        def reference(waveforms, network=network, n_mels=n_mels):
+            output = network(torch.stack([wespeaker_features(w, n_mels) for w in waveforms]))
+            return output[-1] if isinstance(output, tuple) else output  # CAM++ gives the embedding alone
         yield f'wespeaker {label}', ours, C, dim, network.state_dict(), reference
 
 

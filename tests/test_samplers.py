@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from speakerkit import samplers
 from speakerkit.errors import UserError
 from speakerkit.samplers import (EpochSampler, HardNegativeBatches, HardNegativePairBatches, SpeakerGroups,
                                  SpeakerPairSampler, speaker_groups)
@@ -125,6 +126,25 @@ def test_hard_negative_batches_fill_each_batch_with_one_group_and_use_each_utter
     assert list(sampler) == batches  # a pure function of (seed, epoch, groups)
     sampler.set_epoch(3)
     assert list(sampler) != batches
+
+
+def test_hard_negative_batches_bound_the_crops_of_one_speaker(monkeypatch):
+    """Four speakers of 120 utterances among 196 of 10, one in each of four groups: each such group's last turns
+    would fill whole hard parts with its large speaker."""
+    labels = np.repeat(np.arange(200), [120] * 4 + [10] * 196)
+
+    def most_of_one_speaker():
+        grouping = SpeakerGroups(labels, 40, 0.5)
+        grouping.groups = [list(range(g, 200, 10)) for g in range(10)]
+        sampler = HardNegativeBatches(labels, 40, grouping, seed=4)
+        sampler.set_epoch(1)
+        batches = sampler.batches()
+        assert len(np.unique(batches)) == batches.size == len(labels) // 40 * 40  # each utterance at most once
+        return max(np.bincount(labels[row]).max() for row in batches)
+
+    assert most_of_one_speaker() <= 9  # the most random batches of 40 held: 9 in 50 epochs
+    monkeypatch.setattr(samplers, 'HARD_ITEMS_PER_SPEAKER', 10 ** 6)
+    assert most_of_one_speaker() >= 18  # without the bound
 
 
 def test_hard_negative_batches_of_torchrun_ranks_are_disjoint_and_equally_long():
