@@ -118,9 +118,10 @@ def test_wespeakers_encoders_give_wespeakers_embedding(wespeaker_models, name):
     build, width, embedding_dim, n_mels = wespeaker_models[name]
     torch.manual_seed(0)
     network = build(feat_dim=n_mels, embed_dim=embedding_dim)
-    with torch.no_grad():  # off their initial values (ReDimNet's stage mixtures start uniform)
+    with torch.no_grad():  # parameters that start constant drawn at random (ReDimNet's stage mixtures, zero biases)
         for parameter in network.parameters():
-            parameter.add_(0.05 * torch.randn_like(parameter))
+            if parameter.numel() > 1 and bool((parameter == parameter.flatten()[0]).all()):
+                parameter.normal_(parameter.flatten()[0].item(), 0.2)
     network = randomised_batch_norms(network)
     published = network.state_dict() | {'projection.weight': torch.randn(5994, embedding_dim)}  # avg_model.pt
     ours = build_encoder(name, width, 16000, embedding_dim).eval()
