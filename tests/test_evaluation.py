@@ -306,7 +306,7 @@ def test_torchscript_matches_eager_for_any_batch_and_length(tmp_path, name, C):
             torch.testing.assert_close(scripted(x), eager(encoder, x), rtol=0, atol=1e-4)
 
 
-@pytest.mark.parametrize('name,C', ENCODERS)
+@pytest.mark.parametrize('name,C', ENCODERS[:3])  # CAM++'s and ReDimNet's: test_published.py exports them
 def test_onnx_matches_eager(tmp_path, name, C):
     pytest.importorskip('onnx', reason='onnx is an optional extra (requirements-extras.txt)')
     onnxruntime = pytest.importorskip('onnxruntime', reason='onnxruntime is an optional extra')
