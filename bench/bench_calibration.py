@@ -26,7 +26,7 @@ import numpy as np
 import soundfile
 
 from common import ROOT  # noqa: F401 (puts the checkout on the path)
-from speakerkit.dataLoader import audio_duration
+from speakerkit.commands import trial_seconds
 from speakerkit.evaluation import Cohort, evaluate
 from speakerkit.lists import TrialList, cohort_entries, read_train_list, read_trials
 from speakerkit.metrics import bayes_threshold, cllr, compute_eer, compute_min_dcf, fit_calibration
@@ -63,11 +63,6 @@ def cut_randomly(trials, root, seed, folder):
         os.makedirs(os.path.dirname(os.path.join(folder, name)), exist_ok=True)
         soundfile.write(os.path.join(folder, name), audio[:keep], rate)
     return folder
-
-
-def seconds_of(trials, root):
-    durations = {name: audio_duration(os.path.join(root, name)) for name in set(trials.enroll + trials.test)}
-    return np.array([[durations[e], durations[t]] for e, t in zip(trials.enroll, trials.test)])
 
 
 def report(name, dev, test, scores, seconds, p_target, durations):
@@ -107,7 +102,7 @@ def main():
         args.eval_path = cut_randomly(trials, args.eval_path, args.random_durations, tempfile.mkdtemp())
     print(f'dev: {len(dev.labels)} trials ({int(dev.labels.sum())} targets); test: {len(test.labels)} trials '
           f'({int(test.labels.sum())} targets)')
-    seconds = {'dev': seconds_of(dev, args.eval_path), 'test': seconds_of(test, args.eval_path)}
+    seconds = {'dev': trial_seconds(dev, args.eval_path), 'test': trial_seconds(test, args.eval_path)}
     back_ends = {'plain scores': None}
     if args.train_list:
         entries = cohort_entries(read_train_list(args.train_list), args.cohort_size, 10)
