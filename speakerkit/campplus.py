@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from speakerkit.model import Encoder
-from speakerkit.published import KaldiFbank, KaldiFeatures
+from speakerkit.published import KaldiFbank, KaldiFeatures, wespeaker_statistics_pooling
 
 SEGMENT_FRAMES = 100  # the context mask's segment length
 DENSE_BLOCKS = ((12, 1), (24, 2), (16, 2))  # (layers, dilation) of each dense block; kernel 3
@@ -135,10 +135,10 @@ class ConvStage(nn.Module):
 
 
 class StatisticsPooling(nn.Module):
-    """Mean and standard deviation over time (from the unbiased variance plus 1e-7)."""
+    """`published.wespeaker_statistics_pooling` as the `stats` stage of the network."""
 
     def forward(self, x):
-        return torch.cat((x.mean(dim=-1), torch.sqrt(x.var(dim=-1) + 1e-7)), dim=1)
+        return wespeaker_statistics_pooling(x)
 
 
 class CAMPPlus(KaldiFeatures, Encoder):

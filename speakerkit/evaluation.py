@@ -208,6 +208,11 @@ def centred(vectors, mean):
         / math.sqrt(2)
 
 
+def mean_vector(vectors):
+    """The mean of {name: vector}'s vectors: what `centred` subtracts."""
+    return torch.stack(list(vectors.values())).mean(dim=0)
+
+
 def centred_all(vectors, mean):
     """{name: vector} with every vector `centred`."""
     names = list(vectors)
@@ -220,8 +225,7 @@ def calibrated_pair(calibration, vectors, seconds):
     if calibration.training_mean:
         vectors = centred(vectors, torch.tensor(calibration.training_mean, dtype=vectors.dtype))
     protocol = float(vectors[0] @ vectors[1])
-    llr = float(calibration.llr(protocol, seconds).ravel()[0])
-    return protocol, llr, llr > calibration.llr_threshold
+    return protocol, float(calibration.llr([protocol], [seconds])[0]), bool(calibration.decide([protocol], [seconds]))
 
 
 def score_trials(vectors, enroll, test):
@@ -352,7 +356,7 @@ def evaluate(encoder, trial_lists, eval_path, device, n_cpu=0, cohort=None, cach
         cohort_vectors = embed_for(encoder, [entry.path for entry in cohort.entries], cohort.root, device, n_cpu,
                                    cache_dir, identity)
         if cohort.subtract_mean:
-            mean = torch.stack(list(cohort_vectors.values())).mean(dim=0)
+            mean = mean_vector(cohort_vectors)
             vectors, cohort_vectors = centred_all(vectors, mean), centred_all(cohort_vectors, mean)
     results = {trials.path: ListResult(trials, score_trials(vectors, trials.enroll, trials.test))
                for trials in trial_lists}
@@ -411,7 +415,7 @@ def training_mean(encoder, args, device, identity=None):
     encoder, identity = at_eval_precision(encoder, args, identity)
     vectors = embed_for(encoder, [entry.path for entry in cohort.entries], cohort.root, device,
                         embedding_readers(args, device), os.path.join(args.save_path, 'embeddings'), identity)
-    return torch.stack(list(vectors.values())).mean(dim=0)
+    return mean_vector(vectors)
 
 
 def evaluate_encoder(encoder, args, device, trial_lists, cohort, identity=None):

@@ -260,6 +260,12 @@ class KaldiFbank(nn.Module):
             return (logs - logs.mean(dim=1, keepdim=True)).transpose(1, 2)
 
 
+def wespeaker_statistics_pooling(x):
+    """wespeaker's statistics pooling (TSTP): mean and standard deviation (from the unbiased variance plus 1e-7)
+    over the last axis, concatenated: [B, C, T] -> [B, 2C]."""
+    return torch.cat((x.mean(dim=-1), torch.sqrt(x.var(dim=-1) + 1e-7)), dim=1)
+
+
 class KaldiFeatures:
     """The `features` of an encoder whose front end (`torchfbank`) is a `KaldiFbank`: its filterbank, then in
     training SpecAugment's masks (`specaug`)."""
@@ -279,7 +285,7 @@ class WespeakerResNet(KaldiFeatures, ResNet):
         self.torchfbank = KaldiFbank(sampling_rate, n_mels)
 
     def pool(self, x):
-        return torch.cat((x.mean(dim=-1), torch.sqrt(x.var(dim=-1) + 1e-7)), dim=-1)
+        return wespeaker_statistics_pooling(x)
 
 
 class ConvReluBn(nn.Module):

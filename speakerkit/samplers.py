@@ -152,27 +152,27 @@ class HardNegativeBatches(EpochSampler):
         group_rank = rng.permutation(len(self.grouping.groups))
         speaker_rank = rng.permutation(self.grouping.speakers)
         speaker = self.labels[hard]
-        by_speaker = np.argsort(speaker, kind='stable')
-        first = np.searchsorted(speaker[by_speaker], speaker[by_speaker])
-        turn = np.empty(len(hard), dtype=np.int64)
-        turn[by_speaker] = np.arange(len(hard)) - first  # the k-th of its speaker's hard items takes turn k
+        turn = occurrences(speaker)  # the k-th of its speaker's hard items takes turn k
         hard = hard[np.lexsort((speaker_rank[speaker], turn, group_rank[group_of[speaker]]))].reshape(count, hard_size)
         bounded(hard, easy, self.labels, np.random.default_rng((self.seed, self.epoch, 2)))
         batches = np.concatenate([hard, easy.reshape(count, self.batch_size - hard_size)], axis=1)
         return batches[rng.permutation(count)][self.rank::self.world_size]
 
 
+def occurrences(keys):
+    """For each element of the 1-D array `keys`, how many equal keys come before it (0 for the first)."""
+    order = np.argsort(keys, kind='stable')
+    ordered = keys[order]
+    found = np.empty(len(keys), dtype=np.int64)
+    found[order] = np.arange(len(keys)) - np.searchsorted(ordered, ordered)
+    return found
+
+
 def bounded(hard, easy, labels, rng):
     """In place: items of `hard` (one row a batch) past the HARD_ITEMS_PER_SPEAKER-th of their speaker in their
     row trade places with items of `easy` at random positions (as many as `easy` has)."""
-    speakers = labels[hard]
-    order = np.argsort(speakers, axis=1, kind='stable')
-    ordered = np.take_along_axis(speakers, order, axis=1)
-    columns = np.arange(hard.shape[1])
-    starts = np.maximum.accumulate(np.where(np.diff(ordered, axis=1, prepend=-1) != 0, columns, 0), axis=1)
-    occurrence = np.empty_like(order)
-    np.put_along_axis(occurrence, order, columns - starts, axis=1)
-    over = np.flatnonzero(occurrence.ravel() >= HARD_ITEMS_PER_SPEAKER)[:len(easy)]
+    row_speaker = np.arange(len(hard))[:, None] * (int(labels.max()) + 1) + labels[hard]  # a key per row and speaker
+    over = np.flatnonzero(occurrences(row_speaker.ravel()) >= HARD_ITEMS_PER_SPEAKER)[:len(easy)]
     if len(over):
         places = rng.choice(len(easy), len(over), replace=False)
         flat = hard.reshape(-1)
