@@ -414,6 +414,8 @@ def check_same_recipe(args, resume_path):
     recorded = recorded_arguments(os.path.join(args.save_path, 'config.json'))
     if recorded is None:
         return
+    if 'average' not in args.given and 'average' in recorded:  # its own: the run saved the epochs that one needs
+        args.average = recorded['average']
     changed = changed_flags(recorded, args)
     changes = recipe_changes(changed, args.scheduler)
     previous, given = changes.pop('initial_model', (None, None))

@@ -20,7 +20,8 @@ from speakerkit.checkpoints import save_checkpoint
 from speakerkit.lists import cohort_entries, read_train_list, read_trials
 from speakerkit.loss import AAMsoftmax
 from speakerkit.model import ECAPA_TDNN, EncoderConfig, build_encoder
-from speakerkit.trainer import SpeakerModel
+from speakerkit.schedules import step_lr
+from speakerkit.trainer import SpeakerModel, check_same_recipe
 
 
 @pytest.fixture
@@ -145,6 +146,42 @@ def test_large_margin_sets_longer_crops_a_larger_margin_and_a_low_lr(tmp_path):
     args = cli.parse_args(['--demo', '--large_margin', '--initial_model', str(checkpoint), '--m', '0.4',
                                        '--save_path', str(tmp_path)])
     assert args.m == 0.4 and args.num_frames == 600
+
+
+def test_averaging_the_last_epochs_is_the_default_of_long_runs(capsys):
+    n, shortest = cli.AVERAGED_EPOCHS, cli.AVERAGED_SHARE * cli.AVERAGED_EPOCHS
+    assert cli.parse_args(['--max_epoch', str(shortest)]).average == n
+    assert cli.parse_args(['--max_epoch', str(shortest - 1)]).average == 0
+    assert cli.parse_args(['--max_epoch', '80', '--average', '0']).average == 0
+    assert cli.parse_args(['--max_epoch', '3', '--average', '2']).average == 2
+    with pytest.raises(SystemExit):
+        cli.main(['--help'])
+    printed = ' '.join(capsys.readouterr().out.split())
+    assert f'default: {n} when --max_epoch is at least {shortest}, else off' in printed
+
+
+def test_readme_shows_the_score_txt_of_the_default_demo(root):
+    """README's demo block is what `--demo` writes with today's defaults: an epoch line for each epoch with its
+    learning rate, and the average's line exactly when the demo averages."""
+    readme = open(os.path.join(root, 'README.md')).read()
+    block = readme.split('writes `exps/demo/score.txt`', 1)[1].split('```')[1].strip().splitlines()
+    args = cli.parse_args(['--demo'])
+    starts = [f'{e} epoch, LR {step_lr(args.lr, args.lr_decay, args.test_step, e):f}, LOSS '
+              for e in range(1, args.max_epoch + 1)]
+    if args.average:
+        starts.append(f'{args.max_epoch} epoch, average of epochs {args.max_epoch - args.average + 1}-'
+                      f'{args.max_epoch}, EER ')
+    assert [line[:len(start)] for line, start in zip(block, starts)] == starts and len(block) == len(starts)
+
+
+@pytest.mark.parametrize('given, recorded, kept', [([], 0, 0), ([], 3, 3), (['--average', '4'], 0, 4)])
+def test_a_continued_run_keeps_its_own_average_unless_one_is_given(tiny_corpus, train_argv, tmp_path, given,
+                                                                   recorded, kept):
+    """A run started with other epochs to average (or none) saved the checkpoints of those: the default yields."""
+    args = cli.parse_args(train_argv(tiny_corpus, tmp_path, '--max_epoch', '80', *given))
+    (tmp_path / 'config.json').write_text(json.dumps({'arguments': {'average': recorded}}))
+    check_same_recipe(args, str(tmp_path / 'model' / 'resume.pt'))
+    assert args.average == kept
 
 
 def test_help_shows_no_empty_defaults(capsys):

@@ -549,8 +549,9 @@ def test_a_run_continues_only_from_the_weights_it_started_from(tiny_corpus, trai
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize('mode', ['clip', 'blip'])
 def test_in_pair_modes_the_schedules_end_where_they_say_though_epochs_differ_in_steps(tiny_corpus, train_argv,
-                                                                                     tmp_path):
+                                                                                     tmp_path, mode):
     """Speakers of 6, 6, 5, 3, 2 and 2 utterances in batches of 4 distinct speakers: the pair sampler plans 3,
     3 and 2 steps for epochs 1-3 (seed 5). The warm-up/exponential schedule must still reach --final_lr on the
     last step, and the margin schedule reach --m at the beginning of epoch 3."""
@@ -570,7 +571,7 @@ def test_in_pair_modes_the_schedules_end_where_they_say_though_epochs_differ_in_
         sampler.set_epoch(epoch)
         steps.append(len(sampler))
     assert steps == [3, 3, 2]
-    argv = train_argv(tiny_corpus, tmp_path / 'run', '--mode', 'clip', '--batch_size', '4', '--max_epoch', '3',
+    argv = train_argv(tiny_corpus, tmp_path / 'run', '--mode', mode, '--batch_size', '4', '--max_epoch', '3',
                       '--scheduler', 'warmup_exp', '--warmup_epochs', '1', '--final_lr', '1e-4',
                       '--margin_schedule', '1', '3')
     argv[argv.index('--train_list') + 1] = str(uneven)

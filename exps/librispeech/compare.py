@@ -113,8 +113,7 @@ def finetune_epochs(args):
 
 def systems(args):
     """{name: (command prefix, extra flags per run)}; every system but the original is ours."""
-    ours = [sys.executable, os.path.join(ROOT, 'trainECAPAModel.py')] + (
-        ['--average', str(args.average)] if args.average else [])
+    ours = [sys.executable, os.path.join(ROOT, 'trainECAPAModel.py'), '--average', str(args.average)]
     found = {'ours': (ours, lambda run: ['--seed', str(run)])}
     if args.reference:
         found['original'] = ([sys.executable, os.path.join(os.path.dirname(__file__), 'original.py'),

@@ -102,7 +102,7 @@ train() {  # torchrun for several GPUs, one process otherwise
         "$PYTHON" trainECAPAModel.py "$@"
     fi
 }
-last_checkpoint() { ls "$1"/model/model_*.model 2>/dev/null | sort | tail -1; }
+last_checkpoint() { ls "$1"/model/model_[0-9]*.model 2>/dev/null | sort | tail -1; }  # an epoch's, not the average
 
 if [ "$demo" = 1 ] && runs 1; then
     [ -e "$corpus/COMPLETE" ] || "$PYTHON" -c "import demo, sys; demo.make_corpus(sys.argv[1])" "$corpus"
