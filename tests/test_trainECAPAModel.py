@@ -148,12 +148,15 @@ def test_large_margin_sets_longer_crops_a_larger_margin_and_a_low_lr(tmp_path):
     assert args.m == 0.4 and args.num_frames == 600
 
 
-def test_averaging_the_last_epochs_is_the_default_of_long_runs(capsys):
+def test_averaging_the_last_epochs_is_the_default_of_long_runs(tiny_corpus, train_argv, tmp_path, capsys):
     n, shortest = cli.AVERAGED_EPOCHS, cli.AVERAGED_SHARE * cli.AVERAGED_EPOCHS
-    assert cli.parse_args(['--max_epoch', str(shortest)]).average == n
-    assert cli.parse_args(['--max_epoch', str(shortest - 1)]).average == 0
-    assert cli.parse_args(['--max_epoch', '80', '--average', '0']).average == 0
-    assert cli.parse_args(['--max_epoch', '3', '--average', '2']).average == 2
+
+    def average(*flags):
+        return cli.parse_args(train_argv(tiny_corpus, tmp_path, *flags)).average
+    assert average('--max_epoch', str(shortest)) == n
+    assert average('--max_epoch', str(shortest - 1)) == 0
+    assert average('--max_epoch', '80', '--average', '0') == 0
+    assert average('--max_epoch', '3', '--average', '2') == 2
     with pytest.raises(SystemExit):
         cli.main(['--help'])
     printed = ' '.join(capsys.readouterr().out.split())
