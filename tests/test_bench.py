@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from speakerkit.model import build_encoder, crop_samples
@@ -42,3 +43,11 @@ def test_encoder_bench_counts_parameters_and_multiply_accumulates(tmp_path):
     assert tdnn['encoder'] == 'tdnn' and round(tdnn['gmacs_per_2s'] * 1e9) == expected
     assert rows[1]['parameters'] == sum(p.numel() for p in build_encoder('redimnet-b0', 8).parameters())
     assert all(row['train_step_s'] > 0 and row['embed_2s_ms'] > 0 for row in rows)
+
+
+@pytest.mark.slow
+def test_fitting_one_batch_drives_an_encoders_loss_down():
+    printed = run_bench('fit_one_batch.py', '--model', 'tdnn', '--C', '16', '--lr', '1e-3', '--steps', '8')
+    assert printed.startswith('tdnn lr 0.001, loss after steps 0, 2, 4, 6, 8: ')
+    losses = [float(x) for x in printed.split(': ')[1].split(' (')[0].split()]
+    assert len(losses) == 5 and losses[-1] < losses[0] / 2
