@@ -47,7 +47,7 @@ def test_encoder_bench_counts_parameters_and_multiply_accumulates(tmp_path):
 
 @pytest.mark.slow
 def test_fitting_one_batch_drives_an_encoders_loss_down():
-    printed = run_bench('fit_one_batch.py', '--model', 'tdnn', '--C', '16', '--lr', '1e-3', '--steps', '8')
-    assert printed.startswith('tdnn lr 0.001, loss after steps 0, 2, 4, 6, 8: ')
+    printed = run_bench('fit_one_batch.py', '--model', 'tdnn', '--C', '16', '--lr', '1e-3', '--steps', '4')
+    assert printed.startswith('tdnn lr 0.001, loss after steps 0, 1, 2, 3, 4: ')
     losses = [float(x) for x in printed.split(': ')[1].split(' (')[0].split()]
     assert len(losses) == 5 and losses[-1] < losses[0] / 2

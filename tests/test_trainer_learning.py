@@ -53,7 +53,7 @@ def test_training_beats_the_untrained_encoder(corpus, tmp_path, mode, loss, mode
         '--eval_list', corpus['eval_list'], '--eval_path', corpus['eval_path'], '--save_path', str(tmp_path / 'run'),
         '--initial_model', untrained, '--model', model, '--C', str(width), '--mode', mode, '--loss', loss,
         '--num_frames', str(frames), '--batch_size', '16', '--lr', '0.005', '--seed', '1', '--n_cpu', '0',
-        '--max_epoch', str(epochs), '--test_step', str(epochs)])
+        '--max_epoch', str(epochs), '--test_step', str(epochs), '--average', '0'])  # the last epoch's weights
     scores = (tmp_path / 'run' / 'score.txt').read_text().splitlines()
     assert len(scores) == 1 and scores[0].startswith(f'{epochs} epoch,')
     after = float(scores[0].split(' EER ')[1].split('%')[0])
