@@ -1,5 +1,5 @@
 """Can an encoder, at a learning rate, fit one fixed batch? AAM-softmax over 8 classes, 16 crops of 1 s of
-random noise (two per class), Adam with the trainer's weight decay, no schedule: a check of the optimisation
+random noise (two per class), the trainer's Adam (`trainer.adam`), no schedule: a check of the optimisation
 alone, minutes on a CPU. An encoder that cannot drive this loss down at a rate will not train at it either.
 
   python bench/fit_one_batch.py --model redimnet --lr 1e-3 1e-4
@@ -15,6 +15,7 @@ import torch
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), '..')))
 from speakerkit.loss import AAMsoftmax  # noqa: E402
 from speakerkit.model import build_encoder  # noqa: E402
+from speakerkit.trainer import adam  # noqa: E402
 
 
 def fit(model, C, lr, steps, seed=0):
@@ -24,7 +25,7 @@ def fit(model, C, lr, steps, seed=0):
     head = AAMsoftmax(8, 0.2, 30, encoder.embedding_dim)
     waveforms = torch.randn(16, 16000) * 0.1
     labels = torch.arange(16) % 8
-    optimiser = torch.optim.Adam(list(encoder.parameters()) + list(head.parameters()), lr=lr, weight_decay=2e-5)
+    optimiser = adam(list(encoder.parameters()) + list(head.parameters()), lr)
     losses = []
     for _ in range(steps):
         loss = head(encoder(waveforms), labels)[0]
