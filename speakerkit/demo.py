@@ -20,7 +20,6 @@ import os
 
 import numpy as np
 import soundfile
-from scipy.signal import lfilter
 
 RATE = 16000
 # (F1, F2, F3) in Hz of a reference adult vocal tract, roughly the English monophthongs.
@@ -30,6 +29,13 @@ VOWELS = np.array([
 ])
 NASALS = np.array([(280, 1300, 2300), (300, 1600, 2600)])
 FRICATIVES = np.array([(4500, 2500), (6000, 1500), (2500, 1200), (3500, 3000)])  # centre, bandwidth
+
+
+def lfilter(b, a, signal):
+    """scipy.signal.lfilter, imported on the first call: every command imports this module (for the --demo
+    corpus's paths), and scipy.signal takes 2 s to import."""
+    from scipy.signal import lfilter as iir_filter
+    return iir_filter(b, a, signal)
 
 
 def draw_speaker(rng):

@@ -14,7 +14,7 @@ import matplotlib
 matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-from scipy.stats import norm  # noqa: E402
+import torch  # noqa: E402
 
 from speakerkit.checkpoints import atomic_write  # noqa: E402
 from speakerkit.errors import UsageError, UserError, reported_as_exit  # noqa: E402
@@ -27,27 +27,32 @@ def save_figure(figure, path):
     plt.close(figure)
 
 
+def probit(rate):
+    """The standard normal quantile of each rate (the DET plot's axis scale)."""
+    return torch.special.ndtri(torch.as_tensor(rate, dtype=torch.float64)).numpy()
+
+
 def det_curve(scores, labels, metrics, path, title):
     """Miss rate against false-alarm rate on probit axes, with the EER point and each minDCF point;
     `metrics` are the list's `metrics.Metrics`, already computed by the evaluation."""
     miss, false_alarm = operating_points(scores, labels)
     clip = 1e-4
 
-    def probit(rate):
-        return norm.ppf(np.clip(rate, clip, 1 - clip))
+    def clipped(rate):
+        return probit(np.clip(rate, clip, 1 - clip))
 
     figure, axes = plt.subplots(figsize=(5, 5))
-    axes.plot(probit(false_alarm), probit(miss), lw=1.5)
+    axes.plot(clipped(false_alarm), clipped(miss), lw=1.5)
     eer = metrics.eer / 100
-    axes.plot(probit(eer), probit(eer), 'o', label=f'EER {100 * eer:.2f}%')
+    axes.plot(clipped(eer), clipped(eer), 'o', label=f'EER {100 * eer:.2f}%')
     for (prior, min_dcf), marker in zip(metrics.min_dcf.items(), ('s', '^')):
         best = int(np.argmin(prior * miss + (1 - prior) * false_alarm))
-        axes.plot(probit(false_alarm[best]), probit(miss[best]), marker, label=f'minDCF({prior}) {min_dcf:.4f}')
+        axes.plot(clipped(false_alarm[best]), clipped(miss[best]), marker, label=f'minDCF({prior}) {min_dcf:.4f}')
     ticks = np.array([0.001, 0.01, 0.05, 0.2, 0.5, 0.8])
-    axes.set_xticks(norm.ppf(ticks), [f'{100 * t:g}' for t in ticks])
-    axes.set_yticks(norm.ppf(ticks), [f'{100 * t:g}' for t in ticks])
-    axes.set_xlim(norm.ppf(clip), norm.ppf(0.9))
-    axes.set_ylim(norm.ppf(clip), norm.ppf(0.9))
+    axes.set_xticks(probit(ticks), [f'{100 * t:g}' for t in ticks])
+    axes.set_yticks(probit(ticks), [f'{100 * t:g}' for t in ticks])
+    axes.set_xlim(probit(clip), probit(0.9))
+    axes.set_ylim(probit(clip), probit(0.9))
     axes.set_xlabel('false-alarm rate (%)')
     axes.set_ylabel('miss rate (%)')
     axes.set_title(title)

@@ -10,8 +10,8 @@ import soundfile
 import torch
 
 from speakerkit import augment
-from speakerkit.augment import (MUSAN_CATEGORIES, Augmenter, DeviceAugmenter, SignalBank, mix_at_snr, reverberate,
-                                snr_gain)
+from speakerkit.augment import (MUSAN_CATEGORIES, Augmenter, DeviceAugmenter, SignalBank, fft_convolve, mix_at_snr,
+                                reverberate, snr_gain)
 from speakerkit.dataLoader import read_audio
 from speakerkit.errors import UserError
 
@@ -84,6 +84,13 @@ def test_babble_mixes_several_speakers_each_at_its_snr(banks, cache_dir):
         expected = 10 * np.log10(np.mean(speech.astype(np.float64) ** 2) / expected_noise_power)
         assert snr_db(speech, mixed) == pytest.approx(expected, abs=0.5)
     assert len(counts) > 1
+
+
+def test_fft_convolution_is_the_direct_convolution():
+    rng = np.random.default_rng(3)
+    for n, m in [(1000, 7), (3001, 2000), (1, 1)]:
+        a, b = rng.standard_normal(n).astype(np.float32), rng.standard_normal(m).astype(np.float32)
+        np.testing.assert_allclose(fft_convolve(a, b), np.convolve(a.astype(np.float64), b), atol=1e-4)
 
 
 def test_reverb_with_a_delayed_impulse_is_the_dry_signal():

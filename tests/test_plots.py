@@ -1,12 +1,13 @@
 """plots.py: DET curves, score histograms and the training curve as PNG images."""
 
 import json
+import statistics
 
 import numpy as np
 from matplotlib.image import imread
 
 from speakerkit.lists import TrialList
-from speakerkit.plots import det_curve, evaluation_plots, score_histograms, training_curve
+from speakerkit.plots import det_curve, evaluation_plots, probit, score_histograms, training_curve
 from speakerkit.evaluation import ListResult
 from speakerkit.metrics import verification_metrics
 
@@ -23,6 +24,13 @@ def trials(seed=0, n=400):
     rng = np.random.default_rng(seed)
     labels = (np.arange(n) % 4 == 0).astype(int)
     return rng.normal(labels * 2.0, 1.0), labels
+
+
+def test_the_det_axis_is_the_standard_normal_quantile():
+    rates = np.array([1e-4, 0.001, 0.05, 0.5, 0.8, 0.9999])
+    expected = [statistics.NormalDist().inv_cdf(rate) for rate in rates]
+    np.testing.assert_allclose(probit(rates), expected, rtol=1e-12, atol=1e-12)
+    assert probit(0.5) == 0
 
 
 def test_det_curve_and_histograms_are_png_images(tmp_path):
