@@ -50,14 +50,15 @@ def test_the_harness_trains_scores_every_checkpoint_and_writes_the_table(librisp
                                                                          capsys):
     out = tmp_path / 'compare'
     compare.main(['--reduced', '--only', 'ours', 'speed', '--variant', 'speed', '--speed_perturb on',
-                  '--finetune', 'ours', 'speed', '--corpus', str(librispeech_like), '--train_speakers', '4',
-                  '--musan_path', tiny_corpus['musan_path'], '--rir_path', tiny_corpus['rir_path'], '--C', '16',
-                  '--batch_size', '2', '--num_frames', '40', '--out', str(out)])
+                  '--finetune', 'ours', 'speed', '--finetune_control', 'ours', '--corpus', str(librispeech_like),
+                  '--train_speakers', '4', '--musan_path', tiny_corpus['musan_path'], '--rir_path',
+                  tiny_corpus['rir_path'], '--C', '16', '--batch_size', '2', '--num_frames', '40', '--out', str(out)])
     table = (out / 'table.md').read_text()
     rows = [line for line in table.splitlines() if line.startswith('| ')]
     assert [row.split(' | ')[0][2:] for row in rows] == [
         'system', 'ours', 'ours, average of the last 2 epochs', 'ours, large-margin fine-tuned',
-        'speed', 'speed, average of the last 2 epochs', 'speed, large-margin fine-tuned']
+        'ours, continued at the fine-tuning rates (control)', 'speed', 'speed, average of the last 2 epochs',
+        'speed, large-margin fine-tuned']
     results = json.loads((out / 'results.json').read_text())['results']
     assert set(results['ours']['1']) == {'1', '2'}
     trials = read_trials(str(out / 'data' / 'trials.txt'))
@@ -69,6 +70,10 @@ def test_the_harness_trains_scores_every_checkpoint_and_writes_the_table(librisp
     tuned = json.loads((out / 'runs' / 'speed_1_finetuned' / 'config.json').read_text())['arguments']
     assert tuned['large_margin'] and tuned['m'] == 0.5 and tuned['num_frames'] == 600 and tuned['speed_perturb'] is True
     assert tuned['initial_model'] == str(out / 'runs' / 'speed_1' / 'model' / 'model_0002.model')
+    control = json.loads((out / 'runs' / 'ours_1_continued' / 'config.json').read_text())['arguments']
+    assert (control['num_frames'], control['m'], control['spec_augment']) == (40, 0.2, True)  # the recipe's
+    assert (control['scheduler'], control['lr'], control['max_epoch']) == ('warmup_exp', 1e-4, 1)  # fine-tuning's
+    assert control['initial_model'] == str(out / 'runs' / 'ours_1' / 'model' / 'model_0002.model')
     assert (out / 'eer_by_epoch.png').stat().st_size > 0
     scores = (out / 'runs' / 'ours_1' / 'scores.json').read_text()
     compare.main(['--reduced', '--only', 'ours', '--corpus', str(librispeech_like), '--train_speakers', '4',

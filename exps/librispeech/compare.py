@@ -16,7 +16,9 @@ Systems and runs:
 Runs are interleaved (ours 1, original 1, variants 1, ours 2, ...) so that a machine shared with other work
 slows all systems alike; a finished run is not trained again, and an interrupted one continues from its last
 checkpoint (both trainers resume). With --finetune SYSTEM ... every run of those systems (ours or variants) is
-also fine-tuned (--large_margin, from its last checkpoint) into <run>_finetuned.
+also fine-tuned (--large_margin, from its last checkpoint) into <run>_finetuned; with --finetune_control
+SYSTEM ... the same epochs at the same learning rates but with the recipe's crops, margin and SpecAugment, into
+<run>_continued: what fine-tuning gains beyond that many more epochs at a low rate.
 
 Evaluation: during training both trainers score a two-trial list only (the original evaluates at every test
 step and cannot be told not to); afterwards each saved checkpoint is scored on every trial with this toolkit's
@@ -67,6 +69,10 @@ def arguments(argv=None):
                         help=f'also fine-tune every run of these systems (ours or variants) with --large_margin from '
                              f'its last checkpoint ({FINETUNE_EPOCHS} epochs of 6 s crops; 1 with --reduced), '
                              f'reported as a row of its own')
+    parser.add_argument('--finetune_control', nargs='+', default=[], metavar='SYSTEM',
+                        help='also continue every run of these systems as --finetune does, but with the recipe\'s '
+                             'crops, margin and SpecAugment: only the learning rates and the epochs of fine-tuning, '
+                             'reported as a row of its own')
     parser.add_argument('--only', nargs='+', metavar='SYSTEM', help='train and report these systems only')
     parser.add_argument('--report', action='store_true',
                         help='train nothing: score and tabulate the finished runs there are, each system with its own '
@@ -98,13 +104,22 @@ def recipe_flags(args, data):
     return data_flags(args, data) + [word for name in RECIPE for word in (f'--{name}', str(getattr(args, name)))]
 
 
-def finetune_command(args, data, folder, extra):
+def finetune_command(args, data, folder, extra, control=False):
     """Ours with --large_margin from `folder`'s last checkpoint: its own schedule, crops and margin (the
-    recipe's --lr, --num_frames, --m, ... would override them), the recipe's width, batch and data."""
+    recipe's --lr, --num_frames, --m, ... would override them), the recipe's width, batch and data. The
+    `control` keeps fine-tuning's schedule and epochs but trains on the recipe's crops and margin, with
+    SpecAugment, into <folder>_continued."""
     kept = [word for name in ('C', 'batch_size', 's', 'n_cpu') for word in (f'--{name}', str(getattr(args, name)))]
+    if control:
+        kept += ['--num_frames', str(args.num_frames), '--m', str(args.m), '--spec_augment', 'on']
     return ([sys.executable, os.path.join(ROOT, 'trainECAPAModel.py'), '--large_margin', '--initial_model',
              checkpoint(folder, args.max_epoch), '--max_epoch', str(finetune_epochs(args)), '--save_path',
-             folder + '_finetuned'] + data_flags(args, data) + kept + extra)
+             continuation(folder, control)] + data_flags(args, data) + kept + extra)
+
+
+def continuation(folder, control):
+    """The folder of a run's fine-tuning, or of its control."""
+    return folder + ('_continued' if control else '_finetuned')
 
 
 def finetune_epochs(args):
@@ -126,9 +141,11 @@ def systems(args):
         if unknown:
             raise SystemExit(f'--only {unknown}: not among the systems {sorted(found)}')
         found = {name: found[name] for name in args.only}
-    wrong = sorted(set(args.finetune) - (set(found) - {'original'}))
-    if wrong:
-        raise SystemExit(f'--finetune {wrong}: only ours and its variants fine-tune; the systems are {sorted(found)}')
+    for option in ('finetune', 'finetune_control'):
+        wrong = sorted(set(getattr(args, option)) - (set(found) - {'original'}))
+        if wrong:
+            raise SystemExit(f'--{option} {wrong}: only ours and its variants fine-tune; the systems are '
+                             f'{sorted(found)}')
     return found
 
 
@@ -244,10 +261,12 @@ def collect_results(args, found, epochs, data):
         if all('average' in scores for scores in runs.values()):  # rows reported at the last epoch's column
             results[f'{name}, average of the last {args.average} epochs'] = {
                 run: {last: scores['average']} for run, scores in runs.items()}
-        finetuned = {run: folders[run] + '_finetuned' for run in runs}
-        if name in args.finetune and all(os.path.exists(checkpoint(f, tuned)) for f in finetuned.values()):
-            results[f'{name}, large-margin fine-tuned'] = {
-                run: {last: score_checkpoints(folder, [tuned], data)[tuned]} for run, folder in finetuned.items()}
+        for control, option, row in ((False, args.finetune, 'large-margin fine-tuned'),
+                                     (True, args.finetune_control, 'continued at the fine-tuning rates (control)')):
+            continued = {run: continuation(folders[run], control) for run in runs}
+            if name in option and all(os.path.exists(checkpoint(f, tuned)) for f in continued.values()):
+                results[f'{name}, {row}'] = {
+                    run: {last: score_checkpoints(folder, [tuned], data)[tuned]} for run, folder in continued.items()}
     return results
 
 
@@ -266,9 +285,10 @@ def main(argv=None):
         for name, (command, per_run) in found.items():
             folder = os.path.join(args.out, 'runs', f'{name}_{run}')
             train(command + flags + per_run(run) + ['--save_path', folder], folder, args.max_epoch)
-            if name in args.finetune:
-                train(finetune_command(args, data, folder, per_run(run)), folder + '_finetuned',
-                      finetune_epochs(args))
+            for control, option in ((False, args.finetune), (True, args.finetune_control)):
+                if name in option:
+                    train(finetune_command(args, data, folder, per_run(run), control), continuation(folder, control),
+                          finetune_epochs(args))
     epochs = list(range(args.test_step, args.max_epoch + 1, args.test_step))
     results = collect_results(args, found, epochs, data)
     text = table(results, epochs)
