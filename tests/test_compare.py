@@ -5,10 +5,12 @@ import json
 import os
 import subprocess
 import sys
+import types
 
 import numpy as np
 import pytest
 import soundfile
+import torch
 
 from speakerkit import demo, evaluation, tools
 from speakerkit.lists import read_trials
@@ -95,3 +97,52 @@ def test_the_original_runner_names_a_folder_that_is_not_a_checkout(tmp_path):
     runner = os.path.join(ROOT, 'exps', 'librispeech', 'original.py')
     done = subprocess.run([sys.executable, runner, str(tmp_path)], capture_output=True, text=True)
     assert done.returncode == 1 and 'not a checkout of TaoRuijie/ECAPA-TDNN' in done.stderr
+
+
+def test_the_original_runner_saves_the_last_epochs_and_passes_on_every_other_flag(tmp_path):
+    """original.py --save_last, on a stand-in checkout shaped as the original's: ECAPAModel.train_network
+    trains one epoch, trainECAPAModel.py saves every --test_step-th epoch in save_path/model."""
+    checkout = tmp_path / 'checkout'
+    checkout.mkdir()
+    (checkout / 'ECAPAModel.py').write_text(
+        'class ECAPAModel:\n'
+        '    def train_network(self, epoch, loader):\n'
+        '        return 0.0, 0.001, 0.0\n'
+        '    def save_parameters(self, path):\n'
+        '        open(path, "w").write("weights")\n')
+    (checkout / 'trainECAPAModel.py').write_text(
+        'import argparse, json, os, sys\n'
+        'from ECAPAModel import ECAPAModel\n'
+        'parser = argparse.ArgumentParser()\n'
+        'for name in ("--max_epoch", "--test_step", "--n_cpu"):\n'
+        '    parser.add_argument(name, type=int)\n'
+        'parser.add_argument("--save_path")\n'
+        'args = parser.parse_args()\n'
+        'os.makedirs(args.save_path + "/model")\n'
+        'json.dump(sys.argv[1:], open(args.save_path + "/argv.json", "w"))\n'
+        'model = ECAPAModel()\n'
+        'for epoch in range(1, args.max_epoch + 1):\n'
+        '    model.train_network(epoch=epoch, loader=None)\n'
+        '    if epoch % args.test_step == 0:\n'
+        '        model.save_parameters(args.save_path + "/model/model_%04d.model" % epoch)\n')
+    runner = os.path.join(ROOT, 'exps', 'librispeech', 'original.py')
+    run = tmp_path / 'run'
+    flags = ['--max_epoch', '7', '--test_step', '3', '--n_cpu', '3', '--save_path', str(run)]
+    done = subprocess.run([sys.executable, runner, str(checkout), '--save_last', '3'] + flags, capture_output=True,
+                          text=True)
+    assert done.returncode == 0, done.stderr
+    assert sorted(os.listdir(run / 'model')) == [f'model_000{epoch}.model' for epoch in (3, 5, 6, 7)]
+    assert json.loads((run / 'argv.json').read_text()) == flags
+
+
+def test_the_originals_last_epochs_are_averaged_only_when_all_were_saved(tmp_path):
+    (tmp_path / 'model').mkdir()
+    args = types.SimpleNamespace(max_epoch=6, average=2)
+    for epoch in (3, 5, 6):
+        torch.save({'speaker_encoder.w': torch.full((2,), float(epoch))}, compare.checkpoint(str(tmp_path), epoch))
+    compare.average_last_epochs(args, str(tmp_path))
+    mean = torch.load(compare.checkpoint(str(tmp_path), 'average'))
+    assert torch.equal(mean['speaker_encoder.w'], torch.full((2,), 5.5))
+    os.remove(compare.checkpoint(str(tmp_path), 'average'))
+    compare.average_last_epochs(types.SimpleNamespace(max_epoch=6, average=3), str(tmp_path))  # epoch 4 is missing
+    assert not os.path.exists(compare.checkpoint(str(tmp_path), 'average'))

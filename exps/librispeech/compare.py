@@ -12,6 +12,8 @@ Systems and runs:
   original  TaoRuijie/ECAPA-TDNN's trainer from the checkout `--reference DIR` names (fetch it; it is never
             copied here), run by original.py under the CPU/numpy patches of bench/reference.py. It has no seed
             flag: each run draws its own (torch's unseeded default), so its runs differ as ours do by seed.
+            With --average N it also saves its last N epochs (original.py --save_last), and their mean is
+            scored beside ours, so that an averaged row of ours has the original's averaged row to compare to.
   NAME      each `--variant NAME FLAGS`: ours with FLAGS added, the same seeds.
 Runs are interleaved (ours 1, original 1, variants 1, ours 2, ...) so that a machine shared with other work
 slows all systems alike; a finished run is not trained again, and an interrupted one continues from its last
@@ -40,6 +42,7 @@ ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), '..', '..'))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from speakerkit import evaluation, plots, tools  # noqa: E402
+from speakerkit.checkpoints import atomic_torch_save, average_checkpoints  # noqa: E402
 from speakerkit.lists import read_trials  # noqa: E402
 from make_lists import make_lists  # noqa: E402
 
@@ -132,7 +135,8 @@ def systems(args):
     found = {'ours': (ours, lambda run: ['--seed', str(run)])}
     if args.reference:
         found['original'] = ([sys.executable, os.path.join(os.path.dirname(__file__), 'original.py'),
-                              args.reference, '--n_class', str(args.train_speakers)], lambda run: [])
+                              args.reference, '--save_last', str(args.average), '--n_class', str(args.train_speakers)],
+                             lambda run: [])
     for name, flags in args.variant:
         extra = flags.split()
         found[name] = (ours, lambda run, extra=extra: ['--seed', str(run)] + extra)
@@ -173,6 +177,14 @@ def train(command, folder, last_epoch):
         result = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT)
     if result.returncode != 0 or not os.path.exists(checkpoint(folder, last_epoch)):
         raise SystemExit(f'{folder}: training stopped (exit {result.returncode}); see {folder}/log.txt')
+
+
+def average_last_epochs(args, folder):
+    """The original writes no average: the mean of the weights of its last --average epochs (which original.py's
+    --save_last saved), as ours writes it, unless some of them are missing (a run trained without them)."""
+    last = [checkpoint(folder, epoch) for epoch in range(args.max_epoch - args.average + 1, args.max_epoch + 1)]
+    if args.average and all(map(os.path.exists, last)) and not os.path.exists(checkpoint(folder, 'average')):
+        atomic_torch_save(average_checkpoints(last), checkpoint(folder, 'average'))
 
 
 def score_checkpoints(folder, epochs, data):
@@ -285,6 +297,8 @@ def main(argv=None):
         for name, (command, per_run) in found.items():
             folder = os.path.join(args.out, 'runs', f'{name}_{run}')
             train(command + flags + per_run(run) + ['--save_path', folder], folder, args.max_epoch)
+            if name == 'original':
+                average_last_epochs(args, folder)
             for control, option in ((False, args.finetune), (True, args.finetune_control)):
                 if name in option:
                     train(finetune_command(args, data, folder, per_run(run), control), continuation(folder, control),
