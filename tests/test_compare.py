@@ -114,7 +114,7 @@ def test_the_original_runner_saves_the_last_epochs_and_passes_on_every_other_fla
         'import argparse, json, os, sys\n'
         'from ECAPAModel import ECAPAModel\n'
         'parser = argparse.ArgumentParser()\n'
-        'for name in ("--max_epoch", "--test_step", "--n_cpu"):\n'
+        'for name in ("--max_epoch", "--test_step", "--s"):\n'
         '    parser.add_argument(name, type=int)\n'
         'parser.add_argument("--save_path")\n'
         'args = parser.parse_args()\n'
@@ -127,7 +127,7 @@ def test_the_original_runner_saves_the_last_epochs_and_passes_on_every_other_fla
         '        model.save_parameters(args.save_path + "/model/model_%04d.model" % epoch)\n')
     runner = os.path.join(ROOT, 'exps', 'librispeech', 'original.py')
     run = tmp_path / 'run'
-    flags = ['--max_epoch', '7', '--test_step', '3', '--n_cpu', '3', '--save_path', str(run)]
+    flags = ['--max_epoch', '7', '--test_step', '3', '--s', '3', '--save_path', str(run)]  # --s: no abbreviation
     done = subprocess.run([sys.executable, runner, str(checkout), '--save_last', '3'] + flags, capture_output=True,
                           text=True)
     assert done.returncode == 0, done.stderr

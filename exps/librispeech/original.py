@@ -49,7 +49,7 @@ def main():
     script = os.path.join(directory, 'trainECAPAModel.py')
     if not os.path.isfile(script):
         raise SystemExit(f'{directory}: not a checkout of TaoRuijie/ECAPA-TDNN (no trainECAPAModel.py)')
-    ours = argparse.ArgumentParser(add_help=False)
+    ours = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     ours.add_argument('--save_last', type=int, default=0)
     ours.add_argument('--max_epoch', type=int, default=80)  # the original's default
     ours.add_argument('--save_path')
