@@ -152,9 +152,11 @@ def training_flags(group):
               'torchrun the global batch is this times the number of processes')
     flag(group, '--lr', type=float, default=0.001, help='initial learning rate (Adam)')
     flag(group, '--lr_decay', type=float, default=0.97,
-         help='--scheduler step: learning rate factor applied every test_step epochs')
+         help='--scheduler step: learning rate factor applied every --lr_decay_every epochs')
+    flag(group, '--lr_decay_every', type=int,
+         help='--scheduler step: epochs between two decays (default: --test_step, which set both in the original)')
     flag(group, '--scheduler', default='step', choices=['step', 'warmup_exp'],
-         help='step: the original StepLR, lr * lr_decay ** ((epoch - 1) // test_step); warmup_exp: '
+         help='step: the original StepLR, lr * lr_decay ** ((epoch - 1) // lr_decay_every); warmup_exp: '
               'linear warm-up, then exponential decay to --final_lr, per step (wespeaker\'s)')
     flag(group, '--warmup_epochs', type=float, default=6, help='--scheduler warmup_exp: warm-up length')
     flag(group, '--final_lr', type=float, default=5e-5, help='--scheduler warmup_exp: lr at the last step')
@@ -174,7 +176,8 @@ def training_flags(group):
                 f'(so 3x the classes)')
     switch(group, '--large_margin',
            help=f'large-margin fine-tuning of --initial_model: flags not given take {LARGE_MARGIN_DEFAULTS}')
-    flag(group, '--test_step', type=int, default=1, help='evaluate and save every this many epochs')
+    flag(group, '--test_step', type=int, default=1,
+         help='evaluate and save every this many epochs (and, unless given, --lr_decay_every)')
     flag(group, '--average', type=int, metavar='N',
          help=f'also save the last N epochs and, after the last, model/model_average.model: the mean '
               f'of their weights, evaluated on a score.txt line of its own (0: off; default: {AVERAGED_EPOCHS} '
@@ -293,6 +296,8 @@ def resolve_defaults(args):
         take_defaults(args, corpus | {'eval_list': [corpus['eval_list']]})
     if args.large_margin:
         take_defaults(args, LARGE_MARGIN_DEFAULTS)
+    if args.lr_decay_every is None:
+        args.lr_decay_every = args.test_step
     if args.average is None:
         args.average = AVERAGED_EPOCHS if args.max_epoch >= AVERAGED_SHARE * AVERAGED_EPOCHS else 0
     if kaldi_data(args.train_list) and args.train_path is None:  # wav.scp's paths: absolute, or from here
@@ -308,8 +313,9 @@ def resolve_defaults(args):
 # ---------------------------------------------------------------- checks: each raises UsageError
 
 def check_ranges(args):
-    least = {'num_frames': 1, 'batch_size': 2, 'max_epoch': 1, 'test_step': 1, 'max_bad_steps': 1, 'embedding_dim': 1,
-             'n_class': 2, 'cohort_top_k': 2, 'C': 8 if args.model == 'ecapa-tdnn' else 1}  # 8: Res2Net's scale
+    least = {'num_frames': 1, 'batch_size': 2, 'max_epoch': 1, 'test_step': 1, 'lr_decay_every': 1, 'max_bad_steps': 1,
+             'embedding_dim': 1, 'n_class': 2, 'cohort_top_k': 2,
+             'C': 8 if args.model == 'ecapa-tdnn' else 1}  # 8: Res2Net's scale
     for name, low in least.items():
         if getattr(args, name) is not None and getattr(args, name) < low:
             raise UsageError(f'--{name} must be at least {low}, got {getattr(args, name)}')

@@ -126,9 +126,9 @@ def changed_flags(recorded, args):
 
 def recipe_changes(changed, scheduler):
     """Of `changed_flags`, those that decide what is trained: all but RESUMABLE_FLAGS, and --max_epoch and
-    --test_step when the learning-rate `scheduler` is a function of them (warmup_exp decays over --max_epoch;
-    the step schedule decays every --test_step epochs)."""
-    fixed = {'max_epoch'} if scheduler == 'warmup_exp' else {'test_step'}
+    --lr_decay_every when the learning-rate `scheduler` is a function of them (warmup_exp decays over
+    --max_epoch; the step schedule decays every --lr_decay_every epochs)."""
+    fixed = {'max_epoch'} if scheduler == 'warmup_exp' else {'lr_decay_every'}
     return {name: values for name, values in changed.items() if name not in RESUMABLE_FLAGS or name in fixed}
 
 

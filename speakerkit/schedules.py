@@ -7,7 +7,7 @@ p = (epoch - 1) + (step - 1) / steps, which ends at max_epoch - 1 / steps on the
 whatever the counts. Kept apart from trainECAPAModel.py so that each schedule reads, and is tested, as the
 formula it is.
 
-  step_lr        lr * lr_decay ** ((epoch - 1) // test_step)            the original StepLR (per epoch)
+  step_lr        lr * lr_decay ** ((epoch - 1) // every)                the original StepLR (per epoch)
   warmup_exp     lr rises linearly from 0 over `warmup_epochs`, while decaying exponentially from lr at the
                  first step to final_lr at the last                       (wespeaker's ECAPA recipe)
   margin         0 before epoch `start`, rising linearly to m at the beginning of epoch `end`, m after
@@ -19,8 +19,8 @@ def epochs_done(epoch, step, steps_in_epoch):
     return (epoch - 1) + (step - 1) / steps_in_epoch
 
 
-def step_lr(lr, lr_decay, test_step, epoch):
-    return lr * lr_decay ** ((epoch - 1) // test_step)
+def step_lr(lr, lr_decay, every, epoch):
+    return lr * lr_decay ** ((epoch - 1) // every)
 
 
 def warmup_exp(lr, final_lr, warmup_epochs, max_epoch, epoch, step, steps_in_epoch):
@@ -49,7 +49,7 @@ def training_schedule(args):
         if args.scheduler == 'warmup_exp':
             lr = warmup_exp(args.lr, args.final_lr, args.warmup_epochs, args.max_epoch, epoch, step, steps_in_epoch)
         else:
-            lr = step_lr(args.lr, args.lr_decay, args.test_step, epoch)
+            lr = step_lr(args.lr, args.lr_decay, args.lr_decay_every, epoch)
         if args.margin_schedule:
             return lr, margin(args.m, *args.margin_schedule, epoch, step, steps_in_epoch)
         return lr, args.m

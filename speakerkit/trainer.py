@@ -416,6 +416,7 @@ def check_same_recipe(args, resume_path):
         return
     if 'average' not in args.given and 'average' in recorded:  # its own: the run saved the epochs that one needs
         args.average = recorded['average']
+    recorded.setdefault('lr_decay_every', recorded.get('test_step'))  # before the flag, --test_step set it
     changed = changed_flags(recorded, args)
     changes = recipe_changes(changed, args.scheduler)
     previous, given = changes.pop('initial_model', (None, None))

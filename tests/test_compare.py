@@ -54,7 +54,8 @@ def test_the_harness_trains_scores_every_checkpoint_and_writes_the_table(librisp
     compare.main(['--reduced', '--only', 'ours', 'speed', '--variant', 'speed', '--speed_perturb on',
                   '--finetune', 'ours', 'speed', '--finetune_control', 'ours', '--corpus', str(librispeech_like),
                   '--train_speakers', '4', '--musan_path', tiny_corpus['musan_path'], '--rir_path',
-                  tiny_corpus['rir_path'], '--C', '16', '--batch_size', '2', '--num_frames', '40', '--out', str(out)])
+                  tiny_corpus['rir_path'], '--C', '16', '--batch_size', '2', '--num_frames', '40', '--test_step', '2',
+                  '--score_every', '1', '--out', str(out)])
     table = (out / 'table.md').read_text()
     rows = [line for line in table.splitlines() if line.startswith('| ')]
     assert [row.split(' | ')[0][2:] for row in rows] == [
@@ -68,6 +69,7 @@ def test_the_harness_trains_scores_every_checkpoint_and_writes_the_table(librisp
     scored = evaluation.evaluate(encoder, [trials], str(out / 'data' / 'test'), 'cpu')[trials.path].metrics
     assert results['ours']['1']['2']['eer'] == pytest.approx(scored.eer)
     speed = json.loads((out / 'runs' / 'speed_1' / 'config.json').read_text())['arguments']
+    assert (speed['test_step'], speed['lr_decay_every']) == (1, 2)  # scored every epoch, decaying every 2
     assert speed['speed_perturb'] is True and speed['n_class'] == 12 and speed['seed'] == 1
     tuned = json.loads((out / 'runs' / 'speed_1_finetuned' / 'config.json').read_text())['arguments']
     assert tuned['large_margin'] and tuned['m'] == 0.5 and tuned['num_frames'] == 600 and tuned['speed_perturb'] is True

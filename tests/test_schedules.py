@@ -37,9 +37,12 @@ def test_margin_rises_linearly_between_its_epochs():
 
 
 def test_training_schedule_combines_the_flags():
-    args = argparse.Namespace(scheduler='step', lr=0.001, lr_decay=0.97, test_step=1, m=0.2, margin_schedule=None,
-                              final_lr=5e-5, warmup_epochs=6, max_epoch=80)
+    args = argparse.Namespace(scheduler='step', lr=0.001, lr_decay=0.97, lr_decay_every=1, m=0.2,
+                              margin_schedule=None, final_lr=5e-5, warmup_epochs=6, max_epoch=80)
     assert training_schedule(args)(2, 7, 100) == (pytest.approx(0.00097), 0.2)
+    args.lr_decay_every = 10
+    assert [training_schedule(args)(e, 1, 100)[0] for e in (10, 11, 21)] == \
+        [0.001, pytest.approx(0.00097), pytest.approx(0.001 * 0.97 ** 2)]
     args.scheduler, args.margin_schedule = 'warmup_exp', [1, 3]
     lr, m = training_schedule(args)(2, 1, 100)
     assert lr == pytest.approx(warmup_exp(0.001, 5e-5, 6, 80, 2, 1, 100)) and m == pytest.approx(0.1)

@@ -169,7 +169,7 @@ def test_readme_shows_the_score_txt_of_the_default_demo(root):
     readme = open(os.path.join(root, 'README.md')).read()
     block = readme.split('writes `exps/demo/score.txt`', 1)[1].split('```')[1].strip().splitlines()
     args = cli.parse_args(['--demo'])
-    starts = [f'{e} epoch, LR {step_lr(args.lr, args.lr_decay, args.test_step, e):f}, LOSS '
+    starts = [f'{e} epoch, LR {step_lr(args.lr, args.lr_decay, args.lr_decay_every, e):f}, LOSS '
               for e in range(1, args.max_epoch + 1)]
     if args.average:
         starts.append(f'{args.max_epoch} epoch, average of epochs {args.max_epoch - args.average + 1}-'

@@ -588,7 +588,8 @@ def test_in_pair_modes_the_schedules_end_where_they_say_though_epochs_differ_in_
     (('--seed', '6'), '--seed 6 (the run has 5)'),
     (('--num_frames', '50'), '--num_frames 50 (the run has 40)'),
     (('--m', '0.3', '--s', '20'), '--m 0.3 (the run has 0.2), --s 20.0 (the run has 30)'),
-    (('--test_step', '2'), '--test_step 2 (the run has 1)'),  # the step schedule decays every --test_step epochs
+    (('--lr_decay_every', '2'), '--lr_decay_every 2 (the run has 1)'),
+    (('--test_step', '2'), '--lr_decay_every 2 (the run has 1)'),  # unless given, --test_step sets it too
 ])
 def test_a_run_continues_only_with_the_flags_that_decide_what_is_trained(tiny_corpus, train_argv, reference_run,
                                                                        tmp_path, cli_error, edit, named):
@@ -599,12 +600,26 @@ def test_a_run_continues_only_with_the_flags_that_decide_what_is_trained(tiny_co
         json.loads((reference_run / 'config.json').read_text())  # the record of the run is kept
 
 
+def test_a_run_recorded_before_lr_decay_every_decays_every_test_step_epochs(tiny_corpus, train_argv, reference_run,
+                                                                            tmp_path, cli_error):
+    shutil.copytree(reference_run, tmp_path / 'run')
+    config = json.loads((tmp_path / 'run' / 'config.json').read_text())
+    del config['arguments']['lr_decay_every']
+    (tmp_path / 'run' / 'config.json').write_text(json.dumps(config))
+    status, message, _ = cli_error(train_argv(tiny_corpus, tmp_path / 'run', '--max_epoch', '2', '--test_step', '2'))
+    assert status == 2 and '--lr_decay_every 2 (the run has 1)' in message
+    assert cli.main(train_argv(tiny_corpus, tmp_path / 'run', '--max_epoch', '2', '--test_step', '2',
+                               '--lr_decay_every', '1')) is True
+
+
 def test_a_run_continues_with_other_evaluation_and_system_flags_and_names_them(tiny_corpus, train_argv,
                                                                                reference_run, tmp_path, capsys):
     shutil.copytree(reference_run, tmp_path / 'run')
     assert cli.main(train_argv(tiny_corpus, tmp_path / 'run', '--max_epoch', '2', '--eval_precision',
-                                           'bf16', '--max_bad_steps', '7')) is True
+                                           'bf16', '--max_bad_steps', '7', '--test_step', '2', '--lr_decay_every',
+                                           '1')) is True
     printed = capsys.readouterr().out
+    assert 'continuing with --test_step 2 (the run had 1)' in printed
     assert 'continuing with --eval_precision bf16 (the run had float32)' in printed
     assert 'continuing with --max_bad_steps 7 (the run had 50)' in printed
     assert json.loads((tmp_path / 'run' / 'config.json').read_text())['arguments']['eval_precision'] == 'bf16'

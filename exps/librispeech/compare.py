@@ -76,6 +76,11 @@ def arguments(argv=None):
                         help='also continue every run of these systems as --finetune does, but with the recipe\'s '
                              'crops, margin and SpecAugment: only the learning rates and the epochs of fine-tuning, '
                              'reported as a row of its own')
+    parser.add_argument('--score_every', type=int, metavar='N',
+                        help='ours and its variants save a checkpoint, scored afterwards, every N epochs (--test_step '
+                             'N), their learning rate still decaying every --test_step epochs (--lr_decay_every); the '
+                             'original saves every --test_step epochs, which also sets its schedule (default: '
+                             '--test_step)')
     parser.add_argument('--only', nargs='+', metavar='SYSTEM', help='train and report these systems only')
     parser.add_argument('--report', action='store_true',
                         help='train nothing: score and tabulate the finished runs there are, each system with its own '
@@ -132,14 +137,17 @@ def finetune_epochs(args):
 def systems(args):
     """{name: (command prefix, extra flags per run)}; every system but the original is ours."""
     ours = [sys.executable, os.path.join(ROOT, 'trainECAPAModel.py'), '--average', str(args.average)]
-    found = {'ours': (ours, lambda run: ['--seed', str(run)])}
+    scoring = []  # after the recipe's flags, so that they win
+    if args.score_every and args.score_every != args.test_step:
+        scoring = ['--test_step', str(args.score_every), '--lr_decay_every', str(args.test_step)]
+    found = {'ours': (ours, lambda run: ['--seed', str(run)] + scoring)}
     if args.reference:
         found['original'] = ([sys.executable, os.path.join(os.path.dirname(__file__), 'original.py'),
                               args.reference, '--save_last', str(args.average), '--n_class', str(args.train_speakers)],
                              lambda run: [])
     for name, flags in args.variant:
         extra = flags.split()
-        found[name] = (ours, lambda run, extra=extra: ['--seed', str(run)] + extra)
+        found[name] = (ours, lambda run, extra=extra: ['--seed', str(run)] + scoring + extra)
     if args.only:
         unknown = sorted(set(args.only) - set(found))
         if unknown:
@@ -303,7 +311,8 @@ def main(argv=None):
                 if name in option:
                     train(finetune_command(args, data, folder, per_run(run), control), continuation(folder, control),
                           finetune_epochs(args))
-    epochs = list(range(args.test_step, args.max_epoch + 1, args.test_step))
+    every = args.score_every or args.test_step
+    epochs = list(range(every, args.max_epoch, every)) + [args.max_epoch]
     results = collect_results(args, found, epochs, data)
     text = table(results, epochs)
     print(text)
