@@ -416,7 +416,8 @@ def check_same_recipe(args, resume_path):
         return
     if 'average' not in args.given and 'average' in recorded:  # its own: the run saved the epochs that one needs
         args.average = recorded['average']
-    recorded.setdefault('lr_decay_every', recorded.get('test_step'))  # before the flag, --test_step set it
+    if 'lr_decay_every' not in recorded and 'test_step' in recorded:  # before the flag, --test_step set it
+        recorded['lr_decay_every'] = recorded['test_step']
     changed = changed_flags(recorded, args)
     changes = recipe_changes(changed, args.scheduler)
     previous, given = changes.pop('initial_model', (None, None))
