@@ -32,16 +32,6 @@ def save_last_epochs(model_class, last, max_epoch, folder):
     model_class.train_network = train_and_save
 
 
-def without_save_last(argv):
-    """The original's flags: `argv` without --save_last and its value."""
-    kept, skip = [], False
-    for word in argv:
-        if not skip and word != '--save_last' and not word.startswith('--save_last='):
-            kept.append(word)
-        skip = word == '--save_last'
-    return kept
-
-
 def main():
     if len(sys.argv) < 2:
         raise SystemExit(__doc__)
@@ -51,15 +41,17 @@ def main():
         raise SystemExit(f'{directory}: not a checkout of TaoRuijie/ECAPA-TDNN (no trainECAPAModel.py)')
     ours = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     ours.add_argument('--save_last', type=int, default=0)
-    ours.add_argument('--max_epoch', type=int, default=80)  # the original's default
-    ours.add_argument('--save_path')
-    known, _ = ours.parse_known_args(sys.argv[2:])
-    sys.argv = [script] + without_save_last(sys.argv[2:])
+    own, flags = ours.parse_known_args(sys.argv[2:])  # flags: the original's, in their order
+    read = argparse.ArgumentParser(add_help=False, allow_abbrev=False)  # what --save_last needs of them
+    read.add_argument('--max_epoch', type=int, default=80)  # the original's default
+    read.add_argument('--save_path')
+    known, _ = read.parse_known_args(flags)
+    sys.argv = [script] + flags
     sys.path.insert(0, directory)
     with cpu_patches():
-        if known.save_last:
+        if own.save_last:
             import ECAPAModel
-            save_last_epochs(ECAPAModel.ECAPAModel, known.save_last, known.max_epoch,
+            save_last_epochs(ECAPAModel.ECAPAModel, own.save_last, known.max_epoch,
                              os.path.join(known.save_path, 'model'))
         runpy.run_path(script, run_name='__main__')
 
