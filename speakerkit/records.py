@@ -20,7 +20,8 @@ from speakerkit.lists import list_lines, malformed
 @dataclasses.dataclass(kw_only=True)
 class EpochRecord:
     """One epoch of training as metrics.jsonl holds it. `eval` is {trial list name: {'metrics': ...,
-    'snorm_metrics': ...}} (`metrics.Metrics.as_record`) for an evaluated epoch, else empty."""
+    'snorm_metrics': ...}} (`metrics.Metrics.as_record`) for an evaluated epoch, else empty. `contrastive_scale`:
+    in the pair modes, the contrastive logit scale at the end of the epoch (learned unless fixed)."""
     epoch: int
     loss: float
     accuracy: float
@@ -32,6 +33,7 @@ class EpochRecord:
     train_seconds: float
     epoch_seconds: float = 0.0
     peak_gpu_memory_gib: float | None = None
+    contrastive_scale: float | None = None
     eval: dict = dataclasses.field(default_factory=dict)
 
     def add_results(self, results):

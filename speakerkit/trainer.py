@@ -599,6 +599,9 @@ class TrainingRun:
         skipped = [entry for p in everyone for entry in p.skipped]
         record = combined_record(epoch, everyone, *self.schedule(epoch, progress.step, progress.step),
                                  train_seconds=time.time() - started)
+        contrastive = getattr(self.model.speaker_loss, 'contrastive', None)
+        if contrastive is not None:
+            record.contrastive_scale = float(contrastive.scale())
         if self.device.type == 'cuda':
             record.peak_gpu_memory_gib = torch.cuda.max_memory_allocated(self.device) / 2 ** 30
         self.log.skipped(epoch, skipped)

@@ -581,6 +581,11 @@ def test_in_pair_modes_the_schedules_end_where_they_say_though_epochs_differ_in_
     # at each epoch's last step, (epoch - 1) + (steps - 1) / steps epochs are done of the margin's two
     assert [r['margin'] for r in records] == [pytest.approx(0.2 * (2 / 3) / 2), pytest.approx(0.2 * (5 / 3) / 2),
                                               0.2]
+    # the learned logit scale, as the state it was read from holds it
+    log_scale = torch.load(tmp_path / 'run' / 'model' / 'resume.pt', weights_only=True)['model'][
+        'speaker_loss.contrastive.log_scale']
+    assert records[-1]['contrastive_scale'] == pytest.approx(float(log_scale.exp()), rel=1e-6)
+    assert records[0]['contrastive_scale'] != records[-1]['contrastive_scale']
 
 
 @pytest.mark.parametrize('edit, named', [
