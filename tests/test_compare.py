@@ -148,3 +148,15 @@ def test_the_originals_last_epochs_are_averaged_only_when_all_were_saved(tmp_pat
     os.remove(compare.checkpoint(str(tmp_path), 'average'))
     compare.average_last_epochs(types.SimpleNamespace(max_epoch=6, average=3), str(tmp_path))  # epoch 4 is missing
     assert not os.path.exists(compare.checkpoint(str(tmp_path), 'average'))
+
+
+def test_late_swings_are_each_runs_worst_second_half_eer_over_its_last():
+    def run(eers):
+        return {epoch: {'eer': eer} for epoch, eer in eers.items()}
+    results = {'blip': {1: run({10: 40.0, 35: 9.0, 40: 12.0, 60: 6.0}), 2: run({10: 30.0, 45: 5.5, 60: 5.0})},
+               'blip, average of the last 5 epochs': {1: run({60: 4.0}), 2: run({60: 4.5})},
+               'clip': {1: run({30: 20.0, 50: 10.0, 60: 0.0})},  # epoch 30 is not after it
+               'ours': {1: run({30: 20.0, 60: 10.0})}}  # once after epoch 30: no line
+    assert compare.late_swings(results, 60) == [
+        '\nblip: worst EER after epoch 30 over the EER at epoch 60, per run: 2.00, 1.10.',  # 12 / 6, 5.5 / 5
+        '\nclip: worst EER after epoch 30 over the EER at epoch 60, per run: inf.']

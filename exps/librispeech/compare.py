@@ -240,6 +240,7 @@ def table(results, epochs):
             s = summary([run[last][key] for run in runs.values()])
             cells.append(f'{s["mean"]:.3f} ± {s["sd"]:.3f}')
         lines.append(f'| {name} | {len(runs)} | ' + ' | '.join(cells) + ' |')
+    lines += late_swings(results, last)
     if 'original' in results:
         base = summary([run[last]['eer'] for run in results['original'].values()])['mean']
         for name, runs in results.items():
@@ -247,6 +248,22 @@ def table(results, epochs):
                 mean = summary([run[last]['eer'] for run in runs.values()])['mean']
                 lines.append(f'\n{name}: mean EER at epoch {last} is {mean / base:.2f}x the original\'s.')
     return '\n'.join(lines) + '\n'
+
+
+def late_swings(results, last):
+    """A line for each system evaluated more than once in the second half of training: per run, its worst EER
+    after epoch last / 2 over its EER at `last` (issue 29 asks blip for at most 2 in every run)."""
+    lines = []
+    for name, runs in results.items():
+        ratios = []
+        for run in runs.values():
+            late = [metrics['eer'] for epoch, metrics in run.items() if last / 2 < epoch <= last]
+            if len(late) > 1:
+                ratios.append(max(late) / run[last]['eer'] if run[last]['eer'] > 0 else float('inf'))
+        if ratios:
+            lines.append(f'\n{name}: worst EER after epoch {last // 2} over the EER at epoch {last}, per run: '
+                         + ', '.join(f'{r:.2f}' for r in ratios) + '.')
+    return lines
 
 
 def plot(results, epochs, path):
