@@ -87,7 +87,9 @@ def test_the_harness_trains_scores_every_checkpoint_and_writes_the_table(librisp
     compare.main(['--reduced', '--report', '--runs', '2', '--only', 'ours', 'speed', '--variant', 'speed', '',
                   '--finetune', 'speed', '--corpus', str(librispeech_like), '--out', str(out)])
     assert not (out / 'runs' / 'ours_2').exists()  # nothing trained: each system with the runs it has
-    rows = [line.split(' | ')[:2] for line in (out / 'table.md').read_text().splitlines()[2:] if line]
+    table = (out / 'table.md').read_text()
+    rows = [line.split(' | ')[:2] for line in table.splitlines()[2:] if line.startswith('| ')]
+    assert 'ours: training to epoch 2, per run: ' in table and 'speed: training to epoch 2, per run: ' in table
     assert rows == [['| ours', '1'], ['| ours, average of the last 2 epochs', '1'], ['| speed', '1'],
                     ['| speed, average of the last 2 epochs', '1'], ['| speed, large-margin fine-tuned', '1']]
     with pytest.raises(SystemExit, match=r"--finetune \['original'\]: only ours and its variants fine-tune"):
@@ -160,3 +162,19 @@ def test_late_swings_are_each_runs_worst_second_half_eer_over_its_last():
     assert compare.late_swings(results, 60) == [
         '\nblip: worst EER after epoch 30 over the EER at epoch 60, per run: 2.00, 1.10.',  # 12 / 6, 5.5 / 5
         '\nclip: worst EER after epoch 30 over the EER at epoch 60, per run: inf.']
+
+
+def test_training_costs_are_each_finished_runs_minutes_crops_and_rate(tmp_path):
+    def write(folder, records):
+        os.makedirs(tmp_path / 'runs' / folder)
+        with open(tmp_path / 'runs' / folder / 'metrics.jsonl', 'w') as f:
+            f.writelines(json.dumps(r) + '\n' for r in records)
+
+    def epoch(n, crops, seconds):
+        return {'epoch': n, 'crops_per_s': crops / seconds, 'train_seconds': seconds, 'epoch_seconds': seconds + 6}
+    write('blip_1', [epoch(1, 2000, 54), epoch(2, 2000, 54), epoch(3, 2000, 54)])  # epoch 3 is past the last
+    write('blip_2', [epoch(1, 4000, 100), epoch(2, 4000, 100)])
+    write('clip_1', [epoch(1, 2000, 50)])  # unfinished: no line
+    args = types.SimpleNamespace(out=str(tmp_path), runs=2)
+    assert compare.training_costs(args, ['blip', 'clip'], 2) == [
+        '\nblip: training to epoch 2, per run: 2.0 min, 4.0 k crops at 37.0/s; 3.5 min, 8.0 k crops at 40.0/s.']

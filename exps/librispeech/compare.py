@@ -266,6 +266,30 @@ def late_swings(results, last):
     return lines
 
 
+def training_costs(args, found, last):
+    """A line for each of our systems with finished runs: per run (from its metrics.jsonl, epochs 1 to `last`),
+    the wall clock of training and its evaluations in minutes, the crops it trained on and their rate, so that
+    modes whose batches hold two views of each speaker are compared at equal crops as well as equal epochs."""
+    lines = []
+    for name in found:
+        costs = []
+        for run in range(1, args.runs + 1):
+            path = os.path.join(args.out, 'runs', f'{name}_{run}', 'metrics.jsonl')
+            if not os.path.exists(path):
+                continue
+            records = {record['epoch']: record for record in map(json.loads, open(path))}
+            if not all(epoch in records for epoch in range(1, last + 1)):
+                continue
+            epochs = [records[epoch] for epoch in range(1, last + 1)]
+            crops = sum(r['crops_per_s'] * r['train_seconds'] for r in epochs)
+            seconds = sum(r['train_seconds'] for r in epochs)
+            minutes = sum(r['epoch_seconds'] for r in epochs) / 60
+            costs.append(f'{minutes:.1f} min, {crops / 1000:.1f} k crops at {crops / seconds:.1f}/s')
+        if costs:
+            lines.append(f'\n{name}: training to epoch {last}, per run: ' + '; '.join(costs) + '.')
+    return lines
+
+
 def plot(results, epochs, path):
     figure, axes = plots.plt.subplots(figsize=(10, 4.5))
     for colour, (name, runs) in zip(plots.plt.rcParams['axes.prop_cycle'].by_key()['color'], results.items()):
@@ -331,7 +355,7 @@ def main(argv=None):
     every = args.score_every or args.test_step
     epochs = list(range(every, args.max_epoch, every)) + [args.max_epoch]
     results = collect_results(args, found, epochs, data)
-    text = table(results, epochs)
+    text = table(results, epochs) + ''.join(line + '\n' for line in training_costs(args, found, epochs[-1]))
     print(text)
     with open(os.path.join(args.out, 'table.md'), 'w') as f:
         f.write(text)
