@@ -51,3 +51,17 @@ def test_fitting_one_batch_drives_an_encoders_loss_down():
     assert printed.startswith('tdnn lr 0.001, loss after steps 0, 1, 2, 3, 4: ')
     losses = [float(x) for x in printed.split(': ')[1].split(' (')[0].split()]
     assert len(losses) == 5 and losses[-1] < losses[0] / 2
+
+
+def test_recomputed_batch_norm_statistics_are_the_plain_average_over_the_batches():
+    sys.path.insert(0, os.path.join(ROOT, 'bench'))
+    from recompute_batch_norm import recompute
+    encoder = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
+    encoder[1].running_mean.fill_(5.0)  # statistics left by training, to be replaced
+    weights = {k: v.clone() for k, v in encoder.state_dict().items() if 'running' not in k and 'tracked' not in k}
+    batches = [torch.randn(8, 3) + shift for shift in (0.0, 2.0, -1.0)]
+    recompute(encoder, batches)
+    outputs = [encoder[0](batch).detach() for batch in batches]
+    assert torch.allclose(encoder[1].running_mean, torch.stack([o.mean(0) for o in outputs]).mean(0), atol=1e-6)
+    assert torch.allclose(encoder[1].running_var, torch.stack([o.var(0) for o in outputs]).mean(0), atol=1e-5)
+    assert not encoder.training and all(torch.equal(encoder.state_dict()[k], v) for k, v in weights.items())
