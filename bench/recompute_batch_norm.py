@@ -13,26 +13,24 @@ import os
 import sys
 
 import numpy as np
-import soundfile
 import torch
 
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), '..')))
 from speakerkit import evaluation, tools  # noqa: E402
-from speakerkit.lists import read_trials  # noqa: E402
+from speakerkit.dataLoader import read_random_window, wrap_pad  # noqa: E402
+from speakerkit.lists import read_train_list, read_trials  # noqa: E402
+from speakerkit.model import crop_samples  # noqa: E402
+
+TRAINING_FRAMES = 200  # the crop --num_frames gives by default: 2 s
 
 
-def crops(train_list, train_path, batches, batch_size, seconds, rng):
-    """`batches` tensors [batch_size, samples] of random crops of random utterances of the list."""
-    paths = [line.split()[1] for line in open(train_list) if line.strip()]
+def crops(train_list, train_path, batches, batch_size, length, sampling_rate, rng):
+    """`batches` tensors [batch_size, length] of random crops of random entries of `train_list` (a
+    `lists.TrainList`), read at `sampling_rate` and wrap-padded where shorter, as training reads them."""
     for _ in range(batches):
-        rows = []
-        for index in rng.integers(len(paths), size=batch_size):
-            audio, rate = soundfile.read(os.path.join(train_path, paths[index]), dtype='float32')
-            length = int(seconds * rate)
-            if len(audio) < length:
-                audio = np.pad(audio, (0, length - len(audio)), mode='wrap')
-            start = rng.integers(len(audio) - length + 1)
-            rows.append(audio[start:start + length])
+        rows = [wrap_pad(read_random_window(os.path.join(train_path, train_list.path(int(index))), length,
+                                            sampling_rate, rng), length)
+                for index in rng.integers(len(train_list), size=batch_size)]
         yield torch.from_numpy(np.stack(rows))
 
 
@@ -64,8 +62,9 @@ def main():
     def scored():
         return evaluation.evaluate(encoder, [trials], args.eval_path, 'cpu')[trials.path].metrics.as_record()
     results = {'saved': scored()}
-    recompute(encoder, crops(args.train_list, args.train_path, args.batches, args.batch_size, 2.0,
-                             np.random.default_rng(args.seed)))
+    rate = encoder.sampling_rate
+    recompute(encoder, crops(read_train_list(args.train_list), args.train_path, args.batches, args.batch_size,
+                             crop_samples(TRAINING_FRAMES, rate), rate, np.random.default_rng(args.seed)))
     results['recomputed'] = scored()
     print(json.dumps({'checkpoint': args.checkpoint, **results}))
 

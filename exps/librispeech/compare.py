@@ -44,6 +44,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from speakerkit import evaluation, plots, tools  # noqa: E402
 from speakerkit.checkpoints import atomic_torch_save, average_checkpoints  # noqa: E402
 from speakerkit.lists import read_trials  # noqa: E402
+from speakerkit.records import read_metrics  # noqa: E402
 from make_lists import make_lists  # noqa: E402
 
 SHARED = os.path.join(ROOT, '..', 'shared', 'data')
@@ -170,6 +171,11 @@ def write_two_trials(data):
         f.write('\n'.join(chosen) + '\n')
 
 
+def run_folder(args, name, run):
+    """Where run `run` of system `name` trains."""
+    return os.path.join(args.out, 'runs', f'{name}_{run}')
+
+
 def checkpoint(folder, epoch):
     """A run's checkpoint of `epoch`, or of its last epochs' average for epoch 'average'."""
     return os.path.join(folder, 'model', f'model_{epoch:04d}.model' if epoch != 'average' else 'model_average.model')
@@ -274,10 +280,7 @@ def training_costs(args, found, last):
     for name in found:
         costs = []
         for run in range(1, args.runs + 1):
-            path = os.path.join(args.out, 'runs', f'{name}_{run}', 'metrics.jsonl')
-            if not os.path.exists(path):
-                continue
-            records = {record['epoch']: record for record in map(json.loads, open(path))}
+            records = {r['epoch']: r for r in read_metrics(os.path.join(run_folder(args, name, run), 'metrics.jsonl'))}
             if not all(epoch in records for epoch in range(1, last + 1)):
                 continue
             epochs = [records[epoch] for epoch in range(1, last + 1)]
@@ -313,7 +316,7 @@ def collect_results(args, found, epochs, data):
     results = {}
     last, tuned = epochs[-1], finetune_epochs(args)
     for name in found:
-        folders = {run: os.path.join(args.out, 'runs', f'{name}_{run}') for run in range(1, args.runs + 1)}
+        folders = {run: run_folder(args, name, run) for run in range(1, args.runs + 1)}
         runs = {run: score_checkpoints(folder, epochs + ['average'], data) for run, folder in folders.items()
                 if os.path.exists(checkpoint(folder, last))}
         if not runs:
@@ -344,7 +347,7 @@ def main(argv=None):
     flags = recipe_flags(args, data)
     for run in range(1, (0 if args.report else args.runs) + 1):
         for name, (command, per_run) in found.items():
-            folder = os.path.join(args.out, 'runs', f'{name}_{run}')
+            folder = run_folder(args, name, run)
             train(command + flags + per_run(run) + ['--save_path', folder], folder, args.max_epoch)
             if name == 'original':
                 average_last_epochs(args, folder)
